@@ -1,0 +1,104 @@
+// The nanobind extension glmoe._core: the C++ engine as Python sees it.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+
+#include "ggml_types.h"
+#include "gguf.h"
+#include "quants.h"
+#include "thread_pool.h"
+
+namespace nb = nanobind;
+using namespace glmoe;
+
+namespace {
+
+nb::object gguf_value_to_python(const GGUFValue& v) {
+    switch (v.type) {
+        case GGUFValueType::FLOAT32:
+        case GGUFValueType::FLOAT64: return nb::float_(v.f);
+        case GGUFValueType::BOOL: return nb::bool_(v.i != 0);
+        case GGUFValueType::STRING: return nb::bytes(v.s.data(), v.s.size());
+        case GGUFValueType::UINT64: return nb::steal(PyLong_FromUnsignedLongLong(v.u));
+        case GGUFValueType::ARRAY: {
+            nb::list out;
+            for (const auto& e : v.arr) out.append(gguf_value_to_python(e));
+            return out;
+        }
+        default: return nb::int_(v.i);
+    }
+}
+
+// Summary of a GGUF file for tests and tools: version, alignment, metadata, tensor infos.
+nb::dict gguf_summary(const std::string& path) {
+    auto f = GGUFFile::open(path);
+    nb::dict meta;
+    for (const auto& [key, value] : f->metadata()) meta[key.c_str()] = gguf_value_to_python(value);
+    nb::list tensors;
+    for (const auto& t : f->tensors()) {
+        nb::list ne;
+        for (int64_t n : t.ne) ne.append(n);
+        tensors.append(nb::make_tuple(t.name, ne, t.type, t.offset, t.n_bytes));
+    }
+    nb::dict out;
+    out["version"] = f->version();
+    out["alignment"] = f->alignment();
+    out["metadata"] = meta;
+    out["tensors"] = tensors;
+    return out;
+}
+
+using F32Array = nb::ndarray<float, nb::numpy, nb::c_contig>;
+using ConstF32Matrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using ConstBytes = nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>;
+
+size_t checked_row_bytes(uint32_t type, int64_t n) {
+    const TypeTraits& tr = type_traits(type);
+    if (!tr.supported) throw nb::value_error(("unsupported weight type " + type_name(type)).c_str());
+    if (n <= 0 || n % tr.block_size != 0)
+        throw nb::value_error("row length must be a positive multiple of the type's block size");
+    return row_bytes(type, n);
+}
+
+F32Array dequantize_py(uint32_t type, ConstBytes data, int64_t n_per_row) {
+    const size_t rb = checked_row_bytes(type, n_per_row);
+    if (data.size() % rb != 0) throw nb::value_error("data is not a whole number of rows");
+    const size_t n_rows = data.size() / rb;
+    float* out = new float[n_rows * n_per_row];
+    nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+    for (size_t r = 0; r < n_rows; ++r)
+        dequantize_row(type, data.data() + r * rb, out + r * n_per_row, n_per_row);
+    return F32Array(out, {n_rows, static_cast<size_t>(n_per_row)}, owner);
+}
+
+// y = x W^T for a weight matrix given as raw rows of `type`.
+F32Array matmul_py(uint32_t type, ConstBytes weight, int64_t k, ConstF32Matrix x, int n_threads) {
+    const size_t rb = checked_row_bytes(type, k);
+    if (weight.size() % rb != 0) throw nb::value_error("weight is not a whole number of rows");
+    if (static_cast<int64_t>(x.shape(1)) != k) throw nb::value_error("x has the wrong row length");
+    const int64_t n_rows = weight.size() / rb, n_tok = x.shape(0);
+    float* out = new float[n_tok * n_rows];
+    nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+    {
+        nb::gil_scoped_release release;
+        ThreadPool pool(n_threads);
+        matmul(pool, type, weight.data(), n_rows, k, x.data(), k, n_tok, out, n_rows);
+    }
+    return F32Array(out, {static_cast<size_t>(n_tok), static_cast<size_t>(n_rows)}, owner);
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+    m.doc() = "glmoe C++ engine";
+    nb::exception<GGUFError>(m, "GGUFError", PyExc_ValueError);
+    m.def("gguf_summary", &gguf_summary, nb::arg("path"),
+          "Parse and validate a GGUF file; returns version, alignment, metadata and tensor infos.");
+    m.def("dequantize", &dequantize_py, nb::arg("type"), nb::arg("data"), nb::arg("n_per_row"));
+    m.def("matmul", &matmul_py, nb::arg("type"), nb::arg("weight"), nb::arg("k"), nb::arg("x"),
+          nb::arg("n_threads") = 1);
+    m.def("type_name", &type_name);
+}

@@ -1,0 +1,25 @@
+// Weight-type kernels: dequantization of rows and the threaded matrix multiplication
+// y = x W^T that every linear layer uses, for each supported GGMLType.
+#pragma once
+#include <cstdint>
+
+#include "ggml_types.h"
+#include "thread_pool.h"
+
+namespace glmoe {
+
+// dst[0..n) = the n values of one row; n must be a multiple of the type's block size.
+void dequantize_row(uint32_t type, const void* src, float* dst, int64_t n);
+
+// Bytes of one row of n elements (n a multiple of the block size).
+size_t row_bytes(uint32_t type, int64_t n);
+
+// For t in [0, n_tokens), r in [0, n_rows):
+//   y[t * ldy + r] = sum_i x[t * ldx + i] * W_r[i]
+// W: n_rows rows of k elements of `type`, row r at (const char*)W + r * row_bytes(type, k).
+// Accumulates in f32 (activations may be quantized to 8 bits for integer dot products, as
+// llama.cpp does). Uses every thread of the pool. k must be a multiple of the block size.
+void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int64_t k,
+            const float* x, int64_t ldx, int64_t n_tokens, float* y, int64_t ldy);
+
+}  // namespace glmoe

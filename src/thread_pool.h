@@ -1,0 +1,43 @@
+// A fixed pool of worker threads for data-parallel loops. The calling thread takes part in
+// every loop, so a pool of n threads starts n-1 workers.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace glmoe {
+
+class ThreadPool {
+public:
+    explicit ThreadPool(int n_threads);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    int size() const { return n_threads_; }
+
+    // Runs fn(thread_index) once on every thread (0..size()-1) and returns when all are done.
+    void run(const std::function<void(int)>& fn);
+
+    // Splits [0, n) into contiguous chunks, at most one per thread; fn(begin, end, thread_index).
+    void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
+
+private:
+    void worker_loop(int index);
+
+    int n_threads_;
+    std::vector<std::thread> workers_;
+    std::mutex mutex_;
+    std::condition_variable start_cv_;
+    std::condition_variable done_cv_;
+    const std::function<void(int)>* job_ = nullptr;
+    uint64_t generation_ = 0;
+    int pending_ = 0;
+    bool stopping_ = false;
+};
+
+}  // namespace glmoe
