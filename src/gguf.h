@@ -68,6 +68,7 @@ public:
 
 private:
     GGUFFile() = default;
+    void parse();  // fills everything below from map_/size_
     std::string path_;
     uint32_t version_ = 0;
     uint64_t alignment_ = 32;

@@ -1,0 +1,259 @@
+"""Hostile GGUF files: hand-made ones must fail with a message naming the problem, and thousands
+of mutated real files must each either parse or raise GGUFError, never crash or raise anything
+else. The mutation loop runs in a subprocess so a crash fails the test with the case that did it.
+"""
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import gguf
+from gguf import GGUFValueType as VT
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from gguf_samples import HUGE_U64, RawGGUF, u64_field_offsets, write_rich_sample  # noqa: E402
+
+from glmoe import _core  # noqa: E402
+
+GGUFError = _core.GGUFError
+FUZZ_SEED = 20240611
+FUZZ_CASES = 20000
+
+
+# ---------------------------------------------------------------- hand-made hostile files
+
+def header(n_tensors=0, n_kv=0, version=3, magic=b"GGUF"):
+    return magic + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def one_tensor(ne, ggml_type=0, offset=0, name="t", extra=()):
+    g = RawGGUF()
+    for key, vt, v in extra:
+        g.add(key, vt, v)
+    return g.add_tensor(name, ne, ggml_type, offset=offset, data=bytes(64))
+
+
+def nested(depth):
+    v = (VT.UINT8, [1])
+    for _ in range(depth - 1):
+        v = (VT.ARRAY, [v])
+    return v
+
+
+def raw_key(key):
+    return RawGGUF.enc_str(key)
+
+
+HOSTILE = {
+    "wrong magic": (header(magic=b"GGML"), "wrong magic 'GGML'"),
+    "wrong magic binary": (b"\x00\x01\x02\x03" + bytes(40), "wrong magic"),
+    "short non-GGUF file": (b"{}\n\n", "wrong magic"),
+    "three bytes": (b"GGU", "too small to be GGUF (3 bytes)"),
+    "header only, counts say more": (header(n_kv=1), "metadata count 1 is more than the 0 bytes left"),
+    "truncated value": (header(n_kv=1) + raw_key("key") + struct.pack("<I", VT.UINT64) + b"\x01\x02",
+                        "truncated file: metadata key 'key' at offset 39 needs 8 bytes but only 2 remain"),
+    "truncated header": (header()[:20], "too small to be GGUF"),
+    "huge n_kv": (header(n_kv=2**63) + bytes(64), "metadata count 9223372036854775808"),
+    "huge n_tensors": (header(n_tensors=2**64 - 1) + bytes(64), "tensor count 18446744073709551615"),
+    "huge key length": (header(n_kv=1) + struct.pack("<Q", 2**62) + bytes(16), "string length 4611686018427387904"),
+    "huge string value": (header(n_kv=1) + raw_key("k") + struct.pack("<IQ", VT.STRING, 2**40) + b"abc",
+                          "string length 1099511627776 of metadata key 'k'"),
+    "huge array length": (header(n_kv=1) + raw_key("arr") + struct.pack("<IIQ", VT.ARRAY, VT.UINT32, 2**61)
+                          + bytes(100), "array length 2305843009213693952 of metadata key 'arr'"),
+    "array length just too big": (header(n_kv=1) + raw_key("arr") + struct.pack("<IIQ", VT.ARRAY, VT.UINT32, 26)
+                                  + bytes(100), "array length 26"),
+    "huge array of arrays": (header(n_kv=1) + raw_key("a") + struct.pack("<IIQ", VT.ARRAY, VT.ARRAY, 2**50)
+                             + bytes(1000), "array length"),
+    "unknown value type": (header(n_kv=1) + raw_key("k") + struct.pack("<I", 13) + bytes(8),
+                           "unknown value type 13 for metadata key 'k'"),
+    "unknown array element type": (header(n_kv=1) + raw_key("k") + struct.pack("<IIQ", VT.ARRAY, 99, 1) + bytes(8),
+                                   "unknown array element type 99"),
+    "invalid bool": (RawGGUF().add_raw("b", struct.pack("<IB", VT.BOOL, 2)).build(), "invalid bool byte 2 in metadata key 'b'"),
+    "invalid bool in array": (RawGGUF().add_raw("b", struct.pack("<IIQBB", VT.ARRAY, VT.BOOL, 2, 1, 7)).build(),
+                              "invalid bool byte 7"),
+    "duplicate key": (RawGGUF().add("k", VT.UINT8, 1).add("k", VT.UINT8, 2).build(), "duplicate metadata key 'k'"),
+    "key not utf-8": (RawGGUF().add(b"\xff\xfe", VT.UINT8, 1).build(), "not valid UTF-8"),
+    "key with NUL": (RawGGUF().add(b"a\x00b", VT.UINT8, 1).build(), "contains a NUL"),
+    "nesting too deep": (RawGGUF().add("deep", VT.ARRAY, nested(9)).build(), "nested more than 8 deep in metadata key 'deep'"),
+    "alignment zero": (RawGGUF().add("general.alignment", VT.UINT32, 0).build(), "invalid general.alignment 0"),
+    "alignment not power of two": (RawGGUF().add("general.alignment", VT.UINT32, 48).build(), "invalid general.alignment 48"),
+    "alignment negative": (RawGGUF().add("general.alignment", VT.INT32, -32).build(), "invalid general.alignment -32"),
+    "alignment float": (RawGGUF().add("general.alignment", VT.FLOAT32, 32.0).build(), "invalid general.alignment a float32"),
+    "alignment string": (RawGGUF().add("general.alignment", VT.STRING, "32").build(), "invalid general.alignment a string"),
+    "alignment huge": (RawGGUF().add("general.alignment", VT.UINT64, 2**40).build(), "invalid general.alignment 1099511627776"),
+    "unknown tensor type": (one_tensor([32], ggml_type=4).build(), "tensor 't' has unknown type id 4"),
+    "unknown tensor type big": (one_tensor([32], ggml_type=2**31).build(), "unknown type id 2147483648"),
+    "n_dims 5": (one_tensor([1, 1, 1, 1, 1]).build(), "tensor 't' has n_dims 5"),
+    "n_dims 0": (one_tensor([]).build(), "has n_dims 0"),
+    "zero dim": (one_tensor([4, 0]).build(), "dimension 1 = 0 (must be >= 1)"),
+    "negative dim": (one_tensor([-4]).build(), "dimension 0 = -4"),
+    "not whole blocks": (one_tensor([100, 2], ggml_type=12).build(), "first dimension 100, not a multiple of the block size 256"),
+    "element count overflow": (one_tensor([2**32, 2**32, 2**32]).build(), "element count that overflows"),
+    "byte size overflow": (one_tensor([2**62, 1]).build(), "byte size that overflows"),
+    "quant byte size overflow": (one_tensor([2**40 * 256, 2**30], ggml_type=12).build(), "overflow"),
+    "offset past end": (one_tensor([8], offset=2**20).build(), "tensor 't' data [1048576, +32)"),
+    "offset wraps": (one_tensor([8], offset=2**64 - 32).build(), "extends past the end of the file"),
+    "size past end": (RawGGUF().add_tensor("t", [64], 0, data=bytes(32)).build(), "extends past the end of the file"),
+    "misaligned offset": (RawGGUF().add_tensor("a", [8]).add_tensor("b", [8], offset=40).build(),
+                          "tensor 'b' data offset 40 is not a multiple of the alignment 32"),
+    "overlapping tensors": (RawGGUF().add_tensor("a", [16]).add_tensor("b", [16], offset=32).build(),
+                            "tensors 'a' and 'b' overlap"),
+    "overlap out of order": (RawGGUF().add_tensor("a", [8], offset=64).add_tensor("b", [8], offset=0).add_tensor("c", [24], offset=32).build(),
+                             "tensors 'c' and 'a' overlap"),
+    "duplicate tensor name": (RawGGUF().add_tensor("w", [8]).add_tensor("w", [8]).build(), "duplicate tensor name 'w'"),
+    "tensor name not utf-8": (RawGGUF().add_tensor(b"\xc0\x80", [8]).build(), "not valid UTF-8"),
+    # The file ends right after the tensor infos, before the padding to the data section.
+    "data section past end": (RawGGUF().add_tensor("t", [8]).build()[:24 + 8 + 1 + 4 + 8 + 4 + 8],
+                              "data section would start at offset 64"),
+    "truncated tensor info": (RawGGUF().add_tensor("a_long_tensor_name", [8]).build()[:24 + 8 + 18 + 4 + 4],
+                              "truncated file: dimension 0 of tensor 'a_long_tensor_name'"),
+    "too many array elements": (RawGGUF().add_raw("big", struct.pack("<IIQ", VT.ARRAY, VT.UINT8, 2**23 + 1) + bytes(2**23 + 1)).build(),
+                                "more than 8388608 elements"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_file(tmp_path, case):
+    data, message = HOSTILE[case]
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(data)
+    with pytest.raises(GGUFError) as e:
+        _core.gguf_summary(str(path))
+    assert message in str(e.value), str(e.value)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("ok", ["header only", "alignment 1", "alignment u8", "zero tensors, no padding"])
+def test_edge_files_that_are_valid(tmp_path, ok):
+    data = {
+        "header only": header(),
+        "alignment 1": RawGGUF(alignment=1).add("general.alignment", VT.UINT32, 1)
+                       .add_tensor("a", [3], 1).add_tensor("b", [5], 1).build(),
+        "alignment u8": RawGGUF(alignment=8).add("general.alignment", VT.UINT8, 8).add_tensor("a", [2]).build(),
+        "zero tensors, no padding": RawGGUF().add("k", VT.UINT8, 1).build(),
+    }[ok]
+    path = tmp_path / "ok.gguf"
+    path.write_bytes(data)
+    s = _core.gguf_summary(str(path))
+    for _name, _ne, _t, offset, n_bytes in s["tensors"]:
+        assert offset + n_bytes <= len(data)
+
+
+# ---------------------------------------------------------------- mutation fuzzing
+
+def base_files(workdir):
+    """Real files to mutate, with the size of each one's header region (up to its data)."""
+    paths = []
+    p = workdir / "base_rich.gguf"
+    write_rich_sample(p)
+    paths.append(p)
+    p = workdir / "base_a64_v2.gguf"
+    write_rich_sample(p, alignment=64)
+    data = bytearray(p.read_bytes())
+    data[4:8] = struct.pack("<I", 2)
+    p.write_bytes(bytes(data))
+    paths.append(p)
+    p = workdir / "base_nested.gguf"
+    g = RawGGUF().add("n", VT.ARRAY, (VT.ARRAY, [(VT.STRING, ["ab", "c"]), (VT.STRING, ["d"])]))
+    g.add("d", VT.ARRAY, nested(6)).add("general.alignment", VT.UINT32, 32)
+    g.add_tensor("x", [256, 2], 12).add_tensor("y", [32], 8).add_tensor("z", [4, 3, 2, 1], 1)
+    p.write_bytes(g.build())
+    paths.append(p)
+    out = []
+    for p in paths:
+        r = gguf.GGUFReader(str(p))
+        out.append((p, min(t.data_offset for t in r.tensors), u64_field_offsets(p)))
+    return out
+
+
+def mutations(workdir, seed, n_cases):
+    """Deterministic (description, bytes) cases: the systematic ones, then random ones up to
+    n_cases in all."""
+    rng = random.Random(seed)
+    bases = [(p.name, p.read_bytes(), hdr, u64s) for p, hdr, u64s in base_files(workdir)]
+    cases = []
+    # Truncation at every byte of the header region, plus random points in the data.
+    for name, data, hdr, _ in bases:
+        cases += [(f"{name} truncated to {n}", data[:n]) for n in range(hdr + 1)]
+        cases += [(f"{name} truncated to {n}", data[:n]) for n in
+                  (rng.randrange(hdr, len(data)) for _ in range(20))]
+    # Huge values in every u64 field (counts, string/array lengths, dims, offsets).
+    for name, data, _, u64s in bases:
+        for off in u64s:
+            v = rng.choice(HUGE_U64 + [rng.getrandbits(64), rng.randrange(1, 4096)])
+            cases.append((f"{name} u64 at {off} = {v}",
+                          data[:off] + struct.pack("<Q", v) + data[off + 8:]))
+    while len(cases) < n_cases:
+        name, data, hdr, u64s = rng.choice(bases)
+        buf = bytearray(data)
+        kind = rng.random()
+        if kind < 0.5:  # random byte flips, mostly where they matter
+            where = [rng.randrange(hdr if rng.random() < 0.9 else len(buf)) for _ in range(rng.randint(1, 3))]
+            for off in where:
+                buf[off] ^= 1 << rng.randrange(8)
+            desc = f"{name} bit flips at {where}"
+        elif kind < 0.75:  # small 32-bit values at any 4-byte spot (types, n_dims, ids)
+            off = rng.randrange(hdr - 4)
+            v = rng.choice([0, 1, 2, 5, 7, 9, 12, 13, 41, 2**31, 2**32 - 1])
+            buf[off:off + 4] = struct.pack("<I", v)
+            desc = f"{name} u32 at {off} = {v}"
+        else:  # a huge u64 at an unaligned spot in the header region
+            off = rng.randrange(hdr - 8)
+            v = rng.choice(HUGE_U64)
+            buf[off:off + 8] = struct.pack("<Q", v)
+            desc = f"{name} u64 at {off} = {v}"
+        cases.append((desc, bytes(buf)))
+    return cases
+
+
+def fuzz_worker(workdir, seed, n_cases, progress_path):
+    """Runs in a child process: parse every mutated file, report anything but parse-or-GGUFError."""
+    workdir = Path(workdir)
+    counts = {"parsed": 0, "rejected": 0}
+    failures = []
+    # Cases go through an in-memory file: truncating a disk file per case dominates the runtime.
+    fd = os.memfd_create("gguf-fuzz-case")
+    target = f"/proc/self/fd/{fd}"
+    with open(progress_path, "w") as progress:
+        for i, (desc, data) in enumerate(mutations(workdir, seed, n_cases)):
+            progress.seek(0)
+            progress.write(f"case {i}: {desc}\n")
+            progress.truncate()
+            progress.flush()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            try:
+                s = _core.gguf_summary(target)
+                bad = [t[0] for t in s["tensors"] if t[3] + t[4] > len(data)]
+                if bad:
+                    failures.append(f"case {i}: {desc}: tensors past the end accepted: {bad}")
+                counts["parsed"] += 1
+            except GGUFError:
+                counts["rejected"] += 1
+            except BaseException as e:  # noqa: BLE001 - any other exception is the bug we hunt
+                failures.append(f"case {i}: {desc}: {type(e).__name__}: {e}")
+    os.close(fd)
+    print(json.dumps({"counts": counts, "failures": failures[:20], "n_failures": len(failures)}))
+
+
+def test_mutated_files_parse_or_raise_gguf_error(tmp_path):
+    progress = tmp_path / "progress.txt"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_gguf_fuzz as m; "
+            "m.fuzz_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(HERE), str(tmp_path), str(FUZZ_SEED), str(FUZZ_CASES), str(progress)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    last_case = progress.read_text() if progress.exists() else "(none)"
+    assert proc.returncode == 0, (f"fuzz worker died (rc {proc.returncode}, seed {FUZZ_SEED}) at "
+                                  f"{last_case}\nstderr: {proc.stderr[-3000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["n_failures"] == 0, "\n".join(report["failures"])
+    counts = report["counts"]
+    assert counts["parsed"] + counts["rejected"] >= FUZZ_CASES
+    # Both outcomes must occur, or the mutations are not exercising the reader.
+    assert counts["parsed"] > 50 and counts["rejected"] > 1000, counts
