@@ -6,8 +6,11 @@
 
 #include <cstring>
 
+#include "context.h"
+#include "devices.h"
 #include "ggml_types.h"
 #include "gguf.h"
+#include "model.h"
 #include "quants.h"
 #include "thread_pool.h"
 
@@ -90,6 +93,26 @@ F32Array matmul_py(uint32_t type, ConstBytes weight, int64_t k, ConstF32Matrix x
     return F32Array(out, {static_cast<size_t>(n_tok), static_cast<size_t>(n_rows)}, owner);
 }
 
+using I32Vector = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using U8Vector = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// Runs one batch; returns the logits of the flagged tokens as float32 [n_out, n_vocab].
+F32Array context_decode(Context& ctx, I32Vector tokens, I32Vector pos, I32Vector seq, U8Vector want_logits) {
+    Batch b;
+    b.token.assign(tokens.data(), tokens.data() + tokens.shape(0));
+    b.pos.assign(pos.data(), pos.data() + pos.shape(0));
+    b.seq.assign(seq.data(), seq.data() + seq.shape(0));
+    b.want_logits.assign(want_logits.data(), want_logits.data() + want_logits.shape(0));
+    auto* logits = new std::vector<float>();
+    nb::capsule owner(logits, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+    {
+        nb::gil_scoped_release release;
+        ctx.decode(b, *logits);
+    }
+    const size_t n_vocab = ctx.model().hparams().n_vocab;
+    return F32Array(logits->data(), {logits->size() / n_vocab, n_vocab}, owner);
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -101,4 +124,43 @@ NB_MODULE(_core, m) {
     m.def("matmul", &matmul_py, nb::arg("type"), nb::arg("weight"), nb::arg("k"), nb::arg("x"),
           nb::arg("n_threads") = 1);
     m.def("type_name", &type_name);
+    m.def("built_with_cuda", &built_with_cuda);
+    m.def("cuda_device_count", &cuda_device_count);
+    m.def("cuda_device_summary", &cuda_device_summary);
+
+    nb::exception<ModelError>(m, "ModelError", PyExc_ValueError);
+    nb::exception<KVCacheFull>(m, "KVCacheFullError", PyExc_RuntimeError);
+
+    nb::class_<Model>(m, "Model")
+        .def("__init__", [](Model* self, const std::string& path) {
+            std::unique_ptr<Model> loaded;
+            {
+                nb::gil_scoped_release release;
+                loaded = Model::load(path);
+            }
+            new (self) Model(std::move(*loaded));
+        }, nb::arg("path"))
+        .def_prop_ro("n_vocab", [](const Model& m) { return m.hparams().n_vocab; })
+        .def_prop_ro("n_embd", [](const Model& m) { return m.hparams().n_embd; })
+        .def_prop_ro("n_layer", [](const Model& m) { return m.hparams().n_layer; })
+        .def_prop_ro("n_ctx_train", [](const Model& m) { return m.hparams().n_ctx_train; })
+        .def_prop_ro("n_params", &Model::n_params)
+        .def_prop_ro("n_bytes", &Model::n_bytes)
+        .def_prop_ro("description", &Model::description);
+
+    nb::class_<Context>(m, "Context")
+        .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads) {
+            new (self) Context(model, ContextParams{n_ctx, n_threads});
+        }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_threads") = 0, nb::keep_alive<1, 2>())
+        .def("decode", &context_decode, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"), nb::arg("want_logits"))
+        .def_prop_ro("n_ctx", [](Context& c) { return c.kv_cache().n_ctx(); })
+        .def_prop_ro("n_threads", &Context::n_threads)
+        .def_prop_ro("kv_used", [](Context& c) { return c.kv_cache().n_used(); })
+        .def("kv_seq_rm", [](Context& c, int seq, int p0, int p1) { c.kv_cache().seq_rm(seq, p0, p1); },
+             nb::arg("seq"), nb::arg("p0"), nb::arg("p1"))
+        .def("kv_seq_cp", [](Context& c, int src, int dst, int p0, int p1) { c.kv_cache().seq_cp(src, dst, p0, p1); },
+             nb::arg("src"), nb::arg("dst"), nb::arg("p0"), nb::arg("p1"))
+        .def("kv_seq_keep", [](Context& c, int seq) { c.kv_cache().seq_keep(seq); }, nb::arg("seq"))
+        .def("kv_seq_pos_max", [](Context& c, int seq) { return c.kv_cache().seq_pos_max(seq); }, nb::arg("seq"))
+        .def("kv_clear", [](Context& c) { c.kv_cache().clear(); });
 }

@@ -1,5 +1,6 @@
 """glmoe: GGUF inference for the GLM4-MoE family."""
 from . import _core
-from ._core import GGUFError
+from ._core import GGUFError, KVCacheFullError, ModelError
+from .llama import LLAMA_DEFAULT_SEED, Llama
 
-__all__ = ["GGUFError"]
+__all__ = ["GGUFError", "KVCacheFullError", "Llama", "LLAMA_DEFAULT_SEED", "ModelError"]

@@ -1,0 +1,296 @@
+#include "context.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "quants.h"
+#include "vec.h"
+
+namespace glmoe {
+
+namespace {
+
+std::vector<int64_t> kv_widths(const HParams& hp) {
+    std::vector<int64_t> w;
+    for (const auto& l : hp.layers) w.push_back(static_cast<int64_t>(l.n_head_kv) * hp.head_dim_k);
+    return w;
+}
+
+int default_threads(int n) {
+    if (n > 0) return n;
+    return std::max(1u, std::thread::hardware_concurrency());
+}
+
+void linear(ThreadPool& pool, const Weight& w, const float* in, int64_t n, float* out) {
+    matmul(pool, w.type, w.data, w.ne[1], w.ne[0], in, w.ne[0], n, out, w.ne[1]);
+}
+
+void add_bias(float* y, const std::vector<float>& b, int64_t n) {
+    if (b.empty()) return;
+    const int64_t w = static_cast<int64_t>(b.size());
+    for (int64_t t = 0; t < n; ++t) vec_add(y + t * w, b.data(), w);
+}
+
+// Neox rope on the first n_rot dims of each head: pairs (i, i + n_rot/2).
+void rope_heads(float* x, int n_heads, int head_dim, int n_rot, const float* cos, const float* sin) {
+    const int half = n_rot / 2;
+    for (int h = 0; h < n_heads; ++h) {
+        float* v = x + static_cast<int64_t>(h) * head_dim;
+        for (int i = 0; i < half; ++i) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+}  // namespace
+
+Context::Context(const Model& model, const ContextParams& params)
+    : model_(model), pool_(default_threads(params.n_threads)), kv_(params.n_ctx, kv_widths(model.hparams())) {
+    attn_scores_.resize(pool_.size());
+}
+
+void Context::check_batch(const Batch& b) const {
+    const size_t n = b.token.size();
+    if (n == 0) throw std::invalid_argument("empty batch");
+    if (b.pos.size() != n || b.seq.size() != n || b.want_logits.size() != n)
+        throw std::invalid_argument("batch arrays differ in length");
+    const int n_vocab = model_.hparams().n_vocab;
+    for (size_t i = 0; i < n; ++i) {
+        if (b.token[i] < 0 || b.token[i] >= n_vocab)
+            throw std::invalid_argument("token id " + std::to_string(b.token[i]) + " out of range [0, " +
+                                        std::to_string(n_vocab) + ")");
+        KVCache::check_seq(b.seq[i]);
+    }
+}
+
+void Context::decode(const Batch& batch, std::vector<float>& logits) {
+    check_batch(batch);
+    const HParams& hp = model_.hparams();
+    const int64_t n = static_cast<int64_t>(batch.size()), H = hp.n_embd;
+    const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
+
+    try {
+        x_.resize(n * H);
+        h_.resize(n * H);
+        ffn_out_.resize(n * H);
+        const Weight& embd = model_.token_embd();
+        for (int64_t t = 0; t < n; ++t)
+            dequantize_row(embd.type, embd.data + batch.token[t] * embd.row_bytes, x_.data() + t * H, H);
+
+        // Rope angles depend only on position: computed once per batch, in double for accuracy.
+        const int half = hp.n_rot / 2;
+        rope_cos_.resize(n * half);
+        rope_sin_.resize(n * half);
+        for (int64_t t = 0; t < n; ++t)
+            for (int i = 0; i < half; ++i) {
+                const double theta = batch.pos[t] * std::pow(static_cast<double>(hp.rope_freq_base), -2.0 * i / hp.n_rot);
+                rope_cos_[t * half + i] = static_cast<float>(std::cos(theta));
+                rope_sin_[t * half + i] = static_cast<float>(std::sin(theta));
+            }
+
+        // Every sequence's cells (after this batch's allocation), shared by all layers.
+        seq_cells_.assign(KVCache::kMaxSeq, {});
+        std::vector<bool> listed(KVCache::kMaxSeq, false);
+        for (int32_t s : batch.seq)
+            if (!listed[s]) {
+                kv_.cells_of(s, seq_cells_[s]);
+                listed[s] = true;
+            }
+
+        for (int il = 0; il < hp.n_layer; ++il) {
+            const LayerWeights& l = model_.layer(il);
+            for (int64_t t = 0; t < n; ++t)
+                rms_norm_mul(h_.data() + t * H, x_.data() + t * H, l.attn_norm.data(), H, hp.rms_eps);
+            attention(il, batch, cells);
+            for (int64_t t = 0; t < n; ++t)
+                rms_norm_mul(h_.data() + t * H, x_.data() + t * H, l.post_attention_norm.data(), H, hp.rms_eps);
+            if (hp.layers[il].is_moe)
+                ffn_moe(il, n);
+            else
+                ffn_dense(il, n);
+            vec_add(x_.data(), ffn_out_.data(), n * H);
+        }
+    } catch (...) {
+        for (size_t i = 0; i < cells.size(); ++i) kv_.seq_rm(batch.seq[i], batch.pos[i], batch.pos[i] + 1);
+        throw;
+    }
+
+    std::vector<int64_t> rows;
+    for (int64_t t = 0; t < n; ++t)
+        if (batch.want_logits[t]) rows.push_back(t);
+    const int64_t n_out = static_cast<int64_t>(rows.size());
+    logits.resize(n_out * hp.n_vocab);
+    if (n_out == 0) return;
+    for (int64_t i = 0; i < n_out; ++i)
+        rms_norm_mul(h_.data() + i * H, x_.data() + rows[i] * H, model_.output_norm().data(), H, hp.rms_eps);
+    linear(pool_, model_.output(), h_.data(), n_out, logits.data());
+}
+
+void Context::attention(int il, const Batch& batch, const std::vector<int32_t>& cells) {
+    const HParams& hp = model_.hparams();
+    const LayerHParams& lh = hp.layers[il];
+    const LayerWeights& l = model_.layer(il);
+    const int64_t n = static_cast<int64_t>(batch.size()), H = hp.n_embd, D = hp.head_dim_k;
+    const int64_t nq = lh.n_head * D, nkv = lh.n_head_kv * D;
+    q_.resize(n * nq);
+    k_.resize(n * nkv);
+    v_.resize(n * nkv);
+    attn_.resize(n * nq);
+
+    linear(pool_, l.wq, h_.data(), n, q_.data());
+    linear(pool_, l.wk, h_.data(), n, k_.data());
+    linear(pool_, l.wv, h_.data(), n, v_.data());
+    add_bias(q_.data(), l.q_bias, n);
+    add_bias(k_.data(), l.k_bias, n);
+    add_bias(v_.data(), l.v_bias, n);
+
+    const int half = hp.n_rot / 2;
+    for (int64_t t = 0; t < n; ++t) {
+        float* qt = q_.data() + t * nq;
+        float* kt = k_.data() + t * nkv;
+        if (!l.q_norm.empty()) {
+            for (int h = 0; h < lh.n_head; ++h) rms_norm_mul(qt + h * D, qt + h * D, l.q_norm.data(), D, hp.rms_eps);
+            for (int h = 0; h < lh.n_head_kv; ++h) rms_norm_mul(kt + h * D, kt + h * D, l.k_norm.data(), D, hp.rms_eps);
+        }
+        rope_heads(qt, lh.n_head, D, hp.n_rot, rope_cos_.data() + t * half, rope_sin_.data() + t * half);
+        rope_heads(kt, lh.n_head_kv, D, hp.n_rot, rope_cos_.data() + t * half, rope_sin_.data() + t * half);
+        std::copy(kt, kt + nkv, kv_.k(il, cells[t]));
+        std::copy(v_.data() + t * nkv, v_.data() + (t + 1) * nkv, kv_.v(il, cells[t]));
+    }
+
+    // One task per (token, kv head): K and V of each cell are read once for all the q heads
+    // that share them.
+    const int group = lh.n_head / lh.n_head_kv;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    pool_.parallel_for(n * lh.n_head_kv, [&](int64_t begin, int64_t end, int thread) {
+        std::vector<float>& scores = attn_scores_[thread];
+        for (int64_t task = begin; task < end; ++task) {
+            const int64_t t = task / lh.n_head_kv;
+            const int kvh = static_cast<int>(task % lh.n_head_kv);
+            const std::vector<int32_t>& seq_cells = seq_cells_[batch.seq[t]];
+            const int32_t pos = batch.pos[t];
+            const int64_t n_cells = static_cast<int64_t>(seq_cells.size());
+            scores.resize(group * n_cells);
+            std::vector<float> row_max(group, -INFINITY);
+            for (int64_t c = 0; c < n_cells; ++c) {
+                const bool visible = kv_.cell_pos(seq_cells[c]) <= pos;
+                const float* kc = kv_.k(il, seq_cells[c]) + kvh * D;
+                for (int g = 0; g < group; ++g) {
+                    float s = -INFINITY;
+                    if (visible) {
+                        s = vec_dot(q_.data() + t * nq + (kvh * group + g) * D, kc, D) * scale;
+                        row_max[g] = std::max(row_max[g], s);
+                    }
+                    scores[g * n_cells + c] = s;
+                }
+            }
+            for (int g = 0; g < group; ++g) {
+                float* out = attn_.data() + t * nq + (kvh * group + g) * D;
+                std::fill(out, out + D, 0.0f);
+                float* sg = scores.data() + g * n_cells;
+                float sum = 0.0f;
+                for (int64_t c = 0; c < n_cells; ++c) {
+                    sg[c] = sg[c] == -INFINITY ? 0.0f : std::exp(sg[c] - row_max[g]);
+                    sum += sg[c];
+                }
+                for (int64_t c = 0; c < n_cells; ++c)
+                    if (sg[c] != 0.0f) vec_axpy(out, sg[c], kv_.v(il, seq_cells[c]) + kvh * D, D);
+                vec_scale(out, 1.0f / sum, D);
+            }
+        }
+    });
+
+    linear(pool_, l.wo, attn_.data(), n, h_.data());
+    vec_add(x_.data(), h_.data(), n * H);
+}
+
+void Context::swiglu_ffn(const Weight& gate, const Weight& up, const Weight& down, int64_t index,
+                         const float* in, int64_t n, float* out) {
+    const int64_t H = gate.ne[0], F = gate.ne[1];
+    gate_.resize(n * F);
+    up_.resize(n * F);
+    matmul(pool_, gate.type, gate.matrix(index), F, H, in, H, n, gate_.data(), F);
+    matmul(pool_, up.type, up.matrix(index), F, H, in, H, n, up_.data(), F);
+    for (int64_t i = 0; i < n * F; ++i) gate_[i] = silu(gate_[i]) * up_[i];
+    matmul(pool_, down.type, down.matrix(index), H, F, gate_.data(), F, n, out, H);
+}
+
+void Context::ffn_dense(int il, int64_t n) {
+    const LayerWeights& l = model_.layer(il);
+    swiglu_ffn(l.ffn_gate, l.ffn_up, l.ffn_down, 0, h_.data(), n, ffn_out_.data());
+}
+
+void Context::ffn_moe(int il, int64_t n) {
+    const HParams& hp = model_.hparams();
+    const LayerWeights& l = model_.layer(il);
+    const int64_t H = hp.n_embd, E = hp.n_expert;
+    const int k = hp.layers[il].n_expert_used;
+
+    router_.resize(n * E);
+    linear(pool_, l.ffn_gate_inp, h_.data(), n, router_.data());
+
+    // Routing: sigmoid scores choose experts through score + bias (optionally only within the
+    // best groups); the weights are the unbiased scores.
+    std::vector<std::vector<std::pair<int64_t, float>>> assigned(E);
+    std::vector<float> prob(E), choice(E);
+    std::vector<int> order(E);
+    const int n_groups = hp.n_expert_groups > 1 ? hp.n_expert_groups : 1;
+    const int per_group = static_cast<int>(E / n_groups);
+    for (int64_t t = 0; t < n; ++t) {
+        for (int64_t e = 0; e < E; ++e) {
+            prob[e] = 1.0f / (1.0f + std::exp(-router_[t * E + e]));
+            choice[e] = prob[e] + l.exp_probs_b[e];
+        }
+        if (n_groups > 1) {
+            std::vector<std::pair<float, int>> group_score(n_groups);
+            for (int g = 0; g < n_groups; ++g) {
+                std::vector<float> s(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
+                std::partial_sort(s.begin(), s.begin() + std::min(2, per_group), s.end(), std::greater<float>());
+                group_score[g] = {s[0] + (per_group > 1 ? s[1] : 0.0f), g};
+            }
+            std::sort(group_score.begin(), group_score.end(),
+                      [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+            for (int r = hp.n_group_used; r < n_groups; ++r) {
+                const int g = group_score[r].second;
+                std::fill(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group, -INFINITY);
+            }
+        }
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                          [&](int a, int b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); });
+        float sum = 0.0f;
+        for (int j = 0; j < k; ++j) sum += prob[order[j]];
+        for (int j = 0; j < k; ++j) {
+            float w = prob[order[j]];
+            if (hp.expert_weights_norm) w /= sum;
+            assigned[order[j]].push_back({t, w * hp.expert_weights_scale});
+        }
+    }
+
+    std::fill(ffn_out_.begin(), ffn_out_.begin() + n * H, 0.0f);
+    for (int64_t e = 0; e < E; ++e) {
+        const auto& tokens = assigned[e];
+        if (tokens.empty()) continue;
+        const int64_t m = static_cast<int64_t>(tokens.size());
+        ffn_in_.resize(m * H);
+        down_.resize(m * H);
+        for (int64_t i = 0; i < m; ++i)
+            std::copy(h_.data() + tokens[i].first * H, h_.data() + (tokens[i].first + 1) * H, ffn_in_.data() + i * H);
+        swiglu_ffn(l.gate_exps, l.up_exps, l.down_exps, e, ffn_in_.data(), m, down_.data());
+        for (int64_t i = 0; i < m; ++i)
+            vec_axpy(ffn_out_.data() + tokens[i].first * H, tokens[i].second, down_.data() + i * H, H);
+    }
+    if (l.gate_shexp) {
+        down_.resize(n * H);
+        swiglu_ffn(l.gate_shexp, l.up_shexp, l.down_shexp, 0, h_.data(), n, down_.data());
+        vec_add(ffn_out_.data(), down_.data(), n * H);
+    }
+}
+
+}  // namespace glmoe

@@ -1,0 +1,62 @@
+// An inference context: a model, its KV cache and the scratch space of the CPU forward.
+// decode() runs one batch whose tokens may belong to different sequences at different
+// positions (prompt chunks and decode steps together), as continuous batching needs.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kv_cache.h"
+#include "model.h"
+#include "thread_pool.h"
+
+namespace glmoe {
+
+struct ContextParams {
+    int n_ctx = 4096;
+    int n_threads = 0;  // 0: every hardware thread
+};
+
+struct Batch {
+    std::vector<int32_t> token;
+    std::vector<int32_t> pos;
+    std::vector<int32_t> seq;
+    std::vector<uint8_t> want_logits;  // 1: return this token's logits
+    size_t size() const { return token.size(); }
+};
+
+class Context {
+public:
+    Context(const Model& model, const ContextParams& params);
+
+    // Runs the batch and stores the logits of the flagged tokens, in batch order, n_vocab each.
+    // Throws std::invalid_argument for a bad batch and KVCacheFull when it does not fit; in both
+    // cases the cache is unchanged.
+    void decode(const Batch& batch, std::vector<float>& logits);
+
+    KVCache& kv_cache() { return kv_; }
+    const Model& model() const { return model_; }
+    int n_threads() const { return pool_.size(); }
+
+private:
+    void check_batch(const Batch& batch) const;
+    void attention(int il, const Batch& batch, const std::vector<int32_t>& cells);
+    void ffn_dense(int il, int64_t n);
+    void ffn_moe(int il, int64_t n);
+    // out[n][H] = down(silu(gate in) * up in), with matrix `index` of stacked (expert) weights.
+    void swiglu_ffn(const Weight& gate, const Weight& up, const Weight& down, int64_t index,
+                    const float* in, int64_t n, float* out);
+
+    const Model& model_;
+    ThreadPool pool_;
+    KVCache kv_;
+
+    // Scratch, sized for the largest batch seen.
+    std::vector<float> x_, h_, q_, k_, v_, attn_, ffn_out_;
+    std::vector<float> rope_cos_, rope_sin_;          // [n][n_rot/2]
+    std::vector<std::vector<int32_t>> seq_cells_;     // cells of each sequence in the batch
+    std::vector<float> router_, ffn_in_, gate_, up_, down_;
+    std::vector<std::vector<float>> attn_scores_;     // one per thread
+};
+
+}  // namespace glmoe
