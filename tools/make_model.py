@@ -347,8 +347,10 @@ def synthetic_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def add_glm4moe_metadata(w: gguf.GGUFWriter, spec: ModelSpec) -> None:
-    """All general.*, glm4moe.* and tokenizer.* keys for a spec."""
+def add_glm4moe_metadata(w: gguf.GGUFWriter, spec: ModelSpec,
+                         vocab: tuple[list[str], list[int], list[str]] | None = None) -> None:
+    """All general.*, glm4moe.* and tokenizer.* keys for a spec. `vocab` (tokens, token types,
+    merges; must hold GLM_SPECIAL_TOKENS) replaces the synthetic vocabulary, e.g. a trained one."""
     w.add_name(spec.name)
     w.add_file_type(FILE_TYPE.get(spec.type_of("default"), 0))
     w.add_block_count(spec.block_count)
@@ -385,7 +387,7 @@ def add_glm4moe_metadata(w: gguf.GGUFWriter, spec: ModelSpec) -> None:
         w.add_expert_group_used_count(spec.n_group_used)
     w.add_nextn_predict_layers(spec.nextn_layers)
 
-    tokens, types, merges = synthetic_vocab(spec.vocab)
+    tokens, types, merges = vocab or synthetic_vocab(spec.vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("glm4")
     w.add_token_list(tokens)
