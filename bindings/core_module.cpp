@@ -17,6 +17,8 @@
 namespace nb = nanobind;
 using namespace glmoe;
 
+void bind_sampling(nb::module_& m);  // sampling_module.cpp
+
 namespace {
 
 nb::object gguf_value_to_python(const GGUFValue& v) {
@@ -33,6 +35,26 @@ nb::object gguf_value_to_python(const GGUFValue& v) {
         }
         default: return nb::int_(v.i);
     }
+}
+
+// Scalar metadata as strings, as llama-cpp-python's Llama.metadata holds it (arrays are left out).
+nb::dict metadata_strings(const GGUFFile& f) {
+    nb::dict out;
+    for (const auto& [key, v] : f.metadata()) {
+        std::string text;
+        switch (v.type) {
+            case GGUFValueType::ARRAY: continue;
+            case GGUFValueType::STRING: text = v.s; break;
+            case GGUFValueType::BOOL: text = v.i ? "true" : "false"; break;
+            case GGUFValueType::FLOAT32:
+            case GGUFValueType::FLOAT64: text = nb::cast<std::string>(nb::str(nb::float_(v.f))); break;
+            case GGUFValueType::UINT64: text = std::to_string(v.u); break;
+            default: text = std::to_string(v.i); break;
+        }
+        // A file's strings need not be valid UTF-8; they must not make loading fail.
+        out[key.c_str()] = nb::steal<nb::str>(PyUnicode_DecodeUTF8(text.data(), text.size(), "replace"));
+    }
+    return out;
 }
 
 // Summary of a GGUF file for tests and tools: version, alignment, metadata, tensor infos.
@@ -109,8 +131,8 @@ F32Array context_decode(Context& ctx, I32Vector tokens, I32Vector pos, I32Vector
         nb::gil_scoped_release release;
         ctx.decode(b, *logits);
     }
-    const size_t n_vocab = ctx.model().hparams().n_vocab;
-    return F32Array(logits->data(), {logits->size() / n_vocab, n_vocab}, owner);
+    const size_t width = ctx.n_outputs_per_token();
+    return F32Array(logits->data(), {logits->size() / width, width}, owner);
 }
 
 }  // namespace
@@ -127,6 +149,7 @@ NB_MODULE(_core, m) {
     m.def("built_with_cuda", &built_with_cuda);
     m.def("cuda_device_count", &cuda_device_count);
     m.def("cuda_device_summary", &cuda_device_summary);
+    bind_sampling(m);
 
     nb::exception<ModelError>(m, "ModelError", PyExc_ValueError);
     nb::exception<KVCacheFull>(m, "KVCacheFullError", PyExc_RuntimeError);
@@ -146,21 +169,32 @@ NB_MODULE(_core, m) {
         .def_prop_ro("n_ctx_train", [](const Model& m) { return m.hparams().n_ctx_train; })
         .def_prop_ro("n_params", &Model::n_params)
         .def_prop_ro("n_bytes", &Model::n_bytes)
-        .def_prop_ro("description", &Model::description);
+        .def_prop_ro("description", &Model::description)
+        .def("metadata", [](const Model& m) { return metadata_strings(m.file()); });
 
     nb::class_<Context>(m, "Context")
-        .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads) {
-            new (self) Context(model, ContextParams{n_ctx, n_threads});
-        }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_threads") = 0, nb::keep_alive<1, 2>())
+        .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads, bool embeddings) {
+            new (self) Context(model, ContextParams{n_ctx, n_threads, embeddings});
+        }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_threads") = 0, nb::arg("embeddings") = false,
+           nb::keep_alive<1, 2>())
         .def("decode", &context_decode, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"), nb::arg("want_logits"))
         .def_prop_ro("n_ctx", [](Context& c) { return c.kv_cache().n_ctx(); })
         .def_prop_ro("n_threads", &Context::n_threads)
         .def_prop_ro("kv_used", [](Context& c) { return c.kv_cache().n_used(); })
+        .def_prop_ro("n_evaluated", &Context::n_evaluated)
         .def("kv_seq_rm", [](Context& c, int seq, int p0, int p1) { c.kv_cache().seq_rm(seq, p0, p1); },
              nb::arg("seq"), nb::arg("p0"), nb::arg("p1"))
         .def("kv_seq_cp", [](Context& c, int src, int dst, int p0, int p1) { c.kv_cache().seq_cp(src, dst, p0, p1); },
              nb::arg("src"), nb::arg("dst"), nb::arg("p0"), nb::arg("p1"))
         .def("kv_seq_keep", [](Context& c, int seq) { c.kv_cache().seq_keep(seq); }, nb::arg("seq"))
         .def("kv_seq_pos_max", [](Context& c, int seq) { return c.kv_cache().seq_pos_max(seq); }, nb::arg("seq"))
-        .def("kv_clear", [](Context& c) { c.kv_cache().clear(); });
+        .def("kv_clear", [](Context& c) { c.kv_cache().clear(); })
+        .def("kv_state", [](Context& c) {
+            const std::vector<uint8_t> bytes = c.kv_cache().save();
+            return nb::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+        })
+        .def("kv_load_state", [](Context& c, nb::bytes state) {
+            const uint8_t* p = static_cast<const uint8_t*>(state.data());
+            c.kv_cache().load(std::vector<uint8_t>(p, p + state.size()));
+        }, nb::arg("state"));
 }

@@ -51,8 +51,15 @@ void rope_heads(float* x, int n_heads, int head_dim, int n_rot, const float* cos
 }  // namespace
 
 Context::Context(const Model& model, const ContextParams& params)
-    : model_(model), pool_(default_threads(params.n_threads)), kv_(params.n_ctx, kv_widths(model.hparams())) {
+    : model_(model),
+      pool_(default_threads(params.n_threads)),
+      kv_(params.n_ctx, kv_widths(model.hparams())),
+      embeddings_(params.embeddings) {
     attn_scores_.resize(pool_.size());
+}
+
+int64_t Context::n_outputs_per_token() const {
+    return embeddings_ ? model_.hparams().n_embd : model_.hparams().n_vocab;
 }
 
 void Context::check_batch(const Batch& b) const {
@@ -121,15 +128,17 @@ void Context::decode(const Batch& batch, std::vector<float>& logits) {
         throw;
     }
 
+    n_evaluated_ += n;
     std::vector<int64_t> rows;
     for (int64_t t = 0; t < n; ++t)
         if (batch.want_logits[t]) rows.push_back(t);
     const int64_t n_out = static_cast<int64_t>(rows.size());
-    logits.resize(n_out * hp.n_vocab);
+    logits.resize(n_out * n_outputs_per_token());
     if (n_out == 0) return;
+    float* normed = embeddings_ ? logits.data() : h_.data();
     for (int64_t i = 0; i < n_out; ++i)
-        rms_norm_mul(h_.data() + i * H, x_.data() + rows[i] * H, model_.output_norm().data(), H, hp.rms_eps);
-    linear(pool_, model_.output(), h_.data(), n_out, logits.data());
+        rms_norm_mul(normed + i * H, x_.data() + rows[i] * H, model_.output_norm().data(), H, hp.rms_eps);
+    if (!embeddings_) linear(pool_, model_.output(), h_.data(), n_out, logits.data());
 }
 
 void Context::attention(int il, const Batch& batch, const std::vector<int32_t>& cells) {

@@ -15,6 +15,7 @@ namespace glmoe {
 struct ContextParams {
     int n_ctx = 4096;
     int n_threads = 0;  // 0: every hardware thread
+    bool embeddings = false;  // decode() returns final hidden states (after output_norm), not logits
 };
 
 struct Batch {
@@ -29,7 +30,8 @@ class Context {
 public:
     Context(const Model& model, const ContextParams& params);
 
-    // Runs the batch and stores the logits of the flagged tokens, in batch order, n_vocab each.
+    // Runs the batch and stores the logits of the flagged tokens, in batch order, n_vocab each
+    // (or, for an embeddings context, their final hidden states, n_embd each).
     // Throws std::invalid_argument for a bad batch and KVCacheFull when it does not fit; in both
     // cases the cache is unchanged.
     void decode(const Batch& batch, std::vector<float>& logits);
@@ -37,6 +39,10 @@ public:
     KVCache& kv_cache() { return kv_; }
     const Model& model() const { return model_; }
     int n_threads() const { return pool_.size(); }
+    bool embeddings() const { return embeddings_; }
+    // Tokens run through the model since creation (shows what prefix reuse saved).
+    uint64_t n_evaluated() const { return n_evaluated_; }
+    int64_t n_outputs_per_token() const;
 
 private:
     void check_batch(const Batch& batch) const;
@@ -50,6 +56,8 @@ private:
     const Model& model_;
     ThreadPool pool_;
     KVCache kv_;
+    bool embeddings_;
+    uint64_t n_evaluated_ = 0;
 
     // Scratch, sized for the largest batch seen.
     std::vector<float> x_, h_, q_, k_, v_, attn_, ffn_out_;

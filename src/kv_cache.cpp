@@ -1,6 +1,7 @@
 #include "kv_cache.h"
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 
 namespace glmoe {
@@ -113,6 +114,81 @@ int32_t KVCache::seq_pos_max(int seq) const {
     for (const Cell& c : cells_)
         if ((c.seqs & bit) && c.pos > m) m = c.pos;
     return m;
+}
+
+namespace {
+
+constexpr uint32_t kStateMagic = 0x4b564731;  // "KVG1"
+
+template <class T>
+void put(std::vector<uint8_t>& out, const T* v, size_t n = 1) {
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(v);
+    out.insert(out.end(), p, p + n * sizeof(T));
+}
+
+// Reads n values, throwing instead of reading past the end.
+template <class T>
+void take(const std::vector<uint8_t>& in, size_t& at, T* v, size_t n = 1) {
+    if (n * sizeof(T) > in.size() - at) throw std::invalid_argument("KV cache state is truncated");
+    std::memcpy(v, in.data() + at, n * sizeof(T));
+    at += n * sizeof(T);
+}
+
+}  // namespace
+
+std::vector<uint8_t> KVCache::save() const {
+    std::vector<uint8_t> out;
+    const uint32_t header[3] = {kStateMagic, static_cast<uint32_t>(n_ctx()), static_cast<uint32_t>(width_.size())};
+    put(out, header, 3);
+    put(out, width_.data(), width_.size());
+    std::vector<int32_t> used;
+    for (int32_t i = 0; i < n_ctx(); ++i)
+        if (cells_[i].seqs) used.push_back(i);
+    const uint32_t n_used_cells = static_cast<uint32_t>(used.size());
+    put(out, &n_used_cells);
+    for (int32_t c : used) {
+        put(out, &c);
+        put(out, &cells_[c].pos);
+        put(out, &cells_[c].seqs);
+    }
+    for (size_t il = 0; il < width_.size(); ++il)
+        for (int32_t c : used) {
+            put(out, k(static_cast<int>(il), c), width_[il]);
+            put(out, v(static_cast<int>(il), c), width_[il]);
+        }
+    return out;
+}
+
+void KVCache::load(const std::vector<uint8_t>& in) {
+    size_t at = 0;
+    uint32_t header[3];
+    take(in, at, header, 3);
+    if (header[0] != kStateMagic) throw std::invalid_argument("not a glmoe KV cache state");
+    std::vector<int64_t> widths(header[2] <= width_.size() ? header[2] : 0);
+    take(in, at, widths.data(), widths.size());
+    if (header[1] != static_cast<uint32_t>(n_ctx()) || widths != width_)
+        throw std::invalid_argument("KV cache state is from a context of another size or model");
+    uint32_t n_used_cells;
+    take(in, at, &n_used_cells);
+    if (n_used_cells > static_cast<uint32_t>(n_ctx())) throw std::invalid_argument("KV cache state is corrupt");
+    std::vector<int32_t> used(n_used_cells);
+    std::vector<Cell> cells(n_ctx());
+    for (uint32_t i = 0; i < n_used_cells; ++i) {
+        take(in, at, &used[i]);
+        if (used[i] < 0 || used[i] >= n_ctx() || cells[used[i]].seqs) throw std::invalid_argument("KV cache state is corrupt");
+        take(in, at, &cells[used[i]].pos);
+        take(in, at, &cells[used[i]].seqs);
+        if (!cells[used[i]].seqs) throw std::invalid_argument("KV cache state is corrupt");
+    }
+    size_t payload = 0;
+    for (int64_t w : width_) payload += 2 * sizeof(float) * w * n_used_cells;
+    if (in.size() - at != payload) throw std::invalid_argument("KV cache state has the wrong size");
+    cells_ = std::move(cells);
+    for (size_t il = 0; il < width_.size(); ++il)
+        for (int32_t c : used) {
+            take(in, at, k(static_cast<int>(il), c), width_[il]);
+            take(in, at, v(static_cast<int>(il), c), width_[il]);
+        }
 }
 
 }  // namespace glmoe

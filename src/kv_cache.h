@@ -47,6 +47,11 @@ public:
 
     static void check_seq(int seq);
 
+    // The cache's contents (cells in use and their K/V) as bytes, and back. load() throws
+    // std::invalid_argument, leaving the cache unchanged, for bytes from a cache of another shape.
+    std::vector<uint8_t> save() const;
+    void load(const std::vector<uint8_t>& bytes);
+
 private:
     struct Cell {
         int32_t pos = -1;

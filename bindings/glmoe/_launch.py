@@ -14,3 +14,7 @@ def _exec(name: str):
 
 def llama_bench():
     _exec("llama-bench")
+
+
+def llama_sweep_bench():
+    _exec("llama-sweep-bench")

@@ -1,25 +1,35 @@
-"""`Llama`: the llama-cpp-python class, on the glmoe engine."""
+"""`Llama`: llama-cpp-python's class, on the glmoe engine."""
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from collections import deque
-from typing import Deque, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
+from .tokenizer import GGUFTokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
 
-class Llama:
-    """A GLM4-MoE GGUF model with its context, shaped like llama_cpp.Llama.
+@dataclass
+class LlamaState:
+    """What save_state() captures: evaluated tokens, their logits, the KV cache and the seed."""
 
-    Only the evaluation part of llama-cpp-python's API is here so far: eval(), scores,
-    n_tokens, input_ids, reset(), n_ctx(), n_vocab(), n_embd().
-    """
+    input_ids: np.ndarray
+    scores: np.ndarray
+    n_tokens: int
+    kv_state: bytes
+    seed: int
+
+
+class Llama:
+    """A GLM4-MoE GGUF model with its context, shaped like llama_cpp.Llama."""
 
     def __init__(
         self,
@@ -31,6 +41,7 @@ class Llama:
         n_batch: int = 512,
         n_threads: Optional[int] = None,
         logits_all: bool = False,
+        embedding: bool = False,
         verbose: bool = True,
         **kwargs,
     ):
@@ -40,25 +51,29 @@ class Llama:
             raise ValueError("n_ctx must be 0 (the model's) or positive")
         self.model_path = model_path
         self.verbose = verbose
-        self.seed = seed
         self.n_batch = n_batch
         self.n_gpu_layers = n_gpu_layers
-        self.logits_all = logits_all
+        self._logits_all = logits_all
+        self._embedding = embedding
         if n_threads is None:
-            n_threads = max(os.cpu_count() // 2, 1)  # llama-cpp-python's default: physical cores
+            n_threads = max((os.cpu_count() or 1) // 2, 1)  # llama-cpp-python's default: physical cores
         self.n_threads = n_threads
 
         t0 = time.perf_counter()
         self._model = _core.Model(model_path)
         if n_ctx == 0:
             n_ctx = self._model.n_ctx_train
-        self._ctx = _core.Context(self._model, n_ctx, n_threads)
+        self._ctx = _core.Context(self._model, n_ctx, n_threads, embedding)
+        self.tokenizer_ = GGUFTokenizer.from_gguf(model_path)
+        self.metadata: Dict[str, str] = self._model.metadata()
+        self.chat_template: Optional[str] = self.metadata.get("tokenizer.chat_template")
         self._n_ctx = n_ctx
         self._n_vocab = self._model.n_vocab
         self.n_tokens = 0
         self.input_ids = np.zeros((n_ctx,), dtype=np.intc)
         # np.zeros is calloc'd: rows that are never written cost no memory.
         self.scores = np.zeros((n_ctx, self._n_vocab), dtype=np.single)
+        self.set_seed(seed)
         if verbose:
             print(f"glmoe: loaded {model_path}: {self._model.description}", file=sys.stderr)
             print(
@@ -75,6 +90,8 @@ class Llama:
                     reason = "the CUDA backend does not run layers yet"
                 print(f"glmoe: n_gpu_layers = {n_gpu_layers} ignored ({reason}): running on the CPU", file=sys.stderr)
 
+    # ---- sizes and vocabulary -------------------------------------------------------------
+
     def n_ctx(self) -> int:
         return self._n_ctx
 
@@ -83,6 +100,23 @@ class Llama:
 
     def n_embd(self) -> int:
         return self._model.n_embd
+
+    def token_bos(self) -> int:
+        return self.tokenizer_.bos_id
+
+    def token_eos(self) -> int:
+        return self.tokenizer_.eos_id
+
+    def tokenizer(self) -> GGUFTokenizer:
+        return self.tokenizer_
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+        return self.tokenizer_.tokenize(text, add_bos, special)
+
+    def detokenize(self, tokens: List[int], prev_tokens: Optional[List[int]] = None, special: bool = False) -> bytes:
+        return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    # ---- evaluation ----------------------------------------------------------------------
 
     @property
     def _input_ids(self) -> np.ndarray:
@@ -98,7 +132,10 @@ class Llama:
 
     @property
     def eval_logits(self) -> Deque[List[float]]:
-        return deque(self.scores[: self.n_tokens, :].tolist(), maxlen=self._n_ctx if self.logits_all else 1)
+        return deque(self.scores[: self.n_tokens, :].tolist(), maxlen=self._n_ctx if self._logits_all else 1)
+
+    def set_seed(self, seed: int):
+        self._seed = seed
 
     def reset(self):
         """Forget the evaluated tokens; the next eval() starts at position 0."""
@@ -110,6 +147,8 @@ class Llama:
         With logits_all every position's logits land in scores; otherwise only the last one's.
         Too many tokens for the context raise ValueError before anything is evaluated.
         """
+        if self._embedding:
+            raise ValueError("eval() needs logits: this Llama was created with embedding=True")
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise ValueError(
@@ -119,20 +158,201 @@ class Llama:
         if bad.any():
             raise ValueError(f"token id {int(tokens[bad][0])} out of range [0, {self._n_vocab})")
         # Positions past n_tokens (left by reset() or a shorter re-eval) are stale.
-        self._ctx.kv_seq_rm(0, self.n_tokens, -1)
+        self._ctx.kv_seq_rm(-1, self.n_tokens, -1)
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             n_past, n = self.n_tokens, len(chunk)
-            want = np.ones(n, dtype=np.uint8) if self.logits_all else np.eye(1, n, n - 1, dtype=np.uint8)[0]
-            logits = self._ctx.decode(
-                chunk,
-                np.arange(n_past, n_past + n, dtype=np.int32),
-                np.zeros(n, dtype=np.int32),
-                want,
-            )
+            want = np.ones(n, dtype=np.uint8) if self._logits_all else np.eye(1, n, n - 1, dtype=np.uint8)[0]
+            logits = self._ctx.decode(chunk, np.arange(n_past, n_past + n, dtype=np.int32), np.zeros(n, np.int32), want)
             self.input_ids[n_past : n_past + n] = chunk
-            if self.logits_all:
+            if self._logits_all:
                 self.scores[n_past : n_past + n, :] = logits
             else:
                 self.scores[n_past + n - 1, :] = logits[0]
             self.n_tokens += n
+
+    # ---- sampling and generation ---------------------------------------------------------
+
+    def _sampler(self, seed: Optional[int] = None, **params) -> _core.Sampler:
+        if seed is None:
+            seed = self._seed
+        if seed == LLAMA_DEFAULT_SEED:
+            seed = random.getrandbits(32) & 0xFFFFFFFE  # the default seed asks for a fresh random one
+        return _core.Sampler(self._n_vocab, seed=seed, **params)
+
+    def sample(
+        self,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: Optional[Dict[int, float]] = None,
+        idx: Optional[int] = None,
+        **unsupported,
+    ) -> int:
+        """Sample the next token from the logits of position idx (default: the last one)."""
+        _reject_unsupported(unsupported)
+        if self.n_tokens == 0:
+            raise ValueError("sample() needs at least one evaluated token")
+        sampler = self._sampler(
+            temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, logit_bias=_bias_map(logit_bias),
+        )
+        row = self.n_tokens - 1 if idx is None else idx
+        return sampler.sample(self.scores[row], self.input_ids[: row + 1].astype(np.int32))
+
+    def _prefix_reuse(self, tokens: List[int]) -> List[int]:
+        """Keeps the evaluated prefix that tokens share and returns what is left to evaluate.
+
+        At least one token is always left, so that fresh logits exist for the next sample."""
+        common = 0
+        for a, b in zip(self.input_ids[: self.n_tokens], tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)
+        if self.verbose and common > 0:
+            print(f"glmoe: {common} prompt tokens reused from the cache", file=sys.stderr)
+        self.n_tokens = max(common, 0)
+        return tokens[self.n_tokens :]
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        reset: bool = True,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: Optional[Dict[int, float]] = None,
+        seed: Optional[int] = None,
+        **unsupported,
+    ) -> Iterator[int]:
+        """Yields sampled tokens after the prompt, forever; the caller stops iterating.
+
+        With reset (the default) the evaluated tokens that start the prompt are kept in the KV
+        cache and only the rest is evaluated (llama-cpp-python's prefix reuse)."""
+        _reject_unsupported(unsupported)
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("generate() needs at least one prompt token")
+        todo = self._prefix_reuse(tokens) if reset else tokens
+        sampler = self._sampler(
+            seed=seed, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, logit_bias=_bias_map(logit_bias),
+        )
+        while True:
+            self.eval(todo)
+            token = sampler.sample(self.scores[self.n_tokens - 1], self.input_ids[: self.n_tokens].astype(np.int32))
+            yield token
+            todo = [token]
+
+    # ---- completion API ------------------------------------------------------------------
+
+    def create_completion(self, prompt: Union[str, List[int]], **kwargs):
+        """llama-cpp-python's create_completion: a response dict, or with stream=True an
+        iterator of chunks."""
+        from .completion import create_completion
+
+        return create_completion(self, prompt, **kwargs)
+
+    def __call__(self, prompt: Union[str, List[int]], **kwargs):
+        return self.create_completion(prompt, **kwargs)
+
+    def create_chat_completion(self, messages: List[dict], **kwargs):
+        from .chat import create_chat_completion
+
+        return create_chat_completion(self, messages, **kwargs)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def save_state(self) -> LlamaState:
+        return LlamaState(
+            input_ids=self.input_ids[: self.n_tokens].copy(),
+            scores=self.scores[: self.n_tokens].copy(),
+            n_tokens=self.n_tokens,
+            kv_state=self._ctx.kv_state(),
+            seed=self._seed,
+        )
+
+    def load_state(self, state: LlamaState) -> None:
+        self._ctx.kv_load_state(state.kv_state)  # validates before changing anything
+        self.input_ids[: state.n_tokens] = state.input_ids
+        self.scores[: state.n_tokens] = state.scores
+        self.n_tokens = state.n_tokens
+        self._seed = state.seed
+
+    # ---- embeddings ----------------------------------------------------------------------
+
+    def embed(
+        self,
+        input: Union[str, List[str]],
+        normalize: bool = False,
+        truncate: bool = True,
+        return_count: bool = False,
+    ):
+        """Per-token final hidden states (after output_norm) of each input, as llama.cpp gives
+        for a causal model without pooling: a list of [n_tokens][n_embd] per input."""
+        if not self._embedding:
+            raise RuntimeError("Llama model must be created with embedding=True to call this method")
+        inputs = [input] if isinstance(input, str) else list(input)
+        out, total = [], 0
+        for seq, text in enumerate(inputs):
+            tokens = self.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+            if len(tokens) > self._n_ctx:
+                if not truncate:
+                    raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+                tokens = tokens[: self._n_ctx]
+            self._ctx.kv_clear()
+            rows = []
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = np.asarray(tokens[start : start + self.n_batch], dtype=np.int32)
+                n = len(chunk)
+                rows.append(self._ctx.decode(chunk, np.arange(start, start + n, dtype=np.int32), np.zeros(n, np.int32),
+                                             np.ones(n, np.uint8)))
+            emb = np.concatenate(rows) if rows else np.zeros((0, self.n_embd()), np.float32)
+            if normalize:
+                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            out.append(emb.tolist())
+            total += len(tokens)
+        self._ctx.kv_clear()
+        result = out[0] if isinstance(input, str) else out
+        return (result, total) if return_count else result
+
+    def create_embedding(self, input: Union[str, List[str]], model: Optional[str] = None):
+        embeds, n = self.embed(input, return_count=True)
+        if isinstance(input, str):
+            embeds = [embeds]
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(embeds)],
+            "model": model or self.model_path,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
+
+
+def _bias_map(logit_bias: Optional[Dict[int, float]]) -> Dict[int, float]:
+    return {int(k): float(v) for k, v in (logit_bias or {}).items()}
+
+
+# llama-cpp-python arguments that glmoe accepts at their no-op values only.
+_NOOP_ARGS = {"tfs_z": 1.0, "mirostat_mode": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "penalize_nl": True,
+              "logits_processor": None, "stopping_criteria": None, "grammar": None}
+
+
+def _reject_unsupported(args: dict) -> None:
+    for name, value in args.items():
+        if name not in _NOOP_ARGS:
+            raise TypeError(f"unexpected keyword argument '{name}'")
+        if value != _NOOP_ARGS[name]:
+            raise NotImplementedError(f"{name}={value!r} is not supported by glmoe yet")

@@ -1,0 +1,175 @@
+"""The llama-cpp-python-shaped Python front: completion and chat responses, streaming, stop
+strings, logprobs, seeds, prefix reuse, state, context overflow and embeddings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import glmoe
+from glmoe.tools.make_model import PRESETS, ModelSpec, write_model
+from glmoe.completion import logits_to_logprobs
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("api") / "tiny.gguf")
+    write_model(path, ModelSpec(**PRESETS["tiny"]), seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    return glmoe.Llama(model_path, n_ctx=256, n_batch=32, n_threads=2, logits_all=True, verbose=False)
+
+
+def greedy(llm, prompt, n, **kw):
+    return llm(prompt, max_tokens=n, temperature=0.0, **kw)
+
+
+def test_completion_response_shape(llm):
+    r = greedy(llm, "Hello there", 6)
+    assert r["object"] == "text_completion" and r["id"].startswith("cmpl-")
+    assert isinstance(r["created"], int) and r["model"] == llm.model_path
+    (choice,) = r["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("length", "stop") and choice["logprobs"] is None
+    u = r["usage"]
+    assert u["prompt_tokens"] == len(llm.tokenize(b"Hello there")) and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert u["completion_tokens"] <= 6
+
+
+def test_greedy_equals_argmax_of_eval(llm, model_path):
+    """create_completion's greedy tokens are the argmax of a separate Llama's eval() logits."""
+    prompt = llm.tokenize(b"The quick brown fox")
+    ref = glmoe.Llama(model_path, n_ctx=256, n_threads=1, verbose=False)
+    ref.eval(prompt)
+    expect = []
+    for _ in range(8):
+        t = int(np.argmax(ref.scores[ref.n_tokens - 1]))
+        if t in llm.tokenizer_.eog_ids:
+            break
+        expect.append(t)
+        ref.eval([t])
+    r = greedy(llm, prompt, 8)
+    assert r["choices"][0]["text"].encode() == llm.detokenize(expect).decode("utf-8", "ignore").encode()
+
+
+def test_stream_concatenates_to_the_same_text(llm):
+    full = greedy(llm, "abc def", 20)["choices"][0]
+    chunks = list(greedy(llm, "abc def", 20, stream=True))
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["text"]
+
+
+def test_stop_strings_cut_and_never_leak(llm):
+    text = greedy(llm, "Once upon", 30)["choices"][0]["text"]
+    assert len(text) > 6
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text[: text.index(stop)]
+    r = greedy(llm, "Once upon", 30, stop=[stop, "\x00never"])
+    assert r["choices"][0]["text"] == cut and r["choices"][0]["finish_reason"] == "stop"
+    chunks = [c["choices"][0]["text"] for c in greedy(llm, "Once upon", 30, stop=stop, stream=True)]
+    assert "".join(chunks) == cut
+    # No chunk ever carried the beginning of the stop string past the cut.
+    streamed = ""
+    for piece in chunks:
+        streamed += piece
+        assert streamed == cut[: len(streamed)]
+
+
+def test_max_tokens_and_echo(llm):
+    r = greedy(llm, "xyz", 3, echo=True)
+    assert r["choices"][0]["text"].startswith("xyz")
+    assert r["usage"]["completion_tokens"] <= 3
+    r0 = greedy(llm, "xyz", 5)
+    assert r0["usage"]["completion_tokens"] <= 5
+
+
+def test_logprobs_match_the_logits(llm, model_path):
+    r = greedy(llm, "hello", 4, logprobs=3)
+    lp = r["choices"][0]["logprobs"]
+    prompt = llm.tokenize(b"hello")
+    ref = glmoe.Llama(model_path, n_ctx=64, n_threads=1, verbose=False)
+    ref.eval(prompt)
+    first = logits_to_logprobs(ref.scores[ref.n_tokens - 1])
+    assert abs(lp["token_logprobs"][0] - float(first.max())) < 1e-4  # greedy picks the max
+    assert len(lp["top_logprobs"][0]) >= 1 and lp["text_offset"][0] == len("hello")
+    with pytest.raises(ValueError, match="logits_all"):
+        glmoe.Llama(model_path, n_ctx=64, verbose=False)("hi", max_tokens=2, logprobs=1)
+
+
+def test_seed_makes_sampling_reproducible(llm):
+    a = llm("seed test", max_tokens=12, temperature=1.0, seed=123)["choices"][0]["text"]
+    b = llm("seed test", max_tokens=12, temperature=1.0, seed=123)["choices"][0]["text"]
+    outs = {llm("seed test", max_tokens=12, temperature=1.0, seed=s)["choices"][0]["text"] for s in range(6)}
+    assert a == b and len(outs) > 1
+
+
+def test_prefix_reuse_does_not_recompute_the_cache(llm):
+    llm.reset()
+    prompt = llm.tokenize(b"a shared prefix that is long enough to matter")
+    greedy(llm, prompt, 2)
+    before = llm._ctx.n_evaluated
+    greedy(llm, prompt + llm.tokenize(b" and more"), 2)
+    evaluated = llm._ctx.n_evaluated - before
+    assert evaluated <= len(llm.tokenize(b" and more")) + 2 + 1
+
+
+def test_context_overflow_is_a_clear_error_and_leaves_state(model_path):
+    small = glmoe.Llama(model_path, n_ctx=16, n_threads=1, verbose=False)
+    small.eval([1, 2, 3])
+    with pytest.raises(ValueError, match="exceed context window of 16"):
+        small.eval(list(range(20)))
+    assert small.n_tokens == 3
+    with pytest.raises(ValueError, match="exceed context window"):
+        small("word " * 40, max_tokens=4)
+
+
+def test_save_and_load_state_restore_generation(llm):
+    llm.reset()
+    llm.eval(llm.tokenize(b"state test"))
+    state = llm.save_state()
+    after = greedy(llm, llm.tokenize(b"state test"), 6)["choices"][0]["text"]
+    llm.reset()
+    llm.eval(llm.tokenize(b"something else entirely"))
+    llm.load_state(state)
+    assert llm.n_tokens == state.n_tokens
+    before = llm._ctx.n_evaluated
+    again = greedy(llm, llm.tokenize(b"state test"), 6)["choices"][0]["text"]
+    assert again == after
+    assert llm._ctx.n_evaluated - before <= 7  # the restored cache was used
+    other = glmoe.Llama(llm.model_path, n_ctx=64, verbose=False)
+    with pytest.raises(ValueError, match="another size"):
+        other.load_state(state)
+
+
+def test_chat_completion_uses_the_template(llm):
+    r = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.0)
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    msg = r["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    chunks = list(llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.0,
+                                             stream=True))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == r["choices"][0]["finish_reason"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == msg["content"]
+    with pytest.raises(ValueError, match="messages"):
+        llm.create_chat_completion([{"content": "no role"}])
+
+
+def test_embed_returns_final_hidden_states(model_path):
+    emb = glmoe.Llama(model_path, n_ctx=64, embedding=True, verbose=False)
+    vecs, n = emb.embed("hello world", return_count=True)
+    assert n == len(emb.tokenize(b"hello world")) and len(vecs) == n and len(vecs[0]) == emb.n_embd()
+    unit = emb.embed(["a b", "c"], normalize=True)
+    assert len(unit) == 2 and abs(np.linalg.norm(unit[0][0]) - 1) < 1e-5
+    with pytest.raises(RuntimeError, match="embedding=True"):
+        glmoe.Llama(model_path, n_ctx=16, verbose=False).embed("x")
+
+
+def test_unsupported_arguments_are_refused(llm):
+    with pytest.raises(NotImplementedError, match="mirostat_mode"):
+        llm("x", max_tokens=1, mirostat_mode=2)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        llm("x", max_tokens=1, not_an_argument=1)
