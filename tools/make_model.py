@@ -10,6 +10,7 @@ never sits in memory. Numpy array shapes here are row-major, i.e. reversed ggml 
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -314,8 +315,9 @@ PRESETS["air-8layer"] = dict(_AIR, n_layers=8)
 BYTE_TOKEN_MERGES = ["Ġ t", "h e", "i n", "Ġt he", "e r", "a n", "o n", "Ġ a", "r e", "e n"]
 GLM_SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
                       "<|user|>", "<|assistant|>", "<|observation|>", "<think>", "</think>"]
-CHAT_TEMPLATE = ("[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+# The chat template GLM-4.6 ships with (zai-org), so made models format chats as the real ones.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "glm4moe_chat_template.jinja"), encoding="utf-8") as _f:
+    CHAT_TEMPLATE = _f.read()
 
 
 def gpt2_byte_alphabet() -> list[str]:

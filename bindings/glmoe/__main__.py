@@ -1,20 +1,16 @@
-"""`python -m glmoe`: evaluate a prompt of token ids and continue it greedily.
+"""`python -m glmoe`: generate text from a prompt with a GLM4-MoE GGUF model.
 
 With no model argument it uses a small built-in GLM4-MoE model with random weights, made once
-and cached (tokenizer-level text generation comes with the Python front).
+and cached, so the output is a stream of random tokens: it shows the whole path (tokenizer,
+engine, sampler, streaming) working on a fresh machine.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
-
-import numpy as np
 
 from .llama import Llama
-
-DEFAULT_PROMPT = "151331,151333,1,2,3,4,5,6,7,8"
 
 
 def default_model_path() -> str:
@@ -25,47 +21,29 @@ def default_model_path() -> str:
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         print(f"glmoe: making the built-in model {path}", file=sys.stderr)
-        tmp = path + ".part"
+        tmp = f"{path}.{os.getpid()}.part"
         write_model(tmp, ModelSpec(**PRESETS["tiny"]), seed=0)
         os.replace(tmp, path)
     return path
 
 
-def parse_tokens(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise SystemExit(f"glmoe: -p takes comma-separated token ids, got {text!r}")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="glmoe", description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", help="GLM4-MoE GGUF file (default: the built-in tiny model)")
-    ap.add_argument("-p", "--prompt", default=None, help="comma-separated token ids")
-    ap.add_argument("-n", "--n-predict", type=int, default=16, help="tokens to generate (greedy)")
+    ap.add_argument("-p", "--prompt", default="Once upon a time", help="prompt text")
+    ap.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to generate")
     ap.add_argument("-c", "--ctx-size", type=int, default=512)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--temp", type=float, default=0.8)
+    ap.add_argument("-s", "--seed", type=int, default=None)
     args = ap.parse_args(argv)
 
-    path = args.model or default_model_path()
-    llm = Llama(path, n_ctx=args.ctx_size, n_threads=args.threads, verbose=True)
-    prompt = parse_tokens(args.prompt) if args.prompt else [t % llm.n_vocab() for t in parse_tokens(DEFAULT_PROMPT)]
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    t1 = time.perf_counter()
-    out = []
-    for _ in range(args.n_predict):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(tok)
-        llm.eval([tok])
-    t2 = time.perf_counter()
-    print("prompt:", ",".join(map(str, prompt)))
-    print("generated:", ",".join(map(str, out)))
-    print(
-        f"glmoe: prompt {len(prompt)} tokens in {1000 * (t1 - t0):.1f} ms ({len(prompt) / (t1 - t0):.1f} t/s), "
-        f"generation {len(out)} tokens in {1000 * (t2 - t1):.1f} ms ({len(out) / max(t2 - t1, 1e-9):.1f} t/s)",
-        file=sys.stderr,
-    )
+    llm = Llama(args.model or default_model_path(), n_ctx=args.ctx_size, n_threads=args.threads, verbose=True)
+    sys.stdout.write(args.prompt)
+    for chunk in llm(args.prompt, max_tokens=args.n_predict, temperature=args.temp, seed=args.seed, stream=True):
+        sys.stdout.write(chunk["choices"][0]["text"])
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 

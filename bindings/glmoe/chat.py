@@ -36,7 +36,7 @@ def render_chat(template: str, messages: List[dict], *, tools=None, add_generati
             messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
             bos_token=bos_token, eos_token=eos_token, **template_kwargs,
         )
-    except TemplateError as e:
+    except (TemplateError, OverflowError, RecursionError) as e:  # the sandbox's refusals included
         raise ValueError(f"chat template error: {e}") from e
 
 
