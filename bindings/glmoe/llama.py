@@ -60,6 +60,8 @@ class Llama:
         self.n_threads = n_threads
 
         t0 = time.perf_counter()
+        if verbose:
+            _warm_page_cache(model_path)
         self._model = _core.Model(model_path)
         if n_ctx == 0:
             n_ctx = self._model.n_ctx_train
@@ -339,6 +341,24 @@ class Llama:
             "model": model or self.model_path,
             "usage": {"prompt_tokens": n, "total_tokens": n},
         }
+
+
+def _warm_page_cache(path: str, chunk: int = 64 << 20) -> None:
+    """Reads a large file once with a progress line on stderr, so the first forward does not
+    stall on page faults of the memory-mapped weights while the user sees nothing."""
+    size = os.path.getsize(path)
+    if size < 256 << 20:
+        return
+    buf = bytearray(chunk)
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            done += n
+            print(f"\rglmoe: loading {os.path.basename(path)}: {100 * done // size:3d}%", end="", file=sys.stderr)
+    print(file=sys.stderr)
 
 
 def _bias_map(logit_bias: Optional[Dict[int, float]]) -> Dict[int, float]:
