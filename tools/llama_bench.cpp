@@ -1,163 +1,121 @@
-// llama-bench: prompt-processing (ppN) and generation (tgN) speed, printed as llama.cpp's
-// llama-bench prints it so both can share one table.
-#include <chrono>
-#include <cmath>
+// llama-bench: prompt-processing (ppN), generation (tgN) and combined (ppN+tgM) speed, optionally at a
+// KV-cache depth, with llama.cpp's llama-bench flags and output, so both runtimes share one table.
+// Results go to stdout; progress and notes to stderr.
 #include <cstdio>
-#include <cstdlib>
-#include <random>
-#include <stdexcept>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "bench_args.h"
+#include "bench_output.h"
+#include "bench_runner.h"
 #include "context.h"
 #include "model.h"
 
 using namespace glmoe;
+using namespace glmoe::bench;
 
 namespace {
 
-struct Options {
-    std::string model;
-    std::vector<int> n_prompt = {512};
-    std::vector<int> n_gen = {128};
-    int n_batch = 2048;
-    int threads = 0;
-    int reps = 5;
+class Progress {
+public:
+    Progress(bool detailed, size_t n_tests) : detailed_(detailed), n_tests_(n_tests) {}
+    void start(size_t index, const TestInstance& t) {
+        index_ = index;
+        std::fprintf(stderr, "llama-bench: test %zu/%zu: %s\n", index + 1, n_tests_,
+                     test_name(t.n_prompt, t.n_gen, t.n_depth).c_str());
+    }
+    // Phases within a test, only with --progress (as llama.cpp).
+    void phase(const char* what, int rep = 0, int reps = 0) const {
+        if (!detailed_) return;
+        if (reps) std::fprintf(stderr, "llama-bench: test %zu/%zu: %s %d/%d\n", index_ + 1, n_tests_, what, rep, reps);
+        else std::fprintf(stderr, "llama-bench: test %zu/%zu: %s\n", index_ + 1, n_tests_, what);
+    }
+
+private:
+    bool detailed_;
+    size_t n_tests_, index_ = 0;
 };
 
-[[noreturn]] void usage(const char* msg) {
-    std::fprintf(stderr, "error: %s\nusage: llama-bench -m MODEL.gguf [-p N[,N..]] [-n N[,N..]] [-b N] [-t N] [-r N]\n", msg);
-    std::exit(2);
-}
+// As llama.cpp: an untimed warm-up, then the depth filled once (untimed) and kept; each repetition
+// times the prompt then the generation on top of it and removes them again.
+TestResult run_test(const Model& model, const ModelInfo& info, const TestInstance& t, const BenchParams& p,
+                    const Progress& progress) {
+    Context ctx(model, ContextParams{t.n_depth + t.n_prompt + t.n_gen, t.n_threads});
+    if (p.verbose)
+        std::fprintf(stderr, "llama-bench: n_ctx %d, n_threads %d, prompt chunk %d\n", t.n_depth + t.n_prompt + t.n_gen,
+                     ctx.n_threads(), std::min(t.n_batch, t.n_ubatch));
+    TestResult r{t, info, ctx.n_threads(), utc_now(), {}};
+    // The physical batch bounds what one decode call sees, as llama.cpp's ubatch does.
+    const int chunk = std::min(t.n_batch, t.n_ubatch);
+    TokenSource tokens(model.hparams().n_vocab);
+    std::vector<float> logits;
+    if (p.delay_s > 0) sleep_s(p.delay_s);
 
-int parse_int(const std::string& s, const char* flag) {
-    try {
-        size_t used = 0;
-        const int v = std::stoi(s, &used);
-        if (used != s.size() || v < 0) throw std::invalid_argument(s);
-        return v;
-    } catch (const std::exception&) {
-        usage((std::string("bad value for ") + flag + ": '" + s + "'").c_str());
+    if (!p.no_warmup) {
+        progress.phase("warmup");
+        if (t.n_prompt > 0) decode_prompt(ctx, t.n_prompt, 0, chunk, tokens, logits);
+        if (t.n_gen > 0) decode_generation(ctx, 1, t.n_prompt, tokens, logits);
+        ctx.kv_cache().clear();
     }
-}
-
-std::vector<int> parse_list(const std::string& s, const char* flag) {
-    std::vector<int> out;
-    size_t start = 0;
-    while (start <= s.size()) {
-        const size_t comma = s.find(',', start);
-        out.push_back(parse_int(s.substr(start, comma - start), flag));
-        if (comma == std::string::npos) break;
-        start = comma + 1;
+    if (t.n_depth > 0) {
+        progress.phase("depth fill");
+        decode_prompt(ctx, t.n_depth, 0, chunk, tokens, logits);
     }
-    return out;
-}
-
-Options parse(int argc, char** argv) {
-    Options o;
-    for (int i = 1; i < argc; ++i) {
-        const std::string a = argv[i];
-        auto value = [&]() -> std::string {
-            if (i + 1 >= argc) usage(("missing value for " + a).c_str());
-            return argv[++i];
-        };
-        if (a == "-m" || a == "--model") o.model = value();
-        else if (a == "-p" || a == "--n-prompt") o.n_prompt = parse_list(value(), "-p");
-        else if (a == "-n" || a == "--n-gen") o.n_gen = parse_list(value(), "-n");
-        else if (a == "-b" || a == "--batch-size") o.n_batch = std::max(1, parse_int(value(), "-b"));
-        else if (a == "-t" || a == "--threads") o.threads = parse_int(value(), "-t");
-        else if (a == "-r" || a == "--repetitions") o.reps = std::max(1, parse_int(value(), "-r"));
-        else usage(("unknown argument: " + a).c_str());
+    for (int rep = 1; rep <= p.reps; ++rep) {
+        ctx.kv_cache().seq_rm(0, t.n_depth, -1);
+        progress.phase("run", rep, p.reps);
+        const uint64_t t0 = now_ns();
+        if (t.n_prompt > 0) decode_prompt(ctx, t.n_prompt, t.n_depth, chunk, tokens, logits);
+        if (t.n_gen > 0) decode_generation(ctx, t.n_gen, t.n_depth + t.n_prompt, tokens, logits);
+        r.samples_ns.push_back(now_ns() - t0);
     }
-    if (o.model.empty()) usage("-m is required");
-    return o;
-}
-
-double now_s() {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-void run_prompt(Context& ctx, const std::vector<int32_t>& tokens, int n_batch, std::vector<float>& logits) {
-    for (size_t start = 0; start < tokens.size(); start += n_batch) {
-        const size_t n = std::min<size_t>(n_batch, tokens.size() - start);
-        Batch b;
-        for (size_t i = 0; i < n; ++i) {
-            b.token.push_back(tokens[start + i]);
-            b.pos.push_back(static_cast<int32_t>(start + i));
-            b.seq.push_back(0);
-            b.want_logits.push_back(i + 1 == n);
-        }
-        ctx.decode(b, logits);
-    }
-}
-
-void run_gen(Context& ctx, int n_gen, int32_t first, std::vector<float>& logits) {
-    int32_t tok = first;
-    for (int i = 0; i < n_gen; ++i) {
-        ctx.decode(Batch{{tok}, {i}, {0}, {1}}, logits);
-        tok = static_cast<int32_t>(i % 100);  // speed does not depend on which token follows
-    }
+    return r;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    const Options o = parse(argc, argv);
-    std::unique_ptr<Model> model;
+    BenchParams params;
     try {
-        model = Model::load(o.model);
+        params = parse_bench_args(argc, argv);
+    } catch (const UsageError& e) {
+        std::fprintf(stderr, "error: %s\n\n%s", e.what(), kBenchUsage);
+        return 2;
+    }
+    if (params.help) {
+        std::fputs(kBenchUsage, stdout);
+        return 0;
+    }
+    const std::vector<TestInstance> tests = expand_tests(params);
+    for (int ngl : params.n_gpu_layers) note_cpu_only(ngl);
+
+    std::vector<std::unique_ptr<Printer>> printers;
+    if (auto out = make_printer(params.output, stdout, params)) printers.push_back(std::move(out));
+    if (auto err = make_printer(params.output_err, stderr, params)) printers.push_back(std::move(err));
+    for (auto& pr : printers) pr->header();
+
+    Progress progress(params.progress, tests.size());
+    std::unique_ptr<Model> model;
+    ModelInfo info;
+    try {
+        for (size_t i = 0; i < tests.size(); ++i) {
+            const TestInstance& t = tests[i];
+            if (!model || info.filename != t.model) {  // tests of one model are adjacent
+                model.reset();
+                model = Model::load(t.model);
+                info = model_info(*model, t.model);
+                if (params.verbose) std::fprintf(stderr, "llama-bench: %s\n", model->description().c_str());
+            }
+            progress.start(i, t);
+            const TestResult r = run_test(*model, info, t, params, progress);
+            for (auto& pr : printers) pr->row(r);
+            std::fflush(stdout);  // a row per test as it finishes, even into a pipe
+        }
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
     }
-    const HParams& hp = model->hparams();
-    int max_ctx = 1;
-    for (int p : o.n_prompt) max_ctx = std::max(max_ctx, p);
-    for (int g : o.n_gen) max_ctx = std::max(max_ctx, g);
-    Context ctx(*model, ContextParams{max_ctx, o.threads});
-    std::mt19937 rng(42);
-    std::uniform_int_distribution<int32_t> tok(0, hp.n_vocab - 1);
-    std::vector<float> logits;
-
-    const double gib = model->n_bytes() / (1024.0 * 1024.0 * 1024.0);
-    std::printf("| model | size | params | backend | threads | test | t/s |\n");
-    std::printf("| --- | ---: | ---: | --- | ---: | ---: | ---: |\n");
-    auto row = [&](const std::string& test, const std::vector<double>& ts) {
-        double mean = 0, sd = 0;
-        for (double t : ts) mean += t / ts.size();
-        for (double t : ts) sd += (t - mean) * (t - mean);
-        sd = ts.size() > 1 ? std::sqrt(sd / (ts.size() - 1)) : 0.0;
-        std::printf("| glm4moe %dL | %.2f GiB | %.2f B | CPU | %d | %s | %.2f ± %.2f |\n", hp.n_layer, gib,
-                    model->n_params() / 1e9, ctx.n_threads(), test.c_str(), mean, sd);
-        std::fflush(stdout);
-    };
-    for (int p : o.n_prompt) {
-        if (p == 0) continue;
-        std::vector<int32_t> prompt(p);
-        for (auto& t : prompt) t = tok(rng);
-        run_prompt(ctx, prompt, o.n_batch, logits);  // warm-up
-        std::vector<double> ts;
-        for (int r = 0; r < o.reps; ++r) {
-            ctx.kv_cache().clear();
-            const double t0 = now_s();
-            run_prompt(ctx, prompt, o.n_batch, logits);
-            ts.push_back(p / (now_s() - t0));
-        }
-        ctx.kv_cache().clear();
-        row("pp" + std::to_string(p), ts);
-    }
-    for (int g : o.n_gen) {
-        if (g == 0) continue;
-        run_gen(ctx, 1, tok(rng), logits);  // warm-up
-        std::vector<double> ts;
-        for (int r = 0; r < o.reps; ++r) {
-            ctx.kv_cache().clear();
-            const double t0 = now_s();
-            run_gen(ctx, g, tok(rng), logits);
-            ts.push_back(g / (now_s() - t0));
-        }
-        ctx.kv_cache().clear();
-        row("tg" + std::to_string(g), ts);
-    }
+    for (auto& pr : printers) pr->footer();
     return 0;
 }

@@ -1,0 +1,318 @@
+#include "bench_args.h"
+
+#include <algorithm>
+#include <cctype>
+#include <set>
+
+namespace glmoe::bench {
+
+const char* const kBenchUsage =
+    "usage: llama-bench -m MODEL.gguf [options]\n"
+    "\n"
+    "Every list option takes comma-separated values and ranges (first-last, first-last+step,\n"
+    "first-last*factor); may be repeated; the tests are every combination.\n"
+    "\n"
+    "  -h, --help\n"
+    "  -m, --model FILE[,FILE..]            model file(s) (required)\n"
+    "  -p, --n-prompt N[,N..]               prompt tokens (default: 512)\n"
+    "  -n, --n-gen N[,N..]                  generated tokens (default: 128)\n"
+    "  -pg PP,TG                            prompt then generation, timed as one test (repeatable)\n"
+    "  -d, --n-depth N[,N..]                tokens in the KV cache before each test (default: 0)\n"
+    "  -b, --batch-size N[,N..]             logical batch (default: 2048)\n"
+    "  -ub, --ubatch-size N[,N..]           physical batch: prompt chunk per decode (default: 512)\n"
+    "  -t, --threads N[,N..]                threads, 0: all (default: 0)\n"
+    "  -ngl, --n-gpu-layers N[,N..]         accepted and reported; glmoe runs on CPU (default: 0)\n"
+    "  -fa, --flash-attn on|off|auto[,..]   accepted and reported (default: auto)\n"
+    "  -ot, --override-tensor PAT=BUF;..[,..] accepted and reported (default: none)\n"
+    "  -r, --repetitions N                  timed runs per test (default: 5)\n"
+    "  --delay SECONDS                      pause before each test (default: 0)\n"
+    "  -o, --output md|csv|json|jsonl       stdout format (default: md)\n"
+    "  -oe, --output-err md|csv|json|jsonl  also print this format on stderr\n"
+    "  --no-warmup                          skip the untimed warm-up run\n"
+    "  --progress                           report every phase on stderr\n"
+    "  -v, --verbose                        model and context details on stderr\n";
+
+const char* const kSweepUsage =
+    "usage: llama-sweep-bench -m MODEL.gguf [options]\n"
+    "\n"
+    "Fills the context one prompt chunk (-ub tokens) at a time; at each depth N_KV times\n"
+    "generating -n tokens and processing -ub prompt tokens.\n"
+    "\n"
+    "  -h, --help\n"
+    "  -m, --model FILE                     model file (required)\n"
+    "  -c, --ctx-size N                     context size: the sweep stops there (default: 4096)\n"
+    "  -b, --batch-size N                   logical batch (default: 2048)\n"
+    "  -ub, --ubatch-size N                 prompt chunk and depth step (default: 512)\n"
+    "  -n, --n-predict N                    generated tokens per step (default: ubatch/4)\n"
+    "  -t, --threads N                      threads, 0: all (default: 0)\n"
+    "  -nrep, --n-repetitions N             timed runs per step, averaged (default: 1)\n"
+    "  -ngl, --n-gpu-layers N               accepted and reported; glmoe runs on CPU\n"
+    "  -fa, --flash-attn [on|off|auto]      accepted and reported\n"
+    "  -ot, --override-tensor PAT=BUF;..    accepted and reported\n"
+    "  --no-warmup                          skip the untimed warm-up token\n"
+    "  -o, --output-format md|table|jsonl   stdout format (default: md)\n"
+    "  -v, --verbose                        model and context details on stderr\n";
+
+namespace {
+
+// Reads digits at s[i..]; false if there are none or too many for an int.
+bool read_digits(const std::string& s, size_t& i, long long& value) {
+    const size_t start = i;
+    while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
+    if (i == start || i - start > 9) return false;
+    value = std::stoll(s.substr(start, i - start));
+    return true;
+}
+
+std::vector<std::string> split(const std::string& s, char delim) {
+    std::vector<std::string> out;
+    size_t start = 0;
+    for (;;) {
+        const size_t end = s.find(delim, start);
+        out.push_back(s.substr(start, end - start));
+        if (end == std::string::npos) return out;
+        start = end + 1;
+    }
+}
+
+int flash_attn_from_str(const std::string& v) {
+    if (v == "on" || v == "enabled" || v == "true" || v == "1") return 1;
+    if (v == "off" || v == "disabled" || v == "false" || v == "0") return 0;
+    if (v == "auto" || v == "-1") return kFlashAttnAuto;
+    throw UsageError("expected on|off|auto, got '" + v + "'");
+}
+
+// One -ot group: `pattern=buffer` pairs joined by ';'. An empty group means no override.
+std::string check_override_group(const std::string& group) {
+    if (group.empty()) return kNoOverrides;
+    for (const std::string& item : split(group, ';')) {
+        const size_t eq = item.find('=');
+        if (eq == std::string::npos || eq == 0 || eq + 1 == item.size())
+            throw UsageError("expected PATTERN=BUFFER, got '" + item + "'");
+    }
+    return group;
+}
+
+OutputFormat output_from_str(const std::string& v, bool sweep) {
+    if (v == "md" || (sweep && v == "table")) return OutputFormat::Markdown;
+    if (v == "jsonl") return OutputFormat::Jsonl;
+    if (!sweep && v == "csv") return OutputFormat::Csv;
+    if (!sweep && v == "json") return OutputFormat::Json;
+    throw UsageError(sweep ? "expected md|jsonl, got '" + v + "'" : "expected md|csv|json|jsonl, got '" + v + "'");
+}
+
+// Walks argv. Long flags may use '_' for '-', as llama.cpp allows.
+class ArgReader {
+public:
+    ArgReader(int argc, char** argv) : argc_(argc), argv_(argv) {}
+
+    bool next() {
+        if (++i_ >= argc_) return false;
+        flag_ = argv_[i_];
+        if (flag_.rfind("--", 0) == 0) std::replace(flag_.begin(), flag_.end(), '_', '-');
+        return true;
+    }
+    bool is(const char* a, const char* b = nullptr, const char* c = nullptr) const {
+        return flag_ == a || (b && flag_ == b) || (c && flag_ == c);
+    }
+    const std::string& flag() const { return flag_; }
+    bool has_value() const { return i_ + 1 < argc_; }
+    const char* peek() const { return argv_[i_ + 1]; }
+
+    std::string value() {
+        if (!has_value()) throw UsageError("missing value for " + flag_);
+        return argv_[++i_];
+    }
+    // Parses the value with `parse`, naming the flag in any error.
+    template <class F>
+    auto parsed(F parse) -> decltype(parse(std::string())) {
+        const std::string v = value();
+        try {
+            return parse(v);
+        } catch (const UsageError& e) {
+            throw UsageError("invalid value for " + flag_ + " '" + v + "': " + e.what());
+        }
+    }
+    std::vector<int> ints(int min_value, bool allow_negative = false) {
+        return parsed([&](const std::string& v) {
+            std::vector<int> out = parse_int_range(v, allow_negative);
+            for (int x : out)
+                if (x < min_value) throw UsageError("values must be at least " + std::to_string(min_value));
+            return out;
+        });
+    }
+    int one_int(int min_value, bool allow_negative = false) {
+        const std::vector<int> v = ints(min_value, allow_negative);
+        if (v.size() != 1) throw UsageError(flag_ + " takes a single value");
+        return v[0];
+    }
+    std::vector<int> flash_attn() {
+        return parsed([](const std::string& v) {
+            std::vector<int> out;
+            for (const std::string& item : split(v, ',')) out.push_back(flash_attn_from_str(item));
+            return out;
+        });
+    }
+    std::vector<std::string> overrides() {
+        return parsed([](const std::string& v) {
+            std::vector<std::string> out;
+            for (const std::string& group : split(v, ',')) out.push_back(check_override_group(group));
+            return out;
+        });
+    }
+    [[noreturn]] void unknown() const { throw UsageError("unknown argument: " + flag_); }
+
+private:
+    int argc_;
+    char** argv_;
+    int i_ = 0;
+    std::string flag_;
+};
+
+// The first use of a list flag replaces its default; later uses append, as in llama.cpp.
+class ListSetter {
+public:
+    template <class T>
+    void add(std::vector<T>& list, const std::vector<T>& values) {
+        if (replaced_.insert(&list).second) list.clear();
+        list.insert(list.end(), values.begin(), values.end());
+    }
+
+private:
+    std::set<const void*> replaced_;
+};
+
+}  // namespace
+
+std::vector<int> parse_int_range(const std::string& s, bool allow_negative) {
+    std::vector<int> out;
+    for (const std::string& item : split(s, ',')) {
+        size_t i = 0;
+        const bool negative = allow_negative && !item.empty() && item[0] == '-';
+        if (negative) ++i;
+        long long first = 0, last = 0, step = 1;
+        char op = '+';
+        if (!read_digits(item, i, first)) throw UsageError("expected a number, got '" + item + "'");
+        if (negative) first = -first;
+        last = first;
+        if (i < item.size()) {
+            if (item[i++] != '-' || !read_digits(item, i, last))
+                throw UsageError("expected FIRST-LAST, got '" + item + "'");
+            if (i < item.size()) {
+                op = item[i++];
+                if ((op != '+' && op != '*') || !read_digits(item, i, step) || i != item.size())
+                    throw UsageError("expected FIRST-LAST+STEP or FIRST-LAST*FACTOR, got '" + item + "'");
+            }
+        }
+        if (last < first) throw UsageError("range '" + item + "' is empty");
+        for (long long v = first; v <= last;) {
+            out.push_back(static_cast<int>(v));
+            const long long next = op == '+' ? v + step : v * step;
+            if (next <= v) throw UsageError("range '" + item + "' does not advance");
+            v = next;
+        }
+    }
+    return out;
+}
+
+BenchParams parse_bench_args(int argc, char** argv) {
+    BenchParams p;
+    ListSetter lists;
+    ArgReader a(argc, argv);
+    while (a.next()) {
+        if (a.is("-h", "--help")) p.help = true;
+        else if (a.is("-m", "--model")) lists.add(p.models, a.parsed([](const std::string& v) { return split(v, ','); }));
+        else if (a.is("-p", "--n-prompt")) lists.add(p.n_prompt, a.ints(0));
+        else if (a.is("-n", "--n-gen")) lists.add(p.n_gen, a.ints(0));
+        else if (a.is("-pg")) {
+            const auto pg = a.parsed([](const std::string& v) {
+                const std::vector<int> n = parse_int_range(v);
+                if (n.size() != 2 || v.find('-') != std::string::npos) throw UsageError("expected PP,TG");
+                return std::make_pair(n[0], n[1]);
+            });
+            lists.add(p.n_pg, {pg});
+        }
+        else if (a.is("-d", "--n-depth")) lists.add(p.n_depth, a.ints(0));
+        else if (a.is("-b", "--batch-size")) lists.add(p.n_batch, a.ints(1));
+        else if (a.is("-ub", "--ubatch-size")) lists.add(p.n_ubatch, a.ints(1));
+        else if (a.is("-t", "--threads")) lists.add(p.n_threads, a.ints(0));
+        else if (a.is("-ngl", "--n-gpu-layers")) lists.add(p.n_gpu_layers, a.ints(-1, true));
+        else if (a.is("-fa", "--flash-attn")) lists.add(p.flash_attn, a.flash_attn());
+        else if (a.is("-ot", "--override-tensor")) lists.add(p.tensor_overrides, a.overrides());
+        else if (a.is("-r", "--repetitions")) p.reps = a.one_int(1);
+        else if (a.is("--delay")) p.delay_s = a.one_int(0);
+        else if (a.is("-o", "--output")) p.output = a.parsed([](const std::string& v) { return output_from_str(v, false); });
+        else if (a.is("-oe", "--output-err")) p.output_err = a.parsed([](const std::string& v) { return output_from_str(v, false); });
+        else if (a.is("--no-warmup")) p.no_warmup = true;
+        else if (a.is("--progress")) p.progress = true;
+        else if (a.is("-v", "--verbose")) p.verbose = true;
+        else a.unknown();
+    }
+    if (!p.help && p.models.empty()) throw UsageError("-m MODEL is required");
+    return p;
+}
+
+SweepParams parse_sweep_args(int argc, char** argv) {
+    SweepParams p;
+    ArgReader a(argc, argv);
+    while (a.next()) {
+        if (a.is("-h", "--help")) p.help = true;
+        else if (a.is("-m", "--model")) p.model = a.value();
+        else if (a.is("-c", "--ctx-size")) p.n_ctx = a.one_int(1);
+        else if (a.is("-b", "--batch-size")) p.n_batch = a.one_int(1);
+        else if (a.is("-ub", "--ubatch-size")) p.n_ubatch = a.one_int(1);
+        else if (a.is("-n", "--n-predict", "--predict")) p.n_gen = a.one_int(0);
+        else if (a.is("-t", "--threads")) p.n_threads = a.one_int(0);
+        else if (a.is("-nrep", "--n-repetitions")) p.reps = a.one_int(1);
+        else if (a.is("-ngl", "--n-gpu-layers", "--gpu-layers")) p.n_gpu_layers = a.one_int(-1, true);
+        else if (a.is("-fa", "--flash-attn")) {
+            // ik_llama.cpp's -fa is a switch; newer builds take on|off|auto.
+            static const std::set<std::string> words = {"on", "off", "auto", "enabled", "disabled",
+                                                        "true", "false", "1", "0", "-1"};
+            p.flash_attn = a.has_value() && words.count(a.peek()) ? a.flash_attn()[0] : 1;
+        }
+        else if (a.is("-ot", "--override-tensor")) {
+            const std::vector<std::string> groups = a.overrides();
+            if (groups.size() != 1) throw UsageError("-ot takes a single group here");
+            p.tensor_overrides = groups[0];
+        }
+        else if (a.is("--no-warmup")) p.warmup = false;
+        else if (a.is("-o", "--output-format")) p.output = a.parsed([](const std::string& v) { return output_from_str(v, true); });
+        else if (a.is("-v", "--verbose")) p.verbose = true;
+        else a.unknown();
+    }
+    if (p.help) return p;
+    if (p.model.empty()) throw UsageError("-m MODEL is required");
+    if (p.n_gen <= 0) p.n_gen = std::max(1, p.n_ubatch / 4);
+    if (p.n_ctx < p.n_ubatch + p.n_gen)
+        throw UsageError("-c " + std::to_string(p.n_ctx) + " leaves no room for one step of " +
+                         std::to_string(p.n_ubatch) + " prompt and " + std::to_string(p.n_gen) + " generated tokens");
+    return p;
+}
+
+std::vector<TestInstance> expand_tests(const BenchParams& p) {
+    std::vector<TestInstance> out;
+    for (const std::string& model : p.models)
+    for (int ngl : p.n_gpu_layers)
+    for (const std::string& ot : p.tensor_overrides)
+    for (int nb : p.n_batch)
+    for (int nub : p.n_ubatch)
+    for (int fa : p.flash_attn)
+    for (int nt : p.n_threads)
+    for (int nd : p.n_depth) {
+        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot};
+        auto add = [&](int n_prompt, int n_gen) {
+            if (n_prompt == 0 && n_gen == 0) return;
+            TestInstance t = base;
+            t.n_prompt = n_prompt;
+            t.n_gen = n_gen;
+            out.push_back(t);
+        };
+        for (int n : p.n_prompt) add(n, 0);
+        for (int n : p.n_gen) add(0, n);
+        for (const auto& pg : p.n_pg) add(pg.first, pg.second);
+    }
+    return out;
+}
+
+}  // namespace glmoe::bench
