@@ -1,0 +1,165 @@
+// Matmul kernels for the 32-element block types (Q8_0, Q4_0, Q5_0) against 8-bit activations.
+// Blocks are taken in pairs, in the order of the ActQ8x2 activations: per pair, the weights
+// become signed bytes (q - 8, q - 16), the weight's sign moves onto the activation so that a
+// u8 x s8 dot product (VNNI where available) applies, and the int32 lanes (0-3 of each 256 bits:
+// block 0, 4-7: block 1) are scaled by d_weight * d_act and accumulated in f32. One 64-byte
+// (AVX-512) or two 32-byte operations per pair and token.
+#if defined(__AVX2__) && defined(__FMA__)
+#include <cstring>
+
+#include "half.h"
+#include "matmul_tiles.h"
+#include "quant_blocks.h"
+#include "simd_x86.h"
+
+namespace glmoe {
+namespace {
+
+// Each type turns a pair of blocks into signed bytes in the ActQ8x2 order: lo = elements 0-15 of
+// both blocks, hi = elements 16-31 of both.
+struct WeightQ8_0 {
+    using Block = BlockQ8_0;
+    static void pair(const Block& b0, const Block& b1, __m256i& lo, __m256i& hi) {
+        interleave_pair(load256(b0.qs), load256(b1.qs), lo, hi);
+    }
+};
+
+inline __m256i both_qs(const uint8_t* qs0, const uint8_t* qs1) { return _mm256_set_m128i(load128(qs1), load128(qs0)); }
+
+struct WeightQ4_0 {
+    using Block = BlockQ4_0;
+    static void pair(const Block& b0, const Block& b1, __m256i& lo, __m256i& hi) {
+        const __m256i q = both_qs(b0.qs, b1.qs), nib = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+        lo = _mm256_sub_epi8(_mm256_and_si256(q, nib), eight);
+        hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(q, 4), nib), eight);
+    }
+};
+
+// 0x10 in byte j where bit j of m is set.
+inline __m256i expand_bits(uint32_t m) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_maskz_mov_epi8(m, _mm256_set1_epi8(0x10));
+#else
+    // Byte j takes byte j/8 of m, then tests its bit j%8.
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(static_cast<int>(m)),
+        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+#endif
+}
+
+struct WeightQ5_0 {
+    using Block = BlockQ5_0;
+    static void pair(const Block& b0, const Block& b1, __m256i& lo, __m256i& hi) {
+        uint32_t h0, h1;
+        std::memcpy(&h0, b0.qh, sizeof h0);
+        std::memcpy(&h1, b1.qh, sizeof h1);
+        const __m256i q = both_qs(b0.qs, b1.qs), nib = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
+        const __m256i high_lo = expand_bits((h0 & 0xFFFF) | (h1 << 16));
+        const __m256i high_hi = expand_bits((h0 >> 16) | (h1 & 0xFFFF0000u));
+        lo = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(q, nib), high_lo), sixteen);
+        hi = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), nib), high_hi), sixteen);
+    }
+};
+
+// Weight pair p of a row (an odd last block paired with a zero block), and [d0 x4, d1 x4].
+template <class W>
+inline void load_pair(const typename W::Block* w, int64_t nb, int64_t p, __m256i& lo, __m256i& hi, __m256& d) {
+    static const typename W::Block zero_block{};
+    const auto& b0 = w[2 * p];
+    const auto& b1 = 2 * p + 1 < nb ? w[2 * p + 1] : zero_block;
+    W::pair(b0, b1, lo, hi);
+    // Both f16 scales converted at once.
+    const __m128 d01 = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(b0.d | static_cast<uint32_t>(b1.d) << 16)));
+    d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d01), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// [a.d[0] x4, a.d[1] x4].
+inline __m256 act_scales(const ActQ8x2& a) {
+    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(a.d), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+template <class W>
+struct DotQ32 {
+    using Act = ActQ8x2;
+    static constexpr int64_t kUnit = 2 * QK32;
+    static constexpr size_t kWeightBytes = 2 * sizeof(typename W::Block), kActBytes = sizeof(ActQ8x2);
+    template <int T>
+    static void tile(const char* row, const ActQ8x2* const* act, int64_t k, float* out) {
+        const auto* w = reinterpret_cast<const typename W::Block*>(row);
+        const int64_t nb = k / QK32, n_pairs = (nb + 1) / 2;
+        // Few tokens: two accumulator sets so consecutive pairs don't wait on one FMA chain.
+        constexpr int NA = T <= 2 ? 2 : 1;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        __m512 acc[NA][T];
+        for (int u = 0; u < NA; ++u)
+            for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+        const __m512i pair_scale_index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+        auto step = [&](int64_t p, __m512* acc_set) {
+            __m256i lo, hi;
+            __m256 d;
+            load_pair<W>(w, nb, p, lo, hi, d);
+            const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            const __m512i v_abs = _mm512_abs_epi8(v);
+            const __mmask64 negative = _mm512_movepi8_mask(v);
+            const __m512 dw = _mm512_insertf32x8(_mm512_castps256_ps512(d), d, 1);
+            for (int t = 0; t < T; ++t) {
+                const ActQ8x2& a = act[t][p];
+                const __m512i av = _mm512_loadu_si512(a.q);
+                const __m512i signed_a = _mm512_mask_sub_epi8(av, negative, _mm512_setzero_si512(), av);
+#if defined(__AVX512VNNI__)
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v_abs, signed_a);
+#else
+                const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(v_abs, signed_a), _mm512_set1_epi16(1));
+#endif
+                // [d0 x4, d1 x4] twice; the 64-byte load stays inside the ActQ8x2.
+                const __m512 da = _mm512_permutexvar_ps(pair_scale_index, _mm512_loadu_ps(a.d));
+                acc_set[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, da), acc_set[t]);
+            }
+        };
+#else
+        __m256 acc[NA][T];
+        for (int u = 0; u < NA; ++u)
+            for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
+        auto step = [&](int64_t p, __m256* acc_set) {
+            __m256i lo, hi;
+            __m256 dw;
+            load_pair<W>(w, nb, p, lo, hi, dw);
+            const __m256i lo_abs = _mm256_abs_epi8(lo), hi_abs = _mm256_abs_epi8(hi);
+            for (int t = 0; t < T; ++t) {
+                const ActQ8x2& a = act[t][p];
+                __m256i dot = dot_u8s8(_mm256_setzero_si256(), lo_abs, _mm256_sign_epi8(load256(a.q), lo));
+                dot = dot_u8s8(dot, hi_abs, _mm256_sign_epi8(load256(a.q + 32), hi));
+                acc_set[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, act_scales(a)), acc_set[t]);
+            }
+        };
+#endif
+        int64_t p = 0;
+        for (; p + NA <= n_pairs; p += NA)
+            for (int u = 0; u < NA; ++u) step(p + u, acc[u]);
+        for (; p < n_pairs; ++p) step(p, acc[0]);
+        for (int t = 0; t < T; ++t) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+            out[t] = _mm512_reduce_add_ps(NA > 1 ? _mm512_add_ps(acc[0][t], acc[NA - 1][t]) : acc[0][t]);
+#else
+            out[t] = hsum(NA > 1 ? _mm256_add_ps(acc[0][t], acc[NA - 1][t]) : acc[0][t]);
+#endif
+        }
+    }
+};
+
+}  // namespace
+
+void chunk_q8_0(const MatmulJob& j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    run_tiles<DotQ32<WeightQ8_0>>(j, r0, r1, t0, t1);
+}
+void chunk_q4_0(const MatmulJob& j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    run_tiles<DotQ32<WeightQ4_0>>(j, r0, r1, t0, t1);
+}
+void chunk_q5_0(const MatmulJob& j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    run_tiles<DotQ32<WeightQ5_0>>(j, r0, r1, t0, t1);
+}
+
+}  // namespace glmoe
+#endif
