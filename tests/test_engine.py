@@ -2,7 +2,6 @@
 batching of mixed sequences, KV-cache operations, and errors for bad model files."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -8,7 +8,6 @@ and the engine gives transformers' logits to float32 rounding.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
