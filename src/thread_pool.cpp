@@ -1,8 +1,21 @@
 #include "thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define GLMOE_CPU_RELAX() _mm_pause()
+#else
+#define GLMOE_CPU_RELAX() std::this_thread::yield()
+#endif
 
 namespace glmoe {
+
+namespace {
+// How long an idle worker keeps spinning for the next loop before it sleeps.
+constexpr auto kSpinTime = std::chrono::microseconds(200);
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
     for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
@@ -20,19 +33,20 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::worker_loop(int index) {
     uint64_t seen = 0;
     for (;;) {
-        const std::function<void(int)>* job;
-        {
-            std::unique_lock<std::mutex> lock(mutex_);
-            start_cv_.wait(lock, [&] { return stopping_ || generation_ != seen; });
-            if (stopping_) return;
-            seen = generation_;
-            job = job_;
+        const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
+        int spins = 0;
+        while (generation_.load(std::memory_order_acquire) == seen && !stopping_.load(std::memory_order_relaxed)) {
+            GLMOE_CPU_RELAX();
+            if (++spins % 64 == 0 && std::chrono::steady_clock::now() > spin_until) {
+                std::unique_lock<std::mutex> lock(mutex_);
+                start_cv_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
+                break;
+            }
         }
-        (*job)(index);
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (--pending_ == 0) done_cv_.notify_one();
-        }
+        if (stopping_) return;
+        seen = generation_.load(std::memory_order_acquire);
+        (*job_)(index);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
 }
 
@@ -41,16 +55,16 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
         fn(0);
         return;
     }
+    job_ = &fn;
+    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
     {
+        // Under the lock so a worker between its last check and its wait cannot miss the bump.
         std::lock_guard<std::mutex> lock(mutex_);
-        job_ = &fn;
-        pending_ = n_threads_ - 1;
-        ++generation_;
+        generation_.fetch_add(1, std::memory_order_release);
     }
     start_cv_.notify_all();
     fn(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_cv_.wait(lock, [&] { return pending_ == 0; });
+    while (pending_.load(std::memory_order_acquire) != 0) GLMOE_CPU_RELAX();
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {

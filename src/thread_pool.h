@@ -1,5 +1,7 @@
 // A fixed pool of worker threads for data-parallel loops. The calling thread takes part in
-// every loop, so a pool of n threads starts n-1 workers.
+// every loop, so a pool of n threads starts n-1 workers. Workers spin briefly between loops
+// before sleeping: a forward pass runs hundreds of short loops back to back, and a condition
+// variable wake-up per loop would cost more than the loop itself on small models.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -33,11 +35,10 @@ private:
     std::vector<std::thread> workers_;
     std::mutex mutex_;
     std::condition_variable start_cv_;
-    std::condition_variable done_cv_;
     const std::function<void(int)>* job_ = nullptr;
-    uint64_t generation_ = 0;
-    int pending_ = 0;
-    bool stopping_ = false;
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<int> pending_{0};
+    std::atomic<bool> stopping_{false};
 };
 
 }  // namespace glmoe
