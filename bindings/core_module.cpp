@@ -18,6 +18,8 @@ namespace nb = nanobind;
 using namespace glmoe;
 
 void bind_sampling(nb::module_& m);  // sampling_module.cpp
+void bind_engine(nb::module_& m);    // engine_module.cpp
+void bind_attention(nb::module_& m);  // attention_module.cpp
 
 namespace {
 
@@ -150,6 +152,7 @@ NB_MODULE(_core, m) {
     m.def("cuda_device_count", &cuda_device_count);
     m.def("cuda_device_summary", &cuda_device_summary);
     bind_sampling(m);
+    bind_attention(m);
 
     nb::exception<ModelError>(m, "ModelError", PyExc_ValueError);
     nb::exception<KVCacheFull>(m, "KVCacheFullError", PyExc_RuntimeError);
@@ -172,11 +175,14 @@ NB_MODULE(_core, m) {
         .def_prop_ro("description", &Model::description)
         .def("metadata", [](const Model& m) { return metadata_strings(m.file()); });
 
+    bind_engine(m);
+
     nb::class_<Context>(m, "Context")
-        .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads, bool embeddings) {
-            new (self) Context(model, ContextParams{n_ctx, n_threads, embeddings});
+        .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads, bool embeddings,
+                            bool f32_activations) {
+            new (self) Context(model, ContextParams{n_ctx, n_threads, embeddings, f32_activations});
         }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_threads") = 0, nb::arg("embeddings") = false,
-           nb::keep_alive<1, 2>())
+           nb::arg("f32_activations") = false, nb::keep_alive<1, 2>())
         .def("decode", &context_decode, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"), nb::arg("want_logits"))
         .def_prop_ro("n_ctx", [](Context& c) { return c.kv_cache().n_ctx(); })
         .def_prop_ro("n_threads", &Context::n_threads)

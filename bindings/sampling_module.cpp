@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "sampling.h"
+#include "sampling_args.h"
 
 namespace nb = nanobind;
 using namespace glmoe;
@@ -30,6 +31,29 @@ std::vector<int32_t> to_vector(const Tokens& tokens) {
 
 }  // namespace
 
+SamplingParams make_sampling_params(float temperature, int top_k, float top_p, float min_p,
+                                    float typical_p, float repeat_penalty, int repeat_last_n,
+                                    float presence_penalty, float frequency_penalty,
+                                    const std::optional<std::map<int32_t, float>>& logit_bias,
+                                    std::optional<int64_t> seed) {
+    SamplingParams p;
+    p.temperature = temperature;
+    p.top_k = top_k;
+    p.top_p = top_p;
+    p.min_p = min_p;
+    p.typical_p = typical_p;
+    p.repeat_penalty = repeat_penalty;
+    p.repeat_last_n = repeat_last_n;
+    p.presence_penalty = presence_penalty;
+    p.frequency_penalty = frequency_penalty;
+    if (logit_bias) p.logit_bias.assign(logit_bias->begin(), logit_bias->end());
+    // None, or -1 as llama.cpp's command line takes it, asks for a random seed.
+    if (seed && (*seed < -1 || *seed > UINT32_MAX))
+        throw nb::value_error("seed must be -1 (random) or in [0, 2**32 - 1]");
+    p.seed = !seed || *seed == -1 ? kRandomSeed : static_cast<uint32_t>(*seed);
+    return p;
+}
+
 void bind_sampling(nb::module_& m) {
     nb::class_<Sampler>(m, "Sampler",
                         "Greedy (temperature <= 0) or logit_bias -> penalties -> top_k -> typical_p"
@@ -39,29 +63,12 @@ void bind_sampling(nb::module_& m) {
                 float typical_p, float repeat_penalty, int repeat_last_n, float presence_penalty,
                 float frequency_penalty, std::optional<std::map<int32_t, float>> logit_bias,
                 std::optional<int64_t> seed) {
-                 SamplingParams p;
-                 p.temperature = temperature;
-                 p.top_k = top_k;
-                 p.top_p = top_p;
-                 p.min_p = min_p;
-                 p.typical_p = typical_p;
-                 p.repeat_penalty = repeat_penalty;
-                 p.repeat_last_n = repeat_last_n;
-                 p.presence_penalty = presence_penalty;
-                 p.frequency_penalty = frequency_penalty;
-                 if (logit_bias) p.logit_bias.assign(logit_bias->begin(), logit_bias->end());
-                 // None, or -1 as llama.cpp's command line takes it, asks for a random seed.
-                 if (seed && (*seed < -1 || *seed > UINT32_MAX))
-                     throw nb::value_error("seed must be -1 (random) or in [0, 2**32 - 1]");
-                 p.seed = !seed || *seed == -1 ? kRandomSeed : static_cast<uint32_t>(*seed);
-                 new (self) Sampler(p, n_vocab);
+                 new (self) Sampler(make_sampling_params(temperature, top_k, top_p, min_p, typical_p,
+                                                         repeat_penalty, repeat_last_n, presence_penalty,
+                                                         frequency_penalty, logit_bias, seed),
+                                    n_vocab);
              },
-             nb::arg("n_vocab"), nb::kw_only(), nb::arg("temperature") = 0.8f,
-             nb::arg("top_k") = 40, nb::arg("top_p") = 0.95f, nb::arg("min_p") = 0.05f,
-             nb::arg("typical_p") = 1.0f, nb::arg("repeat_penalty") = 1.0f,
-             nb::arg("repeat_last_n") = 64, nb::arg("presence_penalty") = 0.0f,
-             nb::arg("frequency_penalty") = 0.0f, nb::arg("logit_bias") = nb::none(),
-             nb::arg("seed") = nb::none())
+             nb::arg("n_vocab"), GLMOE_SAMPLING_KWARGS)
         .def_prop_ro("n_vocab", &Sampler::n_vocab)
         .def("sample",
              [](Sampler& s, const Logits& logits, const Tokens& history) {

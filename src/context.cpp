@@ -25,8 +25,8 @@ int default_threads(int n) {
     return std::max(1u, std::thread::hardware_concurrency());
 }
 
-void linear(ThreadPool& pool, const Weight& w, const float* in, int64_t n, float* out) {
-    matmul(pool, w.type, w.data, w.ne[1], w.ne[0], in, w.ne[0], n, out, w.ne[1]);
+void linear(ThreadPool& pool, const Weight& w, const float* in, int64_t n, float* out, bool f32_activations) {
+    matmul(pool, w.type, w.data, w.ne[1], w.ne[0], in, w.ne[0], n, out, w.ne[1], f32_activations);
 }
 
 void add_bias(float* y, const std::vector<float>& b, int64_t n) {
@@ -54,9 +54,8 @@ Context::Context(const Model& model, const ContextParams& params)
     : model_(model),
       pool_(default_threads(params.n_threads)),
       kv_(params.n_ctx, kv_widths(model.hparams())),
-      embeddings_(params.embeddings) {
-    attn_scores_.resize(pool_.size());
-}
+      embeddings_(params.embeddings),
+      f32_activations_(params.f32_activations) {}
 
 int64_t Context::n_outputs_per_token() const {
     return embeddings_ ? model_.hparams().n_embd : model_.hparams().n_vocab;
@@ -109,6 +108,8 @@ void Context::decode(const Batch& batch, std::vector<float>& logits) {
                 kv_.cells_of(s, seq_cells_[s]);
                 listed[s] = true;
             }
+        attn_plan_.build(n, batch.pos.data(), batch.seq.data(), seq_cells_,
+                         [this](int32_t cell) { return kv_.cell_pos(cell); });
 
         for (int il = 0; il < hp.n_layer; ++il) {
             const LayerWeights& l = model_.layer(il);
@@ -138,7 +139,7 @@ void Context::decode(const Batch& batch, std::vector<float>& logits) {
     float* normed = embeddings_ ? logits.data() : h_.data();
     for (int64_t i = 0; i < n_out; ++i)
         rms_norm_mul(normed + i * H, x_.data() + rows[i] * H, model_.output_norm().data(), H, hp.rms_eps);
-    if (!embeddings_) linear(pool_, model_.output(), h_.data(), n_out, logits.data());
+    if (!embeddings_) linear(pool_, model_.output(), h_.data(), n_out, logits.data(), f32_activations_);
 }
 
 void Context::attention(int il, const Batch& batch, const std::vector<int32_t>& cells) {
@@ -152,9 +153,9 @@ void Context::attention(int il, const Batch& batch, const std::vector<int32_t>& 
     v_.resize(n * nkv);
     attn_.resize(n * nq);
 
-    linear(pool_, l.wq, h_.data(), n, q_.data());
-    linear(pool_, l.wk, h_.data(), n, k_.data());
-    linear(pool_, l.wv, h_.data(), n, v_.data());
+    linear(pool_, l.wq, h_.data(), n, q_.data(), f32_activations_);
+    linear(pool_, l.wk, h_.data(), n, k_.data(), f32_activations_);
+    linear(pool_, l.wv, h_.data(), n, v_.data(), f32_activations_);
     add_bias(q_.data(), l.q_bias, n);
     add_bias(k_.data(), l.k_bias, n);
     add_bias(v_.data(), l.v_bias, n);
@@ -173,49 +174,18 @@ void Context::attention(int il, const Batch& batch, const std::vector<int32_t>& 
         std::copy(v_.data() + t * nkv, v_.data() + (t + 1) * nkv, kv_.v(il, cells[t]));
     }
 
-    // One task per (token, kv head): K and V of each cell are read once for all the q heads
-    // that share them.
-    const int group = lh.n_head / lh.n_head_kv;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    pool_.parallel_for(n * lh.n_head_kv, [&](int64_t begin, int64_t end, int thread) {
-        std::vector<float>& scores = attn_scores_[thread];
-        for (int64_t task = begin; task < end; ++task) {
-            const int64_t t = task / lh.n_head_kv;
-            const int kvh = static_cast<int>(task % lh.n_head_kv);
-            const std::vector<int32_t>& seq_cells = seq_cells_[batch.seq[t]];
-            const int32_t pos = batch.pos[t];
-            const int64_t n_cells = static_cast<int64_t>(seq_cells.size());
-            scores.resize(group * n_cells);
-            std::vector<float> row_max(group, -INFINITY);
-            for (int64_t c = 0; c < n_cells; ++c) {
-                const bool visible = kv_.cell_pos(seq_cells[c]) <= pos;
-                const float* kc = kv_.k(il, seq_cells[c]) + kvh * D;
-                for (int g = 0; g < group; ++g) {
-                    float s = -INFINITY;
-                    if (visible) {
-                        s = vec_dot(q_.data() + t * nq + (kvh * group + g) * D, kc, D) * scale;
-                        row_max[g] = std::max(row_max[g], s);
-                    }
-                    scores[g * n_cells + c] = s;
-                }
-            }
-            for (int g = 0; g < group; ++g) {
-                float* out = attn_.data() + t * nq + (kvh * group + g) * D;
-                std::fill(out, out + D, 0.0f);
-                float* sg = scores.data() + g * n_cells;
-                float sum = 0.0f;
-                for (int64_t c = 0; c < n_cells; ++c) {
-                    sg[c] = sg[c] == -INFINITY ? 0.0f : std::exp(sg[c] - row_max[g]);
-                    sum += sg[c];
-                }
-                for (int64_t c = 0; c < n_cells; ++c)
-                    if (sg[c] != 0.0f) vec_axpy(out, sg[c], kv_.v(il, seq_cells[c]) + kvh * D, D);
-                vec_scale(out, 1.0f / sum, D);
-            }
-        }
-    });
+    AttentionLayer layer;
+    layer.q = q_.data();
+    layer.out = attn_.data();
+    layer.n_head = lh.n_head;
+    layer.n_head_kv = lh.n_head_kv;
+    layer.head_dim = static_cast<int>(D);
+    layer.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    layer.k_cache = kv_.k(il, 0);
+    layer.v_cache = kv_.v(il, 0);
+    glmoe::attention(pool_, attn_plan_, layer);
 
-    linear(pool_, l.wo, attn_.data(), n, h_.data());
+    linear(pool_, l.wo, attn_.data(), n, h_.data(), f32_activations_);
     vec_add(x_.data(), h_.data(), n * H);
 }
 
@@ -224,10 +194,10 @@ void Context::swiglu_ffn(const Weight& gate, const Weight& up, const Weight& dow
     const int64_t H = gate.ne[0], F = gate.ne[1];
     gate_.resize(n * F);
     up_.resize(n * F);
-    matmul(pool_, gate.type, gate.matrix(index), F, H, in, H, n, gate_.data(), F);
-    matmul(pool_, up.type, up.matrix(index), F, H, in, H, n, up_.data(), F);
+    matmul(pool_, gate.type, gate.matrix(index), F, H, in, H, n, gate_.data(), F, f32_activations_);
+    matmul(pool_, up.type, up.matrix(index), F, H, in, H, n, up_.data(), F, f32_activations_);
     for (int64_t i = 0; i < n * F; ++i) gate_[i] = silu(gate_[i]) * up_[i];
-    matmul(pool_, down.type, down.matrix(index), H, F, gate_.data(), F, n, out, H);
+    matmul(pool_, down.type, down.matrix(index), H, F, gate_.data(), F, n, out, H, f32_activations_);
 }
 
 void Context::ffn_dense(int il, int64_t n) {
@@ -242,7 +212,7 @@ void Context::ffn_moe(int il, int64_t n) {
     const int k = hp.layers[il].n_expert_used;
 
     router_.resize(n * E);
-    linear(pool_, l.ffn_gate_inp, h_.data(), n, router_.data());
+    linear(pool_, l.ffn_gate_inp, h_.data(), n, router_.data(), f32_activations_);
 
     // Routing: sigmoid scores choose experts through score + bias (optionally only within the
     // best groups); the weights are the unbiased scores.

@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "attention.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "thread_pool.h"
@@ -16,6 +17,7 @@ struct ContextParams {
     int n_ctx = 4096;
     int n_threads = 0;  // 0: every hardware thread
     bool embeddings = false;  // decode() returns final hidden states (after output_norm), not logits
+    bool f32_activations = false;  // no 8-bit rounding of activations (see matmul): for accuracy checks
 };
 
 struct Batch {
@@ -57,14 +59,15 @@ private:
     ThreadPool pool_;
     KVCache kv_;
     bool embeddings_;
+    bool f32_activations_;
     uint64_t n_evaluated_ = 0;
 
     // Scratch, sized for the largest batch seen.
     std::vector<float> x_, h_, q_, k_, v_, attn_, ffn_out_;
     std::vector<float> rope_cos_, rope_sin_;          // [n][n_rot/2]
     std::vector<std::vector<int32_t>> seq_cells_;     // cells of each sequence in the batch
+    AttentionPlan attn_plan_;                         // which cells each token sees
     std::vector<float> router_, ffn_in_, gate_, up_, down_;
-    std::vector<std::vector<float>> attn_scores_;     // one per thread
 };
 
 }  // namespace glmoe

@@ -10,6 +10,7 @@
 #include "matmul_tiles.h"
 #include "quantize_act.h"
 #include "quants.h"
+#include "vec.h"
 
 namespace glmoe {
 namespace {
@@ -79,9 +80,10 @@ const char* quantize_activations(ThreadPool& pool, Quantize quantize, size_t row
     return base;
 }
 
-#else
+#endif
 
-// Portable path: each weight row is dequantized once and dotted with every token in f32.
+// Each weight row is dequantized once and dotted with every token in f32: the portable path, and
+// the f32-activation mode (no 8-bit rounding of activations) on every build.
 void chunk_dequantized(const MatmulJob& job, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     thread_local std::vector<float> w;
     w.resize(job.k);
@@ -89,23 +91,21 @@ void chunk_dequantized(const MatmulJob& job, int64_t r0, int64_t r1, int64_t t0,
         dequantize_row(job.type, job.W + r * job.w_row_bytes, w.data(), job.k);
         for (int64_t t = t0; t < t1; ++t) {
             const float* xt = reinterpret_cast<const float*>(job.act + t * job.act_row_bytes);
-            float sum = 0.0f;
-            for (int64_t i = 0; i < job.k; ++i) sum += w[i] * xt[i];
-            job.y[t * job.ldy + r] = sum;
+            job.y[t * job.ldy + r] = vec_dot(w.data(), xt, job.k);
         }
     }
 }
 
-#endif
 
 }  // namespace
 
 void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int64_t k, const float* x,
-            int64_t ldx, int64_t n_tokens, float* y, int64_t ldy) {
+            int64_t ldx, int64_t n_tokens, float* y, int64_t ldy, bool f32_activations) {
     check_args(type, W, n_rows, k, x, ldx, n_tokens, y, ldy);
     if (n_rows == 0 || n_tokens == 0) return;
     MatmulJob job{type, static_cast<const char*>(W), row_bytes(type, k), k, nullptr, 0, y, ldy};
 #if defined(__AVX2__) && defined(__FMA__)
+    if (!f32_activations) {
     ChunkFn fn = nullptr;
     switch (type) {
         case GGML_TYPE_F32: fn = chunk_f32; break;
@@ -139,11 +139,12 @@ void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int6
         }
     }
     run_chunks(pool, fn, job, n_rows, n_tokens);
-#else
+    return;
+    }
+#endif
     job.act = reinterpret_cast<const char*>(x);
     job.act_row_bytes = static_cast<size_t>(ldx) * sizeof(float);
     run_chunks(pool, chunk_dequantized, job, n_rows, n_tokens);
-#endif
 }
 
 }  // namespace glmoe

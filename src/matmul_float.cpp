@@ -59,8 +59,9 @@ struct DotFloat {
     template <int T>
     static void tile(const char* row, const float* const* x, int64_t k, float* out) {
         const auto* w = reinterpret_cast<const typename W::Elem*>(row);
-        // Two accumulator sets hide the FMA latency when there are few tokens.
-        constexpr int NA = T <= 4 ? 2 : 1;
+        // Two accumulator sets hide the FMA latency when there are few tokens; every T uses both so
+        // that a token's summation order does not depend on T (batch invariance).
+        constexpr int NA = 2;
         VecF acc[NA][T];
         for (int u = 0; u < NA; ++u)
             for (int t = 0; t < T; ++t) acc[u][t] = zero_f();

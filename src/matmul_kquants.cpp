@@ -67,12 +67,12 @@ struct DotQ45K {
     static void tile(const char* row, const ActQ8K* const* act, int64_t k, float* out) {
         const BlockQ45K<kHighBit>* w = reinterpret_cast<const BlockQ45K<kHighBit>*>(row);
         const int64_t nb = k / QK_K;
-        // Few tokens: split integer and float chains in two (latency bound otherwise).
+        // Few tokens: split the integer chains in two (latency bound otherwise). Integer sums are
+        // exact in any order, so this may depend on T; the float chain may not (batch invariance).
         constexpr int NI = T <= 4 ? 2 : 1;
         const __m512i nib = _mm512_set1_epi8(0x0F);
-        __m512 acc[NI][T];
-        for (int u = 0; u < NI; ++u)
-            for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; ++b) {
             __m128i sc8, mn8;
             decode_k_scales(w[b].scales, sc8, mn8);
@@ -111,11 +111,13 @@ struct DotQ45K {
                 const ActQ8K& a = act[t][b];
                 __m512i sum = iacc[0][t];
                 if (NI > 1) sum = _mm512_add_epi32(sum, iacc[NI - 1][t]);
-                acc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(a.d)), acc[0][t]);
-                acc[NI - 1][t] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(a.dsum), acc[NI - 1][t]);
+                // The block's share is formed off the accumulator chain: one add per block in it.
+                const __m512 block = _mm512_fmsub_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(a.d)),
+                                                     _mm512_mul_ps(mins, _mm512_loadu_ps(a.dsum)));
+                acc[t] = _mm512_add_ps(acc[t], block);
             }
         }
-        for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(NI > 1 ? _mm512_add_ps(acc[0][t], acc[1][t]) : acc[0][t]);
+        for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
     }
 };
 
@@ -130,14 +132,13 @@ struct DotQ6K {
     static void tile(const char* row, const ActQ8K* const* act, int64_t k, float* out) {
         const BlockQ6_K* w = reinterpret_cast<const BlockQ6_K*>(row);
         const int64_t nb = k / QK_K;
-        constexpr int NI = T <= 4 ? 2 : 1;
+        constexpr int NI = T <= 4 ? 2 : 1;  // integer chains only: exact in any order
         const __m512i nib = _mm512_set1_epi8(0x0F);
         const __m512i two_bits = _mm512_set1_epi8(0x30);
         const __m512i shift_first = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
         const __m512i shift_second = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
-        __m512 acc[NI][T];
-        for (int u = 0; u < NI; ++u)
-            for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; ++b) {
             const __m128i sc8 = load128(w[b].scales);
             const __m512i sc16 = _mm512_cvtepi8_epi16(_mm256_zextsi128_si256(sc8));
@@ -167,11 +168,12 @@ struct DotQ6K {
                 const ActQ8K& a = act[t][b];
                 __m512i sum = iacc[0][t];
                 if (NI > 1) sum = _mm512_add_epi32(sum, iacc[NI - 1][t]);
-                acc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv, _mm512_set1_ps(a.d)), acc[0][t]);
-                acc[NI - 1][t] = _mm512_fmadd_ps(offset, _mm512_loadu_ps(a.dsum), acc[NI - 1][t]);
+                const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv, _mm512_set1_ps(a.d)),
+                                                     _mm512_mul_ps(offset, _mm512_loadu_ps(a.dsum)));
+                acc[t] = _mm512_add_ps(acc[t], block);
             }
         }
-        for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(NI > 1 ? _mm512_add_ps(acc[0][t], acc[1][t]) : acc[0][t]);
+        for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
     }
 };
 
@@ -193,11 +195,10 @@ struct DotQ45K {
     static void tile(const char* row, const ActQ8K* const* act, int64_t k, float* out) {
         const BlockQ45K<kHighBit>* w = reinterpret_cast<const BlockQ45K<kHighBit>*>(row);
         const int64_t nb = k / QK_K;
-        constexpr int NI = T <= 2 ? 2 : 1;
+        constexpr int NI = T <= 2 ? 2 : 1;  // integer chains only: exact in any order
         const __m256i nib = _mm256_set1_epi8(0x0F);
-        __m256 acc[NI][T];
-        for (int u = 0; u < NI; ++u)
-            for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
+        __m256 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; ++b) {
             __m128i sc8, mn8;
             decode_k_scales(w[b].scales, sc8, mn8);
@@ -235,12 +236,12 @@ struct DotQ45K {
                 const ActQ8K& a = act[t][b];
                 __m256i sum = iacc[0][t];
                 if (NI > 1) sum = _mm256_add_epi32(sum, iacc[NI - 1][t]);
-                acc[0][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * a.d), acc[0][t]);
-                acc[NI - 1][t] = _mm256_fnmadd_ps(mins0, _mm256_loadu_ps(a.dsum), acc[NI - 1][t]);
-                acc[NI - 1][t] = _mm256_fnmadd_ps(mins1, _mm256_loadu_ps(a.dsum + 8), acc[NI - 1][t]);
+                // The block's share is formed off the accumulator chain: one add per block in it.
+                const __m256 m = _mm256_fmadd_ps(mins1, _mm256_loadu_ps(a.dsum + 8), _mm256_mul_ps(mins0, _mm256_loadu_ps(a.dsum)));
+                acc[t] = _mm256_add_ps(acc[t], _mm256_fmsub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * a.d), m));
             }
         }
-        for (int t = 0; t < T; ++t) out[t] = hsum(NI > 1 ? _mm256_add_ps(acc[0][t], acc[1][t]) : acc[0][t]);
+        for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
     }
 };
 
@@ -253,12 +254,11 @@ struct DotQ6K {
     static void tile(const char* row, const ActQ8K* const* act, int64_t k, float* out) {
         const BlockQ6_K* w = reinterpret_cast<const BlockQ6_K*>(row);
         const int64_t nb = k / QK_K;
-        constexpr int NI = T <= 2 ? 2 : 1;
+        constexpr int NI = T <= 2 ? 2 : 1;  // integer chains only: exact in any order
         const __m256i nib = _mm256_set1_epi8(0x0F);
         const __m256i two_bits = _mm256_set1_epi8(0x30);
-        __m256 acc[NI][T];
-        for (int u = 0; u < NI; ++u)
-            for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
+        __m256 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; ++b) {
             // Scales of sub-blocks 0-7 / 8-15 as int16 in both halves; a 32-byte vector v of
             // weights covers sub-blocks 2v (first half) and 2v+1 (second half).
@@ -300,12 +300,11 @@ struct DotQ6K {
                 const ActQ8K& a = act[t][b];
                 __m256i sum = iacc[0][t];
                 if (NI > 1) sum = _mm256_add_epi32(sum, iacc[NI - 1][t]);
-                acc[0][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * a.d), acc[0][t]);
-                acc[NI - 1][t] = _mm256_fmadd_ps(offset0, _mm256_loadu_ps(a.dsum), acc[NI - 1][t]);
-                acc[NI - 1][t] = _mm256_fmadd_ps(offset1, _mm256_loadu_ps(a.dsum + 8), acc[NI - 1][t]);
+                const __m256 o = _mm256_fmadd_ps(offset1, _mm256_loadu_ps(a.dsum + 8), _mm256_mul_ps(offset0, _mm256_loadu_ps(a.dsum)));
+                acc[t] = _mm256_add_ps(acc[t], _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * a.d), o));
             }
         }
-        for (int t = 0; t < T; ++t) out[t] = hsum(NI > 1 ? _mm256_add_ps(acc[0][t], acc[1][t]) : acc[0][t]);
+        for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
     }
 };
 

@@ -89,8 +89,9 @@ struct DotQ32 {
     static void tile(const char* row, const ActQ8x2* const* act, int64_t k, float* out) {
         const auto* w = reinterpret_cast<const typename W::Block*>(row);
         const int64_t nb = k / QK32, n_pairs = (nb + 1) / 2;
-        // Few tokens: two accumulator sets so consecutive pairs don't wait on one FMA chain.
-        constexpr int NA = T <= 2 ? 2 : 1;
+        // Two accumulator sets so consecutive pairs don't wait on one FMA chain with few tokens;
+        // every T uses both so that a token's summation order does not depend on T.
+        constexpr int NA = 2;
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
         __m512 acc[NA][T];
         for (int u = 0; u < NA; ++u)

@@ -17,9 +17,12 @@ size_t row_bytes(uint32_t type, int64_t n);
 // For t in [0, n_tokens), r in [0, n_rows):
 //   y[t * ldy + r] = sum_i x[t * ldx + i] * W_r[i]
 // W: n_rows rows of k elements of `type`, row r at (const char*)W + r * row_bytes(type, k).
-// Accumulates in f32 (activations may be quantized to 8 bits for integer dot products, as
-// llama.cpp does). Uses every thread of the pool. k must be a multiple of the block size.
+// Accumulates in f32. For quantized weights the activations are rounded to 8 bits per block for
+// integer dot products, as llama.cpp does, unless f32_activations (slower; exact to f32
+// rounding, for accuracy checks). Uses every thread of the pool. k must be a multiple of the
+// block size. Batch-invariant: token t's result does not depend on the other tokens.
 void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int64_t k,
-            const float* x, int64_t ldx, int64_t n_tokens, float* y, int64_t ldy);
+            const float* x, int64_t ldx, int64_t n_tokens, float* y, int64_t ldy,
+            bool f32_activations = false);
 
 }  // namespace glmoe

@@ -37,14 +37,17 @@ CONFIGS = {
     ),
 }
 
-# Relative L2 error per position, ||engine - ref|| / ||ref||. Float weights: the engine keeps
-# f32 activations, so only f32 rounding accumulates (~1e-6 per op over a few layers).
-# Quantized weights: the engine, like llama.cpp, quantizes activations to 8 bits per block of
-# 32/256 before integer dot products, a relative error of ~1/254 per element that averages down
-# over a row but compounds over layers; 2e-2 median leaves margin while a wrong nibble order, a
-# wrong rope pair or a wrong routing choice gives errors of order 1.
-TOLERANCE = {"float-types": (1e-5, 3e-5), "kquants-groups-qknorm-tied": (8e-2, 1.5e-1),
-             "legacy-quants-perlayer": (8e-2, 1.5e-1)}
+# Relative L2 error per position, ||engine - ref|| / ||ref||: (median, 90th percentile) bounds.
+# With f32 activations (the engine's accuracy-check mode) only f32 rounding separates engine and
+# reference: ~2e-7 measured over a few layers; 1e-5 / 1e-4 leave margin while any wrong kernel,
+# rope pair or routing rule gives errors of order 1.
+# In the default mode quantized weights see activations rounded to 8 bits per block (llama.cpp's
+# scheme, ~0.6% error per matmul, measured); compounded over the layers, and through the routing
+# choices it flips, that gives ~1-4% per position: 0.1 on the median is a sanity bound only. The
+# integer kernels themselves are checked exactly in test_quants.py.
+TOLERANCE_F32_ACTIVATIONS = (1e-5, 1e-4)
+TOLERANCE_DEFAULT = {"float-types": (1e-5, 1e-4), "kquants-groups-qknorm-tied": (0.1, None),
+                     "legacy-quants-perlayer": (0.1, None)}
 N_POSITIONS = 200
 N_BATCH = 64
 
@@ -65,19 +68,40 @@ def relative_errors(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
 
 
+def engine_logits(path: str, tokens: list[int], f32_activations: bool) -> np.ndarray:
+    """Every position's logits, evaluated in batches shorter than the sequence."""
+    model = _core.Model(path)
+    ctx = _core.Context(model, 256, 2, f32_activations=f32_activations)
+    rows = []
+    for start in range(0, len(tokens), N_BATCH):
+        chunk = np.asarray(tokens[start:start + N_BATCH], dtype=np.int32)
+        n = len(chunk)
+        rows.append(ctx.decode(chunk, np.arange(start, start + n, dtype=np.int32), np.zeros(n, np.int32),
+                               np.ones(n, np.uint8)))
+    return np.concatenate(rows).astype(np.float64)
+
+
 def test_logits_match_float64_reference(model_case):
     name, path = model_case
-    rng = np.random.default_rng()
-    llm = glmoe.Llama(path, n_ctx=256, n_batch=N_BATCH, logits_all=True, n_threads=2, verbose=False)
-    tokens = rng.integers(0, llm.n_vocab(), N_POSITIONS).tolist()
-    llm.eval(tokens)
-    got = llm.scores[:N_POSITIONS].astype(np.float64)
+    tokens = np.random.default_rng().integers(0, _core.Model(path).n_vocab, N_POSITIONS).tolist()
     ref = ReferenceModel(path).logits(tokens)
-    err = relative_errors(got, ref)
-    median, p90 = np.median(err), np.percentile(err, 90)
-    print(f"{name}: relative error median {median:.2e}, p90 {p90:.2e}, max {err.max():.2e}")
-    tol_median, tol_p90 = TOLERANCE[name]
-    assert median < tol_median and p90 < tol_p90, (median, p90)
+    for f32_activations in (True, False):
+        err = relative_errors(engine_logits(path, tokens, f32_activations), ref)
+        median, p90 = np.median(err), np.percentile(err, 90)
+        print(f"{name} ({'f32' if f32_activations else '8-bit'} activations): "
+              f"relative error median {median:.2e}, p90 {p90:.2e}, max {err.max():.2e}")
+        tol_median, tol_p90 = TOLERANCE_F32_ACTIVATIONS if f32_activations else TOLERANCE_DEFAULT[name]
+        assert median < tol_median, median
+        assert tol_p90 is None or p90 < tol_p90, p90
+
+
+def test_llama_eval_gives_the_contexts_logits(model_case):
+    """Llama.eval with logits_all, in n_batch chunks, stores exactly what the context computes."""
+    _, path = model_case
+    tokens = np.random.default_rng().integers(0, _core.Model(path).n_vocab, 100).tolist()
+    llm = glmoe.Llama(path, n_ctx=256, n_batch=N_BATCH, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(tokens)
+    assert np.array_equal(llm.scores[: len(tokens)], engine_logits(path, tokens, False).astype(np.float32))
 
 
 def test_batch_of_mixed_sequences_matches_each_alone(model_case):
@@ -113,8 +137,8 @@ def test_batch_of_mixed_sequences_matches_each_alone(model_case):
         for s in set(seq.tolist()):
             done[s] = int(pos[seq == s].max()) + 1
     for a, g in zip(alone, got):
-        # Identical math per token; only the thread split of a matmul may differ: exact to f32 rounding.
-        np.testing.assert_allclose(g, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+        # The kernels are batch-invariant: bit for bit the same logits.
+        assert np.array_equal(g, a)
 
 
 def test_fork_and_truncate_reuse_the_cache(model_case):
@@ -139,13 +163,13 @@ def test_fork_and_truncate_reuse_the_cache(model_case):
     assert ctx.kv_used == len(prefix)
     run(ctx, tail_a, len(prefix), 0)
     got_b = run(ctx, tail_b, len(prefix), 1)
-    np.testing.assert_allclose(got_b, expect_b, rtol=1e-4, atol=1e-4 * np.abs(expect_b).max())
+    assert np.array_equal(got_b, expect_b)
     assert ctx.kv_seq_pos_max(0) == len(prefix) + len(tail_a) - 1
 
     # Truncate seq 0 back to the prefix and continue it with tail_b: same as seq 1.
     ctx.kv_seq_rm(0, len(prefix), -1)
     got_b0 = run(ctx, tail_b, len(prefix), 0)
-    np.testing.assert_allclose(got_b0, expect_b, rtol=1e-4, atol=1e-4 * np.abs(expect_b).max())
+    assert np.array_equal(got_b0, expect_b)
     ctx.kv_seq_keep(1)
     assert ctx.kv_used == len(prefix) + len(tail_b)
     ctx.kv_clear()

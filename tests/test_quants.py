@@ -189,3 +189,30 @@ def test_bad_arguments(rng):
         _core.dequantize(int(QT.Q8_0), raw.reshape(-1)[:35].copy(), 32)
     with pytest.raises(ValueError):
         _core.dequantize(2000, raw, 32)
+
+
+def invariance_row_lengths(qtype):
+    """A short k, and one long enough to be cut into several L1-sized slices."""
+    if qtype in FLOAT_TYPES:
+        return [37, 6997]
+    bs = block_size(qtype)
+    return [3 * bs, 83 * bs] if bs == 256 else [5 * bs, 701 * bs]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_matmul_batch_invariant(rng, qtype):
+    """A token's outputs are bitwise the same whatever else is in the call: batching (continuous
+    batching, speculative verification) must not change a sequence's logits or MoE routing."""
+    n_rows, n_tok = 37, 19
+    for k in invariance_row_lengths(qtype):
+        raw = random_rows(rng, qtype, n_rows, k)
+        x = rng.standard_normal((n_tok, k)).astype(np.float32)
+        full = _core.matmul(int(qtype), raw, k, x, 1).view(np.uint32)
+        for n_threads in (1, 2, 3):
+            assert np.array_equal(_core.matmul(int(qtype), raw, k, x, n_threads).view(np.uint32), full), \
+                f"k {k} threads {n_threads}: full batch"
+            for size in range(1, 10):
+                for start in sorted({0, 1, 3, (n_tok - size) // 2, n_tok - size}):
+                    part = _core.matmul(int(qtype), raw, k, np.ascontiguousarray(x[start:start + size]), n_threads)
+                    assert np.array_equal(part.view(np.uint32), full[start:start + size]), \
+                        f"k {k} threads {n_threads}: tokens [{start}, {start + size})"

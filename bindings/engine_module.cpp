@@ -1,0 +1,129 @@
+// glmoe._core.BatchEngine: the continuous-batching engine that the HTTP server stands on.
+// Every method that may wait releases the GIL, so that a server's thread pool can call them at once.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "engine.h"
+#include "sampling_args.h"
+
+namespace nb = nanobind;
+using namespace glmoe;
+
+namespace {
+
+using I32Tokens = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// A list of ints or an int32 array. Ids beyond int32 are reported like any out-of-range id.
+std::vector<int32_t> token_vector(nb::handle tokens) {
+    I32Tokens array;
+    if (nb::try_cast(tokens, array, /*convert=*/false))
+        return std::vector<int32_t>(array.data(), array.data() + array.shape(0));
+    std::vector<int32_t> out;
+    for (nb::handle t : nb::iter(tokens)) {
+        const int64_t id = nb::cast<int64_t>(t);
+        out.push_back(id < 0 || id > std::numeric_limits<int32_t>::max() ? -1 : static_cast<int32_t>(id));
+        if (out.back() < 0 && id >= 0)
+            throw nb::value_error(("token id " + std::to_string(id) + " out of range").c_str());
+    }
+    return out;
+}
+
+nb::object optional_str(const char* s) { return s ? nb::object(nb::str(s)) : nb::none(); }
+
+nb::dict event_dict(const RequestEvent& ev) {
+    nb::dict d;
+    nb::list tokens, logprobs;
+    for (int32_t t : ev.tokens) tokens.append(t);
+    for (float p : ev.logprobs) logprobs.append(static_cast<double>(p));
+    d["tokens"] = tokens;
+    d["logprobs"] = logprobs;
+    d["finished"] = ev.finished;
+    d["finish_reason"] = optional_str(finish_reason_name(ev.finish_reason));
+    d["error"] = ev.finish_reason == FinishReason::error ? nb::object(nb::str(ev.error.c_str())) : nb::none();
+    d["n_prompt"] = ev.n_prompt;
+    d["n_generated"] = ev.n_generated;
+    d["t_prompt_ms"] = ev.t_prompt_ms;
+    d["t_gen_ms"] = ev.t_gen_ms;
+    return d;
+}
+
+}  // namespace
+
+void bind_engine(nb::module_& m) {
+    nb::class_<BatchEngine>(m, "BatchEngine",
+                            "Continuous batching over n_parallel slots of n_ctx // n_parallel positions"
+                            " each, run by a C++ thread; requests beyond n_parallel queue in FIFO order.")
+        .def("__init__",
+             [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch) {
+                 new (self) BatchEngine(model, EngineParams{n_ctx, n_parallel, n_threads, n_batch});
+             },
+             nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_parallel") = 1, nb::arg("n_threads") = 0,
+             nb::arg("n_batch") = 512, nb::keep_alive<1, 2>())
+        .def("submit",
+             [](BatchEngine& e, nb::handle tokens, int max_tokens, std::vector<int32_t> eog_ids,
+                float temperature, int top_k, float top_p, float min_p, float typical_p,
+                float repeat_penalty, int repeat_last_n, float presence_penalty, float frequency_penalty,
+                std::optional<std::map<int32_t, float>> logit_bias, std::optional<int64_t> seed) {
+                 const SamplingParams sp = make_sampling_params(
+                     temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
+                     presence_penalty, frequency_penalty, logit_bias, seed);
+                 std::vector<int32_t> prompt = token_vector(tokens);
+                 nb::gil_scoped_release release;
+                 return e.submit(std::move(prompt), max_tokens, std::move(eog_ids), sp);
+             },
+             nb::arg("tokens"), nb::arg("max_tokens") = 0, nb::arg("eog_ids") = std::vector<int32_t>(),
+             GLMOE_SAMPLING_KWARGS,
+             "Queues a request; returns its id. max_tokens <= 0: up to the slot context.")
+        .def("poll",
+             [](BatchEngine& e, int64_t id, double timeout) {
+                 std::optional<RequestEvent> ev;
+                 {
+                     nb::gil_scoped_release release;
+                     ev = e.poll(id, timeout);
+                 }
+                 if (!ev) throw nb::key_error(("unknown request " + std::to_string(id)).c_str());
+                 return event_dict(*ev);
+             },
+             nb::arg("request_id"), nb::arg("timeout") = 0.0,
+             "Waits up to timeout seconds for new tokens or the end; a finished request is then forgotten.")
+        .def("cancel", &BatchEngine::cancel, nb::arg("request_id"), nb::call_guard<nb::gil_scoped_release>(),
+             "Finishes the request and frees its slot and KV cells before returning; unknown ids are ignored.")
+        .def("stats",
+             [](const BatchEngine& e) {
+                 const EngineStats s = e.stats();
+                 nb::dict d;
+                 d["n_parallel"] = s.n_parallel;
+                 d["n_ctx"] = s.n_ctx;
+                 d["n_ctx_slot"] = s.n_ctx_slot;
+                 d["requests_waiting"] = s.requests_waiting;
+                 d["requests_running"] = s.requests_running;
+                 d["kv_cells_used"] = s.kv_cells_used;
+                 d["kv_cells_total"] = s.kv_cells_total;
+                 d["prompt_tokens_total"] = s.prompt_tokens_total;
+                 d["generated_tokens_total"] = s.generated_tokens_total;
+                 d["decode_steps_total"] = s.decode_steps_total;
+                 d["t_busy_ms_total"] = s.t_busy_ms_total;
+                 return d;
+             })
+        .def("slots",
+             [](const BatchEngine& e) {
+                 nb::list out;
+                 for (const SlotInfo& s : e.slots()) {
+                     nb::dict d;
+                     d["id"] = s.id;
+                     d["state"] = slot_state_name(s.state);
+                     d["request_id"] = s.request_id >= 0 ? nb::object(nb::int_(s.request_id)) : nb::none();
+                     d["n_prompt"] = s.n_prompt;
+                     d["n_past"] = s.n_past;
+                     d["n_generated"] = s.n_generated;
+                     out.append(d);
+                 }
+                 return out;
+             })
+        .def("shutdown", &BatchEngine::shutdown, nb::call_guard<nb::gil_scoped_release>(),
+             "Stops the engine thread; unfinished requests finish as cancelled.");
+}

@@ -1,0 +1,377 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace glmoe {
+
+const char* finish_reason_name(FinishReason r) {
+    switch (r) {
+        case FinishReason::stop: return "stop";
+        case FinishReason::length: return "length";
+        case FinishReason::cancelled: return "cancelled";
+        case FinishReason::error: return "error";
+        default: return nullptr;
+    }
+}
+
+const char* slot_state_name(SlotState s) {
+    switch (s) {
+        case SlotState::prefill: return "prefill";
+        case SlotState::generating: return "generating";
+        default: return "idle";
+    }
+}
+
+namespace {
+
+double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+// log softmax(logits)[token], in double so that a large vocabulary loses nothing.
+float log_softmax_at(const float* logits, int n_vocab, int32_t token) {
+    const float max = *std::max_element(logits, logits + n_vocab);
+    double sum = 0;
+    for (int i = 0; i < n_vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max);
+    return static_cast<float>(static_cast<double>(logits[token]) - max - std::log(sum));
+}
+
+}  // namespace
+
+BatchEngine::Request::Request(int64_t id, std::vector<int32_t> prompt, int max_tokens,
+                              std::vector<int32_t> eog, const SamplingParams& sp, int n_vocab)
+    : id(id), tokens(std::move(prompt)), n_prompt(static_cast<int>(tokens.size())),
+      max_tokens(max_tokens), eog_ids(std::move(eog)), sampler(sp, n_vocab) {
+    unpolled.n_prompt = n_prompt;
+}
+
+SlotState BatchEngine::Slot::state() const {
+    if (!request) return SlotState::idle;
+    return n_past < request->n_prompt ? SlotState::prefill : SlotState::generating;
+}
+
+static const EngineParams& checked(const EngineParams& p) {
+    if (p.n_parallel < 1 || p.n_parallel > KVCache::kMaxSeq)
+        throw std::invalid_argument("n_parallel must be in [1, " + std::to_string(KVCache::kMaxSeq) + "]");
+    if (p.n_ctx < 2 * p.n_parallel)
+        throw std::invalid_argument("n_ctx must give each slot at least 2 positions");
+    if (p.n_batch < 1) throw std::invalid_argument("n_batch must be positive");
+    return p;
+}
+
+BatchEngine::BatchEngine(const Model& model, const EngineParams& params)
+    : model_(model),
+      params_(checked(params)),
+      n_ctx_slot_(params.n_ctx / params.n_parallel),
+      n_vocab_(model.hparams().n_vocab),
+      ctx_(model, ContextParams{params.n_ctx, params.n_threads, false}),
+      slots_(params.n_parallel) {
+    thread_ = std::thread([this] { run(); });
+}
+
+BatchEngine::~BatchEngine() { shutdown(); }
+
+int64_t BatchEngine::submit(std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog_ids,
+                            const SamplingParams& sampling) {
+    if (prompt.empty()) throw std::invalid_argument("empty prompt");
+    for (int32_t t : prompt)
+        if (t < 0 || t >= n_vocab_)
+            throw std::invalid_argument("token id " + std::to_string(t) + " out of range [0, " +
+                                        std::to_string(n_vocab_) + ")");
+    // The prompt and at least one generated token must fit the slot.
+    if (static_cast<int64_t>(prompt.size()) + 1 > n_ctx_slot_)
+        throw std::invalid_argument("prompt of " + std::to_string(prompt.size()) +
+                                    " tokens does not fit the slot context of " + std::to_string(n_ctx_slot_));
+    auto r = std::make_shared<Request>(0, std::move(prompt), max_tokens > 0 ? max_tokens : n_ctx_slot_,
+                                       std::move(eog_ids), sampling, n_vocab_);
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stopping_) throw std::runtime_error("the engine is shut down");
+    r->id = next_id_++;
+    requests_[r->id] = r;
+    waiting_.push_back(r);
+    work_cv_.notify_one();
+    return r->id;
+}
+
+std::optional<RequestEvent> BatchEngine::poll(int64_t id, double timeout_s) {
+    std::unique_lock<std::mutex> lk(mu_);
+    auto it = requests_.find(id);
+    if (it == requests_.end()) return std::nullopt;
+    RequestPtr r = it->second;
+    const auto ready = [&] { return !r->unpolled.tokens.empty() || r->unpolled.finished; };
+    ++r->n_pollers;
+    if (timeout_s > 1e7)  // beyond what wait_for's clock arithmetic takes safely: no limit
+        events_cv_.wait(lk, ready);
+    else if (timeout_s > 0)
+        events_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), ready);
+    --r->n_pollers;
+
+    RequestEvent ev = r->unpolled;
+    r->unpolled.tokens.clear();
+    r->unpolled.logprobs.clear();
+    ev.n_generated = r->n_generated();
+    if (ev.finished) requests_.erase(id);
+    return ev;
+}
+
+void BatchEngine::cancel(int64_t id) {
+    std::unique_lock<std::mutex> lk(mu_);
+    auto it = requests_.find(id);
+    if (it == requests_.end()) return;
+    RequestPtr r = it->second;
+    if (!r->unpolled.finished) {
+        if (r->slot < 0) {
+            waiting_.erase(std::find(waiting_.begin(), waiting_.end(), r));
+            finish(*r, FinishReason::cancelled);
+        } else if (!step_in_flight_) {
+            release_slot(r->slot, FinishReason::cancelled);
+        } else {
+            // The cache is the engine thread's until the step ends; it frees the slot then.
+            slots_[r->slot].cancel_pending = true;
+            events_cv_.wait(lk, [&] { return r->unpolled.finished; });
+        }
+    }
+    if (r->n_pollers == 0) requests_.erase(id);
+}
+
+EngineStats BatchEngine::stats() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    EngineStats s{};
+    s.n_parallel = params_.n_parallel;
+    s.n_ctx = params_.n_ctx;
+    s.n_ctx_slot = n_ctx_slot_;
+    s.requests_waiting = static_cast<int>(waiting_.size());
+    s.requests_running = static_cast<int>(
+        std::count_if(slots_.begin(), slots_.end(), [](const Slot& sl) { return sl.request != nullptr; }));
+    s.kv_cells_used = kv_cells_used_;
+    s.kv_cells_total = params_.n_ctx;
+    s.prompt_tokens_total = prompt_tokens_total_;
+    s.generated_tokens_total = generated_tokens_total_;
+    s.decode_steps_total = decode_steps_total_;
+    s.t_busy_ms_total = t_busy_ms_total_;
+    return s;
+}
+
+std::vector<SlotInfo> BatchEngine::slots() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::vector<SlotInfo> out;
+    for (int i = 0; i < params_.n_parallel; ++i) {
+        const Slot& s = slots_[i];
+        const Request* r = s.request.get();
+        out.push_back({i, s.state(), r ? r->id : -1, r ? r->n_prompt : 0, s.n_past, r ? r->n_generated() : 0});
+    }
+    return out;
+}
+
+void BatchEngine::shutdown() {
+    std::call_once(shutdown_once_, [this] {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            stopping_ = true;
+        }
+        work_cv_.notify_all();
+        thread_.join();
+        std::lock_guard<std::mutex> lk(mu_);
+        for (int i = 0; i < params_.n_parallel; ++i)
+            if (slots_[i].request) release_slot(i, FinishReason::cancelled);
+        for (const RequestPtr& r : waiting_) finish(*r, FinishReason::cancelled);
+        waiting_.clear();
+    });
+}
+
+// ---- engine thread ------------------------------------------------------------------------------
+
+void BatchEngine::run() {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+        work_cv_.wait(lk, [this] { return stopping_ || has_work(); });
+        if (stopping_) return;
+        start_waiting_requests();
+        build_batch();
+
+        step_in_flight_ = true;
+        lk.unlock();
+        const auto t0 = Clock::now();
+        std::vector<Sampled> sampled;
+        decode_step();
+        sample_outputs(sampled);
+        lk.lock();
+        step_in_flight_ = false;
+        t_busy_ms_total_ += ms_between(t0, Clock::now());
+        ++decode_steps_total_;
+
+        for (int i = 0; i < params_.n_parallel; ++i)
+            if (slots_[i].cancel_pending) release_slot(i, FinishReason::cancelled);
+        apply_step(sampled);
+        kv_cells_used_ = ctx_.kv_cache().n_used();
+        events_cv_.notify_all();
+    }
+}
+
+bool BatchEngine::has_work() const {
+    bool any_idle = false;
+    for (const Slot& s : slots_) {
+        if (s.request) return true;
+        any_idle = true;
+    }
+    return any_idle && !waiting_.empty();
+}
+
+void BatchEngine::start_waiting_requests() {
+    for (int i = 0; i < params_.n_parallel && !waiting_.empty(); ++i) {
+        Slot& s = slots_[i];
+        if (s.request) continue;
+        s.request = waiting_.front();
+        waiting_.pop_front();
+        s.n_past = 0;
+        s.request->slot = i;
+        s.request->t_start = Clock::now();
+    }
+}
+
+void BatchEngine::build_batch() {
+    batch_ = Batch{};
+    logit_slots_.clear();
+    const auto add = [this](int32_t token, int pos, int slot, bool want) {
+        batch_.token.push_back(token);
+        batch_.pos.push_back(pos);
+        batch_.seq.push_back(slot);
+        batch_.want_logits.push_back(want);
+        if (want) logit_slots_.push_back(slot);
+    };
+
+    // A generating slot's newest token is the one not yet in the cache.
+    for (int i = 0; i < params_.n_parallel; ++i)
+        if (slots_[i].state() == SlotState::generating)
+            add(slots_[i].request->tokens[slots_[i].n_past], slots_[i].n_past, i, true);
+
+    // Prompt chunks fill the rest, round-robin from where the last step stopped. At least one
+    // prompt token per step even when decode tokens fill n_batch, so that a prompt cannot starve.
+    const int budget = std::max(params_.n_batch - static_cast<int>(batch_.size()), 1);
+    int taken = 0;
+    const int first = prefill_cursor_;
+    for (int k = 0; k < params_.n_parallel && taken < budget; ++k) {
+        const int i = (first + k) % params_.n_parallel;
+        const Slot& s = slots_[i];
+        if (s.state() != SlotState::prefill) continue;
+        const int n = std::min(s.request->n_prompt - s.n_past, budget - taken);
+        for (int j = 0; j < n; ++j) {
+            const int pos = s.n_past + j;
+            add(s.request->tokens[pos], pos, i, pos == s.request->n_prompt - 1);
+        }
+        taken += n;
+        prefill_cursor_ = (i + 1) % params_.n_parallel;
+    }
+}
+
+bool BatchEngine::try_decode(const Batch& batch, std::vector<float>& logits, std::string& error) {
+    try {
+        ctx_.decode(batch, logits);
+        return true;
+    } catch (const std::exception& e) {
+        error = *e.what() ? e.what() : "decode failed";
+    } catch (...) {
+        error = "decode failed";
+    }
+    return false;
+}
+
+void BatchEngine::decode_step() {
+    step_errors_.assign(params_.n_parallel, {});
+    std::string error;
+    if (try_decode(batch_, logits_, error)) return;
+
+    std::vector<int> batch_slots;
+    for (int32_t s : batch_.seq)
+        if (std::find(batch_slots.begin(), batch_slots.end(), s) == batch_slots.end()) batch_slots.push_back(s);
+    if (batch_slots.size() == 1) {
+        step_errors_[batch_slots[0]] = error;
+        return;
+    }
+    logits_.assign(logit_slots_.size() * n_vocab_, 0.0f);
+    Batch one;
+    std::vector<float> one_logits;
+    for (int slot : batch_slots) {
+        one = Batch{};
+        for (size_t t = 0; t < batch_.size(); ++t)
+            if (batch_.seq[t] == slot) {
+                one.token.push_back(batch_.token[t]);
+                one.pos.push_back(batch_.pos[t]);
+                one.seq.push_back(slot);
+                one.want_logits.push_back(batch_.want_logits[t]);
+            }
+        if (!try_decode(one, one_logits, step_errors_[slot])) continue;
+        // A slot has at most one logits row per step.
+        const auto row = std::find(logit_slots_.begin(), logit_slots_.end(), slot);
+        if (row != logit_slots_.end())
+            std::copy(one_logits.begin(), one_logits.end(), logits_.begin() + (row - logit_slots_.begin()) * n_vocab_);
+    }
+}
+
+void BatchEngine::sample_outputs(std::vector<Sampled>& out) {
+    for (size_t row = 0; row < logit_slots_.size(); ++row) {
+        const int slot = logit_slots_[row];
+        if (!step_errors_[slot].empty()) continue;
+        Request& r = *slots_[slot].request;
+        const float* logits = logits_.data() + row * n_vocab_;
+        try {
+            const int32_t token = r.sampler.sample(logits, r.tokens);
+            out.push_back({slot, token, log_softmax_at(logits, n_vocab_, token)});
+        } catch (const std::exception& e) {
+            step_errors_[slot] = *e.what() ? e.what() : "sampling failed";
+        }
+    }
+}
+
+void BatchEngine::apply_step(const std::vector<Sampled>& sampled) {
+    for (size_t t = 0; t < batch_.size(); ++t) {
+        Slot& s = slots_[batch_.seq[t]];
+        if (!s.request || !step_errors_[batch_.seq[t]].empty()) continue;
+        if (batch_.pos[t] < s.request->n_prompt) ++prompt_tokens_total_;
+        ++s.n_past;
+    }
+    for (int i = 0; i < params_.n_parallel; ++i)
+        if (slots_[i].request && !step_errors_[i].empty()) release_slot(i, FinishReason::error, step_errors_[i]);
+    for (const Sampled& s : sampled)
+        if (slots_[s.slot].request) accept_token(s.slot, s.token, s.logprob);
+}
+
+void BatchEngine::accept_token(int slot_id, int32_t token, float logprob) {
+    Request& r = *slots_[slot_id].request;
+    const auto now = Clock::now();
+    if (r.n_generated() == 0) r.t_prompt_done = now;
+    r.unpolled.t_prompt_ms = ms_between(r.t_start, r.t_prompt_done);
+    r.unpolled.t_gen_ms = ms_between(r.t_prompt_done, now);
+    if (std::find(r.eog_ids.begin(), r.eog_ids.end(), token) != r.eog_ids.end()) {
+        release_slot(slot_id, FinishReason::stop);
+        return;
+    }
+    r.tokens.push_back(token);
+    r.unpolled.tokens.push_back(token);
+    r.unpolled.logprobs.push_back(logprob);
+    ++generated_tokens_total_;
+    if (r.n_generated() >= r.max_tokens || static_cast<int>(r.tokens.size()) >= n_ctx_slot_)
+        release_slot(slot_id, FinishReason::length);
+}
+
+void BatchEngine::release_slot(int slot_id, FinishReason reason, const std::string& error) {
+    Slot& s = slots_[slot_id];
+    finish(*s.request, reason, error);
+    s.request.reset();
+    s.n_past = 0;
+    s.cancel_pending = false;
+    ctx_.kv_cache().seq_rm(slot_id, 0, -1);
+    kv_cells_used_ = ctx_.kv_cache().n_used();
+}
+
+void BatchEngine::finish(Request& r, FinishReason reason, const std::string& error) {
+    r.slot = -1;
+    r.unpolled.finished = true;
+    r.unpolled.finish_reason = reason;
+    r.unpolled.error = error;
+    events_cv_.notify_all();
+}
+
+}  // namespace glmoe

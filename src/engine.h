@@ -1,0 +1,177 @@
+// Continuous batching, as llama-server's slots do it: one engine thread owns a Context whose KV
+// cache is split into n_parallel slots (sequence id = slot index, n_ctx / n_parallel positions
+// each). Every step runs one batch holding a decode token for each generating slot and prompt
+// chunks of prefilling slots, so new prompts enter between decode steps without stalling the
+// others. Requests beyond n_parallel wait in a FIFO queue. All public methods are thread-safe.
+#pragma once
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "context.h"
+#include "sampling.h"
+
+namespace glmoe {
+
+struct EngineParams {
+    int n_ctx = 4096;     // KV cells in all
+    int n_parallel = 1;   // slots: sequences decoded concurrently
+    int n_threads = 0;    // 0: every hardware thread
+    int n_batch = 512;    // tokens per step (decode tokens first, prompt chunks fill the rest)
+};
+
+enum class FinishReason { none, stop, length, cancelled, error };
+const char* finish_reason_name(FinishReason r);  // nullptr for none
+
+// What poll() hands over: the output since the previous poll, and the request's progress.
+struct RequestEvent {
+    std::vector<int32_t> tokens;
+    std::vector<float> logprobs;  // log-softmax of each token under the raw logits
+    bool finished = false;
+    FinishReason finish_reason = FinishReason::none;
+    std::string error;            // set when finish_reason is error
+    int n_prompt = 0;
+    int n_generated = 0;
+    double t_prompt_ms = 0;
+    double t_gen_ms = 0;
+};
+
+struct EngineStats {
+    int n_parallel, n_ctx, n_ctx_slot;
+    int requests_waiting, requests_running;
+    int kv_cells_used, kv_cells_total;
+    uint64_t prompt_tokens_total, generated_tokens_total, decode_steps_total;
+    double t_busy_ms_total;
+};
+
+enum class SlotState { idle, prefill, generating };
+const char* slot_state_name(SlotState s);
+
+struct SlotInfo {
+    int id;
+    SlotState state;
+    int64_t request_id;  // -1 when idle
+    int n_prompt, n_past, n_generated;
+};
+
+class BatchEngine {
+public:
+    // Throws std::invalid_argument for bad parameters.
+    BatchEngine(const Model& model, const EngineParams& params);
+    ~BatchEngine();  // shutdown()
+    BatchEngine(const BatchEngine&) = delete;
+    BatchEngine& operator=(const BatchEngine&) = delete;
+
+    // Queues a request; returns its id. max_tokens <= 0: up to the slot context. Throws
+    // std::invalid_argument for an empty prompt, token ids out of range, bad sampling parameters
+    // or a prompt that leaves no room to generate in a slot; std::runtime_error after shutdown().
+    int64_t submit(std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog_ids,
+                   const SamplingParams& sampling);
+
+    // Waits up to timeout_s for new output or the end of the request, then takes what there is.
+    // nullopt for an unknown id; a request is forgotten once a poll has reported it finished.
+    std::optional<RequestEvent> poll(int64_t id, double timeout_s);
+
+    // Finishes the request (reason cancelled) and frees its slot and KV cells before returning
+    // (waiting out the step in flight, if any). The request is then forgotten unless a poll is
+    // waiting on it, which gets the final event. Unknown ids are ignored; so are finished ones,
+    // except that they are forgotten too, so that an abandoned request can always be dropped.
+    void cancel(int64_t id);
+
+    EngineStats stats() const;
+    std::vector<SlotInfo> slots() const;
+
+    // Stops the engine thread, finishing every unfinished request as cancelled. Idempotent.
+    void shutdown();
+
+private:
+    using Clock = std::chrono::steady_clock;
+
+    struct Request {
+        int64_t id;                   // set when queued
+        std::vector<int32_t> tokens;  // prompt then generated: the penalty history
+        int n_prompt;
+        int max_tokens;
+        std::vector<int32_t> eog_ids;
+        Sampler sampler;
+        int slot = -1;
+        int n_pollers = 0;            // polls waiting on it; cancel() leaves it to them
+        RequestEvent unpolled;        // tokens/logprobs not yet handed over, and the status
+        Clock::time_point t_start, t_prompt_done;  // slot taken; first token sampled
+
+        Request(int64_t id, std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog,
+                const SamplingParams& sp, int n_vocab);
+        int n_generated() const { return static_cast<int>(tokens.size()) - n_prompt; }
+    };
+    using RequestPtr = std::shared_ptr<Request>;
+
+    struct Slot {
+        RequestPtr request;  // null: idle
+        int n_past = 0;      // positions in the KV cache
+        bool cancel_pending = false;
+        SlotState state() const;
+    };
+
+    // One sampled token of a step, computed outside the lock.
+    struct Sampled {
+        int slot;
+        int32_t token;
+        float logprob;
+    };
+
+    void run();
+    bool has_work() const;
+    void start_waiting_requests();
+    // Fills batch_ and logit_slots_ (the slot of each logits row).
+    void build_batch();
+    // Runs batch_. A failed decode leaves the cache unchanged, so a failed batch of several
+    // sequences is retried one sequence at a time: only those whose own tokens fail get an error.
+    void decode_step();
+    bool try_decode(const Batch& batch, std::vector<float>& logits, std::string& error);
+    void sample_outputs(std::vector<Sampled>& out);
+    void apply_step(const std::vector<Sampled>& sampled);
+    void accept_token(int slot_id, int32_t token, float logprob);
+    // Finishes the slot's request, frees the slot and its KV cells, wakes pollers.
+    void release_slot(int slot_id, FinishReason reason, const std::string& error = {});
+    void finish(Request& r, FinishReason reason, const std::string& error = {});
+
+    const Model& model_;
+    const EngineParams params_;
+    const int n_ctx_slot_;
+    const int n_vocab_;
+    Context ctx_;  // touched only by the engine thread, or under mu_ while no step is in flight
+
+    mutable std::mutex mu_;
+    std::condition_variable work_cv_;    // engine thread: new request, cancel, shutdown
+    std::condition_variable events_cv_;  // pollers and cancel(): output, finished requests, step end
+    std::unordered_map<int64_t, RequestPtr> requests_;
+    std::deque<RequestPtr> waiting_;
+    std::vector<Slot> slots_;
+    int64_t next_id_ = 1;
+    bool stopping_ = false;
+    bool step_in_flight_ = false;  // the engine thread is decoding or sampling without mu_
+    int kv_cells_used_ = 0;        // cached so stats() does not read the cache during a step
+    int prefill_cursor_ = 0;       // slot where the next step's prompt chunks start
+
+    uint64_t prompt_tokens_total_ = 0, generated_tokens_total_ = 0, decode_steps_total_ = 0;
+    double t_busy_ms_total_ = 0;
+
+    // Step scratch, engine thread only.
+    Batch batch_;
+    std::vector<int> logit_slots_;
+    std::vector<std::string> step_errors_;  // per slot; empty: no error
+    std::vector<float> logits_;
+
+    std::once_flag shutdown_once_;
+    std::thread thread_;
+};
+
+}  // namespace glmoe
