@@ -28,11 +28,15 @@ void check_args(uint32_t type, const void* W, int64_t n_rows, int64_t k, const f
 }
 
 // Splits rows x tokens into work items handed out dynamically (other processes share the cores).
-// Rows come in chunks small enough that a chunk of weight rows stays in L2 while every token
-// tile of the chunk passes over it; tokens are split only when there are too few row chunks.
+// With many tokens, rows come in chunks small enough that a chunk of weight rows stays in L2
+// while every token tile of the chunk passes over it. With one tile of tokens (decode) the weights
+// are streamed once, so each thread gets long contiguous runs of rows that the hardware
+// prefetchers can follow (about 8 chunks per thread keep the dynamic balance).
+// Tokens are split only when there are too few row chunks.
 void run_chunks(ThreadPool& pool, ChunkFn fn, const MatmulJob& job, int64_t n_rows, int64_t n_tokens) {
     const int n_threads = pool.size();
-    const int64_t rows_per_chunk = std::clamp<int64_t>((n_rows + n_threads - 1) / n_threads, 1, 16);
+    const int64_t max_rows_per_chunk = n_tokens <= kMaxTile ? std::max<int64_t>(16, n_rows / (8 * n_threads)) : 16;
+    const int64_t rows_per_chunk = std::clamp<int64_t>((n_rows + n_threads - 1) / n_threads, 1, max_rows_per_chunk);
     const int64_t n_row_chunks = (n_rows + rows_per_chunk - 1) / rows_per_chunk;
     int64_t n_token_groups = 1;
     if (n_row_chunks < 2 * n_threads) {
