@@ -1,5 +1,4 @@
 """glmoe: GGUF inference for the GLM4-MoE family."""
-from . import _core
 from ._core import GGUFError, KVCacheFullError, ModelError
 from .llama import LLAMA_DEFAULT_SEED, Llama
 

@@ -3,7 +3,6 @@ sandboxed jinja2 environment), completed, and answered in OpenAI's chat-completi
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 from typing import Dict, List, Optional, Union
 
@@ -71,8 +70,8 @@ def create_chat_completion(
     tok = llm.tokenizer_
     prompt = render_chat(
         llm.chat_template, messages, tools=tools,
-        bos_token=_piece(tok, tok.bos_id),
-        eos_token=_piece(tok, tok.eos_id),
+        bos_token=token_piece(tok, tok.bos_id),
+        eos_token=token_piece(tok, tok.eos_id),
         **(chat_template_kwargs or {}),
     )
     prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
@@ -85,7 +84,7 @@ def create_chat_completion(
     return _chat_chunks(result) if stream else _chat_response(result)
 
 
-def _piece(tok, token_id: int) -> str:
+def token_piece(tok, token_id: int) -> str:
     return tok.token_to_piece(token_id, special=True).decode("utf-8", errors="replace") if token_id >= 0 else ""
 
 

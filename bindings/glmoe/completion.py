@@ -27,8 +27,9 @@ def _utf8_complete_prefix(data: bytes) -> int:
     return n
 
 
-def _held_back_for_stop(text: bytes, stops: List[bytes]) -> int:
-    """How many trailing bytes of text could be the start of a stop string."""
+def held_back_for_stop(text, stops) -> int:
+    """How many trailing bytes of text could be the start of a stop string (works alike on str
+    text with str stops; the server holds back streamed text with it)."""
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
@@ -217,7 +218,7 @@ class _Run:
             yield self._chunk(self.prompt_text, None, None)
         for _ in self._steps():
             # Hold back what could still become a stop string, and any incomplete UTF-8 character.
-            safe = len(self.text) - _held_back_for_stop(self.text, self.stops)
+            safe = len(self.text) - held_back_for_stop(self.text, self.stops)
             safe = _utf8_complete_prefix(self.text[:safe])
             if safe > sent:
                 lp = self._stream_logprobs(sent_tokens, self._tokens_within(safe), sent, context())

@@ -1,0 +1,355 @@
+"""The FastAPI app: create_app(settings). The model loads in a thread after startup, so the
+server answers (503 "Loading model") from the first moment, as llama.cpp's does."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+import time
+import uuid
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import _core
+from ..chat import render_chat, token_piece
+from ..tokenizer import GGUFTokenizer
+from . import metrics
+from .errors import APIError, bad_request, error_body
+from .generation import Finish, Generator
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .settings import Settings
+from .tool_parsing import StreamParser, openai_tool_calls, parse
+
+PUBLIC_PATHS = {"/health", "/v1/health"}  # answered without the API key, as llama.cpp does
+ROUTES = {"/health", "/v1/health", "/models", "/v1/models", "/completions", "/v1/completions",
+          "/chat/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics", "/slots"}
+MAX_BODY_BYTES = 32 << 20
+
+
+class ServerState:
+    def __init__(self):
+        self.generator: Optional[Generator] = None
+        self.tokenizer: Optional[GGUFTokenizer] = None
+        self.model = None
+        self.chat_template: Optional[str] = None
+        self.load_error: Optional[str] = None
+        self.created = int(time.time())
+        self.http = metrics.HTTPCounters()
+
+
+def _load(state: ServerState, settings: Settings) -> None:
+    try:
+        if settings.before_load:
+            settings.before_load()
+        model = _core.Model(settings.model_path)
+        tokenizer = GGUFTokenizer.from_gguf(settings.model_path)
+        engine = _core.BatchEngine(model, settings.n_ctx or model.n_ctx_train, n_parallel=settings.n_parallel,
+                                   n_threads=settings.n_threads, n_batch=settings.n_batch)
+        state.chat_template = settings.chat_template or model.metadata().get("tokenizer.chat_template")
+        state.model, state.tokenizer = model, tokenizer
+        state.generator = Generator(engine, tokenizer, settings.n_parallel)
+        print(f"llama-server: loaded {settings.model_path} ({model.description}); "
+              f"{settings.n_parallel} slots of {state.generator.n_ctx_slot} tokens", file=sys.stderr)
+    except Exception as e:  # reported by /health and every other route
+        state.load_error = f"{type(e).__name__}: {e}"
+        print(f"llama-server: failed to load {settings.model_path}: {state.load_error}", file=sys.stderr)
+
+
+class Gate:
+    """Pure ASGI middleware (streams pass through untouched): API key, loading state, body size,
+    and the per-route request counter."""
+
+    def __init__(self, app, state: ServerState, settings: Settings):
+        self.app, self.state, self.settings = app, state, settings
+
+    def _refusal(self, scope) -> Optional[APIError]:
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        key = self.settings.api_key
+        if key and path not in PUBLIC_PATHS:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            given = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
+            if given != key:
+                return APIError(401, "Invalid API Key", code="invalid_api_key")
+        if self.state.load_error:
+            return APIError(500, f"the model failed to load: {self.state.load_error}")
+        if self.state.generator is None:
+            return APIError(503, "Loading model")
+        try:
+            if int(headers.get(b"content-length", b"0")) > MAX_BODY_BYTES:
+                return APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        except ValueError:
+            return bad_request("bad Content-Length")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal.response()(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.state.http.count(route, status[0])
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _stream(events):
+    """SSE body: each item of events (an async iterator of dicts) as a data line, then [DONE].
+    An error after the headers went out can only be told in the stream."""
+
+    async def body():
+        try:
+            async for obj in events:
+                yield _sse(obj)
+        except APIError as e:
+            yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state = ServerState()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=_load, args=(state, settings), name="glmoe-load", daemon=True).start()
+        yield
+        if state.generator is not None:
+            state.generator.close()
+
+    app = FastAPI(title="glmoe llama-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+    app.add_middleware(Gate, state=state, settings=settings)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        # FastAPI answers 422; OpenAI and llama.cpp answer 400 with the error body.
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            return bad_request(f"malformed JSON: {err.get('ctx', {}).get('error', err['msg'])}").response()
+        param = ".".join(loc) or None
+        message = f"{param}: {err['msg']}" if param else err["msg"]
+        return bad_request(message, param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        message = "File Not Found" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        return JSONResponse(error_body(500, f"{type(exc).__name__}: {exc}"), status_code=500)
+
+    async def tokenize_prompt(text: str, add_bos: bool):
+        # In a thread: a prompt of megabytes must not hold up every other client's stream.
+        return await run_in_threadpool(state.tokenizer.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def check_ids(ids, param: str):
+        bad = [t for t in ids if t >= state.tokenizer.n_vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} out of range [0, {state.tokenizer.n_vocab})", param)
+
+    def client_gone(request: Request):
+        return request.is_disconnected
+
+    @app.get("/health")
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/models")
+    @app.get("/v1/models")
+    async def models():
+        meta = {"n_vocab": state.model.n_vocab, "n_ctx_train": state.model.n_ctx_train,
+                "n_ctx_slot": state.generator.n_ctx_slot, "description": state.model.description}
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "glmoe", "meta": meta}]}
+
+    @app.post("/completions")
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        if req.suffix is not None:
+            raise bad_request("suffix (fill-in-the-middle) is not supported", "suffix")
+        if req.logprobs is not None:
+            raise bad_request("logprobs is not supported", "logprobs")
+        prompt = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
+            else req.prompt
+        if isinstance(prompt, str):
+            tokens, prompt_text = await tokenize_prompt(prompt, True), prompt
+        else:
+            check_ids(prompt, "prompt")
+            tokens = list(prompt)
+            prompt_text = state.tokenizer.detokenize(tokens, special=True).decode("utf-8", errors="replace")
+        gen = state.generator
+        max_tokens = gen.check_prompt(tokens, req.max_tokens)
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": settings.model_name}
+        run = gen.generate(tokens, max_tokens, req.sampling_kwargs(), req.stop_list(), special=False,
+                           client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
+
+        def choice(text, reason):
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+
+        if not req.stream:
+            text, finish = await collect(run)
+            if finish is None:
+                return Response(status_code=499)  # nobody is listening
+            return dict(base, choices=[choice(prompt_text + text if req.echo else text, finish.reason)],
+                        usage=finish.usage())
+
+        async def events():
+            if req.echo:
+                yield dict(base, choices=[choice(prompt_text, None)])
+            async for item in run:
+                if isinstance(item, Finish):
+                    yield dict(base, choices=[choice("", item.reason)])
+                    if req.include_usage:
+                        yield dict(base, choices=[], usage=item.usage())
+                else:
+                    yield dict(base, choices=[choice(item, None)])
+
+        return _stream(events())
+
+    @app.post("/chat/completions")
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        if req.logprobs:
+            raise bad_request("logprobs is not supported", "logprobs")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request("response_format other than text is not supported", "response_format")
+        if state.chat_template is None:
+            raise bad_request("the model has no chat template (start the server with --chat-template)")
+        tools = None if req.tool_choice == "none" or not req.tools else [t.model_dump(exclude_none=True)
+                                                                         for t in req.tools]
+        messages = [_template_message(m.model_dump(exclude_none=True), i) for i, m in enumerate(req.messages)]
+        tok = state.tokenizer
+        try:
+            prompt = render_chat(state.chat_template, messages, tools=tools, bos_token=token_piece(tok, tok.bos_id),
+                                 eos_token=token_piece(tok, tok.eos_id), **(req.chat_template_kwargs or {}))
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e), "messages") from e
+        tokens = await tokenize_prompt(prompt, False)
+        gen = state.generator
+        max_tokens = gen.check_prompt(tokens, req.max_completion_tokens or req.max_tokens)
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": settings.model_name}
+        # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
+        run = gen.generate(tokens, max_tokens, req.sampling_kwargs(), req.stop_list(), special=True,
+                           client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
+        reasoning = req.reasoning_format != "none"
+
+        def reason_for(finish: Finish, n_calls: int) -> str:
+            return "tool_calls" if n_calls and finish.reason == "stop" else finish.reason
+
+        if not req.stream:
+            text, finish = await collect(run)
+            if finish is None:
+                return Response(status_code=499)
+            parsed = parse(text, tools, reasoning)
+            calls = openai_tool_calls(parsed.tool_calls)
+            message = {"role": "assistant", "content": parsed.content if parsed.content or not calls else None}
+            if parsed.reasoning:
+                message["reasoning_content"] = parsed.reasoning
+            if calls:
+                message["tool_calls"] = calls
+            return dict(base, choices=[{"index": 0, "message": message, "logprobs": None,
+                                        "finish_reason": reason_for(finish, len(parsed.tool_calls))}],
+                        usage=finish.usage())
+
+        chunk = dict(base, object="chat.completion.chunk")
+
+        def delta(d, reason=None):
+            return dict(chunk, choices=[{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}])
+
+        async def events():
+            parser = StreamParser(tools, reasoning)
+            yield delta({"role": "assistant", "content": ""})
+            async for item in run:
+                if isinstance(item, Finish):
+                    for d in parser.finish():
+                        yield delta(d)
+                    yield delta({}, reason_for(item, parser.n_tool_calls))
+                    if req.include_usage:
+                        yield dict(chunk, choices=[], usage=item.usage())
+                else:
+                    for d in parser.feed(item):
+                        yield delta(d)
+
+        return _stream(events())
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        ids = await tokenize_prompt(req.content, req.add_special)
+        if not req.with_pieces:
+            return {"tokens": ids}
+        tok = state.tokenizer
+        return {"tokens": [{"id": t, "piece": token_piece(tok, t)} for t in ids]}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        check_ids(req.tokens, "tokens")
+        return {"content": state.tokenizer.detokenize(req.tokens, special=True).decode("utf-8", errors="replace")}
+
+    @app.get("/metrics")
+    async def prometheus():
+        stats = state.generator.engine.stats()
+        return PlainTextResponse(metrics.render(state.http, stats, state.generator.waiting_here),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/slots")
+    async def slots():
+        return state.generator.engine.slots()
+
+    return app
+
+
+async def collect(run):
+    """The whole text of a generation and its Finish (None when the client went away)."""
+    parts, finish = [], None
+    async for item in run:
+        if isinstance(item, Finish):
+            finish = item
+        else:
+            parts.append(item)
+    return "".join(parts), finish
+
+
+def _template_message(m: dict, index: int) -> dict:
+    """An OpenAI message as the GLM template reads it: tool-call arguments as a mapping, not
+    OpenAI's JSON string, and "developer" as "system"."""
+    if m["role"] == "developer":
+        m["role"] = "system"
+    for call in m.get("tool_calls") or []:
+        fn = call.get("function", call)
+        if isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"] or "{}")
+            except ValueError as e:
+                raise bad_request(f"tool call arguments are not JSON: {e}", f"messages.{index}.tool_calls") from e
+    return m

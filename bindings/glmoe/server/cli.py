@@ -1,0 +1,73 @@
+"""`llama-server`: llama.cpp's server flags (where they overlap) into Settings, then uvicorn.
+The GPU flags (-ngl, -fa, -ot, -ub) are accepted so llama.cpp command lines run unchanged, and
+reported as unused: this engine runs on the CPU."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .settings import Settings
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llama-server", allow_abbrev=False,
+                                 description="OpenAI-compatible server for GLM4-MoE GGUF models")
+    ap.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny random model)")
+    ap.add_argument("-a", "--alias", help="model name reported by /v1/models and in responses")
+    ap.add_argument("-c", "--ctx-size", type=int, default=4096,
+                    help="KV cache size in tokens, shared by the slots (0: the model's training context)")
+    ap.add_argument("-np", "--parallel", type=int, default=4, help="slots: requests decoded together")
+    ap.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (0: all)")
+    ap.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per decode step")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--api-key", default=os.environ.get("LLAMA_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (also from $LLAMA_API_KEY)")
+    ap.add_argument("--chat-template", help="jinja chat template source (default: the model's)")
+    ap.add_argument("--chat-template-file", help="file holding the jinja chat template")
+    unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused on the CPU")
+    unused.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers")
+    unused.add_argument("-ub", "--ubatch-size", type=int)
+    unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
+    unused.add_argument("-ot", "--override-tensor", action="append")
+    unused.add_argument("--metrics", action="store_true", help="(/metrics is always on)")
+    unused.add_argument("--slots", action="store_true", help="(/slots is always on)")
+    return ap
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    template = args.chat_template
+    if args.chat_template_file:
+        with open(args.chat_template_file, encoding="utf-8") as f:
+            template = f.read()
+    if args.model:
+        model = args.model
+    else:
+        from ..__main__ import default_model_path
+        model = default_model_path()
+    return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
+                    n_batch=args.batch_size, alias=args.alias, api_key=args.api_key, chat_template=template)
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.parallel < 1 or args.ctx_size < 0 or args.batch_size < 1:
+        ap.error("--parallel and --batch-size must be >= 1, --ctx-size >= 0")
+    if args.model and not os.path.isfile(args.model):
+        ap.error(f"no such model file: {args.model}")
+    unused = {f: getattr(args, d) for f, d in [("-ngl", "gpu_layers"), ("-ub", "ubatch_size"), ("-fa", "flash_attn"),
+                                                ("-ot", "override_tensor")] if getattr(args, d) is not None}
+    if unused:
+        print("llama-server: CPU engine, not using " + ", ".join(f"{k} {v}" for k, v in unused.items()),
+              file=sys.stderr)
+    import uvicorn
+
+    from .app import create_app
+
+    settings = settings_from_args(args)
+    print(f"llama-server: listening on http://{args.host}:{args.port}", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=5)
+    return 0

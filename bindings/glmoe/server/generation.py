@@ -1,0 +1,118 @@
+"""Requests to the batching engine and back: submit, poll from a thread (poll releases the GIL),
+turn tokens into text, cut at stop strings, cancel when the client goes away."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Union
+
+from ..completion import held_back_for_stop
+from .errors import APIError, bad_request
+
+POLL_TIMEOUT_S = 0.1  # how often a quiet request wakes up to look for a gone client
+DRAIN_POLLS = 600  # a cancelled request is polled until the engine reports it finished (and forgets it)
+
+
+@dataclasses.dataclass
+class Finish:
+    reason: str  # "stop" | "length"
+    n_prompt: int
+    n_generated: int
+
+    def usage(self) -> Dict[str, int]:
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_generated,
+                "total_tokens": self.n_prompt + self.n_generated}
+
+
+class Generator:
+    """Owns the engine. At most `2 * n_parallel` requests are in the engine at once (enough to
+    refill a slot the moment one frees); the rest wait here, costing no thread."""
+
+    def __init__(self, engine, tokenizer, n_parallel: int):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.eog = frozenset(tokenizer.eog_ids)
+        self._admitted = asyncio.Semaphore(2 * n_parallel)
+        self.waiting_here = 0  # requests queued in front of the engine (for /metrics)
+        self._pool = concurrent.futures.ThreadPoolExecutor(2 * n_parallel + 2, thread_name_prefix="glmoe-poll")
+        stats = engine.stats()
+        self.n_ctx_slot = stats["n_ctx_slot"]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.shutdown()
+
+    def check_prompt(self, tokens: List[int], max_tokens: Optional[int]) -> int:
+        """The max_tokens the request runs with: capped at the room its slot has left (as
+        llama.cpp does), after a 400 for a prompt that does not fit at all."""
+        if not tokens:
+            raise bad_request("the prompt is empty", "prompt")
+        if len(tokens) >= self.n_ctx_slot:
+            raise bad_request(
+                f"the prompt has {len(tokens)} tokens; the context of a slot holds {self.n_ctx_slot} "
+                f"(prompt and completion together)", "messages", "context_length_exceeded")
+        room = self.n_ctx_slot - len(tokens)
+        return room if max_tokens is None else min(max_tokens, room)
+
+    async def generate(
+        self, tokens: List[int], max_tokens: int, sampling: dict, stops: List[str], special: bool,
+        client_gone: Optional[Callable[[], Awaitable[bool]]] = None, ignore_eos: bool = False,
+    ) -> AsyncIterator[Union[str, Finish]]:
+        """Yields text pieces, then one Finish. A stop string ends the text before it.
+        max_tokens is check_prompt()'s answer (checked before a stream's headers go out)."""
+        loop = asyncio.get_running_loop()
+        self.waiting_here += 1
+        try:
+            await self._admitted.acquire()
+        finally:
+            self.waiting_here -= 1
+        try:
+            rid = self.engine.submit(tokens, max_tokens, [] if ignore_eos else sorted(self.eog), **sampling)
+        except ValueError as e:
+            self._admitted.release()
+            raise bad_request(str(e)) from e
+        decoder = self.tokenizer.stream_decoder(special)
+        text, sent, n_generated, done = "", 0, 0, False
+        try:
+            while True:
+                ev = await loop.run_in_executor(self._pool, self.engine.poll, rid, POLL_TIMEOUT_S)
+                n_generated += len(ev["tokens"])
+                text += "".join(decoder.feed(t) for t in ev["tokens"] if t not in self.eog)
+                reason = ev["finish_reason"] if ev["finished"] else None
+                done = ev["finished"]
+                if reason == "error":
+                    raise APIError(500, f"generation failed: {ev.get('error', 'unknown error')}")
+                if done:
+                    text += decoder.flush()
+                hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+                if hits:
+                    text, reason = text[: min(hits)], "stop"
+                safe = len(text) if reason else len(text) - held_back_for_stop(text, stops)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+                if reason:
+                    yield Finish("stop" if reason == "cancelled" else reason, len(tokens),
+                                 ev.get("n_generated", n_generated) if done else n_generated)
+                    return
+                if client_gone is not None and await client_gone():
+                    return
+        finally:
+            if done:
+                self._admitted.release()
+            else:  # stop string, gone client, error: cancel (it may wait for a decode step) off the loop
+                try:
+                    future = loop.run_in_executor(self._pool, self._cancel, rid)
+                    future.add_done_callback(lambda _: self._admitted.release())
+                except RuntimeError:  # the pool is shut down: the engine is going away too
+                    self._admitted.release()
+
+    def _cancel(self, rid: int) -> None:
+        """Cancels, then polls until the engine reports the request finished, so that it forgets it."""
+        self.engine.cancel(rid)
+        for _ in range(DRAIN_POLLS):
+            try:
+                if self.engine.poll(rid, POLL_TIMEOUT_S)["finished"]:
+                    return
+            except KeyError:  # already forgotten
+                return

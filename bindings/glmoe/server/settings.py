@@ -1,0 +1,23 @@
+"""What the server is started with: the parsed command line, as the app factory takes it."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+
+@dataclasses.dataclass
+class Settings:
+    model_path: str
+    n_ctx: int = 4096  # the whole KV cache, shared by n_parallel slots of n_ctx // n_parallel
+    n_parallel: int = 4
+    n_threads: int = 0  # 0: the engine's choice
+    n_batch: int = 512
+    alias: Optional[str] = None
+    api_key: Optional[str] = None
+    chat_template: Optional[str] = None  # jinja source; None: the model's tokenizer.chat_template
+    # Called in the loading thread before the model loads (tests hold the server in "loading").
+    before_load: Optional[Callable[[], None]] = None
+
+    @property
+    def model_name(self) -> str:
+        return self.alias or self.model_path

@@ -1,0 +1,236 @@
+"""llama-server end to end on a tiny random model, with the official openai client: every
+endpoint, streaming and not, concurrent clients (greedy results equal to sequential ones), the
+API key, 404, 503 while loading; and the GLM tool-call / reasoning parser on crafted text."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import server_harness as harness
+from glmoe.server.tool_parsing import StreamParser, parse
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return harness.make_tiny_model(tmp_path_factory.mktemp("server-model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    srv = harness.ServerProcess(model_path)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=harness.API_KEY, max_retries=0, timeout=60)
+
+
+def _chat(client, content, stream=False, **kw):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                          stream=stream, max_tokens=kw.pop("max_tokens", 12), **GREEDY, **kw)
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_completion_stream_equals_non_stream(client):
+    full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, **GREEDY)
+    choice = full.choices[0]
+    assert choice.finish_reason in ("length", "stop") and full.usage.completion_tokens <= 10
+    assert full.usage.prompt_tokens > 0 and full.object == "text_completion"
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completion_stop_string_and_echo(client):
+    text = client.completions.create(model="tiny", prompt="abc", max_tokens=16, **GREEDY).choices[0].text
+    if len(text) < 6:
+        pytest.skip("the random model stopped early")
+    stop = text[3:5]
+    cut = client.completions.create(model="tiny", prompt="abc", max_tokens=16, stop=[stop], **GREEDY).choices[0]
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt="abc", max_tokens=16, stop=stop, stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in streamed) == cut.text
+    echoed = client.completions.create(model="tiny", prompt="abc", max_tokens=4, echo=True, **GREEDY)
+    assert echoed.choices[0].text.startswith("abc")
+
+
+def test_chat_stream_equals_non_stream(client):
+    full = _chat(client, "Hello there")
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and full.object == "chat.completion"
+    chunks = list(_chat(client, "Hello there", stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    assert streamed.strip() == (msg.content or "").strip()
+    assert reasoning.strip() == (getattr(msg, "reasoning_content", None) or "").strip()
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_chat_reasoning_and_tools_fields_match_parser(client):
+    """The random model's raw output (reasoning_format none, no tools) parsed here must equal
+    what the server reports with parsing on."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    raw = _chat(client, "Weather?", max_tokens=24, tools=tools, extra_body={"reasoning_format": "none"})
+    raw_text = raw.choices[0].message.content or ""
+    parsed = parse(raw_text, tools)
+    got = _chat(client, "Weather?", max_tokens=24, tools=tools).choices[0]
+    assert (got.message.content or "") == parsed.content
+    assert getattr(got.message, "reasoning_content", None) == (parsed.reasoning or None)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in got.message.tool_calls or []] == \
+        [(c["name"], json.loads(c["arguments"])) for c in parsed.tool_calls]
+    assert got.finish_reason == ("tool_calls" if parsed.tool_calls else raw.choices[0].finish_reason)
+
+
+def test_chat_with_tool_history_renders(client):
+    messages = [{"role": "user", "content": "weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **GREEDY)
+    assert out.usage.prompt_tokens > 0
+
+
+def test_concurrent_clients_equal_sequential(client):
+    prompts = [f"Client number {i} says" for i in range(10)]
+
+    def run(p):
+        return client.completions.create(model="tiny", prompt=p, max_tokens=12, **GREEDY).choices[0].text
+
+    sequential = [run(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        concurrent_ = list(pool.map(run, prompts))
+    assert concurrent_ == sequential
+
+    def run_chat(p):
+        return "".join(c.choices[0].delta.content or "" for c in _chat(client, p, stream=True))
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        streamed = list(pool.map(run_chat, prompts))
+    assert streamed == [(_chat(client, p).choices[0].message.content or "") for p in prompts]
+
+
+def test_tokenize_detokenize(server):
+    h = server.headers()
+    ids = httpx.post(server.url + "/tokenize", json={"content": "hello world"}, headers=h).json()["tokens"]
+    assert ids and all(isinstance(t, int) for t in ids)
+    text = httpx.post(server.url + "/detokenize", json={"tokens": ids}, headers=h).json()["content"]
+    assert text == "hello world"
+    pieces = httpx.post(server.url + "/tokenize", json={"content": "hello", "with_pieces": True}, headers=h).json()
+    assert "".join(p["piece"] for p in pieces["tokens"]) == "hello"
+
+
+def test_metrics_and_slots(server, client):
+    client.completions.create(model="tiny", prompt="x", max_tokens=2, **GREEDY)
+    text = httpx.get(server.url + "/metrics", headers=server.headers()).text
+    for name in ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total", "llamacpp:requests_deferred",
+                 "llamacpp:kv_cache_usage_ratio", "llamacpp:predicted_tokens_seconds", "glmoe:http_requests_total"):
+        assert f"\n{name}" in "\n" + text
+    slots = httpx.get(server.url + "/slots", headers=server.headers()).json()
+    assert len(slots) == harness.N_PARALLEL and {"id", "state", "n_past"} <= set(slots[0])
+
+
+def test_api_key_and_404(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = httpx.get(server.url + "/v1/nothing-here", headers=server.headers())
+    assert r.status_code == 404 and set(r.json()["error"]) >= {"message", "type", "param", "code"}
+
+
+def test_503_while_loading(model_path):
+    import uvicorn
+
+    from glmoe.server.app import create_app
+    from glmoe.server.settings import Settings
+
+    release = threading.Event()
+    settings = Settings(model_path=model_path, n_ctx=512, n_parallel=1, n_threads=1,
+                        before_load=lambda: release.wait(30))
+    port = harness.free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.get(url + "/health")
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["error"]["message"] == "Loading model"
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x"}).status_code == 503
+        release.set()
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        release.set()
+        srv.should_exit = True
+        thread.join(15)
+
+
+# ---- the GLM parser on crafted text ------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "zip": {"type": "string"}}}}}]
+GLM_OUTPUT = ("\n<think>\nThe user wants weather.\n</think>\nLet me check.\n<tool_call>get_weather\n"
+              "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n"
+              "<arg_value>3</arg_value>\n<arg_key>zip</arg_key>\n<arg_value>75001</arg_value>\n</tool_call>"
+              "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n</tool_call>")
+
+
+def test_parse_glm_output():
+    p = parse(GLM_OUTPUT, TOOLS)
+    assert p.reasoning == "The user wants weather." and p.content == "Let me check."
+    assert [c["name"] for c in p.tool_calls] == ["get_weather"] * 2
+    # Strings stay strings where the schema says so ("75001"); other values are JSON.
+    assert json.loads(p.tool_calls[0]["arguments"]) == {"city": "Paris", "days": 3, "zip": "75001"}
+    assert json.loads(p.tool_calls[1]["arguments"]) == {"city": "Rome"}
+    no_tools = parse(GLM_OUTPUT, None)
+    assert no_tools.tool_calls == [] and "<tool_call>" in no_tools.content
+    assert parse(GLM_OUTPUT, TOOLS, reasoning=False).reasoning == ""
+    assert parse("plain answer", TOOLS).content == "plain answer" and parse("plain answer").reasoning == ""
+    unfinished = parse("<think>still going", TOOLS)
+    assert unfinished.reasoning == "still going" and unfinished.content == ""
+    assert parse("ok <tool_call>get_weather\n<arg_key>ci", TOOLS).content == "ok <tool_call>get_weather\n<arg_key>ci"
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_stream_parser_deltas_add_up(step):
+    sp = StreamParser(TOOLS)
+    deltas = []
+    for i in range(0, len(GLM_OUTPUT), step):
+        deltas += sp.feed(GLM_OUTPUT[i:i + step])
+    deltas += sp.finish()
+    whole = parse(GLM_OUTPUT, TOOLS)
+    assert "".join(d.get("reasoning_content", "") for d in deltas).strip() == whole.reasoning
+    assert "".join(d.get("content", "") for d in deltas).strip() == whole.content
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [c["index"] for c in calls] == [0, 1]
+    assert [c["function"] for c in calls] == whole.tool_calls
+    assert all("<" not in d.get("content", "") for d in deltas)  # no markup leaks into content
