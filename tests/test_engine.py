@@ -231,3 +231,17 @@ def test_unsupported_weight_type_is_named(small_model, tmp_path):
     copy_gguf(small_model, bad, raw_tensors={"blk.0.attn_q.weight": (raw, GGMLQuantizationType.Q4_1)})
     with pytest.raises(glmoe.ModelError, match="type Q4_1, which glmoe does not support"):
         _core.Model(bad)
+
+
+@pytest.mark.parametrize("nextn_tensors", [True, False])
+def test_trunk_of_a_file_with_an_mtp_layer(tmp_path, nextn_tensors):
+    """GLM-4.5 files count one MTP block in block_count; some carry its tensors, some not. The
+    trunk loads either way and computes what the reference computes."""
+    path = str(tmp_path / "mtp.gguf")
+    spec = dict(CONFIGS["float-types"], nextn_layers=1, nextn_tensors=nextn_tensors)
+    write_model(path, make_spec(**spec), seed=5)
+    model = _core.Model(path)
+    assert model.n_layer == CONFIGS["float-types"]["n_layers"]
+    tokens = np.random.default_rng().integers(0, model.n_vocab, 40).tolist()
+    err = relative_errors(engine_logits(path, tokens, False), ReferenceModel(path).logits(tokens))
+    assert np.median(err) < TOLERANCE_DEFAULT["float-types"][0]
