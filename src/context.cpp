@@ -93,9 +93,11 @@ void Context::decode(const Batch& batch, std::vector<float>& logits) {
         const int half = hp.n_rot / 2;
         rope_cos_.resize(n * half);
         rope_sin_.resize(n * half);
+        std::vector<double> inv_freq(half);
+        for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(static_cast<double>(hp.rope_freq_base), -2.0 * i / hp.n_rot);
         for (int64_t t = 0; t < n; ++t)
             for (int i = 0; i < half; ++i) {
-                const double theta = batch.pos[t] * std::pow(static_cast<double>(hp.rope_freq_base), -2.0 * i / hp.n_rot);
+                const double theta = batch.pos[t] * inv_freq[i];
                 rope_cos_[t * half + i] = static_cast<float>(std::cos(theta));
                 rope_sin_[t * half + i] = static_cast<float>(std::sin(theta));
             }
