@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace glmoe {
 
@@ -54,6 +55,14 @@ void chunk_q6_k(const MatmulJob&, int64_t, int64_t, int64_t, int64_t);
 // Each output accumulates its slices in order.
 constexpr size_t kActSliceBudget = 24 * 1024;
 
+// A Dot with rows_for(T) also blocks rows: Dot::tile_rows<R, T>(row, row_stride, act[T], k,
+// out[R * T]) computes R consecutive rows x T tokens at once, so each activation load is reused
+// across R rows. Every (row, token) result must come out bitwise the same for every R and T.
+template <class Dot, class = void>
+struct BlocksRows : std::false_type {};
+template <class Dot>
+struct BlocksRows<Dot, std::void_t<decltype(Dot::rows_for(1))>> : std::true_type {};
+
 template <class Dot, int T>
 void rows_times_tile(const MatmulJob& job, int64_t r0, int64_t r1, int64_t t0) {
     using Act = typename Dot::Act;
@@ -64,12 +73,31 @@ void rows_times_tile(const MatmulJob& job, int64_t r0, int64_t r1, int64_t t0) {
         const Act* act[T];
         for (int t = 0; t < T; ++t)
             act[t] = reinterpret_cast<const Act*>(job.act + (t0 + t) * job.act_row_bytes + u0 * Dot::kActBytes);
-        for (int64_t r = r0; r < r1; ++r) {
-            float out[T];
-            Dot::template tile<T>(job.W + r * job.w_row_bytes + u0 * Dot::kWeightBytes, act, len, out);
+        auto store = [&](int64_t r, const float* out) {
             for (int t = 0; t < T; ++t) {
                 float& y = job.y[(t0 + t) * job.ldy + r];
                 y = i0 == 0 ? out[t] : y + out[t];
+            }
+        };
+        const char* w = job.W + u0 * Dot::kWeightBytes;
+        int64_t r = r0;
+        if constexpr (BlocksRows<Dot>::value) {
+            constexpr int R = Dot::rows_for(T);
+            for (; r + R <= r1; r += R) {
+                float out[R * T];
+                Dot::template tile_rows<R, T>(w + r * job.w_row_bytes, job.w_row_bytes, act, len, out);
+                for (int i = 0; i < R; ++i) store(r + i, out + i * T);
+            }
+            for (; r < r1; ++r) {
+                float out[T];
+                Dot::template tile_rows<1, T>(w + r * job.w_row_bytes, job.w_row_bytes, act, len, out);
+                store(r, out);
+            }
+        } else {
+            for (; r < r1; ++r) {
+                float out[T];
+                Dot::template tile<T>(w + r * job.w_row_bytes, act, len, out);
+                store(r, out);
             }
         }
     }

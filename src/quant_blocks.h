@@ -54,10 +54,11 @@ static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(Blo
 // q holds elements 0-15 of block 0, 0-15 of block 1, 16-31 of block 0, 16-31 of block 1: the order
 // in which two Q4_0 blocks' nibbles unpack, so in an integer dot product the 32-bit lanes 0-3 of
 // each 256-bit half belong to block 0 and lanes 4-7 to block 1.
-// An odd last block is paired with zeros.
+// q is stored offset by 128 (unsigned bytes, q + 128 in 1-255) so that it can meet signed weight
+// bytes in a u8 x s8 dot product directly. An odd last block is paired with zeros (stored as 128).
 struct ActQ8x2 {
     float d[2];
-    int8_t q[64];
+    uint8_t q[64];
 };
 
 // Activation super-block for the K-quants: x ~= d * q. dsum[j] = d * (sum of the 16 elements

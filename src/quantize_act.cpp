@@ -56,6 +56,10 @@ void quantize_act_q8x2(const float* x, ActQ8x2* out, int64_t k) {
         if (2 * p + 1 < nb) q1 = quantize_block32(x + 64 * p + 32, out[p].d[1]);
         __m256i lo, hi;
         interleave_pair(q0, q1, lo, hi);
+        // Stored as x + 128 (unsigned bytes, 1-255).
+        const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+        lo = _mm256_xor_si256(lo, bias);
+        hi = _mm256_xor_si256(hi, bias);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[p].q), lo);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[p].q + 32), hi);
     }
