@@ -291,8 +291,10 @@ void attention(ThreadPool& pool, const AttentionPlan& plan, const AttentionLayer
     std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.n_cells > b.n_cells; });
 
     const int64_t n_tasks = static_cast<int64_t>(blocks.size()) * layer.n_head_kv;
+    int64_t work = 0;  // query rows x visible cells x head_dim, summed
+    for (const Block& b : blocks) work += (b.r1 - b.r0) * b.n_cells * layer.head_dim * layer.n_head_kv;
     std::atomic<int64_t> next{0};
-    pool.run([&](int) {
+    auto worker = [&](int) {
         thread_local Scratch scratch;
         for (int64_t task; (task = next.fetch_add(1)) < n_tasks;) {
             const Block& b = blocks[task / layer.n_head_kv];
@@ -304,7 +306,12 @@ void attention(ThreadPool& pool, const AttentionPlan& plan, const AttentionLayer
                 default: attend_rows<4>(plan, layer, *b.run, b.r0, b.r1, kvh, scratch); break;
             }
         }
-    });
+    };
+    // Small layers run on the calling thread: waking the pool would cost more than the work.
+    if (work < (int64_t{1} << 18))
+        worker(0);
+    else
+        pool.run(worker);
 }
 
 void vec_exp(const float* x, float* y, int64_t n) {

@@ -57,7 +57,10 @@ void run_chunks(ThreadPool& pool, ChunkFn fn, const MatmulJob& job, int64_t n_ro
                std::min(n_tokens, t0 + tokens_per_group));
         }
     };
-    if (n_threads == 1 || n_items == 1)
+    // Work of a few tens of microseconds is not worth waking the pool for: the hand-off costs as
+    // much, and far more when the machine has more runnable threads than cores.
+    const bool small = n_rows * job.k * n_tokens < (int64_t{1} << 18);
+    if (n_threads == 1 || n_items == 1 || small)
         worker(0);
     else
         pool.run(worker);
@@ -77,7 +80,7 @@ const char* quantize_activations(ThreadPool& pool, Quantize quantize, size_t row
     auto quantize_range = [&](int64_t t0, int64_t t1, int) {
         for (int64_t t = t0; t < t1; ++t) quantize(x + t * ldx, base + t * row_bytes);
     };
-    if (n_tokens < 4 || pool.size() == 1)
+    if (n_tokens < 4 || pool.size() == 1 || n_tokens * row_bytes < (size_t{1} << 16))
         quantize_range(0, n_tokens, 0);
     else
         pool.parallel_for(n_tokens, quantize_range);

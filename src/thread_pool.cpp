@@ -15,6 +15,8 @@ namespace glmoe {
 namespace {
 // How long an idle worker keeps spinning for the next loop before it sleeps.
 constexpr auto kSpinTime = std::chrono::microseconds(200);
+// About 20-50 us of pause instructions.
+constexpr int kSpinsBeforeYield = 1000;
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
@@ -37,11 +39,12 @@ void ThreadPool::worker_loop(int index) {
         int spins = 0;
         while (generation_.load(std::memory_order_acquire) == seen && !stopping_.load(std::memory_order_relaxed)) {
             GLMOE_CPU_RELAX();
-            if (++spins % 64 == 0 && std::chrono::steady_clock::now() > spin_until) {
-                std::unique_lock<std::mutex> lock(mutex_);
-                start_cv_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
-                break;
-            }
+            if (++spins % 64 != 0) continue;
+            std::this_thread::yield();  // let a preempted thread of this loop have the core
+            if (std::chrono::steady_clock::now() <= spin_until) continue;
+            std::unique_lock<std::mutex> lock(mutex_);
+            start_cv_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
+            break;
         }
         if (stopping_) return;
         seen = generation_.load(std::memory_order_acquire);
@@ -64,7 +67,15 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
     }
     start_cv_.notify_all();
     fn(0);
-    while (pending_.load(std::memory_order_acquire) != 0) GLMOE_CPU_RELAX();
+    // Spin for the workers to finish, but yield the core after a while: on a machine with more
+    // runnable threads than cores a worker may have been preempted, and spinning here would keep
+    // it off the core it needs.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+        if (spins < kSpinsBeforeYield)
+            GLMOE_CPU_RELAX();
+        else
+            std::this_thread::yield();
+    }
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
