@@ -20,6 +20,7 @@ using namespace glmoe;
 void bind_sampling(nb::module_& m);  // sampling_module.cpp
 void bind_engine(nb::module_& m);    // engine_module.cpp
 void bind_attention(nb::module_& m);  // attention_module.cpp
+void bind_draft(nb::module_& m);      // draft_module.cpp
 
 namespace {
 
@@ -152,6 +153,7 @@ NB_MODULE(_core, m) {
     m.def("cuda_device_count", &cuda_device_count);
     m.def("cuda_device_summary", &cuda_device_summary);
     bind_sampling(m);
+    bind_draft(m);
     bind_attention(m);
 
     nb::exception<ModelError>(m, "ModelError", PyExc_ValueError);

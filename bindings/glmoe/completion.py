@@ -141,6 +141,8 @@ class _Run:
         self.text = b""  # completion text so far (cut at a stop string once one is found)
         self.finish_reason: Optional[str] = None
         self.t_start = time.perf_counter()
+        self.t_first_token: Optional[float] = None
+        self.t_end: Optional[float] = None
 
     def _steps(self) -> Iterator[None]:
         """Advances one token per step until the completion is finished."""
@@ -148,6 +150,8 @@ class _Run:
             self.finish_reason = "length"
             return
         for token in self.tokens_iter:
+            if self.t_first_token is None:
+                self.t_first_token = time.perf_counter()
             if token in self.eog:
                 self.finish_reason = "stop"
                 break
@@ -163,6 +167,7 @@ class _Run:
                 break
             yield
         self.tokens_iter.close()
+        self.t_end = time.perf_counter()
         if self.llm.verbose:
             dt = time.perf_counter() - self.t_start
             n = len(self.completion_tokens)
@@ -172,6 +177,21 @@ class _Run:
     def _usage(self):
         n_prompt, n_gen = len(self.prompt_tokens), len(self.completion_tokens)
         return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+
+    def _timings(self) -> Optional[dict]:
+        """llama.cpp server's timings, with its speculative-decoding counts; only when drafting."""
+        stats = self.llm.last_draft_stats
+        if self.llm.draft_model is None or stats is None:
+            return None
+        t_first = self.t_first_token or self.t_end
+        n = len(self.completion_tokens)
+        predicted_ms = 1000 * (self.t_end - t_first)
+        return {
+            "prompt_n": len(self.prompt_tokens), "prompt_ms": 1000 * (t_first - self.t_start),
+            "predicted_n": n, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / max(n - 1, 1),
+            "draft_n": stats["drafted"], "draft_n_accepted": stats["accepted"], "draft_steps": stats["steps"],
+        }
 
     def _chunk(self, text: str, logprobs, finish_reason):
         return {
@@ -208,6 +228,9 @@ class _Run:
             text = self.prompt_text + text
         response = self._chunk(text, lp, self.finish_reason)
         response["usage"] = self._usage()
+        timings = self._timings()
+        if timings is not None:
+            response["timings"] = timings
         return response
 
     def stream(self):
@@ -228,7 +251,11 @@ class _Run:
         if len(self.text) > sent:
             lp = self._stream_logprobs(sent_tokens, self._tokens_within(len(self.text)), sent, context())
             yield self._chunk(self.text[sent:].decode("utf-8", errors="ignore"), lp, None)
-        yield self._chunk("", None, self.finish_reason)
+        last = self._chunk("", None, self.finish_reason)
+        timings = self._timings()
+        if timings is not None:
+            last["timings"] = timings
+        yield last
 
     def _stream_logprobs(self, first: int, end: int, byte_offset: int, context: List[int]):
         if self.logprobs is None or end <= first:

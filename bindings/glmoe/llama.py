@@ -42,6 +42,7 @@ class Llama:
         n_threads: Optional[int] = None,
         logits_all: bool = False,
         embedding: bool = False,
+        draft_model=None,
         verbose: bool = True,
         **kwargs,
     ):
@@ -55,6 +56,10 @@ class Llama:
         self.n_gpu_layers = n_gpu_layers
         self._logits_all = logits_all
         self._embedding = embedding
+        # A SuffixDecoding (run inside the engine) or any llama-cpp-python LlamaDraftModel.
+        self.draft_model = draft_model
+        # Of the last generate() with a draft model: steps (forwards after the prompt), drafted, accepted.
+        self.last_draft_stats: Optional[Dict[str, int]] = None
         if n_threads is None:
             n_threads = max((os.cpu_count() or 1) // 2, 1)  # llama-cpp-python's default: physical cores
         self.n_threads = n_threads
@@ -151,14 +156,7 @@ class Llama:
         """
         if self._embedding:
             raise ValueError("eval() needs logits: this Llama was created with embedding=True")
-        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
-        if self.n_tokens + len(tokens) > self._n_ctx:
-            raise ValueError(
-                f"Requested tokens ({self.n_tokens + len(tokens)}) exceed context window of {self._n_ctx}"
-            )
-        bad = (tokens < 0) | (tokens >= self._n_vocab)
-        if bad.any():
-            raise ValueError(f"token id {int(tokens[bad][0])} out of range [0, {self._n_vocab})")
+        tokens = self._checked_tokens(tokens)
         # Positions past n_tokens (left by reset() or a shorter re-eval) are stale.
         self._ctx.kv_seq_rm(-1, self.n_tokens, -1)
         for start in range(0, len(tokens), self.n_batch):
@@ -173,14 +171,29 @@ class Llama:
                 self.scores[n_past + n - 1, :] = logits[0]
             self.n_tokens += n
 
+    def _checked_tokens(self, tokens: Sequence[int]) -> np.ndarray:
+        """tokens as int32, if they fit in the context after n_tokens and are in the vocabulary."""
+        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        if self.n_tokens + len(tokens) > self._n_ctx:
+            raise ValueError(
+                f"Requested tokens ({self.n_tokens + len(tokens)}) exceed context window of {self._n_ctx}"
+            )
+        bad = (tokens < 0) | (tokens >= self._n_vocab)
+        if bad.any():
+            raise ValueError(f"token id {int(tokens[bad][0])} out of range [0, {self._n_vocab})")
+        return tokens
+
     # ---- sampling and generation ---------------------------------------------------------
 
-    def _sampler(self, seed: Optional[int] = None, **params) -> _core.Sampler:
+    def _resolve_seed(self, seed: Optional[int]) -> int:
         if seed is None:
             seed = self._seed
         if seed == LLAMA_DEFAULT_SEED:
             seed = random.getrandbits(32) & 0xFFFFFFFE  # the default seed asks for a fresh random one
-        return _core.Sampler(self._n_vocab, seed=seed, **params)
+        return seed
+
+    def _sampler(self, seed: Optional[int] = None, **params) -> _core.Sampler:
+        return _core.Sampler(self._n_vocab, seed=self._resolve_seed(seed), **params)
 
     def sample(
         self,
@@ -248,16 +261,92 @@ class Llama:
         if not tokens:
             raise ValueError("generate() needs at least one prompt token")
         todo = self._prefix_reuse(tokens) if reset else tokens
+        seed = self._resolve_seed(seed)
         sampler = self._sampler(
             seed=seed, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
             repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, logit_bias=_bias_map(logit_bias),
         )
+        if self.draft_model is not None:
+            yield from self._generate_drafted(todo, sampler, np.random.default_rng(seed))
+            return
         while True:
             self.eval(todo)
             token = sampler.sample(self.scores[self.n_tokens - 1], self.input_ids[: self.n_tokens].astype(np.int32))
             yield token
             todo = [token]
+
+    def _generate_drafted(self, todo: List[int], sampler: _core.Sampler, rng: np.random.Generator) -> Iterator[int]:
+        """generate() with speculative drafts: each step evaluates the sampled token and a draft to
+        follow it in one batch, keeps the draft's longest prefix the target accepts (standard
+        speculative sampling, so the output distribution is unchanged; greedy output is
+        identical) and rolls the KV cache back past the rest."""
+        from .draft import SuffixDecoding
+
+        self.eval(todo)
+        n_prompt = self.n_tokens
+        drafter = self.draft_model.drafter() if isinstance(self.draft_model, SuffixDecoding) else None
+        if drafter is not None:
+            drafter.append(self.input_ids[:n_prompt].astype(np.int32))
+            drafter.mark_prompt_end()
+        stats = self.last_draft_stats = {"steps": 0, "drafted": 0, "accepted": 0}
+        n_yielded = 0
+        token = sampler.sample(self.scores[n_prompt - 1], self.input_ids[:n_prompt].astype(np.int32))
+        try:
+            while True:
+                n_yielded += 1  # before the yield: the caller may close the generator there
+                yield token
+                n = self.n_tokens
+                room = min(self._n_ctx - n, self.n_batch) - 1  # draft tokens that fit after token
+                if drafter is not None:
+                    drafter.append(np.array([token], np.int32))
+                    draft = drafter.propose(max(room, 0))
+                else:
+                    context = np.append(self.input_ids[:n], token).astype(np.intc)
+                    draft = np.asarray(self.draft_model(context), dtype=np.int32).reshape(-1)[: max(room, 0)]
+                batch = self._checked_tokens(np.append(np.int32(token), draft))
+                logits = self._decode_extra(batch)
+                token = None
+                n_accepted = 0
+                for i, drafted in enumerate(draft.tolist()):
+                    ids, probs = sampler.probabilities(logits[i], self.input_ids[: n + i + 1])
+                    token = _accept_or_resample(ids, probs, drafted, rng)
+                    if token != drafted:
+                        break
+                    token = None
+                    n_accepted += 1
+                    n_yielded += 1
+                    yield drafted
+                self._rollback(n + 1 + n_accepted)
+                if drafter is not None:
+                    drafter.append(draft[:n_accepted])
+                    drafter.record(len(draft), n_accepted)
+                stats["steps"] += 1
+                stats["drafted"] += len(draft)
+                stats["accepted"] += n_accepted
+                if token is None:  # all accepted: the last row predicts the next token
+                    token = sampler.sample(self.scores[self.n_tokens - 1], self.input_ids[: self.n_tokens])
+        finally:
+            # Leave the state plain generation leaves: all but the last yielded token evaluated.
+            self._rollback(min(self.n_tokens, n_prompt + max(n_yielded - 1, 0)))
+            if drafter is not None:
+                drafter.finish()
+
+    def _decode_extra(self, tokens: np.ndarray) -> np.ndarray:
+        """Evaluates tokens after n_tokens in one batch, with logits for each (rows of scores)."""
+        n, k = self.n_tokens, len(tokens)
+        self._ctx.kv_seq_rm(-1, n, -1)
+        logits = self._ctx.decode(tokens, np.arange(n, n + k, dtype=np.int32), np.zeros(k, np.int32),
+                                  np.ones(k, np.uint8))
+        self.input_ids[n : n + k] = tokens
+        self.scores[n : n + k, :] = logits
+        self.n_tokens += k
+        return logits
+
+    def _rollback(self, n_tokens: int) -> None:
+        if n_tokens < self.n_tokens:
+            self.n_tokens = n_tokens
+            self._ctx.kv_seq_rm(0, n_tokens, -1)
 
     # ---- completion API ------------------------------------------------------------------
 
@@ -359,6 +448,22 @@ def _warm_page_cache(path: str, chunk: int = 64 << 20) -> None:
             done += n
             print(f"\rglmoe: loading {os.path.basename(path)}: {100 * done // size:3d}%", end="", file=sys.stderr)
     print(file=sys.stderr)
+
+
+def _accept_or_resample(ids: np.ndarray, probs: np.ndarray, drafted: int, rng: np.random.Generator) -> int:
+    """The speculative acceptance rule for a deterministic draft token: keep it with the
+    target's probability p(drafted), else draw from p with it removed; either way the token
+    returned is distributed as p. Greedy p is one token with probability 1."""
+    hit = np.flatnonzero(ids == drafted)
+    p = float(probs[hit[0]]) if len(hit) else 0.0
+    if p >= 1.0 or (p > 0.0 and rng.random() < p):
+        return drafted
+    residual = probs.astype(np.float64)
+    if len(hit):
+        residual[hit[0]] = 0.0
+    if len(ids) - len(hit) == 1:
+        return int(ids[np.flatnonzero(residual)[0]])
+    return int(ids[rng.choice(len(ids), p=residual / residual.sum())])
 
 
 def _bias_map(logit_bias: Optional[Dict[int, float]]) -> Dict[int, float]:
