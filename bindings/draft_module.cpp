@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "speculative.h"
 #include "suffix_draft.h"
 
 namespace nb = nanobind;
@@ -15,6 +16,7 @@ using namespace glmoe;
 namespace {
 
 using Tokens = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using LogitRows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
 nb::ndarray<nb::numpy, int32_t> to_numpy(const std::vector<int32_t>& v) {
     auto* data = new int32_t[v.size()];
@@ -41,6 +43,18 @@ SuffixDraftParams make_params(int max_depth, float max_spec_factor, float min_to
 }  // namespace
 
 void bind_draft(nb::module_& m) {
+    m.def("verify_draft",
+          [](Sampler& sampler, const LogitRows& logits, const Tokens& history, const Tokens& draft) {
+              const std::vector<int32_t> d(draft.data(), draft.data() + draft.shape(0));
+              if (logits.shape(0) != d.size() + 1 || logits.shape(1) != static_cast<size_t>(sampler.n_vocab()))
+                  throw nb::value_error("logits must have len(draft) + 1 rows of n_vocab");
+              const std::vector<int32_t> h(history.data(), history.data() + history.shape(0));
+              return to_numpy(verify_draft(sampler, logits.data(), h, d));
+          },
+          nb::arg("sampler"), nb::arg("logits"), nb::arg("history"), nb::arg("draft"),
+          "The speculative acceptance rule: the accepted prefix of draft, then one more token (row k of"
+          " logits follows history + draft[:k]).");
+
     nb::class_<SuffixStore>(m, "SuffixStore",
                             "Earlier outputs shared by all sequences, within a byte budget (oldest dropped first).")
         .def(nb::init<size_t, int>(), nb::arg("byte_budget"), nb::arg("depth_limit"))

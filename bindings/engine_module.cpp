@@ -48,6 +48,8 @@ nb::dict event_dict(const RequestEvent& ev) {
     d["n_generated"] = ev.n_generated;
     d["t_prompt_ms"] = ev.t_prompt_ms;
     d["t_gen_ms"] = ev.t_gen_ms;
+    d["draft_n"] = ev.draft_n;
+    d["draft_n_accepted"] = ev.draft_n_accepted;
     return d;
 }
 
@@ -58,26 +60,35 @@ void bind_engine(nb::module_& m) {
                             "Continuous batching over n_parallel slots of n_ctx // n_parallel positions"
                             " each, run by a C++ thread; requests beyond n_parallel queue in FIFO order.")
         .def("__init__",
-             [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch) {
-                 new (self) BatchEngine(model, EngineParams{n_ctx, n_parallel, n_threads, n_batch});
+             [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch,
+                bool spec_suffix, int spec_max_depth, float spec_max_spec_factor, float spec_min_token_prob) {
+                 EngineParams p{n_ctx, n_parallel, n_threads, n_batch};
+                 p.spec_suffix = spec_suffix;
+                 p.spec.max_depth = spec_max_depth;
+                 p.spec.max_spec_factor = spec_max_spec_factor;
+                 p.spec.min_token_prob = spec_min_token_prob;
+                 new (self) BatchEngine(model, p);
              },
              nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_parallel") = 1, nb::arg("n_threads") = 0,
-             nb::arg("n_batch") = 512, nb::keep_alive<1, 2>())
+             nb::arg("n_batch") = 512, nb::arg("spec_suffix") = false, nb::arg("spec_max_depth") = 64,
+             nb::arg("spec_max_spec_factor") = 1.0f, nb::arg("spec_min_token_prob") = 0.1f, nb::keep_alive<1, 2>(),
+             "spec_suffix: suffix decoding, each generating slot verifying its draft within the step.")
         .def("submit",
              [](BatchEngine& e, nb::handle tokens, int max_tokens, std::vector<int32_t> eog_ids,
                 float temperature, int top_k, float top_p, float min_p, float typical_p,
                 float repeat_penalty, int repeat_last_n, float presence_penalty, float frequency_penalty,
-                std::optional<std::map<int32_t, float>> logit_bias, std::optional<int64_t> seed) {
+                std::optional<std::map<int32_t, float>> logit_bias, std::optional<int64_t> seed, bool draft) {
                  const SamplingParams sp = make_sampling_params(
                      temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
                      presence_penalty, frequency_penalty, logit_bias, seed);
                  std::vector<int32_t> prompt = token_vector(tokens);
                  nb::gil_scoped_release release;
-                 return e.submit(std::move(prompt), max_tokens, std::move(eog_ids), sp);
+                 return e.submit(std::move(prompt), max_tokens, std::move(eog_ids), sp, draft);
              },
              nb::arg("tokens"), nb::arg("max_tokens") = 0, nb::arg("eog_ids") = std::vector<int32_t>(),
-             GLMOE_SAMPLING_KWARGS,
-             "Queues a request; returns its id. max_tokens <= 0: up to the slot context.")
+             GLMOE_SAMPLING_KWARGS, nb::arg("draft") = true,
+             "Queues a request; returns its id. max_tokens <= 0: up to the slot context. draft=False: no"
+             " speculative drafts for this request.")
         .def("poll",
              [](BatchEngine& e, int64_t id, double timeout) {
                  std::optional<RequestEvent> ev;
@@ -107,6 +118,8 @@ void bind_engine(nb::module_& m) {
                  d["generated_tokens_total"] = s.generated_tokens_total;
                  d["decode_steps_total"] = s.decode_steps_total;
                  d["t_busy_ms_total"] = s.t_busy_ms_total;
+                 d["draft_tokens_total"] = s.draft_tokens_total;
+                 d["draft_accepted_total"] = s.draft_accepted_total;
                  return d;
              })
         .def("slots",

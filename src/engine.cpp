@@ -4,6 +4,8 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "speculative.h"
+
 namespace glmoe {
 
 const char* finish_reason_name(FinishReason r) {
@@ -58,6 +60,7 @@ static const EngineParams& checked(const EngineParams& p) {
     if (p.n_ctx < 2 * p.n_parallel)
         throw std::invalid_argument("n_ctx must give each slot at least 2 positions");
     if (p.n_batch < 1) throw std::invalid_argument("n_batch must be positive");
+    if (p.spec_suffix) SuffixDrafter{p.spec};  // throws for bad drafting parameters
     return p;
 }
 
@@ -67,6 +70,9 @@ BatchEngine::BatchEngine(const Model& model, const EngineParams& params)
       n_ctx_slot_(params.n_ctx / params.n_parallel),
       n_vocab_(model.hparams().n_vocab),
       ctx_(model, ContextParams{params.n_ctx, params.n_threads, false}),
+      spec_store_(params.spec_suffix ? std::make_shared<SuffixStore>(params.spec_store_bytes,
+                                                                     params.spec.max_depth + params.spec.max_spec_tokens)
+                                     : nullptr),
       slots_(params.n_parallel) {
     thread_ = std::thread([this] { run(); });
 }
@@ -74,7 +80,7 @@ BatchEngine::BatchEngine(const Model& model, const EngineParams& params)
 BatchEngine::~BatchEngine() { shutdown(); }
 
 int64_t BatchEngine::submit(std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog_ids,
-                            const SamplingParams& sampling) {
+                            const SamplingParams& sampling, bool draft) {
     if (prompt.empty()) throw std::invalid_argument("empty prompt");
     for (int32_t t : prompt)
         if (t < 0 || t >= n_vocab_)
@@ -86,6 +92,11 @@ int64_t BatchEngine::submit(std::vector<int32_t> prompt, int max_tokens, std::ve
                                     " tokens does not fit the slot context of " + std::to_string(n_ctx_slot_));
     auto r = std::make_shared<Request>(0, std::move(prompt), max_tokens > 0 ? max_tokens : n_ctx_slot_,
                                        std::move(eog_ids), sampling, n_vocab_);
+    if (spec_store_ && draft) {  // indexing the prompt here keeps it off the engine thread
+        r->drafter = std::make_unique<SuffixDrafter>(params_.spec, spec_store_);
+        r->drafter->append(r->tokens.data(), r->tokens.size());
+        r->drafter->mark_prompt_end();
+    }
     std::lock_guard<std::mutex> lk(mu_);
     if (stopping_) throw std::runtime_error("the engine is shut down");
     r->id = next_id_++;
@@ -151,6 +162,8 @@ EngineStats BatchEngine::stats() const {
     s.generated_tokens_total = generated_tokens_total_;
     s.decode_steps_total = decode_steps_total_;
     s.t_busy_ms_total = t_busy_ms_total_;
+    s.draft_tokens_total = draft_tokens_total_;
+    s.draft_accepted_total = draft_accepted_total_;
     return s;
 }
 
@@ -242,10 +255,25 @@ void BatchEngine::build_batch() {
         if (want) logit_slots_.push_back(slot);
     };
 
-    // A generating slot's newest token is the one not yet in the cache.
-    for (int i = 0; i < params_.n_parallel; ++i)
-        if (slots_[i].state() == SlotState::generating)
-            add(slots_[i].request->tokens[slots_[i].n_past], slots_[i].n_past, i, true);
+    // A generating slot's newest token is the one not yet in the cache. Drafts to follow it get
+    // what n_batch leaves after every generating slot's token.
+    const int n_generating = static_cast<int>(std::count_if(
+        slots_.begin(), slots_.end(), [](const Slot& s) { return s.state() == SlotState::generating; }));
+    int draft_room = params_.n_batch - n_generating;
+    for (int i = 0; i < params_.n_parallel; ++i) {
+        const Slot& s = slots_[i];
+        if (s.state() != SlotState::generating) continue;
+        Request& r = *s.request;
+        add(r.tokens[s.n_past], s.n_past, i, true);
+        r.draft.clear();
+        if (!r.drafter) continue;
+        // Draft tokens beyond max_tokens or the slot context could never be kept.
+        const int room = std::min({draft_room, r.max_tokens - r.n_generated() - 1, n_ctx_slot_ - s.n_past - 2});
+        if (room <= 0) continue;
+        r.draft = r.drafter->propose(room);
+        for (size_t j = 0; j < r.draft.size(); ++j) add(r.draft[j], s.n_past + 1 + static_cast<int>(j), i, true);
+        draft_room -= static_cast<int>(r.draft.size());
+    }
 
     // Prompt chunks fill the rest, round-robin from where the last step stopped. At least one
     // prompt token per step even when decode tokens fill n_batch, so that a prompt cannot starve.
@@ -303,7 +331,7 @@ void BatchEngine::decode_step() {
                 one.want_logits.push_back(batch_.want_logits[t]);
             }
         if (!try_decode(one, one_logits, step_errors_[slot])) continue;
-        // A slot has at most one logits row per step.
+        // A slot's logits rows are adjacent, in batch order.
         const auto row = std::find(logit_slots_.begin(), logit_slots_.end(), slot);
         if (row != logit_slots_.end())
             std::copy(one_logits.begin(), one_logits.end(), logits_.begin() + (row - logit_slots_.begin()) * n_vocab_);
@@ -311,14 +339,17 @@ void BatchEngine::decode_step() {
 }
 
 void BatchEngine::sample_outputs(std::vector<Sampled>& out) {
-    for (size_t row = 0; row < logit_slots_.size(); ++row) {
+    for (size_t row = 0, n_rows; row < logit_slots_.size(); row += n_rows) {
         const int slot = logit_slots_[row];
+        for (n_rows = 1; row + n_rows < logit_slots_.size() && logit_slots_[row + n_rows] == slot;) ++n_rows;
         if (!step_errors_[slot].empty()) continue;
         Request& r = *slots_[slot].request;
         const float* logits = logits_.data() + row * n_vocab_;
         try {
-            const int32_t token = r.sampler.sample(logits, r.tokens);
-            out.push_back({slot, token, log_softmax_at(logits, n_vocab_, token)});
+            Sampled s{slot, verify_draft(r.sampler, logits, r.tokens, r.draft), {}};
+            for (size_t k = 0; k < s.tokens.size(); ++k)
+                s.logprobs.push_back(log_softmax_at(logits + k * n_vocab_, n_vocab_, s.tokens[k]));
+            out.push_back(std::move(s));
         } catch (const std::exception& e) {
             step_errors_[slot] = *e.what() ? e.what() : "sampling failed";
         }
@@ -334,11 +365,29 @@ void BatchEngine::apply_step(const std::vector<Sampled>& sampled) {
     }
     for (int i = 0; i < params_.n_parallel; ++i)
         if (slots_[i].request && !step_errors_[i].empty()) release_slot(i, FinishReason::error, step_errors_[i]);
-    for (const Sampled& s : sampled)
-        if (slots_[s.slot].request) accept_token(s.slot, s.token, s.logprob);
+    for (const Sampled& s : sampled) {
+        Slot& slot = slots_[s.slot];
+        if (!slot.request) continue;
+        Request& r = *slot.request;
+        const int n_drafted = static_cast<int>(r.draft.size());
+        const int n_accepted = static_cast<int>(s.tokens.size()) - 1;
+        if (n_drafted > 0) {
+            if (n_accepted < n_drafted) {  // the rejected draft positions leave the cache
+                slot.n_past -= n_drafted - n_accepted;
+                ctx_.kv_cache().seq_rm(s.slot, slot.n_past, -1);
+            }
+            r.drafter->record(n_drafted, n_accepted);
+            r.unpolled.draft_n += n_drafted;
+            r.unpolled.draft_n_accepted += n_accepted;
+            draft_tokens_total_ += n_drafted;
+            draft_accepted_total_ += n_accepted;
+        }
+        for (size_t k = 0; k < s.tokens.size(); ++k)
+            if (!accept_token(s.slot, s.tokens[k], s.logprobs[k])) break;
+    }
 }
 
-void BatchEngine::accept_token(int slot_id, int32_t token, float logprob) {
+bool BatchEngine::accept_token(int slot_id, int32_t token, float logprob) {
     Request& r = *slots_[slot_id].request;
     const auto now = Clock::now();
     if (r.n_generated() == 0) r.t_prompt_done = now;
@@ -346,14 +395,18 @@ void BatchEngine::accept_token(int slot_id, int32_t token, float logprob) {
     r.unpolled.t_gen_ms = ms_between(r.t_prompt_done, now);
     if (std::find(r.eog_ids.begin(), r.eog_ids.end(), token) != r.eog_ids.end()) {
         release_slot(slot_id, FinishReason::stop);
-        return;
+        return false;
     }
     r.tokens.push_back(token);
+    if (r.drafter) r.drafter->append(&token, 1);
     r.unpolled.tokens.push_back(token);
     r.unpolled.logprobs.push_back(logprob);
     ++generated_tokens_total_;
-    if (r.n_generated() >= r.max_tokens || static_cast<int>(r.tokens.size()) >= n_ctx_slot_)
+    if (r.n_generated() >= r.max_tokens || static_cast<int>(r.tokens.size()) >= n_ctx_slot_) {
         release_slot(slot_id, FinishReason::length);
+        return false;
+    }
+    return true;
 }
 
 void BatchEngine::release_slot(int slot_id, FinishReason reason, const std::string& error) {
@@ -367,6 +420,10 @@ void BatchEngine::release_slot(int slot_id, FinishReason reason, const std::stri
 }
 
 void BatchEngine::finish(Request& r, FinishReason reason, const std::string& error) {
+    if (r.drafter) {  // its output joins the store; the index itself is no longer needed
+        r.drafter->finish();
+        r.drafter.reset();
+    }
     r.slot = -1;
     r.unpolled.finished = true;
     r.unpolled.finish_reason = reason;

@@ -18,6 +18,7 @@
 
 #include "context.h"
 #include "sampling.h"
+#include "suffix_draft.h"
 
 namespace glmoe {
 
@@ -26,6 +27,11 @@ struct EngineParams {
     int n_parallel = 1;   // slots: sequences decoded concurrently
     int n_threads = 0;    // 0: every hardware thread
     int n_batch = 512;    // tokens per step (decode tokens first, prompt chunks fill the rest)
+    // Suffix decoding: a generating slot with a draft verifies it in the same step, as 1 + n_draft
+    // positions; requests share one SuffixStore of earlier outputs.
+    bool spec_suffix = false;
+    SuffixDraftParams spec;
+    size_t spec_store_bytes = 64 << 20;
 };
 
 enum class FinishReason { none, stop, length, cancelled, error };
@@ -42,6 +48,8 @@ struct RequestEvent {
     int n_generated = 0;
     double t_prompt_ms = 0;
     double t_gen_ms = 0;
+    int64_t draft_n = 0;           // draft tokens verified, over the whole request
+    int64_t draft_n_accepted = 0;  // of those, accepted
 };
 
 struct EngineStats {
@@ -50,6 +58,7 @@ struct EngineStats {
     int kv_cells_used, kv_cells_total;
     uint64_t prompt_tokens_total, generated_tokens_total, decode_steps_total;
     double t_busy_ms_total;
+    uint64_t draft_tokens_total, draft_accepted_total;
 };
 
 enum class SlotState { idle, prefill, generating };
@@ -73,8 +82,9 @@ public:
     // Queues a request; returns its id. max_tokens <= 0: up to the slot context. Throws
     // std::invalid_argument for an empty prompt, token ids out of range, bad sampling parameters
     // or a prompt that leaves no room to generate in a slot; std::runtime_error after shutdown().
+    // draft = false opts the request out of speculative drafting (when the engine has it on).
     int64_t submit(std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog_ids,
-                   const SamplingParams& sampling);
+                   const SamplingParams& sampling, bool draft = true);
 
     // Waits up to timeout_s for new output or the end of the request, then takes what there is.
     // nullopt for an unknown id; a request is forgotten once a poll has reported it finished.
@@ -106,6 +116,8 @@ private:
         int n_pollers = 0;            // polls waiting on it; cancel() leaves it to them
         RequestEvent unpolled;        // tokens/logprobs not yet handed over, and the status
         Clock::time_point t_start, t_prompt_done;  // slot taken; first token sampled
+        std::unique_ptr<SuffixDrafter> drafter;    // null: no drafting; holds tokens, kept in step
+        std::vector<int32_t> draft;                // this step's draft, after tokens.back()
 
         Request(int64_t id, std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog,
                 const SamplingParams& sp, int n_vocab);
@@ -120,17 +132,18 @@ private:
         SlotState state() const;
     };
 
-    // One sampled token of a step, computed outside the lock.
+    // A slot's output of a step, computed outside the lock: the accepted draft tokens, then one
+    // more (just the sampled token when there was no draft).
     struct Sampled {
         int slot;
-        int32_t token;
-        float logprob;
+        std::vector<int32_t> tokens;
+        std::vector<float> logprobs;
     };
 
     void run();
     bool has_work() const;
     void start_waiting_requests();
-    // Fills batch_ and logit_slots_ (the slot of each logits row).
+    // Fills batch_ and logit_slots_ (the slot of each logits row; a slot's rows are adjacent).
     void build_batch();
     // Runs batch_. A failed decode leaves the cache unchanged, so a failed batch of several
     // sequences is retried one sequence at a time: only those whose own tokens fail get an error.
@@ -138,7 +151,8 @@ private:
     bool try_decode(const Batch& batch, std::vector<float>& logits, std::string& error);
     void sample_outputs(std::vector<Sampled>& out);
     void apply_step(const std::vector<Sampled>& sampled);
-    void accept_token(int slot_id, int32_t token, float logprob);
+    // False when the token finished the request (and freed its slot).
+    bool accept_token(int slot_id, int32_t token, float logprob);
     // Finishes the slot's request, frees the slot and its KV cells, wakes pollers.
     void release_slot(int slot_id, FinishReason reason, const std::string& error = {});
     void finish(Request& r, FinishReason reason, const std::string& error = {});
@@ -148,6 +162,7 @@ private:
     const int n_ctx_slot_;
     const int n_vocab_;
     Context ctx_;  // touched only by the engine thread, or under mu_ while no step is in flight
+    const std::shared_ptr<SuffixStore> spec_store_;  // null: no drafting
 
     mutable std::mutex mu_;
     std::condition_variable work_cv_;    // engine thread: new request, cancel, shutdown
@@ -162,6 +177,7 @@ private:
     int prefill_cursor_ = 0;       // slot where the next step's prompt chunks start
 
     uint64_t prompt_tokens_total_ = 0, generated_tokens_total_ = 0, decode_steps_total_ = 0;
+    uint64_t draft_tokens_total_ = 0, draft_accepted_total_ = 0;
     double t_busy_ms_total_ = 0;
 
     // Step scratch, engine thread only.

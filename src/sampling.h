@@ -47,6 +47,10 @@ public:
 
     void reseed(uint32_t seed);
 
+    // The next draw of sample()'s random stream, uniform in [0, 1); speculative verification
+    // draws from it too, so that one seed reproduces a drafted run.
+    double uniform01();
+
     const SamplingParams& params() const { return params_; }
     int n_vocab() const { return n_vocab_; }
 
@@ -66,7 +70,6 @@ private:
     void apply_typical();
     void apply_top_p_and_min_p();
     double softmax_into_probs(double temperature);  // returns the sum before normalising
-    double uniform01();
 
     SamplingParams params_;
     int n_vocab_;

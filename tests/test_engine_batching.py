@@ -28,8 +28,8 @@ def model(tmp_path_factory):
 def engine_factory(model):
     engines = []
 
-    def make(n_ctx=512, n_parallel=4, n_batch=512):
-        e = _core.BatchEngine(model, n_ctx, n_parallel=n_parallel, n_threads=N_THREADS, n_batch=n_batch)
+    def make(n_ctx=512, n_parallel=4, n_batch=512, **spec):
+        e = _core.BatchEngine(model, n_ctx, n_parallel=n_parallel, n_threads=N_THREADS, n_batch=n_batch, **spec)
         engines.append(e)
         return e
 
@@ -284,3 +284,77 @@ def test_submit_cancel_cycles_do_not_leak(engine_factory):
     assert all(sl["state"] == "idle" for sl in engine.slots())
     tokens, _, ev = collect(engine, engine.submit(prompt_of(4, 1), 3, [], temperature=0))
     assert len(tokens) == 3
+
+
+# ---- suffix decoding -------------------------------------------------------------------------
+
+def repetitive_prompt(salt, period=6, repeats=5):
+    """A phrase said over and over: the drafter finds long matches, so drafts are accepted."""
+    return prompt_of(period, salt) * repeats
+
+
+def run_concurrently(engine, cases):
+    """Submits every case (prompt, max_tokens, kwargs) at once; returns collect()'s results."""
+    results = [None] * len(cases)
+    start = threading.Barrier(len(cases))
+
+    def client(i):
+        prompt, max_tokens, kw = cases[i]
+        start.wait()
+        results[i] = collect(engine, engine.submit(prompt, max_tokens, [], **kw))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("n_batch", [512, 8])
+def test_suffix_drafting_greedy_is_bitwise_plain(engine_factory, n_batch):
+    # Drafted and draft-free requests (draft=False) share steps; n_batch 8 leaves drafts little
+    # room beside four decode tokens and prompt chunks. Slots of 96 positions: requests that run
+    # to the slot context (max_tokens 0) test the draft's room at the end.
+    greedy = dict(temperature=0)
+    cases = [(repetitive_prompt(k), m, dict(greedy, draft=k % 3 != 2))
+             for k, m in enumerate([24, 0, 17, 30, 0, 9])] + [(prompt_of(13, 9), 20, greedy)]
+    plain = run_concurrently(engine_factory(n_ctx=384, n_parallel=4, n_batch=n_batch), cases)
+    engine = engine_factory(n_ctx=384, n_parallel=4, n_batch=n_batch, spec_suffix=True, spec_max_depth=16)
+    drafted = run_concurrently(engine, cases)
+    for (_, _, kw), (want, want_lp, want_ev), (got, got_lp, ev) in zip(cases, plain, drafted):
+        assert got == want and got_lp == want_lp  # bitwise: decode is batch-invariant
+        assert ev["finish_reason"] == want_ev["finish_reason"] and ev["n_generated"] == want_ev["n_generated"]
+        assert want_ev["draft_n"] == 0 and 0 <= ev["draft_n_accepted"] <= ev["draft_n"]
+        if not kw.get("draft", True):
+            assert ev["draft_n"] == 0
+    assert sum(ev["draft_n_accepted"] for _, _, ev in drafted) > 0
+    s = engine.stats()
+    assert s["draft_tokens_total"] == sum(ev["draft_n"] for _, _, ev in drafted)
+    assert s["draft_accepted_total"] == sum(ev["draft_n_accepted"] for _, _, ev in drafted)
+    assert s["generated_tokens_total"] == sum(len(t) for t, _, _ in plain)
+    assert s["kv_cells_used"] == 0  # rejected draft positions left no cells behind and s["requests_running"] == 0
+
+
+def test_suffix_drafting_sampling_reproduces_per_seed(engine_factory):
+    # Accepting a draft draws from the request's own stream, so a seed fixes the output. One slot
+    # at a time, so that the store of earlier outputs (and so each draft) is the same in both runs.
+    kw = dict(temperature=0.7, top_k=20, top_p=0.95, min_p=0.0, repeat_penalty=1.05)
+    cases = [(repetitive_prompt(k), 24, dict(kw, seed=s)) for k, s in [(0, 1), (1, 1), (0, 2), (0, 1)]]
+
+    def run():
+        engine = engine_factory(n_ctx=256, n_parallel=1, spec_suffix=True, spec_max_depth=16)
+        return [collect(engine, engine.submit(p, m, [], **k)) for p, m, k in cases]
+
+    a, b = run(), run()
+    assert [t for t, _, _ in a] == [t for t, _, _ in b]
+    assert [ev["draft_n_accepted"] for _, _, ev in a] == [ev["draft_n_accepted"] for _, _, ev in b]
+    assert a[2][0] != a[0][0]
+    assert sum(ev["draft_n_accepted"] for _, _, ev in a) > 0
+
+
+def test_suffix_drafting_bad_parameters(model):
+    with pytest.raises(ValueError):
+        _core.BatchEngine(model, 256, spec_suffix=True, spec_max_depth=0)
+    with pytest.raises(ValueError):
+        _core.BatchEngine(model, 256, spec_suffix=True, spec_min_token_prob=2.0)

@@ -148,6 +148,37 @@ def test_metrics_and_slots(server, client):
     assert len(slots) == harness.N_PARALLEL and {"id", "state", "n_past"} <= set(slots[0])
 
 
+@pytest.fixture(scope="module")
+def spec_server(model_path):
+    srv = harness.ServerProcess(model_path, "--spec-suffix", "--spec-max-depth", "16")
+    yield srv
+    srv.stop()
+
+
+def test_spec_suffix_same_greedy_text_with_timings(server, spec_server):
+    # A repeated phrase, so that drafts are proposed and some accepted.
+    body = {"model": "tiny", "prompt": "one two three four five six " * 6, "max_tokens": 40, "temperature": 0}
+    want = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers(), timeout=60).json()
+    got = httpx.post(spec_server.url + "/v1/completions", json=body, headers=spec_server.headers(), timeout=60).json()
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    t = got["timings"]
+    assert t["predicted_n"] == got["usage"]["completion_tokens"] and t["prompt_n"] == got["usage"]["prompt_tokens"]
+    assert 0 <= t["draft_n_accepted"] <= t["draft_n"] and t["draft_n"] > 0
+    assert "draft_n" not in want["timings"]  # the plain server reports no drafting
+    # A stream carries the timings on its last choice chunk.
+    with httpx.stream("POST", spec_server.url + "/v1/completions", json=dict(body, stream=True),
+                      headers=spec_server.headers(), timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want["choices"][0]["text"]
+    # The first request's output is in the shared store now: the second drafts at least as much.
+    streamed = chunks[-1]["timings"]
+    assert streamed["draft_n"] >= t["draft_n"] and "timings" not in chunks[0]
+    metrics = httpx.get(spec_server.url + "/metrics", headers=spec_server.headers()).text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
+    assert values["glmoe:draft_tokens_total"] == t["draft_n"] + streamed["draft_n"]
+    assert values["glmoe:draft_tokens_accepted_total"] == t["draft_n_accepted"] + streamed["draft_n_accepted"]
+
+
 def test_api_key_and_404(server):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

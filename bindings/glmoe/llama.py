@@ -268,7 +268,7 @@ class Llama:
             presence_penalty=presence_penalty, logit_bias=_bias_map(logit_bias),
         )
         if self.draft_model is not None:
-            yield from self._generate_drafted(todo, sampler, np.random.default_rng(seed))
+            yield from self._generate_drafted(todo, sampler)
             return
         while True:
             self.eval(todo)
@@ -276,11 +276,11 @@ class Llama:
             yield token
             todo = [token]
 
-    def _generate_drafted(self, todo: List[int], sampler: _core.Sampler, rng: np.random.Generator) -> Iterator[int]:
+    def _generate_drafted(self, todo: List[int], sampler: _core.Sampler) -> Iterator[int]:
         """generate() with speculative drafts: each step evaluates the sampled token and a draft to
-        follow it in one batch, keeps the draft's longest prefix the target accepts (standard
-        speculative sampling, so the output distribution is unchanged; greedy output is
-        identical) and rolls the KV cache back past the rest."""
+        follow it in one batch, keeps the draft's longest prefix the target accepts (the engine's
+        verify_draft: standard speculative sampling, so the output distribution is unchanged;
+        greedy output is identical) and rolls the KV cache back past the rest."""
         from .draft import SuffixDecoding
 
         self.eval(todo)
@@ -306,17 +306,9 @@ class Llama:
                     draft = np.asarray(self.draft_model(context), dtype=np.int32).reshape(-1)[: max(room, 0)]
                 batch = self._checked_tokens(np.append(np.int32(token), draft))
                 logits = self._decode_extra(batch)
-                token = None
-                n_accepted = 0
-                for i, drafted in enumerate(draft.tolist()):
-                    ids, probs = sampler.probabilities(logits[i], self.input_ids[: n + i + 1])
-                    token = _accept_or_resample(ids, probs, drafted, rng)
-                    if token != drafted:
-                        break
-                    token = None
-                    n_accepted += 1
-                    n_yielded += 1
-                    yield drafted
+                *accepted, token = _core.verify_draft(sampler, logits, self.input_ids[: n + 1].astype(np.int32),
+                                                      draft.astype(np.int32)).tolist()
+                n_accepted = len(accepted)
                 self._rollback(n + 1 + n_accepted)
                 if drafter is not None:
                     drafter.append(draft[:n_accepted])
@@ -324,8 +316,9 @@ class Llama:
                 stats["steps"] += 1
                 stats["drafted"] += len(draft)
                 stats["accepted"] += n_accepted
-                if token is None:  # all accepted: the last row predicts the next token
-                    token = sampler.sample(self.scores[self.n_tokens - 1], self.input_ids[: self.n_tokens])
+                for drafted in accepted:
+                    n_yielded += 1
+                    yield drafted
         finally:
             # Leave the state plain generation leaves: all but the last yielded token evaluated.
             self._rollback(min(self.n_tokens, n_prompt + max(n_yielded - 1, 0)))
@@ -448,22 +441,6 @@ def _warm_page_cache(path: str, chunk: int = 64 << 20) -> None:
             done += n
             print(f"\rglmoe: loading {os.path.basename(path)}: {100 * done // size:3d}%", end="", file=sys.stderr)
     print(file=sys.stderr)
-
-
-def _accept_or_resample(ids: np.ndarray, probs: np.ndarray, drafted: int, rng: np.random.Generator) -> int:
-    """The speculative acceptance rule for a deterministic draft token: keep it with the
-    target's probability p(drafted), else draw from p with it removed; either way the token
-    returned is distributed as p. Greedy p is one token with probability 1."""
-    hit = np.flatnonzero(ids == drafted)
-    p = float(probs[hit[0]]) if len(hit) else 0.0
-    if p >= 1.0 or (p > 0.0 and rng.random() < p):
-        return drafted
-    residual = probs.astype(np.float64)
-    if len(hit):
-        residual[hit[0]] = 0.0
-    if len(ids) - len(hit) == 1:
-        return int(ids[np.flatnonzero(residual)[0]])
-    return int(ids[rng.choice(len(ids), p=residual / residual.sum())])
 
 
 def _bias_map(logit_bias: Optional[Dict[int, float]]) -> Dict[int, float]:

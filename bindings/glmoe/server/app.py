@@ -50,10 +50,13 @@ def _load(state: ServerState, settings: Settings) -> None:
         model = _core.Model(settings.model_path)
         tokenizer = GGUFTokenizer.from_gguf(settings.model_path)
         engine = _core.BatchEngine(model, settings.n_ctx or model.n_ctx_train, n_parallel=settings.n_parallel,
-                                   n_threads=settings.n_threads, n_batch=settings.n_batch)
+                                   n_threads=settings.n_threads, n_batch=settings.n_batch,
+                                   spec_suffix=settings.spec_suffix, spec_max_depth=settings.spec_max_depth,
+                                   spec_max_spec_factor=settings.spec_max_spec_factor,
+                                   spec_min_token_prob=settings.spec_min_token_prob)
         state.chat_template = settings.chat_template or model.metadata().get("tokenizer.chat_template")
         state.model, state.tokenizer = model, tokenizer
-        state.generator = Generator(engine, tokenizer, settings.n_parallel)
+        state.generator = Generator(engine, tokenizer, settings.n_parallel, settings.spec_suffix)
         print(f"llama-server: loaded {settings.model_path} ({model.description}); "
               f"{settings.n_parallel} slots of {state.generator.n_ctx_slot} tokens", file=sys.stderr)
     except Exception as e:  # reported by /health and every other route
@@ -221,14 +224,14 @@ def create_app(settings: Settings) -> FastAPI:
             if finish is None:
                 return Response(status_code=499)  # nobody is listening
             return dict(base, choices=[choice(prompt_text + text if req.echo else text, finish.reason)],
-                        usage=finish.usage())
+                        usage=finish.usage(), timings=finish.timings)
 
         async def events():
             if req.echo:
                 yield dict(base, choices=[choice(prompt_text, None)])
             async for item in run:
                 if isinstance(item, Finish):
-                    yield dict(base, choices=[choice("", item.reason)])
+                    yield dict(base, choices=[choice("", item.reason)], timings=item.timings)
                     if req.include_usage:
                         yield dict(base, choices=[], usage=item.usage())
                 else:
@@ -280,7 +283,7 @@ def create_app(settings: Settings) -> FastAPI:
                 message["tool_calls"] = calls
             return dict(base, choices=[{"index": 0, "message": message, "logprobs": None,
                                         "finish_reason": reason_for(finish, len(parsed.tool_calls))}],
-                        usage=finish.usage())
+                        usage=finish.usage(), timings=finish.timings)
 
         chunk = dict(base, object="chat.completion.chunk")
 
@@ -294,7 +297,7 @@ def create_app(settings: Settings) -> FastAPI:
                 if isinstance(item, Finish):
                     for d in parser.finish():
                         yield delta(d)
-                    yield delta({}, reason_for(item, parser.n_tool_calls))
+                    yield dict(delta({}, reason_for(item, parser.n_tool_calls)), timings=item.timings)
                     if req.include_usage:
                         yield dict(chunk, choices=[], usage=item.usage())
                 else:

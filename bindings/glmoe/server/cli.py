@@ -26,6 +26,14 @@ def parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer KEY' (also from $LLAMA_API_KEY)")
     ap.add_argument("--chat-template", help="jinja chat template source (default: the model's)")
     ap.add_argument("--chat-template-file", help="file holding the jinja chat template")
+    spec = ap.add_argument_group("suffix decoding (glmoe's own flags: llama.cpp has no model-free drafter)")
+    spec.add_argument("--spec-suffix", action="store_true",
+                      help="draft from text already seen (prompt, output, earlier outputs) and verify in the batch")
+    spec.add_argument("--spec-max-depth", type=int, default=64, help="longest context suffix matched")
+    spec.add_argument("--spec-max-spec-factor", type=float, default=1.0,
+                      help="draft at most this many tokens per matched token")
+    spec.add_argument("--spec-min-token-prob", type=float, default=0.1,
+                      help="stop a draft where its empirical path probability falls below this")
     unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused on the CPU")
     unused.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers")
     unused.add_argument("-ub", "--ubatch-size", type=int)
@@ -47,7 +55,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         from ..__main__ import default_model_path
         model = default_model_path()
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
-                    n_batch=args.batch_size, alias=args.alias, api_key=args.api_key, chat_template=template)
+                    n_batch=args.batch_size, alias=args.alias, api_key=args.api_key, chat_template=template,
+                    spec_suffix=args.spec_suffix, spec_max_depth=args.spec_max_depth,
+                    spec_max_spec_factor=args.spec_max_spec_factor, spec_min_token_prob=args.spec_min_token_prob)
 
 
 def main(argv=None) -> int:
@@ -55,6 +65,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.parallel < 1 or args.ctx_size < 0 or args.batch_size < 1:
         ap.error("--parallel and --batch-size must be >= 1, --ctx-size >= 0")
+    if args.spec_max_depth < 1 or not args.spec_max_spec_factor >= 0 or not 0 <= args.spec_min_token_prob <= 1:
+        ap.error("--spec-max-depth must be >= 1, --spec-max-spec-factor >= 0, --spec-min-token-prob in [0, 1]")
     if args.model and not os.path.isfile(args.model):
         ap.error(f"no such model file: {args.model}")
     unused = {f: getattr(args, d) for f, d in [("-ngl", "gpu_layers"), ("-ub", "ubatch_size"), ("-fa", "flash_attn"),

@@ -19,6 +19,7 @@ class Finish:
     reason: str  # "stop" | "length"
     n_prompt: int
     n_generated: int
+    timings: Dict[str, float] = dataclasses.field(default_factory=dict)  # llama.cpp's "timings"
 
     def usage(self) -> Dict[str, int]:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_generated,
@@ -29,8 +30,8 @@ class Generator:
     """Owns the engine. At most `2 * n_parallel` requests are in the engine at once (enough to
     refill a slot the moment one frees); the rest wait here, costing no thread."""
 
-    def __init__(self, engine, tokenizer, n_parallel: int):
-        self.engine, self.tokenizer = engine, tokenizer
+    def __init__(self, engine, tokenizer, n_parallel: int, spec_suffix: bool = False):
+        self.engine, self.tokenizer, self.spec_suffix = engine, tokenizer, spec_suffix
         self.eog = frozenset(tokenizer.eog_ids)
         self._admitted = asyncio.Semaphore(2 * n_parallel)
         self.waiting_here = 0  # requests queued in front of the engine (for /metrics)
@@ -92,8 +93,9 @@ class Generator:
                     yield text[sent:safe]
                     sent = safe
                 if reason:
-                    yield Finish("stop" if reason == "cancelled" else reason, len(tokens),
-                                 ev.get("n_generated", n_generated) if done else n_generated)
+                    n_out = ev.get("n_generated", n_generated) if done else n_generated
+                    yield Finish("stop" if reason == "cancelled" else reason, len(tokens), n_out,
+                                 self._timings(ev, len(tokens), n_out))
                     return
                 if client_gone is not None and await client_gone():
                     return
@@ -106,6 +108,18 @@ class Generator:
                     future.add_done_callback(lambda _: self._admitted.release())
                 except RuntimeError:  # the pool is shut down: the engine is going away too
                     self._admitted.release()
+
+    def _timings(self, ev: dict, n_prompt: int, n_generated: int) -> Dict[str, float]:
+        """llama.cpp server's timings object; draft_n / draft_n_accepted when drafting is on."""
+        t = {"prompt_n": n_prompt, "prompt_ms": ev["t_prompt_ms"],
+             "prompt_per_token_ms": ev["t_prompt_ms"] / max(n_prompt, 1),
+             "prompt_per_second": 1000.0 * n_prompt / ev["t_prompt_ms"] if ev["t_prompt_ms"] > 0 else 0.0,
+             "predicted_n": n_generated, "predicted_ms": ev["t_gen_ms"],
+             "predicted_per_token_ms": ev["t_gen_ms"] / max(n_generated, 1),
+             "predicted_per_second": 1000.0 * n_generated / ev["t_gen_ms"] if ev["t_gen_ms"] > 0 else 0.0}
+        if self.spec_suffix:
+            t["draft_n"], t["draft_n_accepted"] = ev["draft_n"], ev["draft_n_accepted"]
+        return t
 
     def _cancel(self, rid: int) -> None:
         """Cancels, then polls until the engine reports the request finished, so that it forgets it."""

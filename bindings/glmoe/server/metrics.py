@@ -36,6 +36,11 @@ def render(http: HTTPCounters, stats: Optional[dict], waiting_in_server: int) ->
     _line(out, "llamacpp:n_decode_total", "counter", "Engine decode steps.", stats["decode_steps_total"])
     _line(out, "llamacpp:predicted_tokens_seconds", "gauge", "Generated tokens per second of engine busy time.",
           f"{stats['generated_tokens_total'] / busy_s if busy_s > 0 else 0.0:.3f}")
+    # Not llama.cpp series (its server exports none for drafts): glmoe's own names.
+    _line(out, "glmoe:draft_tokens_total", "counter", "Speculative draft tokens verified.",
+          stats["draft_tokens_total"])
+    _line(out, "glmoe:draft_tokens_accepted_total", "counter", "Speculative draft tokens accepted.",
+          stats["draft_accepted_total"])
     _line(out, "llamacpp:requests_processing", "gauge", "Requests in a slot.", stats["requests_running"])
     _line(out, "llamacpp:requests_deferred", "gauge", "Requests queued (in the engine and in front of it).",
           stats["requests_waiting"] + waiting_in_server)

@@ -15,6 +15,11 @@ class Settings:
     alias: Optional[str] = None
     api_key: Optional[str] = None
     chat_template: Optional[str] = None  # jinja source; None: the model's tokenizer.chat_template
+    # Suffix decoding (speculative drafts from text already seen), verified inside the batch.
+    spec_suffix: bool = False
+    spec_max_depth: int = 64
+    spec_max_spec_factor: float = 1.0
+    spec_min_token_prob: float = 0.1
     # Called in the loading thread before the model loads (tests hold the server in "loading").
     before_load: Optional[Callable[[], None]] = None
 
