@@ -173,3 +173,15 @@ def test_unsupported_arguments_are_refused(llm):
         llm("x", max_tokens=1, mirostat_mode=2)
     with pytest.raises(TypeError, match="unexpected keyword"):
         llm("x", max_tokens=1, not_an_argument=1)
+
+
+def test_llama_cpp_python_constructor_options(model_path, capsys):
+    llm = glmoe.Llama(model_path, n_ctx=32, use_mmap=True, flash_attn=True, n_ubatch=64, verbose=True)
+    assert "ignoring llama-cpp-python options glmoe does not have: flash_attn, n_ubatch, use_mmap" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_ctxx'"):
+        glmoe.Llama(model_path, n_ctxx=32, verbose=False)
+    assert llm.token_nl() == llm.tokenize(b"\n", add_bos=False)[0]
+    assert glmoe.Llama.longest_token_prefix([1, 2, 3], [1, 2, 4]) == 2
+    lp = glmoe.Llama.logits_to_logprobs(np.array([[0.0, 1.0], [2.0, 2.0]], np.float32))
+    assert np.allclose(np.exp(lp).sum(axis=1), 1) and np.allclose(lp[1], np.log(0.5))
+    llm.close()

@@ -46,6 +46,9 @@ class Llama:
         verbose: bool = True,
         **kwargs,
     ):
+        unknown = sorted(set(kwargs) - _IGNORED_INIT_ARGS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument '{unknown[0]}'")
         if n_batch < 1:
             raise ValueError("n_batch must be at least 1")
         if n_ctx < 0:
@@ -88,6 +91,9 @@ class Llama:
                 f"load time = {1000 * (time.perf_counter() - t0):.1f} ms",
                 file=sys.stderr,
             )
+            if kwargs:
+                print(f"glmoe: ignoring llama-cpp-python options glmoe does not have: {', '.join(sorted(kwargs))}",
+                      file=sys.stderr)
             if n_gpu_layers:
                 if not _core.built_with_cuda():
                     reason = "this build has no CUDA backend"
@@ -113,6 +119,29 @@ class Llama:
 
     def token_eos(self) -> int:
         return self.tokenizer_.eos_id
+
+    def token_nl(self) -> int:
+        return self.tokenize(b"\n", add_bos=False)[0]
+
+    def close(self) -> None:
+        """Frees the context and the model (the object is unusable afterwards)."""
+        self._ctx = self._model = None
+
+    @staticmethod
+    def logits_to_logprobs(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+        from .completion import logits_to_logprobs
+
+        return logits_to_logprobs(logits) if axis == -1 else np.moveaxis(
+            logits_to_logprobs(np.moveaxis(logits, axis, -1)), -1, axis)
+
+    @staticmethod
+    def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
 
     def tokenizer(self) -> GGUFTokenizer:
         return self.tokenizer_
@@ -225,12 +254,7 @@ class Llama:
         """Keeps the evaluated prefix that tokens share and returns what is left to evaluate.
 
         At least one token is always left, so that fresh logits exist for the next sample."""
-        common = 0
-        for a, b in zip(self.input_ids[: self.n_tokens], tokens):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)
+        common = min(self.longest_token_prefix(self.input_ids[: self.n_tokens], tokens), len(tokens) - 1)
         if self.verbose and common > 0:
             print(f"glmoe: {common} prompt tokens reused from the cache", file=sys.stderr)
         self.n_tokens = max(common, 0)
@@ -446,6 +470,16 @@ def _warm_page_cache(path: str, chunk: int = 64 << 20) -> None:
 def _bias_map(logit_bias: Optional[Dict[int, float]]) -> Dict[int, float]:
     return {int(k): float(v) for k, v in (logit_bias or {}).items()}
 
+
+# llama-cpp-python constructor options with no glmoe counterpart yet: accepted (verbose says they
+# were ignored) so that code written for llama-cpp-python runs unchanged.
+_IGNORED_INIT_ARGS = {
+    "split_mode", "main_gpu", "tensor_split", "vocab_only", "use_mmap", "use_mlock", "kv_overrides", "n_ubatch",
+    "n_threads_batch", "rope_scaling_type", "pooling_type", "attention_type", "rope_freq_base", "rope_freq_scale",
+    "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_orig_ctx", "offload_kqv",
+    "flash_attn", "op_offload", "swa_full", "no_perf", "last_n_tokens_size", "lora_base", "lora_scale",
+    "lora_path", "numa", "chat_format", "chat_handler", "tokenizer", "type_k", "type_v", "spm_infill",
+}
 
 # llama-cpp-python arguments that glmoe accepts at their no-op values only.
 _NOOP_ARGS = {"tfs_z": 1.0, "mirostat_mode": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "penalize_nl": True,
