@@ -12,7 +12,9 @@ checkpoint. Facts this relies on (transformers 5.23, models/glm4_moe):
   experts.down_proj [E, H, Fe]. Both spellings are accepted.
 - MTP layers (model.layers.{num_hidden_layers + i}) are not part of the transformers model; when a
   checkpoint has them they are converted, otherwise nextn_predict_layers is written as 0.
-The tokenizer section is make_model's synthetic one (the checkpoint's tokenizer is not converted).
+The tokenizer section is make_model's synthetic one unless convert() is given `vocab` (tokens in
+GPT-2 byte-alphabet form, token types, merges), e.g. tools/train_tiny.py's trained tokenizer; the
+checkpoint's own tokenizer files are not read.
 """
 from __future__ import annotations
 
@@ -112,7 +114,8 @@ def _expert_source(ckpt: Checkpoint, layer: str, which: str, n_experts: int, n_f
             yield ckpt.get(f"{layer}mlp.experts.{e}.{which}_proj.weight")
 
 
-def convert(hf_dir: str, out_path: str, outtype: str = "f16") -> ModelSpec:
+def convert(hf_dir: str, out_path: str, outtype: str = "f16",
+            vocab: tuple[list[str], list[int], list[str]] | None = None) -> ModelSpec:
     with open(os.path.join(hf_dir, "config.json")) as f:
         config = json.load(f)
     ckpt = Checkpoint(hf_dir)
@@ -156,7 +159,7 @@ def convert(hf_dir: str, out_path: str, outtype: str = "f16") -> ModelSpec:
                 source = (lambda hf_name=hf_name, qtype=qtype, t=t: iter(
                     [quantize(ckpt.get(hf_name).reshape(t.shape), qtype)]))
         tensors.append((t.name, t.shape, qtype, source))
-    write_gguf(out_path, spec, tensors)
+    write_gguf(out_path, spec, tensors, vocab)
     return spec
 
 

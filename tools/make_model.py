@@ -480,11 +480,13 @@ def storage_type(spec: ModelSpec, t: TensorSpec) -> QT:
 ChunkSource = Callable[[], Iterator[np.ndarray]]
 
 
-def write_gguf(path: str, spec: ModelSpec, tensors: list[tuple[str, tuple[int, ...], QT, ChunkSource]]) -> None:
+def write_gguf(path: str, spec: ModelSpec, tensors: list[tuple[str, tuple[int, ...], QT, ChunkSource]],
+               vocab: tuple[list[str], list[int], list[str]] | None = None) -> None:
     """Stream a GGUF: header, metadata and tensor infos first, then each tensor's data from its
-    chunk source (encoded arrays in row order), so memory holds one chunk at a time."""
+    chunk source (encoded arrays in row order), so memory holds one chunk at a time. `vocab` is
+    add_glm4moe_metadata's (default: the synthetic one)."""
     w = gguf.GGUFWriter(path, ARCH)
-    add_glm4moe_metadata(w, spec)
+    add_glm4moe_metadata(w, spec, vocab)
     for name, shape, qtype, _ in tensors:
         # With raw_dtype and a non-uint8 dtype, gguf-py takes `shape` as the element shape.
         w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes_of(shape, qtype), raw_dtype=qtype)

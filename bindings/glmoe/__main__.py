@@ -1,8 +1,8 @@
 """`python -m glmoe`: generate text from a prompt with a GLM4-MoE GGUF model.
 
-With no model argument it uses a small built-in GLM4-MoE model with random weights, made once
-and cached, so the output is a stream of random tokens: it shows the whole path (tokenizer,
-engine, sampler, streaming) working on a fresh machine.
+With no model argument it uses the built-in tiny GLM4-MoE (models/tiny-kjv.gguf, a few MB, made
+by tools/train_tiny.py on the King James Bible), so a fresh install writes readable if
+scriptural English: it shows the whole path (tokenizer, engine, sampler, streaming) working.
 """
 from __future__ import annotations
 
@@ -14,23 +14,14 @@ from .llama import Llama
 
 
 def default_model_path() -> str:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(cache, "glmoe", "tiny-random-v1.gguf")
-    if not os.path.exists(path):
-        from .tools.make_model import PRESETS, ModelSpec, write_model
-
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"glmoe: making the built-in model {path}", file=sys.stderr)
-        tmp = f"{path}.{os.getpid()}.part"
-        write_model(tmp, ModelSpec(**PRESETS["tiny"]), seed=0)
-        os.replace(tmp, path)
-    return path
+    """The packaged trained model."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny-kjv.gguf")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="glmoe", description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", help="GLM4-MoE GGUF file (default: the built-in tiny model)")
-    ap.add_argument("-p", "--prompt", default="Once upon a time", help="prompt text")
+    ap.add_argument("-p", "--prompt", default="In the beginning", help="prompt text")
     ap.add_argument("-n", "--n-predict", type=int, default=32, help="tokens to generate")
     ap.add_argument("-c", "--ctx-size", type=int, default=512)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())

@@ -13,7 +13,7 @@ from .settings import Settings
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llama-server", allow_abbrev=False,
                                  description="OpenAI-compatible server for GLM4-MoE GGUF models")
-    ap.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny random model)")
+    ap.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny trained model)")
     ap.add_argument("-a", "--alias", help="model name reported by /v1/models and in responses")
     ap.add_argument("-c", "--ctx-size", type=int, default=4096,
                     help="KV cache size in tokens, shared by the slots (0: the model's training context)")
