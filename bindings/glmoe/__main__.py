@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from .llama import Llama
 
@@ -30,11 +31,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     llm = Llama(args.model or default_model_path(), n_ctx=args.ctx_size, n_threads=args.threads, verbose=True)
+    llm.verbose = False  # the load summary is printed; the timing line below follows the text
     sys.stdout.write(args.prompt)
+    t0 = time.perf_counter()
+    n_generated = 0
     for chunk in llm(args.prompt, max_tokens=args.n_predict, temperature=args.temp, seed=args.seed, stream=True):
         sys.stdout.write(chunk["choices"][0]["text"])
         sys.stdout.flush()
+        n_generated = llm.n_tokens
+    seconds = time.perf_counter() - t0
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"glmoe: {n_generated} tokens in context after {1000 * seconds:.1f} ms of prompt processing and generation",
+          file=sys.stderr)
     return 0
 
 
