@@ -248,7 +248,7 @@ class Llama:
             presence_penalty=presence_penalty, logit_bias=_bias_map(logit_bias),
         )
         row = self.n_tokens - 1 if idx is None else idx
-        return sampler.sample(self.scores[row], self.input_ids[: row + 1].astype(np.int32))
+        return sampler.sample(self.scores[row], self.input_ids[: row + 1].astype(np.int32, copy=False))
 
     def _prefix_reuse(self, tokens: List[int]) -> List[int]:
         """Keeps the evaluated prefix that tokens share and returns what is left to evaluate.
@@ -296,7 +296,8 @@ class Llama:
             return
         while True:
             self.eval(todo)
-            token = sampler.sample(self.scores[self.n_tokens - 1], self.input_ids[: self.n_tokens].astype(np.int32))
+            history = self.input_ids[: self.n_tokens].astype(np.int32, copy=False)
+            token = sampler.sample(self.scores[self.n_tokens - 1], history)
             yield token
             todo = [token]
 
@@ -311,11 +312,11 @@ class Llama:
         n_prompt = self.n_tokens
         drafter = self.draft_model.drafter() if isinstance(self.draft_model, SuffixDecoding) else None
         if drafter is not None:
-            drafter.append(self.input_ids[:n_prompt].astype(np.int32))
+            drafter.append(self.input_ids[:n_prompt].astype(np.int32, copy=False))
             drafter.mark_prompt_end()
         stats = self.last_draft_stats = {"steps": 0, "drafted": 0, "accepted": 0}
         n_yielded = 0
-        token = sampler.sample(self.scores[n_prompt - 1], self.input_ids[:n_prompt].astype(np.int32))
+        token = sampler.sample(self.scores[n_prompt - 1], self.input_ids[:n_prompt].astype(np.int32, copy=False))
         try:
             while True:
                 n_yielded += 1  # before the yield: the caller may close the generator there
@@ -328,10 +329,15 @@ class Llama:
                 else:
                     context = np.append(self.input_ids[:n], token).astype(np.intc)
                     draft = np.asarray(self.draft_model(context), dtype=np.int32).reshape(-1)[: max(room, 0)]
+                if len(draft) == 0:  # nothing to verify (e.g. drafting paused): a plain step
+                    self.eval([token])
+                    token = sampler.sample(self.scores[n], self.input_ids[: n + 1].astype(np.int32, copy=False))
+                    stats["steps"] += 1
+                    continue
                 batch = self._checked_tokens(np.append(np.int32(token), draft))
                 logits = self._decode_extra(batch)
-                *accepted, token = _core.verify_draft(sampler, logits, self.input_ids[: n + 1].astype(np.int32),
-                                                      draft.astype(np.int32)).tolist()
+                history = self.input_ids[: n + 1].astype(np.int32, copy=False)
+                *accepted, token = _core.verify_draft(sampler, logits, history, draft.astype(np.int32, copy=False)).tolist()
                 n_accepted = len(accepted)
                 self._rollback(n + 1 + n_accepted)
                 if drafter is not None:
