@@ -1,7 +1,7 @@
 #include "model.h"
 
 #include <cmath>
-#include <sstream>
+#include <cstdio>
 
 #include "ggml_types.h"
 #include "quants.h"
@@ -11,11 +11,9 @@ namespace glmoe {
 namespace {
 
 std::string shape_str(const std::vector<int64_t>& ne) {
-    std::ostringstream s;
-    s << "[";
-    for (size_t i = 0; i < ne.size(); ++i) s << (i ? ", " : "") << ne[i];
-    s << "]";
-    return s.str();
+    std::string s = "[";
+    for (size_t i = 0; i < ne.size(); ++i) s += (i ? ", " : "") + std::to_string(ne[i]);
+    return s + "]";
 }
 
 }  // namespace
@@ -246,11 +244,13 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
 }
 
 std::string Model::description() const {
-    std::ostringstream s;
-    s << "glm4moe " << hp_.n_layer << " layers, n_embd " << hp_.n_embd << ", " << hp_.n_expert << " experts (top "
-      << (hp_.layers.empty() ? 0 : hp_.layers.back().n_expert_used) << ", " << hp_.n_expert_shared << " shared), vocab "
-      << hp_.n_vocab << ", " << n_params_ / 1e6 << " M params";
-    return s.str();
+    // snprintf, not iostreams: some Python environments load a second C++ runtime whose locale
+    // state breaks std::ostringstream inside the extension (seen on the device machine).
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "glm4moe %d layers, n_embd %d, %d experts (top %d, %d shared), vocab %d, %.2f M params",
+                  hp_.n_layer, hp_.n_embd, hp_.n_expert, hp_.layers.empty() ? 0 : hp_.layers.back().n_expert_used,
+                  hp_.n_expert_shared, hp_.n_vocab, n_params_ / 1e6);
+    return buf;
 }
 
 }  // namespace glmoe
