@@ -221,8 +221,11 @@ class Llama:
             seed = random.getrandbits(32) & 0xFFFFFFFE  # the default seed asks for a fresh random one
         return seed
 
-    def _sampler(self, seed: Optional[int] = None, **params) -> _core.Sampler:
-        return _core.Sampler(self._n_vocab, seed=self._resolve_seed(seed), **params)
+    def _sampler(self, *, temp: float, logit_bias: Optional[Dict[int, float]], seed: Optional[int] = None,
+                 **same_named) -> _core.Sampler:
+        """A Sampler from llama-cpp-python's argument names (only temp and logit_bias differ)."""
+        return _core.Sampler(self._n_vocab, seed=self._resolve_seed(seed), temperature=temp,
+                             logit_bias=_bias_map(logit_bias), **same_named)
 
     def sample(
         self,
@@ -242,11 +245,9 @@ class Llama:
         _reject_unsupported(unsupported)
         if self.n_tokens == 0:
             raise ValueError("sample() needs at least one evaluated token")
-        sampler = self._sampler(
-            temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, logit_bias=_bias_map(logit_bias),
-        )
+        sampler = self._sampler(temp=temp, logit_bias=logit_bias, top_k=top_k, top_p=top_p, min_p=min_p,
+                                typical_p=typical_p, repeat_penalty=repeat_penalty,
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
         row = self.n_tokens - 1 if idx is None else idx
         return sampler.sample(self.scores[row], self.input_ids[: row + 1].astype(np.int32, copy=False))
 
@@ -285,12 +286,9 @@ class Llama:
         if not tokens:
             raise ValueError("generate() needs at least one prompt token")
         todo = self._prefix_reuse(tokens) if reset else tokens
-        seed = self._resolve_seed(seed)
-        sampler = self._sampler(
-            seed=seed, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, logit_bias=_bias_map(logit_bias),
-        )
+        sampler = self._sampler(temp=temp, logit_bias=logit_bias, seed=seed, top_k=top_k, top_p=top_p, min_p=min_p,
+                                typical_p=typical_p, repeat_penalty=repeat_penalty,
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
         if self.draft_model is not None:
             yield from self._generate_drafted(todo, sampler)
             return
