@@ -122,12 +122,17 @@ using I32Vector = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::devi
 using U8Vector = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // Runs one batch; returns the logits of the flagged tokens as float32 [n_out, n_vocab].
-F32Array context_decode(Context& ctx, I32Vector tokens, I32Vector pos, I32Vector seq, U8Vector want_logits) {
+Batch make_batch(const I32Vector& tokens, const I32Vector& pos, const I32Vector& seq, const U8Vector& want_logits) {
     Batch b;
     b.token.assign(tokens.data(), tokens.data() + tokens.shape(0));
     b.pos.assign(pos.data(), pos.data() + pos.shape(0));
     b.seq.assign(seq.data(), seq.data() + seq.shape(0));
     b.want_logits.assign(want_logits.data(), want_logits.data() + want_logits.shape(0));
+    return b;
+}
+
+F32Array context_decode(Context& ctx, I32Vector tokens, I32Vector pos, I32Vector seq, U8Vector want_logits) {
+    const Batch b = make_batch(tokens, pos, seq, want_logits);
     auto* logits = new std::vector<float>();
     nb::capsule owner(logits, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
     {
@@ -138,7 +143,21 @@ F32Array context_decode(Context& ctx, I32Vector tokens, I32Vector pos, I32Vector
     return F32Array(logits->data(), {logits->size() / width, width}, owner);
 }
 
+std::vector<int32_t> context_decode_sample(Context& ctx, I32Vector tokens, I32Vector pos, I32Vector seq,
+                                           U8Vector want_logits, float temperature, int top_k, float top_p,
+                                           float min_p, std::vector<float> u) {
+    const Batch b = make_batch(tokens, pos, seq, want_logits);
+    std::vector<int32_t> ids;
+    nb::gil_scoped_release release;
+    ctx.decode_sample(b, DeviceSampling{temperature, top_k, top_p, min_p}, u, ids);
+    return ids;
+}
+
 }  // namespace
+
+#ifdef GLMOE_CUDA
+void bind_cuda_ops(nb::module_& m);
+#endif
 
 NB_MODULE(_core, m) {
     m.doc() = "glmoe C++ engine";
@@ -155,9 +174,13 @@ NB_MODULE(_core, m) {
     bind_sampling(m);
     bind_draft(m);
     bind_attention(m);
+#ifdef GLMOE_CUDA
+    bind_cuda_ops(m);
+#endif
 
     nb::exception<ModelError>(m, "ModelError", PyExc_ValueError);
     nb::exception<KVCacheFull>(m, "KVCacheFullError", PyExc_RuntimeError);
+    nb::exception<GpuError>(m, "GpuError", PyExc_RuntimeError);
 
     nb::class_<Model>(m, "Model")
         .def("__init__", [](Model* self, const std::string& path) {
@@ -181,11 +204,32 @@ NB_MODULE(_core, m) {
 
     nb::class_<Context>(m, "Context")
         .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads, bool embeddings,
-                            bool f32_activations) {
-            new (self) Context(model, ContextParams{n_ctx, n_threads, embeddings, f32_activations});
+                            bool f32_activations, int n_gpu_layers, int n_ubatch) {
+            ContextParams p{n_ctx, n_threads, embeddings, f32_activations, n_gpu_layers, n_ubatch};
+            nb::gil_scoped_release release;  // uploading weights takes a while
+            new (self) Context(model, p);
         }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_threads") = 0, nb::arg("embeddings") = false,
-           nb::arg("f32_activations") = false, nb::keep_alive<1, 2>())
+           nb::arg("f32_activations") = false, nb::arg("n_gpu_layers") = 0, nb::arg("n_ubatch") = 512,
+           nb::keep_alive<1, 2>())
         .def("decode", &context_decode, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"), nb::arg("want_logits"))
+        .def("decode_sample", &context_decode_sample, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"),
+             nb::arg("want_logits"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,
+             nb::arg("min_p") = 0.0f, nb::arg("u") = std::vector<float>{})
+        .def_prop_ro("n_gpu_layers", &Context::n_gpu_layers)
+        .def_prop_ro("samples_on_gpu", &Context::samples_on_gpu)
+        .def("gpu_counters", [](const Context& c) {
+            nb::dict d;
+            if (const GpuForward* g = c.gpu()) {
+                const GpuCounters& k = g->counters();
+                d["steps"] = k.steps;
+                d["graph_replays"] = k.graph_replays;
+                d["graph_captures"] = k.graph_captures;
+                d["device_to_host_copies"] = k.device_to_host_copies;
+                d["host_syncs"] = k.host_syncs;
+                d["device_bytes"] = g->device_bytes();
+            }
+            return d;
+        })
         .def_prop_ro("n_ctx", [](Context& c) { return c.kv_cache().n_ctx(); })
         .def_prop_ro("n_threads", &Context::n_threads)
         .def_prop_ro("kv_used", [](Context& c) { return c.kv_cache().n_used(); })
@@ -197,11 +241,21 @@ NB_MODULE(_core, m) {
         .def("kv_seq_keep", [](Context& c, int seq) { c.kv_cache().seq_keep(seq); }, nb::arg("seq"))
         .def("kv_seq_pos_max", [](Context& c, int seq) { return c.kv_cache().seq_pos_max(seq); }, nb::arg("seq"))
         .def("kv_clear", [](Context& c) { c.kv_cache().clear(); })
+        // The KV cache's per-sequence index, read-only, and its allocator without a forward: for
+        // tests and benchmarks of the cache's bookkeeping (kv_allocate leaves the cells' K/V as they were).
+        .def("kv_seq_cells", [](Context& c, int seq) { return c.kv_cache().seq_cells(seq); }, nb::arg("seq"))
+        .def("kv_seq_epoch", [](Context& c, int seq) { return c.kv_cache().seq_epoch(seq); }, nb::arg("seq"))
+        .def("kv_allocate", [](Context& c, const std::vector<int32_t>& seq, const std::vector<int32_t>& pos) {
+            if (seq.size() != pos.size()) throw std::invalid_argument("seq and pos differ in length");
+            return c.kv_cache().allocate(seq, pos);
+        }, nb::arg("seq"), nb::arg("pos"))
         .def("kv_state", [](Context& c) {
+            if (c.n_gpu_layers() > 0) throw nb::value_error("saving the KV cache of GPU layers is not supported yet");
             const std::vector<uint8_t> bytes = c.kv_cache().save();
             return nb::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
         })
         .def("kv_load_state", [](Context& c, nb::bytes state) {
+            if (c.n_gpu_layers() > 0) throw nb::value_error("loading a KV cache state into GPU layers is not supported yet");
             const uint8_t* p = static_cast<const uint8_t*>(state.data());
             c.kv_cache().load(std::vector<uint8_t>(p, p + state.size()));
         }, nb::arg("state"));

@@ -61,8 +61,10 @@ void bind_engine(nb::module_& m) {
                             " each, run by a C++ thread; requests beyond n_parallel queue in FIFO order.")
         .def("__init__",
              [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch,
-                bool spec_suffix, int spec_max_depth, float spec_max_spec_factor, float spec_min_token_prob) {
+                bool spec_suffix, int spec_max_depth, float spec_max_spec_factor, float spec_min_token_prob,
+                int n_gpu_layers) {
                  EngineParams p{n_ctx, n_parallel, n_threads, n_batch};
+                 p.n_gpu_layers = n_gpu_layers;
                  p.spec_suffix = spec_suffix;
                  p.spec.max_depth = spec_max_depth;
                  p.spec.max_spec_factor = spec_max_spec_factor;
@@ -71,7 +73,8 @@ void bind_engine(nb::module_& m) {
              },
              nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_parallel") = 1, nb::arg("n_threads") = 0,
              nb::arg("n_batch") = 512, nb::arg("spec_suffix") = false, nb::arg("spec_max_depth") = 64,
-             nb::arg("spec_max_spec_factor") = 1.0f, nb::arg("spec_min_token_prob") = 0.1f, nb::keep_alive<1, 2>(),
+             nb::arg("spec_max_spec_factor") = 1.0f, nb::arg("spec_min_token_prob") = 0.1f, nb::arg("n_gpu_layers") = 0,
+             nb::keep_alive<1, 2>(),
              "spec_suffix: suffix decoding, each generating slot verifying its draft within the step.")
         .def("submit",
              [](BatchEngine& e, nb::handle tokens, int max_tokens, std::vector<int32_t> eog_ids,

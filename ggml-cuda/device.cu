@@ -17,6 +17,12 @@ int cuda_device_count() {
     return n;
 }
 
+std::string cuda_device_name() {
+    cudaDeviceProp p;
+    if (cuda_device_count() == 0 || cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "";
+    return p.name;
+}
+
 std::string cuda_device_summary() {
     std::string out;
     const int n = cuda_device_count();

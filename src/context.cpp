@@ -7,6 +7,9 @@
 #include <string>
 #include <thread>
 
+#include <cstdio>
+
+#include "devices.h"
 #include "quants.h"
 #include "vec.h"
 
@@ -14,10 +17,33 @@ namespace glmoe {
 
 namespace {
 
-std::vector<int64_t> kv_widths(const HParams& hp) {
+// Host KV storage per layer; layers on the GPU keep theirs there (width 0 here).
+std::vector<int64_t> kv_widths(const HParams& hp, int n_gpu_layers) {
     std::vector<int64_t> w;
-    for (const auto& l : hp.layers) w.push_back(static_cast<int64_t>(l.n_head_kv) * hp.head_dim_k);
+    for (size_t il = 0; il < hp.layers.size(); ++il)
+        w.push_back(static_cast<int>(il) < n_gpu_layers ? 0 : static_cast<int64_t>(hp.layers[il].n_head_kv) * hp.head_dim_k);
     return w;
+}
+
+std::unique_ptr<GpuForward> make_gpu(const Model& model, const ContextParams& p) {
+    if (p.n_gpu_layers == 0) return nullptr;
+    if (!built_with_cuda() || cuda_device_count() == 0) {
+        std::fprintf(stderr, "glmoe: n_gpu_layers = %d, but %s: running on the CPU\n", p.n_gpu_layers,
+                     built_with_cuda() ? "no CUDA device was found" : "this build has no CUDA backend");
+        return nullptr;
+    }
+    const std::string why_not = GpuForward::unsupported(model);
+    if (!why_not.empty()) {
+        std::fprintf(stderr, "glmoe: n_gpu_layers = %d, but the GPU backend does not support %s: running on the CPU\n",
+                     p.n_gpu_layers, why_not.c_str());
+        return nullptr;
+    }
+    GpuParams gp;
+    gp.n_gpu_layers = p.n_gpu_layers;
+    gp.n_ctx = p.n_ctx;
+    gp.n_ubatch = p.n_ubatch;
+    gp.embeddings = p.embeddings;
+    return std::make_unique<GpuForward>(model, gp);
 }
 
 int default_threads(int n) {
@@ -52,8 +78,10 @@ void rope_heads(float* x, int n_heads, int head_dim, int n_rot, const float* cos
 
 Context::Context(const Model& model, const ContextParams& params)
     : model_(model),
+      gpu_(make_gpu(model, params)),
+      n_ubatch_(std::max(1, params.n_ubatch)),
       pool_(default_threads(params.n_threads)),
-      kv_(params.n_ctx, kv_widths(model.hparams())),
+      kv_(params.n_ctx, kv_widths(model.hparams(), gpu_ ? gpu_->n_layers() : 0)),
       embeddings_(params.embeddings),
       f32_activations_(params.f32_activations) {}
 
@@ -77,71 +105,153 @@ void Context::check_batch(const Batch& b) const {
 
 void Context::decode(const Batch& batch, std::vector<float>& logits) {
     check_batch(batch);
-    const HParams& hp = model_.hparams();
-    const int64_t n = static_cast<int64_t>(batch.size()), H = hp.n_embd;
+    const int64_t n = static_cast<int64_t>(batch.size());
     const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
-
+    std::vector<int64_t> rows;
+    for (int64_t t = 0; t < n; ++t)
+        if (batch.want_logits[t]) rows.push_back(t);
     try {
-        x_.resize(n * H);
-        h_.resize(n * H);
-        ffn_out_.resize(n * H);
-        const Weight& embd = model_.token_embd();
-        for (int64_t t = 0; t < n; ++t)
-            dequantize_row(embd.type, embd.data + batch.token[t] * embd.row_bytes, x_.data() + t * H, H);
-
-        // Rope angles depend only on position: computed once per batch, in double for accuracy.
-        const int half = hp.n_rot / 2;
-        rope_cos_.resize(n * half);
-        rope_sin_.resize(n * half);
-        std::vector<double> inv_freq(half);
-        for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(static_cast<double>(hp.rope_freq_base), -2.0 * i / hp.n_rot);
-        for (int64_t t = 0; t < n; ++t)
-            for (int i = 0; i < half; ++i) {
-                const double theta = batch.pos[t] * inv_freq[i];
-                rope_cos_[t * half + i] = static_cast<float>(std::cos(theta));
-                rope_sin_[t * half + i] = static_cast<float>(std::sin(theta));
-            }
-
-        // Every sequence's cells (after this batch's allocation), shared by all layers.
-        seq_cells_.assign(KVCache::kMaxSeq, {});
-        std::vector<bool> listed(KVCache::kMaxSeq, false);
-        for (int32_t s : batch.seq)
-            if (!listed[s]) {
-                kv_.cells_of(s, seq_cells_[s]);
-                listed[s] = true;
-            }
-        attn_plan_.build(n, batch.pos.data(), batch.seq.data(), seq_cells_,
-                         [this](int32_t cell) { return kv_.cell_pos(cell); });
-
-        for (int il = 0; il < hp.n_layer; ++il) {
-            const LayerWeights& l = model_.layer(il);
-            for (int64_t t = 0; t < n; ++t)
-                rms_norm_mul(h_.data() + t * H, x_.data() + t * H, l.attn_norm.data(), H, hp.rms_eps);
-            attention(il, batch, cells);
-            for (int64_t t = 0; t < n; ++t)
-                rms_norm_mul(h_.data() + t * H, x_.data() + t * H, l.post_attention_norm.data(), H, hp.rms_eps);
-            if (hp.layers[il].is_moe)
-                ffn_moe(il, n);
-            else
-                ffn_dense(il, n);
-            vec_add(x_.data(), ffn_out_.data(), n * H);
+        logits.resize(rows.size() * n_outputs_per_token());
+        if (gpu_) {
+            GpuStepOutput proto;
+            proto.kind = GpuStepOutput::Kind::logits;
+            gpu_decode(batch, cells, proto, logits.data(), nullptr, nullptr);
+        } else {
+            cpu_layers(batch, cells, 0);
+            cpu_output(rows, logits.data());
         }
     } catch (...) {
         for (size_t i = 0; i < cells.size(); ++i) kv_.seq_rm(batch.seq[i], batch.pos[i], batch.pos[i] + 1);
         throw;
     }
-
     n_evaluated_ += n;
-    std::vector<int64_t> rows;
+}
+
+void Context::decode_sample(const Batch& batch, const DeviceSampling& sampling, const std::vector<float>& u,
+                            std::vector<int32_t>& ids) {
+    if (!samples_on_gpu()) throw std::logic_error("decode_sample needs every layer and the output head on the GPU");
+    check_batch(batch);
+    size_t n_rows = 0;
+    for (uint8_t w : batch.want_logits) n_rows += w != 0;
+    if (sampling.temperature > 0 && u.size() != n_rows)
+        throw std::invalid_argument("decode_sample needs one uniform draw per flagged row");
+    const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
+    try {
+        ids.resize(n_rows);
+        GpuStepOutput proto;
+        proto.kind = GpuStepOutput::Kind::token_ids;
+        proto.temperature = sampling.temperature;
+        proto.top_k = sampling.top_k;
+        proto.top_p = sampling.top_p;
+        proto.min_p = sampling.min_p;
+        gpu_decode(batch, cells, proto, nullptr, ids.data(), sampling.temperature > 0 ? &u : nullptr);
+    } catch (...) {
+        for (size_t i = 0; i < cells.size(); ++i) kv_.seq_rm(batch.seq[i], batch.pos[i], batch.pos[i] + 1);
+        throw;
+    }
+    n_evaluated_ += batch.size();
+}
+
+void Context::gpu_decode(const Batch& batch, const std::vector<int32_t>& cells, GpuStepOutput& proto, float* logits,
+                         int32_t* ids, const std::vector<float>* u) {
+    const int64_t n = static_cast<int64_t>(batch.size()), H = model_.hparams().n_embd;
+    const int64_t width = n_outputs_per_token();
+    const bool all_on_gpu = gpu_->has_output();
+    int64_t rows_done = 0;
+    for (int64_t c0 = 0; c0 < n; c0 += n_ubatch_) {
+        const int64_t c1 = std::min(n, c0 + n_ubatch_), m = c1 - c0;
+        std::vector<int64_t> rows;  // flagged rows of this micro-batch, relative to c0
+        for (int64_t t = c0; t < c1; ++t)
+            if (batch.want_logits[t]) rows.push_back(t - c0);
+        if (all_on_gpu) {
+            GpuStepOutput out = proto;
+            out.rows.assign(rows.begin(), rows.end());
+            out.out_f32 = logits ? logits + rows_done * width : nullptr;
+            out.out_ids = ids ? ids + rows_done : nullptr;
+            out.u = u ? u->data() + rows_done : nullptr;
+            gpu_->run(batch.token.data() + c0, batch.pos.data() + c0, batch.seq.data() + c0, cells.data() + c0,
+                      static_cast<int>(m), kv_, out);
+        } else {
+            // Hybrid: the GPU layers, then the rest of the layers and the output on the CPU.
+            x_.resize(m * H);
+            GpuStepOutput out;
+            out.kind = GpuStepOutput::Kind::hidden;
+            out.out_f32 = x_.data();
+            gpu_->run(batch.token.data() + c0, batch.pos.data() + c0, batch.seq.data() + c0, cells.data() + c0,
+                      static_cast<int>(m), kv_, out);
+            Batch sub;
+            sub.token.assign(batch.token.begin() + c0, batch.token.begin() + c1);
+            sub.pos.assign(batch.pos.begin() + c0, batch.pos.begin() + c1);
+            sub.seq.assign(batch.seq.begin() + c0, batch.seq.begin() + c1);
+            sub.want_logits.assign(batch.want_logits.begin() + c0, batch.want_logits.begin() + c1);
+            cpu_layers(sub, std::vector<int32_t>(cells.begin() + c0, cells.begin() + c1), gpu_->n_layers());
+            cpu_output(rows, logits + rows_done * width);
+        }
+        rows_done += static_cast<int64_t>(rows.size());
+    }
+}
+
+void Context::cpu_layers(const Batch& batch, const std::vector<int32_t>& cells, int first_layer) {
+    const HParams& hp = model_.hparams();
+    const int64_t n = static_cast<int64_t>(batch.size()), H = hp.n_embd;
+    x_.resize(n * H);
+    h_.resize(n * H);
+    ffn_out_.resize(n * H);
+    if (first_layer == 0) {
+        const Weight& embd = model_.token_embd();
+        for (int64_t t = 0; t < n; ++t)
+            dequantize_row(embd.type, embd.data + batch.token[t] * embd.row_bytes, x_.data() + t * H, H);
+    }
+    if (first_layer >= hp.n_layer) return;
+
+    // Rope angles depend only on position: computed once per batch, in double for accuracy.
+    const int half = hp.n_rot / 2;
+    rope_cos_.resize(n * half);
+    rope_sin_.resize(n * half);
+    std::vector<double> inv_freq(half);
+    for (int i = 0; i < half; ++i) inv_freq[i] = std::pow(static_cast<double>(hp.rope_freq_base), -2.0 * i / hp.n_rot);
     for (int64_t t = 0; t < n; ++t)
-        if (batch.want_logits[t]) rows.push_back(t);
-    const int64_t n_out = static_cast<int64_t>(rows.size());
-    logits.resize(n_out * n_outputs_per_token());
+        for (int i = 0; i < half; ++i) {
+            const double theta = batch.pos[t] * inv_freq[i];
+            rope_cos_[t * half + i] = static_cast<float>(std::cos(theta));
+            rope_sin_[t * half + i] = static_cast<float>(std::sin(theta));
+        }
+
+    // Every sequence's cells (after this batch's allocation), shared by all layers.
+    seq_cells_.assign(KVCache::kMaxSeq, {});
+    std::vector<bool> listed(KVCache::kMaxSeq, false);
+    for (int32_t s : batch.seq)
+        if (!listed[s]) {
+            kv_.cells_of(s, seq_cells_[s]);
+            listed[s] = true;
+        }
+    attn_plan_.build(n, batch.pos.data(), batch.seq.data(), seq_cells_,
+                     [this](int32_t cell) { return kv_.cell_pos(cell); });
+
+    for (int il = first_layer; il < hp.n_layer; ++il) {
+        const LayerWeights& l = model_.layer(il);
+        for (int64_t t = 0; t < n; ++t)
+            rms_norm_mul(h_.data() + t * H, x_.data() + t * H, l.attn_norm.data(), H, hp.rms_eps);
+        attention(il, batch, cells);
+        for (int64_t t = 0; t < n; ++t)
+            rms_norm_mul(h_.data() + t * H, x_.data() + t * H, l.post_attention_norm.data(), H, hp.rms_eps);
+        if (hp.layers[il].is_moe)
+            ffn_moe(il, n);
+        else
+            ffn_dense(il, n);
+        vec_add(x_.data(), ffn_out_.data(), n * H);
+    }
+}
+
+void Context::cpu_output(const std::vector<int64_t>& rows, float* out) {
+    const HParams& hp = model_.hparams();
+    const int64_t H = hp.n_embd, n_out = static_cast<int64_t>(rows.size());
     if (n_out == 0) return;
-    float* normed = embeddings_ ? logits.data() : h_.data();
+    h_.resize(std::max<size_t>(h_.size(), n_out * H));
+    float* normed = embeddings_ ? out : h_.data();
     for (int64_t i = 0; i < n_out; ++i)
         rms_norm_mul(normed + i * H, x_.data() + rows[i] * H, model_.output_norm().data(), H, hp.rms_eps);
-    if (!embeddings_) linear(pool_, model_.output(), h_.data(), n_out, logits.data(), f32_activations_);
+    if (!embeddings_) linear(pool_, model_.output(), h_.data(), n_out, out, f32_activations_);
 }
 
 void Context::attention(int il, const Batch& batch, const std::vector<int32_t>& cells) {

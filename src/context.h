@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "gpu_forward.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "thread_pool.h"
@@ -18,6 +19,16 @@ struct ContextParams {
     int n_threads = 0;  // 0: every hardware thread
     bool embeddings = false;  // decode() returns final hidden states (after output_norm), not logits
     bool f32_activations = false;  // no 8-bit rounding of activations (see matmul): for accuracy checks
+    int n_gpu_layers = 0;   // as llama.cpp's -ngl: the first N layers on the GPU; < 0 or > n_layer: all + output
+    int n_ubatch = 512;     // tokens per GPU forward (a bigger batch runs as several)
+};
+
+// Sampling done on the GPU at the end of a step (see GpuStepOutput): greedy when temperature <= 0.
+struct DeviceSampling {
+    float temperature = 0.0f;
+    int top_k = 0;
+    float top_p = 1.0f;
+    float min_p = 0.0f;
 };
 
 struct Batch {
@@ -37,6 +48,13 @@ public:
     // Throws std::invalid_argument for a bad batch and KVCacheFull when it does not fit; in both
     // cases the cache is unchanged.
     void decode(const Batch& batch, std::vector<float>& logits);
+    // Like decode, but samples a token for each flagged row on the GPU and returns only the ids
+    // (u: one uniform draw per flagged row, ignored when greedy). Needs samples_on_gpu().
+    void decode_sample(const Batch& batch, const DeviceSampling& sampling, const std::vector<float>& u,
+                       std::vector<int32_t>& ids);
+    bool samples_on_gpu() const { return gpu_ && gpu_->has_output() && !embeddings_; }
+    int n_gpu_layers() const { return gpu_ ? gpu_->n_layers() : 0; }
+    const GpuForward* gpu() const { return gpu_.get(); }
 
     KVCache& kv_cache() { return kv_; }
     const Model& model() const { return model_; }
@@ -48,6 +66,14 @@ public:
 
 private:
     void check_batch(const Batch& batch) const;
+    // Runs the batch's tokens through layers [first_layer, n_layer) on the CPU; with first_layer 0
+    // it starts from the token embeddings, otherwise from the hidden states already in x_.
+    void cpu_layers(const Batch& batch, const std::vector<int32_t>& cells, int first_layer);
+    // Final norm (and output head) of x_ rows `rows` into out.
+    void cpu_output(const std::vector<int64_t>& rows, float* out);
+    // The GPU path of decode/decode_sample, a micro-batch at a time.
+    void gpu_decode(const Batch& batch, const std::vector<int32_t>& cells, GpuStepOutput& proto, float* logits,
+                    int32_t* ids, const std::vector<float>* u);
     void attention(int il, const Batch& batch, const std::vector<int32_t>& cells);
     void ffn_dense(int il, int64_t n);
     void ffn_moe(int il, int64_t n);
@@ -56,6 +82,8 @@ private:
                     const float* in, int64_t n, float* out);
 
     const Model& model_;
+    std::unique_ptr<GpuForward> gpu_;  // null: everything on the CPU
+    int n_ubatch_;
     ThreadPool pool_;
     KVCache kv_;
     bool embeddings_;

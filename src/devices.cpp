@@ -13,6 +13,7 @@ bool built_with_cuda() {
 #ifndef GLMOE_CUDA
 // Without the CUDA backend (ggml-cuda/device.cu provides these otherwise).
 int cuda_device_count() { return 0; }
+std::string cuda_device_name() { return ""; }
 std::string cuda_device_summary() { return ""; }
 #endif
 

@@ -64,12 +64,21 @@ static const EngineParams& checked(const EngineParams& p) {
     return p;
 }
 
+static ContextParams context_params(const EngineParams& p) {
+    ContextParams c;
+    c.n_ctx = p.n_ctx;
+    c.n_threads = p.n_threads;
+    c.n_gpu_layers = p.n_gpu_layers;
+    c.n_ubatch = p.n_batch;
+    return c;
+}
+
 BatchEngine::BatchEngine(const Model& model, const EngineParams& params)
     : model_(model),
       params_(checked(params)),
       n_ctx_slot_(params.n_ctx / params.n_parallel),
       n_vocab_(model.hparams().n_vocab),
-      ctx_(model, ContextParams{params.n_ctx, params.n_threads, false}),
+      ctx_(model, context_params(params)),
       spec_store_(params.spec_suffix ? std::make_shared<SuffixStore>(params.spec_store_bytes,
                                                                      params.spec.max_depth + params.spec.max_spec_tokens)
                                      : nullptr),

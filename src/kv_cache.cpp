@@ -6,12 +6,54 @@
 
 namespace glmoe {
 
-KVCache::KVCache(int n_ctx, const std::vector<int64_t>& kv_width) : cells_(n_ctx), width_(kv_width) {
+KVCache::KVCache(int n_ctx, const std::vector<int64_t>& kv_width)
+    : cells_(n_ctx > 0 ? n_ctx : 0), seq_cells_(kMaxSeq), seq_epoch_(kMaxSeq, 0), width_(kv_width) {
     if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive");
+    free_.reset(n_ctx);
     for (int64_t w : width_) {
         k_.emplace_back(static_cast<size_t>(n_ctx) * w);
         v_.emplace_back(static_cast<size_t>(n_ctx) * w);
     }
+}
+
+void KVCache::FreeCells::reset(int n) {
+    level_.clear();
+    // Level 0: bits [0, n) set; each level above summarizes the one below until one word is left.
+    size_t bits = static_cast<size_t>(n);
+    do {
+        std::vector<uint64_t> words((bits + 63) / 64, ~uint64_t{0});
+        if (bits % 64) words.back() = (uint64_t{1} << (bits % 64)) - 1;
+        bits = words.size();
+        level_.push_back(std::move(words));
+    } while (bits > 1);
+}
+
+void KVCache::FreeCells::set_free(int32_t i) {
+    size_t at = static_cast<size_t>(i);
+    for (auto& words : level_) {
+        uint64_t& w = words[at / 64];
+        const bool was_empty = w == 0;
+        w |= uint64_t{1} << (at % 64);
+        if (!was_empty) break;  // the levels above already say this word has a free cell
+        at /= 64;
+    }
+}
+
+void KVCache::FreeCells::set_used(int32_t i) {
+    size_t at = static_cast<size_t>(i);
+    for (auto& words : level_) {
+        uint64_t& w = words[at / 64];
+        w &= ~(uint64_t{1} << (at % 64));
+        if (w != 0) break;  // the word still has a free cell: the levels above stay as they are
+        at /= 64;
+    }
+}
+
+int32_t KVCache::FreeCells::lowest() const {
+    if (level_.back()[0] == 0) return -1;
+    size_t at = 0;
+    for (size_t l = level_.size(); l-- > 0;) at = at * 64 + __builtin_ctzll(level_[l][at]);
+    return static_cast<int32_t>(at);
 }
 
 void KVCache::check_seq(int seq) {
@@ -20,68 +62,103 @@ void KVCache::check_seq(int seq) {
                                     std::to_string(kMaxSeq) + ")");
 }
 
-int KVCache::n_used() const {
-    int n = 0;
-    for (const Cell& c : cells_) n += c.seqs != 0;
-    return n;
+std::vector<int32_t>::const_iterator KVCache::lower_pos(const std::vector<int32_t>& v, int32_t p) const {
+    return std::partition_point(v.begin(), v.end(), [&](int32_t c) { return cells_[c].pos < p; });
+}
+
+void KVCache::merge_into(int seq, const std::vector<int32_t>& add) {
+    if (add.empty()) return;
+    std::vector<int32_t>& v = seq_cells_[seq];
+    const bool append = v.empty() || before(v.back(), add.front());
+    const size_t mid = v.size();
+    v.insert(v.end(), add.begin(), add.end());
+    if (append) return;  // a mirror's copy of the list stays a valid prefix
+    std::inplace_merge(v.begin(), v.begin() + mid, v.end(), [this](int32_t a, int32_t b) { return before(a, b); });
+    ++seq_epoch_[seq];
+}
+
+void KVCache::drop(int seq, int32_t c) {
+    Cell& cell = cells_[c];
+    cell.seqs &= ~(uint64_t{1} << seq);
+    if (cell.seqs) return;
+    cell.pos = -1;
+    free_.set_free(c);
+    --n_used_;
 }
 
 std::vector<int32_t> KVCache::allocate(const std::vector<int32_t>& seq, const std::vector<int32_t>& pos) {
     // Reject a position a sequence already holds (in the cache or twice in this batch): it would
     // give attention two keys for one position.
-    std::vector<std::vector<int32_t>> held(kMaxSeq);
-    uint64_t batch_seqs = 0;
+    struct Entry {
+        int32_t seq, pos;
+        size_t i;  // index in the batch
+    };
+    std::vector<Entry> by_seq(seq.size());
     for (size_t i = 0; i < seq.size(); ++i) {
         check_seq(seq[i]);
         if (pos[i] < 0) throw std::invalid_argument("negative position " + std::to_string(pos[i]));
-        held[seq[i]].push_back(pos[i]);
-        batch_seqs |= uint64_t{1} << seq[i];
+        by_seq[i] = {seq[i], pos[i], i};
     }
-    for (int s = 0; s < kMaxSeq; ++s) {
-        auto& v = held[s];
-        std::sort(v.begin(), v.end());
-        if (std::adjacent_find(v.begin(), v.end()) != v.end())
-            throw std::invalid_argument("sequence " + std::to_string(s) + " has a position twice in one batch");
+    std::sort(by_seq.begin(), by_seq.end(),
+              [](const Entry& a, const Entry& b) { return a.seq != b.seq ? a.seq < b.seq : a.pos < b.pos; });
+    for (size_t j = 1; j < by_seq.size(); ++j)
+        if (by_seq[j].seq == by_seq[j - 1].seq && by_seq[j].pos == by_seq[j - 1].pos)
+            throw std::invalid_argument("sequence " + std::to_string(by_seq[j].seq) + " has a position twice in one batch");
+    for (const Entry& e : by_seq) {
+        const std::vector<int32_t>& v = seq_cells_[e.seq];
+        const auto it = lower_pos(v, e.pos);
+        if (it != v.end() && cells_[*it].pos == e.pos)
+            throw std::invalid_argument("sequence " + std::to_string(e.seq) + " already holds position " +
+                                        std::to_string(e.pos) + " in the KV cache");
     }
-    for (const Cell& c : cells_) {
-        uint64_t common = c.seqs & batch_seqs;
-        while (common) {
-            const int s = __builtin_ctzll(common);
-            common &= common - 1;
-            if (std::binary_search(held[s].begin(), held[s].end(), c.pos))
-                throw std::invalid_argument("sequence " + std::to_string(s) + " already holds position " +
-                                            std::to_string(c.pos) + " in the KV cache");
-        }
-    }
-    std::vector<int32_t> out;
-    out.reserve(seq.size());
-    for (int32_t i = 0; i < n_ctx() && out.size() < seq.size(); ++i)
-        if (!cells_[i].seqs) out.push_back(i);
-    if (out.size() < seq.size())
+    if (seq.size() > static_cast<size_t>(n_ctx() - n_used_))
         throw KVCacheFull("KV cache is full: " + std::to_string(seq.size()) + " new tokens, " +
-                          std::to_string(n_ctx() - n_used()) + " free cells of " + std::to_string(n_ctx()));
+                          std::to_string(n_ctx() - n_used_) + " free cells of " + std::to_string(n_ctx()));
+
+    // Nothing can fail from here on. Lowest free cells first, in batch order.
+    std::vector<int32_t> out(seq.size());
     for (size_t i = 0; i < seq.size(); ++i) {
-        cells_[out[i]].pos = pos[i];
-        cells_[out[i]].seqs = uint64_t{1} << seq[i];
+        const int32_t c = free_.lowest();
+        free_.set_used(c);
+        cells_[c].pos = pos[i];
+        cells_[c].seqs = uint64_t{1} << seq[i];
+        out[i] = c;
+    }
+    n_used_ += static_cast<int>(seq.size());
+    std::vector<int32_t> add;
+    for (size_t j = 0; j < by_seq.size();) {
+        const int32_t s = by_seq[j].seq;
+        add.clear();
+        for (; j < by_seq.size() && by_seq[j].seq == s; ++j) add.push_back(out[by_seq[j].i]);
+        merge_into(s, add);
     }
     return out;
 }
 
 void KVCache::cells_of(int seq, std::vector<int32_t>& out) const {
-    out.clear();
-    const uint64_t bit = uint64_t{1} << seq;
-    for (int32_t i = 0; i < n_ctx(); ++i)
-        if (cells_[i].seqs & bit) out.push_back(i);
+    out = seq_cells(seq);
+}
+
+const std::vector<int32_t>& KVCache::seq_cells(int seq) const {
+    check_seq(seq);
+    return seq_cells_[seq];
+}
+
+uint64_t KVCache::seq_epoch(int seq) const {
+    check_seq(seq);
+    return seq_epoch_[seq];
 }
 
 void KVCache::seq_rm(int seq, int32_t p0, int32_t p1) {
     if (seq >= 0) check_seq(seq);
     if (p1 < 0) p1 = INT32_MAX;
-    const uint64_t mask = seq < 0 ? ~uint64_t{0} : uint64_t{1} << seq;
-    for (Cell& c : cells_) {
-        if (!(c.seqs & mask) || c.pos < p0 || c.pos >= p1) continue;
-        c.seqs &= ~mask;
-        if (!c.seqs) c.pos = -1;
+    for (int s = seq < 0 ? 0 : seq; s < (seq < 0 ? kMaxSeq : seq + 1); ++s) {
+        std::vector<int32_t>& v = seq_cells_[s];
+        const auto lo = lower_pos(v, p0), hi = lower_pos(v, p1);
+        if (lo >= hi) continue;
+        for (auto it = lo; it != hi; ++it) drop(s, *it);
+        v.erase(lo, hi);
+        ++seq_epoch_[s];
     }
 }
 
@@ -89,31 +166,59 @@ void KVCache::seq_cp(int src, int dst, int32_t p0, int32_t p1) {
     check_seq(src);
     check_seq(dst);
     if (p1 < 0) p1 = INT32_MAX;
-    const uint64_t bit = uint64_t{1} << src;
-    for (Cell& c : cells_)
-        if ((c.seqs & bit) && c.pos >= p0 && c.pos < p1) c.seqs |= uint64_t{1} << dst;
+    const std::vector<int32_t>& v = seq_cells_[src];
+    const uint64_t bit = uint64_t{1} << dst;
+    std::vector<int32_t> add;  // src's cells in range that dst does not share yet, sorted
+    for (auto it = lower_pos(v, p0), hi = lower_pos(v, p1); it < hi; ++it)
+        if (!(cells_[*it].seqs & bit)) {
+            cells_[*it].seqs |= bit;
+            add.push_back(*it);
+        }
+    merge_into(dst, add);
 }
 
 void KVCache::seq_keep(int seq) {
     check_seq(seq);
-    const uint64_t bit = uint64_t{1} << seq;
-    for (Cell& c : cells_) {
-        c.seqs &= bit;
-        if (!c.seqs) c.pos = -1;
+    for (int s = 0; s < kMaxSeq; ++s) {
+        if (s == seq || seq_cells_[s].empty()) continue;
+        for (int32_t c : seq_cells_[s]) drop(s, c);
+        seq_cells_[s].clear();
+        ++seq_epoch_[s];
     }
 }
 
 void KVCache::clear() {
     for (Cell& c : cells_) c = Cell{};
+    free_.reset(n_ctx());
+    n_used_ = 0;
+    for (int s = 0; s < kMaxSeq; ++s)
+        if (!seq_cells_[s].empty()) {
+            seq_cells_[s].clear();
+            ++seq_epoch_[s];
+        }
 }
 
 int32_t KVCache::seq_pos_max(int seq) const {
     check_seq(seq);
-    int32_t m = -1;
-    const uint64_t bit = uint64_t{1} << seq;
-    for (const Cell& c : cells_)
-        if ((c.seqs & bit) && c.pos > m) m = c.pos;
-    return m;
+    const std::vector<int32_t>& v = seq_cells_[seq];
+    return v.empty() ? -1 : cells_[v.back()].pos;
+}
+
+void KVCache::rebuild_index() {
+    free_.reset(n_ctx());
+    n_used_ = 0;
+    for (auto& v : seq_cells_) v.clear();
+    for (int32_t i = 0; i < n_ctx(); ++i) {
+        uint64_t m = cells_[i].seqs;
+        if (!m) continue;
+        free_.set_used(i);
+        ++n_used_;
+        for (; m; m &= m - 1) seq_cells_[__builtin_ctzll(m)].push_back(i);
+    }
+    for (int s = 0; s < kMaxSeq; ++s) {
+        std::sort(seq_cells_[s].begin(), seq_cells_[s].end(), [this](int32_t a, int32_t b) { return before(a, b); });
+        ++seq_epoch_[s];  // every list may have changed
+    }
 }
 
 namespace {
@@ -184,6 +289,7 @@ void KVCache::load(const std::vector<uint8_t>& in) {
     for (int64_t w : width_) payload += 2 * sizeof(float) * w * n_used_cells;
     if (in.size() - at != payload) throw std::invalid_argument("KV cache state has the wrong size");
     cells_ = std::move(cells);
+    rebuild_index();
     for (size_t il = 0; il < width_.size(); ++il)
         for (int32_t c : used) {
             take(in, at, k(static_cast<int>(il), c), width_[il]);

@@ -1,6 +1,10 @@
 // The KV cache: n_ctx cells shared by up to kMaxSeq sequences. A cell holds one position's K and
 // V for every layer and belongs to a set of sequences, so a forked sequence shares its prefix
 // cells with its parent instead of copying them.
+//
+// Besides the cell table the cache keeps, so that a decode step costs O(batch log n_ctx) of host
+// time rather than O(n_ctx): each sequence's cells sorted by position, a bitmap tree of free cells
+// and a count of used cells.
 #pragma once
 #include <cstdint>
 #include <stdexcept>
@@ -20,14 +24,21 @@ public:
     KVCache(int n_ctx, const std::vector<int64_t>& kv_width);
 
     int n_ctx() const { return static_cast<int>(cells_.size()); }
-    int n_used() const;
+    int n_used() const { return n_used_; }
 
     // Takes a free cell for each (seq, pos) pair; all or nothing. Throws KVCacheFull when there
     // are not enough free cells and std::invalid_argument when a sequence already holds a position.
     std::vector<int32_t> allocate(const std::vector<int32_t>& seq, const std::vector<int32_t>& pos);
 
-    // Cells of `seq`, for attention. Sorted by cell index.
+    // Cells of `seq`, for attention, in the order of seq_cells(seq).
     void cells_of(int seq, std::vector<int32_t>& out) const;
+    // Cells of `seq` sorted by (position, cell). A sequence holds each position once, except that
+    // seq_cp into a sequence that already holds a copied position gives it two cells there (as
+    // the unindexed cache always did); those are then ordered by cell index.
+    const std::vector<int32_t>& seq_cells(int seq) const;
+    // Changes whenever seq_cells(seq) changes other than by cells appended at its end, so a mirror
+    // of the list with the same epoch and a shorter length need only copy the new tail.
+    uint64_t seq_epoch(int seq) const;
     int32_t cell_pos(int32_t cell) const { return cells_[cell].pos; }
 
     // Removes positions [p0, p1) of seq (p1 < 0: to the end); seq < 0: of every sequence.
@@ -57,7 +68,36 @@ private:
         int32_t pos = -1;
         uint64_t seqs = 0;  // bit s: the cell belongs to sequence s
     };
+    // Cell indices with one bit each at level 0 (1: free); a bit of level l + 1 says whether word
+    // i of level l has a bit set. The top level is one word, so the lowest free cell is found in
+    // O(log64 n_ctx).
+    class FreeCells {
+    public:
+        void reset(int n);  // all n free
+        void set_free(int32_t i);
+        void set_used(int32_t i);
+        int32_t lowest() const;  // -1: none
+    private:
+        std::vector<std::vector<uint64_t>> level_;
+    };
+
+    // (position, cell) order of the per-sequence lists.
+    bool before(int32_t a, int32_t b) const {
+        return cells_[a].pos != cells_[b].pos ? cells_[a].pos < cells_[b].pos : a < b;
+    }
+    // First entry of the sorted list `v` at a position >= p.
+    std::vector<int32_t>::const_iterator lower_pos(const std::vector<int32_t>& v, int32_t p) const;
+    // Adds sorted cells `add` (not yet in seq's list) to seq's list.
+    void merge_into(int seq, const std::vector<int32_t>& add);
+    // Takes seq's bit off cell c, freeing it when no sequence is left.
+    void drop(int seq, int32_t c);
+    void rebuild_index();
+
     std::vector<Cell> cells_;
+    std::vector<std::vector<int32_t>> seq_cells_;  // [kMaxSeq], sorted by before()
+    std::vector<uint64_t> seq_epoch_;              // [kMaxSeq]
+    FreeCells free_;
+    int n_used_ = 0;
     std::vector<int64_t> width_;
     std::vector<std::vector<float>> k_, v_;
 };

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import glmoe
+from cuda_support import HAVE_GPU
 from glmoe.tools.make_model import PRESETS, ModelSpec, write_model
 
 BIN = os.path.join(os.path.dirname(glmoe.__file__), "bin")
@@ -68,8 +69,10 @@ def test_reported_settings(model):
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert [(r["n_gpu_layers"], r["flash_attn"], r["tensor_buft_overrides"], r["n_batch"], r["n_ubatch"])
             for r in rows] == [(99, 1, "exps=CPU;shexp=CPU", 64, 2), (99, 0, "exps=CPU;shexp=CPU", 64, 2)]
-    assert all(r["backends"] == "CPU" for r in rows)
-    assert p.stderr.count("no GPU backend") == 1
+    if not HAVE_GPU:
+        assert all(r["backends"] == "CPU" for r in rows)
+    # Said once, and only where there is no GPU to use.
+    assert p.stderr.count("-ngl") == (0 if HAVE_GPU else 1)
 
 
 @pytest.mark.parametrize("args", [

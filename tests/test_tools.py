@@ -291,3 +291,21 @@ def test_reference_matches_transformers_through_converter(case, tmp_path):
     print(f"engine vs transformers ({case}): relative error median {np.median(err):.2e}, "
           f"p90 {np.percentile(err, 90):.2e}, max {err.max():.2e}")
     assert np.median(err) < 2e-5 and np.percentile(err, 90) < 1e-4
+
+
+def test_decode_bytes_counts_chosen_experts_and_kv(tmp_path):
+    from glmoe.tools.decode_bytes import decode_bytes
+
+    spec = ModelSpec(**PRESETS["tiny"])
+    path = str(tmp_path / "tiny.gguf")
+    write_model(path, spec, seed=3)
+    reader = gguf.GGUFReader(path)
+    total = sum(int(t.n_bytes) for t in reader.tensors)
+    experts = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name)
+    embd = next(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
+    per = decode_bytes(path, [0, 100])
+    # Everything but the unchosen experts and all embedding rows but one.
+    expect = total - experts * (1 - spec.n_used / spec.n_experts) - embd * (1 - 1 / spec.vocab)
+    assert per[0] == pytest.approx(expect)
+    # K and V, f16, of every layer for each cached position.
+    assert per[100] - per[0] == pytest.approx(100 * spec.n_layers * 2 * spec.n_head_kv * spec.head_dim * 2)

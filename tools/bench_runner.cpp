@@ -8,6 +8,7 @@
 #include <map>
 #include <thread>
 
+#include "devices.h"
 #include "ggml_types.h"
 
 #ifndef GLMOE_BUILD_COMMIT
@@ -31,7 +32,17 @@ void decode_prompt(Context& ctx, int n, int pos0, int chunk, TokenSource& tokens
 }
 
 void decode_generation(Context& ctx, int n, int pos0, TokenSource& tokens, std::vector<float>& logits) {
-    for (int i = 0; i < n; ++i) ctx.decode(Batch{{tokens.next()}, {pos0 + i}, {0}, {1}}, logits);
+    // With the output head on the GPU a step picks its token there (greedy) and hands back only the
+    // id, as generation does; otherwise the logits come to the host.
+    std::vector<int32_t> ids;
+    const std::vector<float> no_draws;
+    for (int i = 0; i < n; ++i) {
+        const Batch b{{tokens.next()}, {pos0 + i}, {0}, {1}};
+        if (ctx.samples_on_gpu())
+            ctx.decode_sample(b, DeviceSampling{}, no_draws, ids);
+        else
+            ctx.decode(b, logits);
+    }
 }
 
 uint64_t now_ns() {
@@ -73,10 +84,10 @@ ModelInfo model_info(const Model& model, const std::string& path) {
 
 void note_cpu_only(int n_gpu_layers) {
     static bool said = false;
-    if (n_gpu_layers == 0 || said) return;
+    if (n_gpu_layers == 0 || said || cuda_device_count() > 0) return;
     said = true;
-    std::fprintf(stderr, "note: glmoe has no GPU backend yet: -ngl %d is reported, and the test runs on the CPU\n",
-                 n_gpu_layers);
+    std::fprintf(stderr, "note: %s: -ngl %d is reported, and the test runs on the CPU\n",
+                 built_with_cuda() ? "no CUDA device was found" : "this build has no CUDA backend", n_gpu_layers);
 }
 
 void sleep_s(int seconds) { std::this_thread::sleep_for(std::chrono::seconds(seconds)); }

@@ -1,6 +1,7 @@
 // llama-bench: prompt-processing (ppN), generation (tgN) and combined (ppN+tgM) speed, optionally at a
 // KV-cache depth, with llama.cpp's llama-bench flags and output, so both runtimes share one table.
 // Results go to stdout; progress and notes to stderr.
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -10,6 +11,7 @@
 #include "bench_output.h"
 #include "bench_runner.h"
 #include "context.h"
+#include "devices.h"
 #include "model.h"
 
 using namespace glmoe;
@@ -41,11 +43,17 @@ private:
 // times the prompt then the generation on top of it and removes them again.
 TestResult run_test(const Model& model, const ModelInfo& info, const TestInstance& t, const BenchParams& p,
                     const Progress& progress) {
-    Context ctx(model, ContextParams{t.n_depth + t.n_prompt + t.n_gen, t.n_threads});
+    ContextParams cp;
+    cp.n_ctx = t.n_depth + t.n_prompt + t.n_gen;
+    cp.n_threads = t.n_threads;
+    cp.n_gpu_layers = t.n_gpu_layers;
+    cp.n_ubatch = std::min(t.n_batch, t.n_ubatch);
+    Context ctx(model, cp);
     if (p.verbose)
         std::fprintf(stderr, "llama-bench: n_ctx %d, n_threads %d, prompt chunk %d\n", t.n_depth + t.n_prompt + t.n_gen,
                      ctx.n_threads(), std::min(t.n_batch, t.n_ubatch));
-    TestResult r{t, info, ctx.n_threads(), utc_now(), {}};
+    TestResult r{t, info, ctx.n_threads(), ctx.n_gpu_layers(), ctx.n_gpu_layers() ? cuda_device_name() : "",
+                 utc_now(), {}};
     // The physical batch bounds what one decode call sees, as llama.cpp's ubatch does.
     const int chunk = std::min(t.n_batch, t.n_ubatch);
     TokenSource tokens(model.hparams().n_vocab);

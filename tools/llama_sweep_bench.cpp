@@ -32,7 +32,12 @@ int main(int argc, char** argv) {
     try {
         const std::unique_ptr<Model> model = Model::load(p.model);
         if (p.verbose) std::fprintf(stderr, "llama-sweep-bench: %s\n", model->description().c_str());
-        Context ctx(*model, ContextParams{p.n_ctx, p.n_threads});
+        ContextParams cp;
+        cp.n_ctx = p.n_ctx;
+        cp.n_threads = p.n_threads;
+        cp.n_gpu_layers = p.n_gpu_layers;
+        cp.n_ubatch = std::min(p.n_batch, p.n_ubatch);
+        Context ctx(*model, cp);
         TokenSource tokens(model->hparams().n_vocab);
         std::vector<float> logits;
         const int chunk = std::min(p.n_batch, p.n_ubatch);

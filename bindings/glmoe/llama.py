@@ -43,6 +43,7 @@ class Llama:
         logits_all: bool = False,
         embedding: bool = False,
         draft_model=None,
+        n_ubatch: int = 512,
         verbose: bool = True,
         **kwargs,
     ):
@@ -73,7 +74,10 @@ class Llama:
         self._model = _core.Model(model_path)
         if n_ctx == 0:
             n_ctx = self._model.n_ctx_train
-        self._ctx = _core.Context(self._model, n_ctx, n_threads, embedding)
+        if n_ubatch < 1:
+            raise ValueError("n_ubatch must be at least 1")
+        self._ctx = _core.Context(self._model, n_ctx, n_threads, embedding, n_gpu_layers=n_gpu_layers,
+                                  n_ubatch=n_ubatch)
         self.tokenizer_ = GGUFTokenizer.from_gguf(model_path)
         self.metadata: Dict[str, str] = self._model.metadata()
         self.chat_template: Optional[str] = self.metadata.get("tokenizer.chat_template")
@@ -95,13 +99,8 @@ class Llama:
                 print(f"glmoe: ignoring llama-cpp-python options glmoe does not have: {', '.join(sorted(kwargs))}",
                       file=sys.stderr)
             if n_gpu_layers:
-                if not _core.built_with_cuda():
-                    reason = "this build has no CUDA backend"
-                elif _core.cuda_device_count() == 0:
-                    reason = "no CUDA device found"
-                else:
-                    reason = "the CUDA backend does not run layers yet"
-                print(f"glmoe: n_gpu_layers = {n_gpu_layers} ignored ({reason}): running on the CPU", file=sys.stderr)
+                print(f"glmoe: n_gpu_layers = {n_gpu_layers}: {self._ctx.n_gpu_layers} layers on the GPU"
+                      + (" with the output head" if self._ctx.samples_on_gpu else ""), file=sys.stderr)
 
     # ---- sizes and vocabulary -------------------------------------------------------------
 
@@ -478,7 +477,7 @@ def _bias_map(logit_bias: Optional[Dict[int, float]]) -> Dict[int, float]:
 # llama-cpp-python constructor options with no glmoe counterpart yet: accepted (verbose says they
 # were ignored) so that code written for llama-cpp-python runs unchanged.
 _IGNORED_INIT_ARGS = {
-    "split_mode", "main_gpu", "tensor_split", "vocab_only", "use_mmap", "use_mlock", "kv_overrides", "n_ubatch",
+    "split_mode", "main_gpu", "tensor_split", "vocab_only", "use_mmap", "use_mlock", "kv_overrides",
     "n_threads_batch", "rope_scaling_type", "pooling_type", "attention_type", "rope_freq_base", "rope_freq_scale",
     "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_orig_ctx", "offload_kqv",
     "flash_attn", "op_offload", "swa_full", "no_perf", "last_n_tokens_size", "lora_base", "lora_scale",

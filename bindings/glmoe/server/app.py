@@ -53,7 +53,8 @@ def _load(state: ServerState, settings: Settings) -> None:
                                    n_threads=settings.n_threads, n_batch=settings.n_batch,
                                    spec_suffix=settings.spec_suffix, spec_max_depth=settings.spec_max_depth,
                                    spec_max_spec_factor=settings.spec_max_spec_factor,
-                                   spec_min_token_prob=settings.spec_min_token_prob)
+                                   spec_min_token_prob=settings.spec_min_token_prob,
+                                   n_gpu_layers=settings.n_gpu_layers)
         state.chat_template = settings.chat_template or model.metadata().get("tokenizer.chat_template")
         state.model, state.tokenizer = model, tokenizer
         state.generator = Generator(engine, tokenizer, settings.n_parallel, settings.spec_suffix)

@@ -34,8 +34,9 @@ def parser() -> argparse.ArgumentParser:
                       help="draft at most this many tokens per matched token")
     spec.add_argument("--spec-min-token-prob", type=float, default=0.1,
                       help="stop a draft where its empirical path probability falls below this")
-    unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused on the CPU")
-    unused.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers")
+    ap.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers", type=int, default=0,
+                    help="layers on the GPU (the first N; more than the model has: all and the output head)")
+    unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused")
     unused.add_argument("-ub", "--ubatch-size", type=int)
     unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
     unused.add_argument("-ot", "--override-tensor", action="append")
@@ -55,7 +56,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         from ..__main__ import default_model_path
         model = default_model_path()
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
-                    n_batch=args.batch_size, alias=args.alias, api_key=args.api_key, chat_template=template,
+                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, alias=args.alias, api_key=args.api_key, chat_template=template,
                     spec_suffix=args.spec_suffix, spec_max_depth=args.spec_max_depth,
                     spec_max_spec_factor=args.spec_max_spec_factor, spec_min_token_prob=args.spec_min_token_prob)
 
@@ -69,10 +70,10 @@ def main(argv=None) -> int:
         ap.error("--spec-max-depth must be >= 1, --spec-max-spec-factor >= 0, --spec-min-token-prob in [0, 1]")
     if args.model and not os.path.isfile(args.model):
         ap.error(f"no such model file: {args.model}")
-    unused = {f: getattr(args, d) for f, d in [("-ngl", "gpu_layers"), ("-ub", "ubatch_size"), ("-fa", "flash_attn"),
+    unused = {f: getattr(args, d) for f, d in [("-ub", "ubatch_size"), ("-fa", "flash_attn"),
                                                 ("-ot", "override_tensor")] if getattr(args, d) is not None}
     if unused:
-        print("llama-server: CPU engine, not using " + ", ".join(f"{k} {v}" for k, v in unused.items()),
+        print("llama-server: not using " + ", ".join(f"{k} {v}" for k, v in unused.items()),
               file=sys.stderr)
     import uvicorn
 

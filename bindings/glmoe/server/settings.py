@@ -12,6 +12,7 @@ class Settings:
     n_parallel: int = 4
     n_threads: int = 0  # 0: the engine's choice
     n_batch: int = 512
+    n_gpu_layers: int = 0  # as llama.cpp's -ngl
     alias: Optional[str] = None
     api_key: Optional[str] = None
     chat_template: Optional[str] = None  # jinja source; None: the model's tokenizer.chat_template

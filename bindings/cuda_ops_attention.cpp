@@ -1,0 +1,116 @@
+// glmoe._core.cuda_ops.attention_decode / attention_prefill: the CUDA attention kernels on numpy
+// arrays, for tests. K/V caches are float16 arrays passed as their bits (arr.view(np.uint16)).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda_test_util.h"
+#include "kernels.h"
+
+namespace nb = nanobind;
+using namespace glmoe;
+using cuda_test::DeviceArray;
+using cuda_test::upload;
+
+namespace {
+
+using F32In = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using F16In = nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using I32In = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// Checks shapes and indices (a bad index would read outside the device arrays), uploads, runs the
+// kernel with the output poisoned, and returns out [n_tok, n_head * head_dim]. q_stride 0: q rows
+// are packed [n_head * head_dim]; otherwise q rows are q_stride wide (q.shape(1) == q_stride) and
+// only their first n_head * head_dim columns are read (as the fused qkv rows the model passes).
+nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const F16In& k_cache, const F16In& v_cache,
+                                            const I32In& cells, const I32In& cell_start, const I32In& n_visible,
+                                            int n_head, int n_head_kv, float scale, int max_visible,
+                                            int64_t q_stride) {
+    const int64_t n_tok = q.shape(0), n_cells = k_cache.shape(0);
+    if (n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || k_cache.shape(1) % n_head_kv != 0)
+        throw nb::value_error("bad head counts");
+    const int head_dim = static_cast<int>(k_cache.shape(1) / n_head_kv);
+    const size_t q_width = static_cast<size_t>(n_head) * head_dim;
+    if (q_stride < 0 || (q_stride == 0 && q.shape(1) != q_width) ||
+        (q_stride > 0 && (q.shape(1) != static_cast<size_t>(q_stride) || q.shape(1) < q_width)))
+        throw nb::value_error("q must be [n_tok, n_head * head_dim], or [n_tok, q_stride] with q_stride >= that");
+    if (v_cache.shape(0) != k_cache.shape(0) ||
+        v_cache.shape(1) != k_cache.shape(1) || cell_start.shape(0) != static_cast<size_t>(n_tok) ||
+        n_visible.shape(0) != static_cast<size_t>(n_tok))
+        throw nb::value_error("array shapes disagree");
+    int most = 1;
+    for (int64_t t = 0; t < n_tok; ++t) {
+        const int64_t b = cell_start.data()[t], n = n_visible.data()[t];
+        if (n < 1 || b < 0 || b + n > static_cast<int64_t>(cells.shape(0)))
+            throw nb::value_error("cell_start/n_visible outside cells (n_visible must be >= 1)");
+        if (!decode && b != cell_start.data()[0]) throw nb::value_error("prefill tokens must share cell_start");
+        most = std::max(most, static_cast<int>(n));
+    }
+    for (size_t i = 0; i < cells.shape(0); ++i)
+        if (cells.data()[i] < 0 || cells.data()[i] >= n_cells) throw nb::value_error("cell index out of range");
+    if (max_visible <= 0) max_visible = most;  // 0: the tight bound
+
+    auto dq = upload<float>(q);
+    auto dk = upload<uint16_t>(k_cache);
+    auto dv = upload<uint16_t>(v_cache);
+    auto dcells = upload<int32_t>(cells);
+    auto dstart = upload<int32_t>(cell_start);
+    auto dvis = upload<int32_t>(n_visible);
+    DeviceArray<float> out(static_cast<size_t>(n_tok) * q_width);
+    out.fill_bytes(0xFF);
+
+    cuda::AttentionArgs a;
+    a.q = dq.get();
+    a.k_cache = reinterpret_cast<const half*>(dk.get());
+    a.v_cache = reinterpret_cast<const half*>(dv.get());
+    a.cells = dcells.get();
+    a.cell_start = dstart.get();
+    a.n_visible = dvis.get();
+    a.out = out.get();
+    a.n_tok = static_cast<int>(n_tok);
+    a.n_head = n_head;
+    a.n_head_kv = n_head_kv;
+    a.head_dim = head_dim;
+    a.max_visible = max_visible;
+    a.scale = scale;
+    a.q_stride = q_stride;
+    if (decode) {
+        const size_t bytes = cuda::attention_decode_scratch_bytes(a.n_tok, n_head, head_dim, max_visible);
+        DeviceArray<float> scratch(bytes / sizeof(float));
+        scratch.fill_bytes(0xFF);  // partials must all be written, neutral ones included
+        cuda::attention_decode(a, bytes ? scratch.get() : nullptr, nullptr);
+        return cuda_test::to_numpy(out, {static_cast<size_t>(n_tok), q_width});  // syncs before scratch dies
+    }
+    cuda::attention_prefill(a, nullptr);
+    return cuda_test::to_numpy(out, {static_cast<size_t>(n_tok), q_width});
+}
+
+}  // namespace
+
+void bind_cuda_attention(nb::module_& m) {
+    m.def(
+        "attention_decode",
+        [](const F32In& q, const F16In& k, const F16In& v, const I32In& cells, const I32In& cell_start,
+           const I32In& n_visible, int n_head, int n_head_kv, float scale, int max_visible, int64_t q_stride) {
+            return run_attention(true, q, k, v, cells, cell_start, n_visible, n_head, n_head_kv, scale, max_visible,
+                                 q_stride);
+        },
+        nb::arg("q"), nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("cells"), nb::arg("cell_start"),
+        nb::arg("n_visible"), nb::arg("n_head"), nb::arg("n_head_kv"), nb::arg("scale"), nb::arg("max_visible") = 0,
+        nb::arg("q_stride") = 0,
+        "Split-K decode attention. q f32 [n_tok, n_head*D]; k_cache, v_cache float16 bits (uint16) "
+        "[n_cells, n_head_kv*D]; token t sees cells[cell_start[t] : cell_start[t] + n_visible[t]]. "
+        "max_visible: the split bucket (0: max(n_visible)). q_stride: 0, or q.shape[1] for wider q rows "
+        "of which the first n_head*D columns are read (a multiple of 4). Returns out f32 [n_tok, n_head*D].");
+    m.def(
+        "attention_prefill",
+        [](const F32In& q, const F16In& k, const F16In& v, const I32In& cells, const I32In& cell_start,
+           const I32In& n_visible, int n_head, int n_head_kv, float scale, int64_t q_stride) {
+            return run_attention(false, q, k, v, cells, cell_start, n_visible, n_head, n_head_kv, scale, 0, q_stride);
+        },
+        nb::arg("q"), nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("cells"), nb::arg("cell_start"),
+        nb::arg("n_visible"), nb::arg("n_head"), nb::arg("n_head_kv"), nb::arg("scale"), nb::arg("q_stride") = 0,
+        "Tensor-core prompt attention: as attention_decode, all tokens sharing cell_start[0].");
+}

@@ -1,0 +1,267 @@
+// glmoe._core.cuda_ops: test entry points of the small ops (ops.cu) and of GPU sampling
+// (sample.cu). Each uploads its numpy inputs, poisons the outputs (0xFF bytes: NaN floats, -1
+// ints), runs the kernel on the default stream and returns numpy arrays.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "kernels.h"
+
+namespace nb = nanobind;
+using namespace glmoe::cuda_test;
+
+namespace {
+
+using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using I32In = nb::ndarray<const int32_t, nb::c_contig, nb::device::cpu>;
+using U8In = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+void need(bool ok, const std::string& msg) {
+    if (!ok) throw nb::value_error(msg.c_str());
+}
+
+size_t dim(const F32In& a, size_t i) { return i < a.ndim() ? a.shape(i) : 0; }
+
+// table: raw rows [n_rows, row_bytes] of `type`, each `cols` elements.
+nb::object get_rows_py(uint32_t type, const U8In& table, int64_t cols, const I32In& ids) {
+    need(ids.ndim() == 1, "ids must be 1-d");
+    DeviceArray<uint8_t> d_table = upload<uint8_t>(table);
+    DeviceArray<int32_t> d_ids = upload<int32_t>(ids);
+    const size_t n = ids.shape(0);
+    DeviceArray<float> d_out(n * cols);
+    d_out.fill_bytes(0xFF);
+    glmoe::cuda::WeightView w;
+    w.data = d_table.get();
+    w.type = type;
+    w.rows = static_cast<int64_t>(table.shape(0));
+    w.cols = cols;
+    w.row_bytes = table.shape(1);
+    w.matrix_bytes = table.size();
+    glmoe::cuda::get_rows(w, d_ids.get(), static_cast<int>(n), d_out.get(), nullptr);
+    return nb::cast(to_numpy(d_out, {n, static_cast<size_t>(cols)}));
+}
+
+nb::object rms_norm_py(const F32In& x, const F32In& w, float eps, bool in_place) {
+    need(x.ndim() == 2 && w.ndim() == 1 && w.shape(0) == x.shape(1), "x [n, cols] and w [cols] required");
+    const size_t n = x.shape(0), cols = x.shape(1);
+    DeviceArray<float> d_x = upload<float>(x);
+    DeviceArray<float> d_w = upload<float>(w);
+    if (in_place) {
+        glmoe::cuda::rms_norm(d_x.get(), d_w.get(), n, cols, eps, d_x.get(), nullptr);
+        return nb::cast(to_numpy(d_x, {n, cols}));
+    }
+    DeviceArray<float> d_out(n * cols);
+    d_out.fill_bytes(0xFF);
+    glmoe::cuda::rms_norm(d_x.get(), d_w.get(), n, cols, eps, d_out.get(), nullptr);
+    return nb::cast(to_numpy(d_out, {n, cols}));
+}
+
+// rms_norm with the quantized copy: returns (y, d [n, cols/32], s [n, cols/32], q int8 [n, cols]).
+nb::object rms_norm_q8_py(const F32In& x, const F32In& w, float eps) {
+    need(x.ndim() == 2 && w.ndim() == 1 && w.shape(0) == x.shape(1), "x [n, cols] and w [cols] required");
+    const size_t n = x.shape(0), cols = x.shape(1), nb_ = n * (cols / 32);
+    DeviceArray<float> d_x = upload<float>(x);
+    DeviceArray<float> d_w = upload<float>(w);
+    DeviceArray<float> d_out(n * cols);
+    DeviceArray<glmoe::cuda::BlockQ8> d_q8(nb_);
+    d_out.fill_bytes(0xFF);
+    d_q8.fill_bytes(0xFF);
+    glmoe::cuda::rms_norm_q8(d_x.get(), d_w.get(), n, cols, eps, d_out.get(), d_q8.get(), nullptr);
+    auto y = to_numpy(d_out, {n, cols});
+    const std::vector<glmoe::cuda::BlockQ8> h = d_q8.download();
+    std::vector<float> hd(nb_), hs(nb_);
+    std::vector<int8_t> hq(n * cols);
+    for (size_t i = 0; i < nb_; ++i) {
+        hd[i] = h[i].d;
+        hs[i] = h[i].s;
+        for (int j = 0; j < 32; ++j) hq[32 * i + j] = h[i].q[j];
+    }
+    auto* qv = new std::vector<int8_t>(std::move(hq));
+    nb::capsule oq(qv, [](void* p) noexcept { delete static_cast<std::vector<int8_t>*>(p); });
+    const size_t sq[2] = {n, cols};
+    return nb::make_tuple(y, to_numpy(DeviceArray<float>(hd.data(), nb_), {n, cols / 32}),
+                          to_numpy(DeviceArray<float>(hs.data(), nb_), {n, cols / 32}),
+                          nb::ndarray<nb::numpy, int8_t>(qv->data(), 2, sq, oq));
+}
+
+// Returns (qkv after the op, k_cache, v_cache); the caches are [n_cells, n_head_kv * head_dim]
+// float16 bits (uint16), poisoned with 0xFFFF where not written.
+nb::object qkv_prepare_py(const F32In& qkv, std::optional<F32In> bias, std::optional<F32In> q_norm,
+                          std::optional<F32In> k_norm, const I32In& pos, const I32In& cells, int n_cells, int n_head,
+                          int n_head_kv, int head_dim, int n_rot, float eps, float freq_base) {
+    need(qkv.ndim() == 2, "qkv must be 2-d");
+    const size_t n = qkv.shape(0), width = qkv.shape(1);
+    need(width == static_cast<size_t>(n_head + 2 * n_head_kv) * head_dim, "qkv width does not match the heads");
+    need(pos.ndim() == 1 && pos.shape(0) == n && cells.ndim() == 1 && cells.shape(0) == n,
+         "pos and cells must have n entries");
+    need(!bias || bias->size() == width, "bias must have the qkv width");
+    need(!q_norm || q_norm->size() == static_cast<size_t>(head_dim), "q_norm must have head_dim entries");
+    need(!k_norm || k_norm->size() == static_cast<size_t>(head_dim), "k_norm must have head_dim entries");
+    need(n_cells > 0, "n_cells must be positive");
+    for (size_t t = 0; t < n; ++t) need(cells.data()[t] < n_cells, "cell out of range");
+    const size_t kv_width = static_cast<size_t>(n_head_kv) * head_dim;
+
+    DeviceArray<float> d_qkv = upload<float>(qkv);
+    DeviceArray<int32_t> d_pos = upload<int32_t>(pos), d_cells = upload<int32_t>(cells);
+    std::optional<DeviceArray<float>> d_bias, d_qn, d_kn;
+    if (bias) d_bias.emplace(bias->data(), bias->size());
+    if (q_norm) d_qn.emplace(q_norm->data(), q_norm->size());
+    if (k_norm) d_kn.emplace(k_norm->data(), k_norm->size());
+    DeviceArray<uint16_t> d_k(n_cells * kv_width), d_v(n_cells * kv_width);
+    d_k.fill_bytes(0xFF);
+    d_v.fill_bytes(0xFF);
+
+    glmoe::cuda::QKVArgs a;
+    a.qkv = d_qkv.get();
+    a.bias = d_bias ? d_bias->get() : nullptr;
+    a.q_norm = d_qn ? d_qn->get() : nullptr;
+    a.k_norm = d_kn ? d_kn->get() : nullptr;
+    a.pos = d_pos.get();
+    a.cells = d_cells.get();
+    a.k_cache = reinterpret_cast<half*>(d_k.get());
+    a.v_cache = reinterpret_cast<half*>(d_v.get());
+    a.n = static_cast<int>(n);
+    a.n_head = n_head;
+    a.n_head_kv = n_head_kv;
+    a.head_dim = head_dim;
+    a.n_rot = n_rot;
+    a.eps = eps;
+    a.freq_base = freq_base;
+    glmoe::cuda::qkv_prepare(a, nullptr);
+    const size_t nc = static_cast<size_t>(n_cells);
+    return nb::make_tuple(to_numpy(d_qkv, {n, width}), to_numpy(d_k, {nc, kv_width}), to_numpy(d_v, {nc, kv_width}));
+}
+
+// Returns y + x (flattened).
+nb::object add_py(const F32In& y, const F32In& x) {
+    need(y.size() == x.size(), "x and y must have the same size");
+    DeviceArray<float> d_y = upload<float>(y), d_x = upload<float>(x);
+    glmoe::cuda::add(d_y.get(), d_x.get(), y.size(), nullptr);
+    return nb::cast(to_numpy(d_y, {y.size()}));
+}
+
+nb::object swiglu_py(const F32In& g, const F32In& u) {
+    need(g.size() == u.size(), "g and u must have the same size");
+    DeviceArray<float> d_g = upload<float>(g), d_u = upload<float>(u);
+    DeviceArray<float> d_out(g.size());
+    d_out.fill_bytes(0xFF);
+    glmoe::cuda::swiglu(d_g.get(), d_u.get(), g.size(), d_out.get(), nullptr);
+    return nb::cast(to_numpy(d_out, {g.size()}));
+}
+
+// logits [n, n_expert] -> (ids [n, n_slots] int32, weights [n, n_slots] float32).
+nb::object moe_route_py(const F32In& logits, std::optional<F32In> bias, int n_used, int n_groups, int n_group_used,
+                        bool norm, float scale, bool fuse_shared) {
+    need(logits.ndim() == 2, "logits must be [n, n_expert]");
+    const size_t n = logits.shape(0), E = logits.shape(1);
+    need(!bias || bias->size() == E, "bias must have n_expert entries");
+    const size_t slots = static_cast<size_t>(n_used) + (fuse_shared ? 1 : 0);
+    DeviceArray<float> d_logits = upload<float>(logits);
+    std::optional<DeviceArray<float>> d_bias;
+    if (bias) d_bias.emplace(bias->data(), bias->size());
+    DeviceArray<int32_t> d_ids(n * slots);
+    DeviceArray<float> d_w(n * slots);
+    d_ids.fill_bytes(0xFF);
+    d_w.fill_bytes(0xFF);
+    glmoe::cuda::RouteArgs a;
+    a.logits = d_logits.get();
+    a.bias = d_bias ? d_bias->get() : nullptr;
+    a.ids = d_ids.get();
+    a.weights = d_w.get();
+    a.n = static_cast<int>(n);
+    a.n_expert = static_cast<int>(E);
+    a.n_used = n_used;
+    a.n_groups = n_groups;
+    a.n_group_used = n_group_used;
+    a.norm = norm;
+    a.fuse_shared = fuse_shared;
+    a.scale = scale;
+    glmoe::cuda::moe_route(a, nullptr);
+    return nb::make_tuple(to_numpy(d_ids, {n, slots}), to_numpy(d_w, {n, slots}));
+}
+
+// ids [n, n_slots] -> (counts [E], offsets [E + 1], src_row [n * n_slots], dst_row [n * n_slots]).
+nb::object moe_group_py(const I32In& ids, int n_expert_total) {
+    need(ids.ndim() == 2, "ids must be [n, n_slots]");
+    const size_t n = ids.shape(0), n_slots = ids.shape(1), E = static_cast<size_t>(n_expert_total);
+    DeviceArray<int32_t> d_ids = upload<int32_t>(ids);
+    DeviceArray<int32_t> d_counts(E), d_offsets(E + 1), d_src(n * n_slots), d_dst(n * n_slots);
+    d_counts.fill_bytes(0xFF);
+    d_offsets.fill_bytes(0xFF);
+    d_src.fill_bytes(0xFF);
+    d_dst.fill_bytes(0xFF);
+    glmoe::cuda::moe_group(d_ids.get(), static_cast<int>(n), static_cast<int>(n_slots), n_expert_total,
+                           d_counts.get(), d_offsets.get(), d_src.get(), d_dst.get(), nullptr);
+    return nb::make_tuple(to_numpy(d_counts, {E}), to_numpy(d_offsets, {E + 1}), to_numpy(d_src, {n * n_slots}),
+                          to_numpy(d_dst, {n * n_slots}));
+}
+
+// y [n * n_slots, cols], weights [n, n_slots]; out given: accumulate into it.
+nb::object moe_combine_py(const F32In& y, const F32In& weights, std::optional<F32In> out) {
+    need(y.ndim() == 2 && weights.ndim() == 2, "y [n * n_slots, cols] and weights [n, n_slots] required");
+    const size_t n = weights.shape(0), n_slots = weights.shape(1), cols = y.shape(1);
+    need(y.shape(0) == n * n_slots, "y must have n * n_slots rows");
+    need(!out || (out->ndim() == 2 && out->shape(0) == n && out->shape(1) == cols), "out must be [n, cols]");
+    DeviceArray<float> d_y = upload<float>(y), d_w = upload<float>(weights);
+    DeviceArray<float> d_out(n * cols);
+    if (out)
+        check(cudaMemcpy(d_out.get(), out->data(), n * cols * sizeof(float), cudaMemcpyHostToDevice), "upload");
+    else
+        d_out.fill_bytes(0xFF);
+    glmoe::cuda::moe_combine(d_y.get(), d_w.get(), static_cast<int>(n), static_cast<int>(n_slots), cols, d_out.get(),
+                             out.has_value(), nullptr);
+    return nb::cast(to_numpy(d_out, {n, cols}));
+}
+
+// logits [n_rows, n_vocab]; u [n_rows] (needed when temperature > 0) -> ids [n_rows] int32.
+nb::object sample_tokens_py(const F32In& logits, float temperature, int top_k, float top_p, float min_p,
+                            std::optional<F32In> u) {
+    need(logits.ndim() == 2, "logits must be [n_rows, n_vocab]");
+    const size_t n_rows = logits.shape(0), n_vocab = logits.shape(1);
+    need(!u || u->size() == n_rows, "u must have n_rows entries");
+    DeviceArray<float> d_logits = upload<float>(logits);
+    std::optional<DeviceArray<float>> d_u;
+    if (u) d_u.emplace(u->data(), u->size());
+    DeviceArray<int32_t> d_out(n_rows);
+    d_out.fill_bytes(0xFF);
+    glmoe::cuda::SampleParams p;
+    p.temperature = temperature;
+    p.top_k = top_k;
+    p.top_p = top_p;
+    p.min_p = min_p;
+    glmoe::cuda::sample_tokens(d_logits.get(), static_cast<int>(n_rows), static_cast<int>(n_vocab), p,
+                               d_u ? d_u->get() : nullptr, d_out.get(), nullptr);
+    return nb::cast(to_numpy(d_out, {n_rows}));
+}
+
+}  // namespace
+
+void bind_cuda_misc(nb::module_& m) {
+    m.def("get_rows", &get_rows_py, nb::arg("type"), nb::arg("table"), nb::arg("cols"), nb::arg("ids"),
+          "Dequantized rows ids of a raw [n_rows, row_bytes] table of GGML type `type`: float32 [n, cols].");
+    m.def("rms_norm_q8", &rms_norm_q8_py, nb::arg("x"), nb::arg("w"), nb::arg("eps"));
+    m.def("rms_norm", &rms_norm_py, nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("in_place") = false,
+          "x / rms(x) * w per row of x [n, cols].");
+    m.def("qkv_prepare", &qkv_prepare_py, nb::arg("qkv"), nb::arg("bias").none(), nb::arg("q_norm").none(),
+          nb::arg("k_norm").none(), nb::arg("pos"), nb::arg("cells"), nb::arg("n_cells"), nb::arg("n_head"),
+          nb::arg("n_head_kv"), nb::arg("head_dim"), nb::arg("n_rot"), nb::arg("eps"), nb::arg("freq_base"),
+          "Bias, qk-norm and neox rope; returns (qkv, k_cache, v_cache), caches as float16 bits (uint16).");
+    m.def("add", &add_py, nb::arg("y"), nb::arg("x"), "y + x, flattened.");
+    m.def("swiglu", &swiglu_py, nb::arg("g"), nb::arg("u"), "silu(g) * u, flattened.");
+    m.def("moe_route", &moe_route_py, nb::arg("logits"), nb::arg("bias").none(), nb::arg("n_used"),
+          nb::arg("n_groups") = 1, nb::arg("n_group_used") = 1, nb::arg("norm") = false, nb::arg("scale") = 1.0f,
+          nb::arg("fuse_shared") = false, "MoE routing: (ids [n, n_slots], weights [n, n_slots]).");
+    m.def("moe_group", &moe_group_py, nb::arg("ids"), nb::arg("n_expert_total"),
+          "Pairs grouped by expert: (counts, offsets, src_row, dst_row).");
+    m.def("moe_combine", &moe_combine_py, nb::arg("y"), nb::arg("weights"), nb::arg("out").none() = nb::none(),
+          "sum_j weights[t, j] * y[t * n_slots + j] (+ out when given).");
+    m.def("sample_tokens", &sample_tokens_py, nb::arg("logits"), nb::arg("temperature"), nb::arg("top_k") = 0,
+          nb::arg("top_p") = 1.0f, nb::arg("min_p") = 0.0f, nb::arg("u").none() = nb::none(),
+          "Sampled token per row of logits [n_rows, n_vocab] with uniform numbers u [n_rows].");
+}

@@ -1,0 +1,40 @@
+// Which layers n_gpu_layers offloads, and the stand-in GpuForward of a build without CUDA.
+#include "gpu_forward.h"
+
+namespace glmoe {
+
+int gpu_layer_count(int n_gpu_layers, int n_layer) {
+    if (n_gpu_layers < 0 || n_gpu_layers > n_layer) return n_layer;
+    return n_gpu_layers;
+}
+
+bool gpu_has_output(int n_gpu_layers, int n_layer) { return n_gpu_layers < 0 || n_gpu_layers > n_layer; }
+
+std::string GpuForward::unsupported(const Model& model) {
+    const HParams& hp = model.hparams();
+    if (hp.head_dim_k != hp.head_dim_v) return "different K and V head sizes";
+    if (hp.head_dim_k != 64 && hp.head_dim_k != 128 && hp.head_dim_k != 256)
+        return "head size " + std::to_string(hp.head_dim_k) + " (it has kernels for 64, 128 and 256)";
+    if (hp.n_rot % 2 != 0 || hp.n_rot > hp.head_dim_k) return "rope dimension " + std::to_string(hp.n_rot);
+    return "";
+}
+
+#ifndef GLMOE_CUDA
+struct GpuForward::Impl {};
+
+GpuForward::GpuForward(const Model&, const GpuParams&) {
+    throw GpuError("this build of glmoe has no CUDA backend");
+}
+GpuForward::~GpuForward() = default;
+int GpuForward::n_layers() const { return 0; }
+bool GpuForward::has_output() const { return false; }
+size_t GpuForward::device_bytes() const { return 0; }
+void GpuForward::run(const int32_t*, const int32_t*, const int32_t*, const int32_t*, int, const KVCache&,
+                     GpuStepOutput&) {}
+const GpuCounters& GpuForward::counters() const {
+    static const GpuCounters none;
+    return none;
+}
+#endif
+
+}  // namespace glmoe
