@@ -16,6 +16,9 @@ std::string GpuForward::unsupported(const Model& model) {
     if (hp.head_dim_k != 64 && hp.head_dim_k != 128 && hp.head_dim_k != 256)
         return "head size " + std::to_string(hp.head_dim_k) + " (it has kernels for 64, 128 and 256)";
     if (hp.n_rot % 2 != 0 || hp.n_rot > hp.head_dim_k) return "rope dimension " + std::to_string(hp.n_rot);
+    // The routing kernel keeps a token's scores in one warp's registers (ggml-cuda/ops.cu).
+    if (hp.n_expert > 512) return std::to_string(hp.n_expert) + " experts (it routes at most 512)";
+    if (hp.n_expert_groups > 32) return std::to_string(hp.n_expert_groups) + " expert groups (at most 32)";
     return "";
 }
 
