@@ -138,14 +138,6 @@ nb::object qkv_prepare_py(const F32In& qkv, std::optional<F32In> bias, std::opti
     return nb::make_tuple(to_numpy(d_qkv, {n, width}), to_numpy(d_k, {nc, kv_width}), to_numpy(d_v, {nc, kv_width}));
 }
 
-// Returns y + x (flattened).
-nb::object add_py(const F32In& y, const F32In& x) {
-    need(y.size() == x.size(), "x and y must have the same size");
-    DeviceArray<float> d_y = upload<float>(y), d_x = upload<float>(x);
-    glmoe::cuda::add(d_y.get(), d_x.get(), y.size(), nullptr);
-    return nb::cast(to_numpy(d_y, {y.size()}));
-}
-
 nb::object swiglu_py(const F32In& g, const F32In& u) {
     need(g.size() == u.size(), "g and u must have the same size");
     DeviceArray<float> d_g = upload<float>(g), d_u = upload<float>(u);
@@ -252,7 +244,6 @@ void bind_cuda_misc(nb::module_& m) {
           nb::arg("k_norm").none(), nb::arg("pos"), nb::arg("cells"), nb::arg("n_cells"), nb::arg("n_head"),
           nb::arg("n_head_kv"), nb::arg("head_dim"), nb::arg("n_rot"), nb::arg("eps"), nb::arg("freq_base"),
           "Bias, qk-norm and neox rope; returns (qkv, k_cache, v_cache), caches as float16 bits (uint16).");
-    m.def("add", &add_py, nb::arg("y"), nb::arg("x"), "y + x, flattened.");
     m.def("swiglu", &swiglu_py, nb::arg("g"), nb::arg("u"), "silu(g) * u, flattened.");
     m.def("moe_route", &moe_route_py, nb::arg("logits"), nb::arg("bias").none(), nb::arg("n_used"),
           nb::arg("n_groups") = 1, nb::arg("n_group_used") = 1, nb::arg("norm") = false, nb::arg("scale") = 1.0f,

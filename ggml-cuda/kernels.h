@@ -127,8 +127,6 @@ struct QKVArgs {
 void qkv_prepare(const QKVArgs& a, cudaStream_t s);
 // dst[i][:] = src[rows[i]][:] for i < n (rows on the device).
 void gather_rows(const float* src, const int32_t* rows, int n, int64_t cols, float* dst, cudaStream_t s);
-// y[i] += x[i].
-void add(float* y, const float* x, int64_t n, cudaStream_t s);
 // out[i] = silu(g[i]) * u[i].
 void swiglu(const float* g, const float* u, int64_t n, float* out, cudaStream_t s);
 // MoE routing (DESIGN.md §3) from router logits [n][n_expert]: writes ids [n][n_slots] and weights

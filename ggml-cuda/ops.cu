@@ -197,12 +197,6 @@ __global__ void qkv_prepare_kernel(QKVArgs a, RopeFreqs freqs) {
 
 // ---- element-wise ------------------------------------------------------------------------------
 
-__global__ void add_kernel(float* y, const float* x, int64_t n) {
-    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-        y[i] += x[i];
-}
-
 __global__ void swiglu_kernel(const float* g, const float* u, int64_t n, float* out) {
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -441,14 +435,6 @@ void qkv_prepare(const QKVArgs& a, cudaStream_t s) {
     const int threads = a.head_dim >= 256 ? 256 : a.head_dim >= 128 ? 128 : 64;
     qkv_prepare_kernel<<<grid, threads, a.head_dim * sizeof(float), s>>>(a, freqs);
     check_launch("qkv_prepare");
-}
-
-void add(float* y, const float* x, int64_t n, cudaStream_t s) {
-    require(n >= 0, "add", "n must be >= 0");
-    if (n == 0) return;
-    require(x && y, "add", "null pointer");
-    add_kernel<<<grid_for(n, 256), 256, 0, s>>>(y, x, n);
-    check_launch("add");
 }
 
 void swiglu(const float* g, const float* u, int64_t n, float* out, cudaStream_t s) {

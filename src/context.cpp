@@ -2,12 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <functional>
 #include <numeric>
 #include <stdexcept>
 #include <string>
 #include <thread>
-
-#include <cstdio>
 
 #include "devices.h"
 #include "quants.h"
@@ -105,12 +105,10 @@ void Context::check_batch(const Batch& b) const {
 
 void Context::decode(const Batch& batch, std::vector<float>& logits) {
     check_batch(batch);
-    const int64_t n = static_cast<int64_t>(batch.size());
-    const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
     std::vector<int64_t> rows;
-    for (int64_t t = 0; t < n; ++t)
+    for (int64_t t = 0; t < static_cast<int64_t>(batch.size()); ++t)
         if (batch.want_logits[t]) rows.push_back(t);
-    try {
+    run_allocated(batch, [&](const std::vector<int32_t>& cells) {
         logits.resize(rows.size() * n_outputs_per_token());
         if (gpu_) {
             GpuStepOutput proto;
@@ -120,11 +118,7 @@ void Context::decode(const Batch& batch, std::vector<float>& logits) {
             cpu_layers(batch, cells, 0);
             cpu_output(rows, logits.data());
         }
-    } catch (...) {
-        for (size_t i = 0; i < cells.size(); ++i) kv_.seq_rm(batch.seq[i], batch.pos[i], batch.pos[i] + 1);
-        throw;
-    }
-    n_evaluated_ += n;
+    });
 }
 
 void Context::decode_sample(const Batch& batch, const DeviceSampling& sampling, const std::vector<float>& u,
@@ -135,8 +129,7 @@ void Context::decode_sample(const Batch& batch, const DeviceSampling& sampling, 
     for (uint8_t w : batch.want_logits) n_rows += w != 0;
     if (sampling.temperature > 0 && u.size() != n_rows)
         throw std::invalid_argument("decode_sample needs one uniform draw per flagged row");
-    const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
-    try {
+    run_allocated(batch, [&](const std::vector<int32_t>& cells) {
         ids.resize(n_rows);
         GpuStepOutput proto;
         proto.kind = GpuStepOutput::Kind::token_ids;
@@ -145,6 +138,13 @@ void Context::decode_sample(const Batch& batch, const DeviceSampling& sampling, 
         proto.top_p = sampling.top_p;
         proto.min_p = sampling.min_p;
         gpu_decode(batch, cells, proto, nullptr, ids.data(), sampling.temperature > 0 ? &u : nullptr);
+    });
+}
+
+void Context::run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward) {
+    const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
+    try {
+        forward(cells);
     } catch (...) {
         for (size_t i = 0; i < cells.size(); ++i) kv_.seq_rm(batch.seq[i], batch.pos[i], batch.pos[i] + 1);
         throw;

@@ -3,6 +3,7 @@
 // positions (prompt chunks and decode steps together), as continuous batching needs.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -66,6 +67,9 @@ public:
 
 private:
     void check_batch(const Batch& batch) const;
+    // Allocates the batch's KV cells, runs `forward` on them and counts the tokens; on an
+    // exception the cells are released again, so a failed batch leaves the cache unchanged.
+    void run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward);
     // Runs the batch's tokens through layers [first_layer, n_layer) on the CPU; with first_layer 0
     // it starts from the token embeddings, otherwise from the hidden states already in x_.
     void cpu_layers(const Batch& batch, const std::vector<int32_t>& cells, int first_layer);

@@ -10,6 +10,7 @@ import pytest
 from glmoe import _core
 from glmoe.tools.make_model import ModelSpec, write_model
 from cuda_support import cuda_only
+from test_engine import relative_errors
 
 pytestmark = cuda_only
 
@@ -74,10 +75,6 @@ def run_positions(ctx, tokens, chunks):
     return np.concatenate(out)
 
 
-def rel_errors(got, ref):
-    return np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
-
-
 # Prompt batch (tensor cores), single steps (graphs), a 5-token batch (matrix-vector for several
 # tokens), and a prompt chunk at a depth.
 CHUNKS = [24, 1, 1, 1, 1, 1, 1, 5, 40]
@@ -90,7 +87,7 @@ def test_gpu_logits_match_cpu(model_case):
     ref = run_positions(_core.Context(model, 256, 2, f32_activations=True), tokens, CHUNKS)
     gpu = run_positions(_core.Context(model, 256, 2, n_gpu_layers=-1), tokens, CHUNKS)
     assert np.isfinite(gpu).all()
-    assert_close(name, rel_errors(gpu, ref))
+    assert_close(name, relative_errors(gpu, ref))
 
 
 @pytest.mark.parametrize("n_gpu_layers", [1, "all-but-output"])
@@ -103,7 +100,7 @@ def test_hybrid_split_matches_cpu(model_case, n_gpu_layers):
     assert ctx.n_gpu_layers == ngl and not ctx.samples_on_gpu
     ref = run_positions(_core.Context(model, 128, 2, f32_activations=True), tokens, [20, 1, 1, 8])
     got = run_positions(ctx, tokens, [20, 1, 1, 8])
-    assert_close(name, rel_errors(got, ref))
+    assert_close(name, relative_errors(got, ref))
 
 
 def test_micro_batches_match_one_batch(model_case):
@@ -113,7 +110,7 @@ def test_micro_batches_match_one_batch(model_case):
     whole = run_positions(_core.Context(model, 128, 2, n_gpu_layers=-1, n_ubatch=128), tokens, [70])
     split = run_positions(_core.Context(model, 128, 2, n_gpu_layers=-1, n_ubatch=32), tokens, [70])
     # Same kernels on the same rows; only which tokens share a tile changes.
-    assert np.median(rel_errors(split, whole)) < 1e-3
+    assert np.median(relative_errors(split, whole)) < 1e-3
 
 
 def test_mixed_sequences_in_one_batch(model_case):
@@ -148,7 +145,7 @@ def test_mixed_sequences_in_one_batch(model_case):
     got = ctx.decode(np.asarray(tok, np.int32), np.asarray(pos, np.int32), np.asarray(seq, np.int32),
                      np.asarray(want, np.uint8))
     for i, ref in enumerate(alone):
-        assert rel_errors(got[i:i + 1], ref[None])[0] < 1e-4, i
+        assert relative_errors(got[i:i + 1], ref[None])[0] < 1e-4, i
 
 
 def test_ngl_zero_is_the_cpu_engine(model_case):
