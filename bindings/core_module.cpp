@@ -217,6 +217,7 @@ NB_MODULE(_core, m) {
              nb::arg("min_p") = 0.0f, nb::arg("u") = std::vector<float>{})
         .def_prop_ro("n_gpu_layers", &Context::n_gpu_layers)
         .def_prop_ro("samples_on_gpu", &Context::samples_on_gpu)
+        .def_prop_ro("invariant_batch", &Context::invariant_batch)
         .def("gpu_counters", [](const Context& c) {
             nb::dict d;
             if (const GpuForward* g = c.gpu()) {

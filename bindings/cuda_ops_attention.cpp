@@ -77,7 +77,7 @@ nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const F
     a.scale = scale;
     a.q_stride = q_stride;
     if (decode) {
-        const size_t bytes = cuda::attention_decode_scratch_bytes(a.n_tok, n_head, head_dim, max_visible);
+        const size_t bytes = cuda::attention_decode_scratch_bytes(a.n_tok, n_head, n_head_kv, head_dim, max_visible);
         DeviceArray<float> scratch(bytes / sizeof(float));
         scratch.fill_bytes(0xFF);  // partials must all be written, neutral ones included
         cuda::attention_decode(a, bytes ? scratch.get() : nullptr, nullptr);

@@ -35,8 +35,9 @@ cuda::WeightView view(const DeviceArray<uint8_t>& d, uint32_t type, size_t rows,
 }
 
 // weight: [rows, row_bytes] raw GGUF rows; x: [n, cols]. Returns y [n, rows] = x @ W.T, plus
-// accumulate_into when given (the accumulate mode).
-F32Out mm_py(uint32_t type, const U8In& weight, int64_t cols, const F32In& x, std::optional<F32In> accumulate_into) {
+// accumulate_into when given (the accumulate mode). exact: the f32 kernel for float weights (mm_float).
+F32Out mm_py(uint32_t type, const U8In& weight, int64_t cols, const F32In& x, std::optional<F32In> accumulate_into,
+             bool exact) {
     if (weight.ndim() != 2) throw nb::value_error("weight must be [rows, row_bytes]");
     if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != cols) throw nb::value_error("x must be [n, cols]");
     const size_t rows = weight.shape(0), n = x.shape(0);
@@ -52,8 +53,9 @@ F32Out mm_py(uint32_t type, const U8In& weight, int64_t cols, const F32In& x, st
     } else {
         dy.fill_bytes(0xFF);
     }
-    cuda::mm(view(dw, type, rows, cols, weight.shape(1)), dx.get(), static_cast<int64_t>(n), dy.get(),
-             static_cast<int64_t>(rows), acc, nullptr);
+    const cuda::WeightView w = view(dw, type, rows, cols, weight.shape(1));
+    if (exact) cuda::mm_float(w, dx.get(), static_cast<int64_t>(n), dy.get(), static_cast<int64_t>(rows), acc, nullptr);
+    else cuda::mm(w, dx.get(), static_cast<int64_t>(n), dy.get(), static_cast<int64_t>(rows), acc, nullptr);
     return to_numpy(dy, {n, rows});
 }
 
@@ -107,8 +109,8 @@ F32Out mm_experts_py(uint32_t routed_type, const U8In& routed, uint32_t shared_t
 
 void bind_cuda_mm(nb::module_& m) {
     m.def("mm", &mm_py, nb::arg("type"), nb::arg("weight"), nb::arg("cols"), nb::arg("x"),
-          nb::arg("accumulate_into").none() = nb::none(),
-          "Tensor-core prefill matmul: y[n, rows] = x @ W.T (+ accumulate_into).");
+          nb::arg("accumulate_into").none() = nb::none(), nb::arg("exact") = false,
+          "Prefill matmul y[n, rows] = x @ W.T (+ accumulate_into): tensor cores, or exact f32 (float weights).");
     m.def("mm_experts", &mm_experts_py, nb::arg("routed_type"), nb::arg("routed"), nb::arg("shared_type"),
           nb::arg("shared").none(), nb::arg("cols"), nb::arg("x"), nb::arg("offsets"), nb::arg("src_row"),
           nb::arg("dst_row"), nb::arg("n_dst_rows"), nb::arg("max_pairs_per_expert") = -1,

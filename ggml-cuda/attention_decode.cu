@@ -23,6 +23,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "cuda_common.cuh"
 #include "kernels.h"
 #include "mma_primitives.cuh"
 
@@ -65,19 +66,25 @@ struct Cfg {
     static_assert(kThreads % kChunks == 0 && kTile % kRowStep == 0, "load mapping");
 };
 
-int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// Launches of at most this many tokens split each token's cells by its own length alone, never
+// by the batch: a token's output is then bitwise the same in a one-token decode step and among
+// the verified drafts of its sequence (greedy output identical with and without drafting).
+constexpr int kInvariantTokens = 8;
 
-// Splits of the KV length for `units` (token, kv head, head group) blocks: enough blocks to fill
-// the GPU, none shorter than kMinSplitCells. A pure function of its arguments (graph replays).
-int decode_splits(int max_visible, int units) {
-    const int by_len = ceil_div(std::max(max_visible, 1), kMinSplitCells);
-    const int by_fill = std::max(1, ceil_div(kTargetBlocks, std::max(units, 1)));
-    return std::max(1, std::min({by_len, by_fill, kMaxSplits}));
-}
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Cells per split: a whole number of tiles, so that only a split's last tile is partial.
-int split_cells(int max_visible, int n_split) {
-    return ceil_div(ceil_div(std::max(max_visible, 1), n_split), kTile) * kTile;
+// Splits to aim for per token, for `units` (token, kv head, head group) blocks: enough blocks to
+// fill the GPU. A pure function of its arguments (graph replays).
+int split_target(int units) { return std::min(ceil_div(kTargetBlocks, std::max(units, 1)), kMaxSplits); }
+
+// A token with n_visible cells: splits of whole tiles (only a split's last tile is partial),
+// none shorter than kMinSplitCells, at most `target` of them. Cells per split, from which
+// split i covers [i * chunk, min((i + 1) * chunk, n_visible)).
+__host__ __device__ inline int split_chunk(int n_visible, int target) {
+    const int nv = n_visible > 1 ? n_visible : 1;
+    const int by_len = ceil_div(nv, kMinSplitCells);
+    const int n = by_len < target ? by_len : target;
+    return ceil_div(ceil_div(nv, n > 1 ? n : 1), kTile) * kTile;
 }
 
 struct DecodeParams {
@@ -85,8 +92,8 @@ struct DecodeParams {
     int64_t q_stride;    // floats between query rows (a.q_stride resolved)
     int group;           // q heads per kv head
     int n_hgroups;       // ceil(group / 16)
-    int n_split;
-    int chunk;           // cells per split (the last split runs to n_visible)
+    int n_split;         // grid splits: the most any token of the launch uses
+    int target;          // split_target of the launch (split_chunk per token)
     float* part_o;       // [n_tok][n_head][n_split][D], unnormalised
     float* part_ml;      // [n_tok][n_head][n_split][2]: max (base 2), sum
 };
@@ -94,6 +101,8 @@ struct DecodeParams {
 // grid: (n_split, n_head_kv * n_hgroups, n_tok).
 template <int D>
 __global__ void __launch_bounds__(kThreads, Cfg<D>::kMinBlocks) attention_decode_kernel(const DecodeParams p) {
+    pdl_wait();
+    pdl_trigger();
     using C = Cfg<D>;
     constexpr int S = C::kStride;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -108,8 +117,9 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kMinBlocks) attention_decode
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
     const int n_visible = a.n_visible[t];
-    const int begin = split * p.chunk;
-    const int end = split == p.n_split - 1 ? n_visible : min(n_visible, begin + p.chunk);
+    const int chunk = split_chunk(n_visible, p.target);
+    const int begin = split * chunk;
+    const int end = min(n_visible, begin + chunk);
     const bool direct = p.n_split == 1;
 
     if (begin >= end) {  // past this token's cells: a neutral partial (weight 0 in the merge)
@@ -373,6 +383,8 @@ template <int D>
 __global__ void __launch_bounds__(kMergeThreads)
     attention_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, float* __restrict__ out,
                            int n_head, int n_split) {
+    pdl_wait();
+    pdl_trigger();
     constexpr int kVec = D > kMergeThreads ? D / kMergeThreads : 1;  // columns per thread
     constexpr int kColThreads = D / kVec;
     constexpr int kGroups = kMergeThreads / kColThreads;  // threads per column, on interleaved splits
@@ -454,10 +466,11 @@ __global__ void __launch_bounds__(kMergeThreads)
         if (grp == 1) return;
         acc[0] += acc_hi[col];
     }
-    const float inv = 1.0f / lsum;
+    // Divided as the one-split (direct) path divides, so that a token whose cells fit one split
+    // gets bitwise the same output whether or not its launch merges (batch invariance).
     float* dst = out + (static_cast<size_t>(t) * n_head + h) * D + col;
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) dst[v] = acc[v] * inv;
+    for (int v = 0; v < kVec; ++v) dst[v] = acc[v] / lsum;
 }
 
 template <int D>
@@ -465,32 +478,35 @@ void launch_decode(const DecodeParams& p, cudaStream_t s) {
     static std::atomic<uint64_t> done{0};
     allow_smem(attention_decode_kernel<D>, Cfg<D>::kSmem, done, "attention_decode");
     const dim3 grid(p.n_split, p.a.n_head_kv * p.n_hgroups, p.a.n_tok);
-    attention_decode_kernel<D><<<grid, kThreads, Cfg<D>::kSmem, s>>>(p);
+    launch_kernel(attention_decode_kernel<D>, grid, dim3(kThreads), Cfg<D>::kSmem, s, p);
     check_launch("attention_decode");
     if (p.n_split > 1) {
-        attention_merge_kernel<D><<<dim3(p.a.n_head, p.a.n_tok), kMergeThreads, 0, s>>>(p.part_o, p.part_ml, p.a.out,
+        launch_kernel(attention_merge_kernel<D>, dim3(p.a.n_head, p.a.n_tok), dim3(kMergeThreads), 0, s, p.part_o, p.part_ml, p.a.out,
                                                                                      p.a.n_head, p.n_split);
         check_launch("attention_decode merge");
     }
 }
 
-int bound_splits(int n_tok, int max_visible) {
-    // units >= n_tok whatever n_head_kv is, so this bounds decode_splits for every launch.
-    return decode_splits(max_visible, std::max(n_tok, 1));
+// Token-independent split targets for launches of up to kInvariantTokens tokens, shared targets
+// above (the GPU is full anyway, and the scratch stays bounded).
+int launch_split_target(int n_tok, int units_per_token) {
+    return split_target(n_tok <= kInvariantTokens ? units_per_token : n_tok * units_per_token);
 }
 
 }  // namespace
 
-size_t attention_decode_scratch_bytes(int n_tok, int n_head, int head_dim, int max_visible) {
+size_t attention_decode_scratch_bytes(int n_tok, int n_head, int n_head_kv, int head_dim, int max_visible) {
     const int64_t by_len = ceil_div(std::max(max_visible, 1), kMinSplitCells);
-    if (by_len <= 1) return 0;  // one split at most for every launch: the kernel writes the output directly
-    // A launch with n <= n_tok tokens and m <= max_visible uses n * n_split partial rows per head,
-    // n_split = min(ceil(m / kMinSplitCells), ceil(kTargetBlocks / units), kMaxSplits) with
-    // units >= n. Each of the three terms below bounds that (n * ceil(T / n) < T + n) and never
-    // decreases with n_tok or max_visible, so neither does their minimum: a buffer sized for the
+    if (by_len <= 1 || n_head_kv <= 0) return 0;  // one split at most: the kernel writes the output directly
+    // A launch of n <= n_tok tokens and m <= max_visible uses n * n_split partial rows per head,
+    // n_split = min(ceil(m / kMinSplitCells), launch_split_target(n)). For n <= kInvariantTokens
+    // that is at most n * split_target(u) (u: units per token); above, n * ceil(T / (n u)) < T + n.
+    // Both bounds, and by_len, never decrease with n_tok or max_visible, so a buffer sized for the
     // largest token group and context serves every smaller launch.
     const int64_t n = std::max(n_tok, 1);
-    const int64_t pairs = std::min({n * by_len, n * kMaxSplits, kTargetBlocks + n});
+    const int units = n_head_kv * ceil_div(n_head / n_head_kv, kRows);
+    const int64_t small = std::min<int64_t>(n, kInvariantTokens) * split_target(units);
+    const int64_t pairs = std::min(n * std::min<int64_t>(by_len, kMaxSplits), std::max(small, kTargetBlocks + n));
     return static_cast<size_t>(pairs) * n_head * (head_dim + 2) * sizeof(float);
 }
 
@@ -507,12 +523,9 @@ void attention_decode(const AttentionArgs& a, float* scratch, cudaStream_t s) {
     p.q_stride = a.q_stride ? a.q_stride : q_width;
     p.group = a.n_head / a.n_head_kv;
     p.n_hgroups = ceil_div(p.group, kRows);
-    const int units = a.n_tok * a.n_head_kv * p.n_hgroups;
-    p.n_split = std::min(decode_splits(a.max_visible, units), bound_splits(a.n_tok, a.max_visible));
-    p.chunk = split_cells(a.max_visible, p.n_split);
-    // Rounding the chunk up to whole tiles can leave trailing splits past max_visible: drop them
-    // (never more splits than before, so the scratch bound holds).
-    p.n_split = ceil_div(std::max(a.max_visible, 1), p.chunk);
+    p.target = launch_split_target(a.n_tok, a.n_head_kv * p.n_hgroups);
+    // A token uses at most min(ceil(n_visible / kMinSplitCells), target) splits, n_visible <= max_visible.
+    p.n_split = std::max(1, std::min(ceil_div(std::max(a.max_visible, 1), kMinSplitCells), p.target));
     p.part_o = scratch;
     p.part_ml = scratch ? scratch + static_cast<size_t>(a.n_tok) * a.n_head * p.n_split * a.head_dim : nullptr;
     if (p.n_split > 1 && scratch == nullptr) throw std::invalid_argument("attention_decode: scratch missing");

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "cuda_common.cuh"
 #include "kernels.h"
 #include "mma_primitives.cuh"
 
@@ -49,6 +50,8 @@ struct Cfg {
 // grid: (ceil(n_tok * group / kBM), n_head_kv).
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const AttentionArgs a) {
+    pdl_wait();
+    pdl_trigger();
     using C = Cfg<D>;
     constexpr int S = C::kStride;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -258,7 +261,7 @@ void launch_prefill(const AttentionArgs& a, cudaStream_t s) {
     allow_smem(attention_prefill_kernel<D>, Cfg<D>::kSmem, done, "attention_prefill");
     const int64_t rows = static_cast<int64_t>(a.n_tok) * (a.n_head / a.n_head_kv);
     const dim3 grid(static_cast<unsigned>((rows + kBM - 1) / kBM), a.n_head_kv);
-    attention_prefill_kernel<D><<<grid, kThreads, Cfg<D>::kSmem, s>>>(a);
+    launch_kernel(attention_prefill_kernel<D>, grid, dim3(kThreads), Cfg<D>::kSmem, s, a);
     check_launch("attention_prefill");
 }
 

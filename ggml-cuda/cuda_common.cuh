@@ -6,8 +6,57 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
 
 namespace glmoe::cuda {
+
+// ---- programmatic dependent launch -----------------------------------------------------------
+// Kernels captured into a CUDA graph (decode steps) are launched with programmatic stream
+// serialization: the next kernel starts while this one drains, runs what needs no input of this
+// one (prefetching weights), and calls pdl_wait() before it reads or writes any activation. Each
+// kernel calls pdl_wait() in every block before it exits, so a kernel's completion implies its
+// predecessors' (reads of outputs two kernels back stay ordered). Measured on an H100 (Air-shaped
+// file): decode +1.8-5.0% with it; eager prefill launches -1.6-5.8%, so those launch plainly.
+// GLMOE_PDL=0 turns it off (for bisecting).
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+// Lets the next kernel launch once every block of this one has passed this point.
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
+inline bool pdl_enabled() {
+    static const bool on = [] {
+        const char* e = std::getenv("GLMOE_PDL");
+        return !(e && e[0] == '0');
+    }();
+    return on;
+}
+
+inline bool pdl_for(cudaStream_t stream) {
+    if (!pdl_enabled()) return false;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return status == cudaStreamCaptureStatusActive;
+}
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_for(stream) ? 1 : 0;
+    // Errors surface through cudaGetLastError in the caller's check_launch.
+    (void)cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 

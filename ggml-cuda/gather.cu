@@ -1,4 +1,5 @@
 // Row gather: picks the rows whose logits a batch asked for, before the output head.
+#include "cuda_common.cuh"
 #include "kernels.h"
 
 namespace glmoe::cuda {
@@ -6,6 +7,8 @@ namespace glmoe::cuda {
 namespace {
 
 __global__ void gather_rows_kernel(const float* src, const int32_t* rows, int64_t cols, float* dst) {
+    pdl_wait();
+    pdl_trigger();
     const float* from = src + static_cast<int64_t>(rows[blockIdx.x]) * cols;
     float* to = dst + static_cast<int64_t>(blockIdx.x) * cols;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) to[c] = from[c];
@@ -15,7 +18,7 @@ __global__ void gather_rows_kernel(const float* src, const int32_t* rows, int64_
 
 void gather_rows(const float* src, const int32_t* rows, int n, int64_t cols, float* dst, cudaStream_t s) {
     if (n <= 0) return;
-    gather_rows_kernel<<<n, 256, 0, s>>>(src, rows, cols, dst);
+    launch_kernel(gather_rows_kernel, dim3(n), dim3(256), 0, s, src, rows, cols, dst);
     check_launch("gather_rows");
 }
 

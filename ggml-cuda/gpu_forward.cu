@@ -25,6 +25,7 @@ void ck(cudaError_t e, const char* what) {
     if (e != cudaSuccess) throw GpuError(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
+static_assert(GpuForward::kInvariantBatch == kMaxMmvTokens, "the batch-invariant step is the matrix-vector one");
 constexpr int kDecodeGroup = 64;  // most tokens one attention_decode launch takes
 constexpr int kPrefillRun = 9;    // a sequence run this long uses the prefill attention kernel
 constexpr int kLogitRows = 32;    // output-head rows per pass (bounds the logits buffer)
@@ -288,10 +289,11 @@ void GpuForward::Impl::lay_out(Arena& a) {
     seq_cells = a.array<int32_t>(static_cast<size_t>(KVCache::kMaxSeq) * p.n_ctx);
     ids = a.array<int32_t>(n);
     if (out_head) logits = a.array<float>(static_cast<size_t>(kLogitRows) * hp.n_vocab);
-    int max_heads = 1;
-    for (const LayerHParams& lh : hp.layers) max_heads = std::max(max_heads, lh.n_head);
-    attn_scratch = static_cast<float*>(
-        a.reserve(attention_decode_scratch_bytes(kDecodeGroup, max_heads, hp.head_dim_k, p.n_ctx)));
+    size_t scratch_bytes = 0;
+    for (int il = 0; il < n_gpu; ++il)
+        scratch_bytes = std::max(scratch_bytes, attention_decode_scratch_bytes(kDecodeGroup, hp.layers[il].n_head,
+                                                                               hp.layers[il].n_head_kv, hp.head_dim_k, p.n_ctx));
+    attn_scratch = static_cast<float*>(a.reserve(scratch_bytes));
     d_in = a.array<int32_t>(static_cast<size_t>(kInputs) * n);
 }
 
@@ -371,9 +373,8 @@ void GpuForward::Impl::ffn_dense(const ExpertSet& gate, const ExpertSet& up, con
 void GpuForward::Impl::ffn_moe(const DevLayer& l, int n) {
     const int64_t H = hp.n_embd, F = l.ff;
     // The router stays in f32 at every batch size: a bf16 router could flip near-tied experts.
-    for (int t0 = 0; t0 < n; t0 += kMaxMmvTokens)
-        mmv(l.router, h + t0 * H, nullptr, std::min(kMaxMmvTokens, n - t0), router + static_cast<int64_t>(t0) * hp.n_expert,
-            hp.n_expert, false, stream);
+    if (n <= kMaxMmvTokens) mmv(l.router, h, nullptr, n, router, hp.n_expert, false, stream);
+    else mm_float(l.router, h, n, router, hp.n_expert, false, stream);
     RouteArgs r;
     r.logits = router;
     r.bias = l.probs_bias;

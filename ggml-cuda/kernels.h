@@ -65,6 +65,9 @@ void mmv_swiglu(const ExpertSet& gate, const ExpertSet& up, const float* x_f32, 
 // y[t * y_stride + r] (+)= sum_c W[r][c] * x[t * cols + c], t < n.
 void mm(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
         cudaStream_t s);
+// The same in exact f32 for F32/F16/BF16 weights (the MoE router).
+void mm_float(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
+              cudaStream_t s);
 // Tokens grouped by expert: expert e (e == n_routed: shared) handles pairs
 // p in [offsets[e], offsets[e+1]) with y[dst_row[p] * rows + r] = sum_c W_e[r][c] * x[src_row[p] * cols + c].
 // offsets has n_routed + 2 entries (device); max_pairs_per_expert is a host-side bound used to
@@ -95,8 +98,9 @@ struct AttentionArgs {
     int64_t q_stride = 0;
 };
 // Few query tokens, each possibly of another sequence (decode, drafts). Uses `scratch` (device,
-// attention_decode_scratch_bytes) for partial results of the split over the KV length.
-size_t attention_decode_scratch_bytes(int n_tok, int n_head, int head_dim, int max_visible);
+// attention_decode_scratch_bytes) for partial results of the split over the KV length. A token's
+// output does not depend on the other tokens of a launch of up to 8 (batch invariance).
+size_t attention_decode_scratch_bytes(int n_tok, int n_head, int n_head_kv, int head_dim, int max_visible);
 void attention_decode(const AttentionArgs& a, float* scratch, cudaStream_t s);
 // Many query tokens of one sequence (prompt chunk): all share cell_start[0]; n_visible may differ.
 void attention_prefill(const AttentionArgs& a, cudaStream_t s);

@@ -14,6 +14,7 @@
 
 #include "dequant.cuh"
 #include "ggml_types.h"
+#include "cuda_common.cuh"
 #include "kernels.h"
 
 namespace glmoe::cuda {
@@ -229,6 +230,8 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
 // TS != TR: the shared expert has its own type, in the same launch.
 template <int BN, uint32_t TR, uint32_t TS>
 __global__ void __launch_bounds__(kThreads, 2) mm_kernel(const MmParams p) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ uint4 ws[2][kBM * kChunks];  // 2 x 16 KiB
     __shared__ uint4 xs[2][BN * kChunks];   // 2 x 8 KiB at BN = 64
     const uint8_t* w = p.w;
@@ -266,7 +269,7 @@ using Launcher = void (*)(const MmParams&, dim3, cudaStream_t);
 
 template <int BN, uint32_t TR, uint32_t TS>
 void launch(const MmParams& p, dim3 grid, cudaStream_t s) {
-    mm_kernel<BN, TR, TS><<<grid, kThreads, 0, s>>>(p);
+    launch_kernel(mm_kernel<BN, TR, TS>, grid, dim3(kThreads), 0, s, p);
 }
 
 template <int BN>

@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_common.cuh"
 #include "ggml_types.h"
 #include "kernels.h"
 #include "mmv_blocks.cuh"
@@ -138,13 +139,15 @@ __device__ __forceinline__ void write_outputs(const Args& a, float (&acc)[S][NT]
 
 // ---- quantized weights ------------------------------------------------------------------------
 
+// Ring depth. Deeper rings measured slower at every depth tried (H100, tg128 on the Air-shaped
+// file, experts at 3, 4 and 6 stages: 574-617 vs 626 t/s): the shared memory they take costs
+// more resident CTAs than the extra bytes in flight gain.
+constexpr int kStages = 2;
+
 template <int NT, int RW, bool SW>
 struct QCfg {
     static constexpr int S = RW * (SW ? 2 : 1);   // row streams per warp
-    // Ring depth: enough bytes in flight per warp to cover DRAM latency with ~12 warps per SM
-    // (4-bit rows are ~0.6 KB per chunk, so 3 stages of 2 rows left the H100 at ~1.2 TB/s);
-    // bounded by shared memory so that 3 CTAs still fit on an SM.
-    static constexpr int STAGES = 2;
+    static constexpr int STAGES = kStages;
     static constexpr int kWeightBytes = kWarps * STAGES * S * kRowBuf;
 };
 
@@ -160,9 +163,13 @@ __global__ void __launch_bounds__(kThreads, 3) mmvq_kernel(const Args a) {
     float2* const act_ds = reinterpret_cast<float2*>(smem + C::kWeightBytes);  // [NT][slab_blocks]
     int8_t* const act_q = reinterpret_cast<int8_t*>(act_ds + NT * slab_blocks);  // [NT][slab_blocks*32]
 
-    // The expert of this CTA (block-uniform) and its matrices.
+    // The expert of this CTA (block-uniform) and its matrices. Expert ids come from the previous
+    // kernel: wait for it first. A dense matrix is known now: its first weight chunks are requested
+    // before the wait, overlapping the previous kernel's tail.
+    const bool dense = a.ids == nullptr;
+    if (!dense) pdl_wait();
     const int64_t pair = blockIdx.y;
-    const int e = a.ids ? a.ids[pair] : 0;
+    const int e = dense ? 0 : a.ids[pair];
     const uint8_t* base[2];
     uint32_t type[2], rbytes[2];
     bool ok = pick_matrix(a.m[0], e, a.n_routed, base[0], type[0], rbytes[0]);
@@ -239,6 +246,8 @@ __global__ void __launch_bounds__(kThreads, 3) mmvq_kernel(const Args a) {
 
 #pragma unroll
     for (int q = 0; q < STAGES - 1; ++q) issue(q);
+    if (dense) pdl_wait();
+    pdl_trigger();
 
     for (int q = 0; q < nsteps; ++q) {
         const int c = q % nchunks;
@@ -333,9 +342,14 @@ __device__ __forceinline__ float load1(uint32_t type, const uint8_t* row, int64_
     return type == GGML_TYPE_F16 ? f16_bits(h) : __uint_as_float(h << 16);
 }
 
-template <int NT, int RW, bool SW>
+// SPLIT: the CTA's warps share the same RW rows and split their columns (matrices with too few
+// rows to give every SM a CTA otherwise, such as the MoE router's 128).
+template <int NT, int RW, bool SW, bool SPLIT>
 __global__ void __launch_bounds__(kThreads) mmvf_kernel(const Args a) {
+    pdl_wait();
+    pdl_trigger();
     constexpr int S = RW * (SW ? 2 : 1);
+    constexpr int kColWarps = SPLIT ? kWarps : 1;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t pair = blockIdx.y;
     const int e = a.ids ? a.ids[pair] : 0;
@@ -349,14 +363,15 @@ __global__ void __launch_bounds__(kThreads) mmvf_kernel(const Args a) {
     const float* x = static_cast<const float*>(a.x) +
                      (a.ids ? (a.x_per_slot ? pair : pair / a.n_slots) * a.x_stride : 0);
 
-    const int rows_per_group = kWarps * RW;
+    const int rows_per_group = (kWarps / kColWarps) * RW;
     const int64_t n_groups_total = (a.rows + rows_per_group - 1) / rows_per_group;
     const int64_t g_first = static_cast<int64_t>(blockIdx.x) * a.groups;
     const int n_groups = static_cast<int>(std::min<int64_t>(a.groups, n_groups_total - g_first));
+    const int col_part = SPLIT ? warp : 0;  // this warp's share of the columns
 
 #pragma unroll 1
     for (int g = 0; g < n_groups; ++g) {
-        const int64_t row0 = (g_first + g) * rows_per_group + warp * RW;
+        const int64_t row0 = (g_first + g) * rows_per_group + (SPLIT ? 0 : warp * RW);
         const uint8_t* rp[S];
         uint32_t ts[S];
         bool vec = a.cols % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (a.x_stride % 4) == 0;
@@ -377,7 +392,7 @@ __global__ void __launch_bounds__(kThreads) mmvf_kernel(const Args a) {
             // Unrolled so that several rows' loads are in flight: a CTA's few rows (the MoE router
             // has 128) would otherwise wait out DRAM latency once per 256 columns.
 #pragma unroll 4
-            for (int64_t c = 8 * lane; c < a.cols; c += 256) {
+            for (int64_t c = 8 * lane + 256 * col_part; c < a.cols; c += 256 * kColWarps) {
                 float w[S][8];
 #pragma unroll
                 for (int s = 0; s < S; ++s) load8(ts[s], rp[s], c, w[s]);
@@ -401,7 +416,7 @@ __global__ void __launch_bounds__(kThreads) mmvf_kernel(const Args a) {
                 }
             }
         } else if (!bad) {  // unaligned rows or odd widths: one element per lane and step
-            for (int64_t c = lane; c < a.cols; c += 32) {
+            for (int64_t c = lane + 32 * col_part; c < a.cols; c += 32 * kColWarps) {
                 float w[S];
 #pragma unroll
                 for (int s = 0; s < S; ++s) w[s] = load1(ts[s], rp[s], c);
@@ -413,7 +428,32 @@ __global__ void __launch_bounds__(kThreads) mmvf_kernel(const Args a) {
                 }
             }
         }
-        write_outputs<NT, RW, SW, S>(a, acc, row0, pair, bad, lane);
+        if constexpr (SPLIT) {
+            // Warp totals through shared memory; warp 0 writes (its lane 0 holds the CTA total).
+            __shared__ float part[kWarps][S][NT];
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    const float v = warp_sum(acc[s][t]);
+                    if (lane == 0) part[warp][s][t] = v;
+                }
+            __syncthreads();
+            if (warp == 0) {
+#pragma unroll
+                for (int s = 0; s < S; ++s)
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        float v = 0.0f;
+                        for (int w = 0; w < kWarps; ++w) v += part[w][s][t];
+                        acc[s][t] = lane == 0 ? v : 0.0f;
+                    }
+                write_outputs<NT, RW, SW, S>(a, acc, row0, pair, bad, lane);
+            }
+            __syncthreads();  // part is reused by the next row group
+        } else {
+            write_outputs<NT, RW, SW, S>(a, acc, row0, pair, bad, lane);
+        }
     }
 }
 
@@ -484,36 +524,54 @@ constexpr int rows_per_warp(int nt, bool sw, bool quant) {
     return quant ? (sw ? (nt <= 3 ? 1 : 2) : (nt <= 3 ? 2 : 4)) : (sw ? 1 : 2);
 }
 
-template <int NT, bool SW, bool Q>
-void launch_nt(Args& a, int grid_y, cudaStream_t st, const char* what) {
-    constexpr int RW = rows_per_warp(NT, SW, Q);
-    const int64_t rows_per_group = kWarps * RW;
+// The grid for CTAs of rows_per_group rows; sets a.groups. Enough CTAs to fill the GPU several
+// times over; beyond that, loop over row groups in a CTA (amortises the activation staging and
+// the CTA start-up).
+dim3 plan_grid(Args& a, int64_t rows_per_group, int grid_y, const char* what) {
     const int64_t n_groups = (a.rows + rows_per_group - 1) / rows_per_group;
-    // Enough CTAs to fill the GPU several times over; beyond that, loop over row groups in a CTA
-    // (amortises the activation staging and the CTA start-up).
     const int64_t target = static_cast<int64_t>(sm_count()) * 16;
     const int64_t total = n_groups * grid_y;
     a.groups = static_cast<int>(std::clamp<int64_t>(total / target, 1, 16));
     const int64_t grid_x = (n_groups + a.groups - 1) / a.groups;
     if (grid_y > 65535) throw std::invalid_argument(std::string(what) + ": too many (token, slot) pairs");
-    const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-    if constexpr (Q) {
-        using C = QCfg<NT, RW, SW>;
-        const int64_t nchunks = (a.cols + kChunkCols - 1) / kChunkCols;
-        a.slab_chunks = static_cast<int>(std::clamp<int64_t>(kActBudget / (NT * kChunkCols * 5 / 4), 1, nchunks));
-        const size_t smem = C::kWeightBytes + static_cast<size_t>(NT) * a.slab_chunks * kChunkCols * 5 / 4;
-        static const bool attr_ok = [] {
-            // Largest slab for this instantiation: one chunk more than the budget allows at most.
-            const int max_smem = C::kWeightBytes + kActBudget + NT * kChunkCols * 5 / 4;
-            return cudaFuncSetAttribute(mmvq_kernel<NT, RW, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        max_smem) == cudaSuccess;
-        }();
-        if (!attr_ok) throw std::runtime_error(std::string(what) + ": cannot set the shared memory size");
-        mmvq_kernel<NT, RW, SW><<<grid, kThreads, smem, st>>>(a);
-    } else {
-        mmvf_kernel<NT, RW, SW><<<grid, kThreads, 0, st>>>(a);
-    }
+    return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+}
+
+template <int NT, int RW, bool SW>
+void launch_q(Args& a, int grid_y, cudaStream_t st, const char* what) {
+    const dim3 grid = plan_grid(a, kWarps * RW, grid_y, what);
+    using C = QCfg<NT, RW, SW>;
+    const int64_t nchunks = (a.cols + kChunkCols - 1) / kChunkCols;
+    a.slab_chunks = static_cast<int>(std::clamp<int64_t>(kActBudget / (NT * kChunkCols * 5 / 4), 1, nchunks));
+    const size_t smem = C::kWeightBytes + static_cast<size_t>(NT) * a.slab_chunks * kChunkCols * 5 / 4;
+    static const bool attr_ok = [] {
+        const int max_smem = C::kWeightBytes + kActBudget + NT * kChunkCols * 5 / 4;
+        return cudaFuncSetAttribute(mmvq_kernel<NT, RW, SW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    max_smem) == cudaSuccess;
+    }();
+    if (!attr_ok) throw std::runtime_error(std::string(what) + ": cannot set the shared memory size");
+    launch_kernel(mmvq_kernel<NT, RW, SW>, grid, dim3(kThreads), smem, st, a);
     check_launch(what);
+}
+
+template <int NT, bool SW, bool Q>
+void launch_nt(Args& a, int grid_y, cudaStream_t st, const char* what) {
+    constexpr int RW = rows_per_warp(NT, SW, Q);
+    if constexpr (Q) {
+        // Experts (one token per CTA) measured faster with the many-token row counts (H100, tg128
+        // on the Air-shaped file: 628 vs 626 t/s); a dense single token keeps its own.
+        if (NT == 1 && a.ids) return launch_q<1, rows_per_warp(4, SW, true), SW>(a, grid_y, st, what);
+        launch_q<NT, RW, SW>(a, grid_y, st, what);
+    } else {
+        // Too few row groups per matrix to give every SM a CTA: split each row's columns over the
+        // warps. Decided by the matrix alone, not the token count, so that a token's outputs do not
+        // depend on the batch (the sums run in another order when split).
+        const bool split = (a.rows + kWarps * RW - 1) / (kWarps * RW) < sm_count();
+        const dim3 grid = plan_grid(a, split ? RW : kWarps * RW, grid_y, what);
+        if (split) launch_kernel(mmvf_kernel<NT, RW, SW, true>, grid, dim3(kThreads), 0, st, a);
+        else launch_kernel(mmvf_kernel<NT, RW, SW, false>, grid, dim3(kThreads), 0, st, a);
+        check_launch(what);
+    }
 }
 
 template <int NT, bool SW>

@@ -100,6 +100,8 @@ __device__ __forceinline__ float dequant_element(uint32_t type, const uint8_t* r
 
 __global__ void get_rows_kernel(const uint8_t* table, uint32_t type, int64_t n_rows, int64_t cols, size_t row_bytes,
                                 const int32_t* ids, float* out) {
+    pdl_wait();
+    pdl_trigger();
     const int64_t t = blockIdx.x;
     const int32_t id = ids[t];
     float* o = out + t * cols;
@@ -116,6 +118,8 @@ __global__ void get_rows_kernel(const uint8_t* table, uint32_t type, int64_t n_r
 // out_q8 (optional): the normed row also quantized for the matrix-vector kernels, saving a launch;
 // then cols % 32 == 0 and blockDim % 32 == 0, so each warp's 32 consecutive columns are one block.
 __global__ void rms_norm_kernel(const float* x, const float* w, int64_t cols, float eps, float* out, BlockQ8* out_q8) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ float scratch[32];
     const float* xr = x + blockIdx.x * cols;
     float* yr = out + blockIdx.x * cols;
@@ -141,6 +145,8 @@ struct RopeFreqs {
 
 // One block per (token, head); heads 0..n_head-1 are q, then n_head_kv k heads, then v heads.
 __global__ void qkv_prepare_kernel(QKVArgs a, RopeFreqs freqs) {
+    pdl_wait();
+    pdl_trigger();
     extern __shared__ float head[];
     __shared__ float scratch[32];
     const int t = blockIdx.x, h = blockIdx.y, D = a.head_dim;
@@ -198,6 +204,8 @@ __global__ void qkv_prepare_kernel(QKVArgs a, RopeFreqs freqs) {
 // ---- element-wise ------------------------------------------------------------------------------
 
 __global__ void swiglu_kernel(const float* g, const float* u, int64_t n, float* out) {
+    pdl_wait();
+    pdl_trigger();
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const float x = g[i];
@@ -219,6 +227,8 @@ __device__ __forceinline__ bool route_better(float v, int i, float bv, int bi) {
 // EPL experts per lane (E <= 32 * EPL): the k argmax rounds scan only what the model has.
 template <int kExpertsPerLane>
 __global__ void moe_route_kernel(RouteArgs a) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ float sel_smem[kRouteWarps][kMaxExperts];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = blockIdx.x * kRouteWarps + warp;
@@ -330,6 +340,8 @@ constexpr int kGroupThreads = 1024;
 // with an expert id outside [0, n_expert_total) are dropped (they cannot throw on the device).
 __global__ void moe_group_kernel(const int32_t* ids, int n, int n_slots, int n_expert_total, int32_t* counts,
                                  int32_t* offsets, int32_t* src_row, int32_t* dst_row) {
+    pdl_wait();
+    pdl_trigger();
     extern __shared__ int32_t cnt[];  // [n_expert_total] counts, then [n_expert_total] cursors
     int32_t* cursor = cnt + n_expert_total;
     for (int e = threadIdx.x; e < n_expert_total; e += blockDim.x) cnt[e] = 0;
@@ -371,6 +383,8 @@ __global__ void moe_group_kernel(const int32_t* ids, int n, int n_slots, int n_e
 
 __global__ void moe_combine_kernel(const float* y, const float* weights, int n, int n_slots, int64_t cols,
                                    float* out, bool accumulate) {
+    pdl_wait();
+    pdl_trigger();
     const int64_t total = static_cast<int64_t>(n) * cols;
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -397,7 +411,7 @@ void get_rows(const WeightView& table, const int32_t* ids, int n, float* out, cu
             "row length " + std::to_string(table.cols) + " is not a multiple of the block size");
     require(table.row_bytes == static_cast<size_t>(table.cols / tr.block_size) * tr.type_size, "get_rows",
             "row_bytes does not match the type and row length");
-    get_rows_kernel<<<n, 256, 0, s>>>(static_cast<const uint8_t*>(table.data), table.type, table.rows, table.cols,
+    launch_kernel(get_rows_kernel, dim3(n), dim3(256), 0, s, static_cast<const uint8_t*>(table.data), table.type, table.rows, table.cols,
                                       table.row_bytes, ids, out);
     check_launch("get_rows");
 }
@@ -410,7 +424,7 @@ void rms_norm_q8(const float* x, const float* w, int64_t n, int64_t cols, float 
     require(n <= 0x7FFFFFFF, "rms_norm", "too many rows");
     require(!out_q8 || cols % 32 == 0, "rms_norm", "quantized output needs cols % 32 == 0");
     const int threads = cols >= 4096 ? 1024 : cols >= 1024 ? 512 : cols >= 256 ? 256 : 64;
-    rms_norm_kernel<<<static_cast<unsigned>(n), threads, 0, s>>>(x, w, cols, eps, out, out_q8);
+    launch_kernel(rms_norm_kernel, dim3(static_cast<unsigned>(n)), dim3(threads), 0, s, x, w, cols, eps, out, out_q8);
     check_launch("rms_norm");
 }
 
@@ -433,7 +447,7 @@ void qkv_prepare(const QKVArgs& a, cudaStream_t s) {
         freqs.inv_freq[i] = std::pow(static_cast<double>(a.freq_base), -2.0 * i / a.n_rot);
     const dim3 grid(static_cast<unsigned>(a.n), static_cast<unsigned>(a.n_head + 2 * a.n_head_kv));
     const int threads = a.head_dim >= 256 ? 256 : a.head_dim >= 128 ? 128 : 64;
-    qkv_prepare_kernel<<<grid, threads, a.head_dim * sizeof(float), s>>>(a, freqs);
+    launch_kernel(qkv_prepare_kernel, grid, dim3(threads), a.head_dim * sizeof(float), s, a, freqs);
     check_launch("qkv_prepare");
 }
 
@@ -441,7 +455,7 @@ void swiglu(const float* g, const float* u, int64_t n, float* out, cudaStream_t 
     require(n >= 0, "swiglu", "n must be >= 0");
     if (n == 0) return;
     require(g && u && out, "swiglu", "null pointer");
-    swiglu_kernel<<<grid_for(n, 256), 256, 0, s>>>(g, u, n, out);
+    launch_kernel(swiglu_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, g, u, n, out);
     check_launch("swiglu");
 }
 
@@ -462,11 +476,11 @@ void moe_route(const RouteArgs& a, cudaStream_t s) {
     args.n_groups = groups;
     const unsigned blocks = (a.n + kRouteWarps - 1) / kRouteWarps;
     if (a.n_expert <= 128)
-        moe_route_kernel<4><<<blocks, 32 * kRouteWarps, 0, s>>>(args);
+        launch_kernel(moe_route_kernel<4>, dim3(blocks), dim3(32 * kRouteWarps), 0, s, args);
     else if (a.n_expert <= 256)
-        moe_route_kernel<8><<<blocks, 32 * kRouteWarps, 0, s>>>(args);
+        launch_kernel(moe_route_kernel<8>, dim3(blocks), dim3(32 * kRouteWarps), 0, s, args);
     else
-        moe_route_kernel<kMaxExperts / 32><<<blocks, 32 * kRouteWarps, 0, s>>>(args);
+        launch_kernel(moe_route_kernel<kMaxExperts / 32>, dim3(blocks), dim3(32 * kRouteWarps), 0, s, args);
     check_launch("moe_route");
 }
 
@@ -477,7 +491,7 @@ void moe_group(const int32_t* ids, int n, int n_slots, int n_expert_total, int32
     require(static_cast<int64_t>(n) * n_slots <= 0x7FFFFFFF, "moe_group", "too many pairs");
     require(counts && offsets && (n == 0 || (ids && src_row && dst_row)), "moe_group", "null pointer");
     // Launched even for n == 0 so that offsets are written (all zero).
-    moe_group_kernel<<<1, kGroupThreads, 2 * n_expert_total * sizeof(int32_t), s>>>(ids, n, n_slots, n_expert_total,
+    launch_kernel(moe_group_kernel, dim3(1), dim3(kGroupThreads), 2 * n_expert_total * sizeof(int32_t), s, ids, n, n_slots, n_expert_total,
                                                                                      counts, offsets, src_row, dst_row);
     check_launch("moe_group");
 }
@@ -487,7 +501,7 @@ void moe_combine(const float* y, const float* weights, int n, int n_slots, int64
     require(n >= 0 && n_slots > 0 && cols >= 0, "moe_combine", "bad shape");
     if (n == 0 || cols == 0) return;
     require(y && weights && out, "moe_combine", "null pointer");
-    moe_combine_kernel<<<grid_for(static_cast<int64_t>(n) * cols, 256), 256, 0, s>>>(y, weights, n, n_slots, cols,
+    launch_kernel(moe_combine_kernel, dim3(grid_for(static_cast<int64_t>(n) * cols, 256)), dim3(256), 0, s, y, weights, n, n_slots, cols,
                                                                                       out, accumulate);
     check_launch("moe_combine");
 }

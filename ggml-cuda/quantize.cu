@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_common.cuh"
 #include "kernels.h"
 #include "quantize_block.cuh"
 
@@ -16,6 +17,8 @@ constexpr int kWarpsPerCta = 8;
 __global__ void __launch_bounds__(32 * kWarpsPerCta) quantize_q8_kernel(const float* __restrict__ x, int64_t n_blocks,
                                                                         int64_t row_blocks, int64_t x_stride,
                                                                         BlockQ8* __restrict__ out) {
+    pdl_wait();
+    pdl_trigger();
     const int64_t blk = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
     if (blk >= n_blocks) return;  // warp-uniform
     const int lane = threadIdx.x % 32;
@@ -32,7 +35,7 @@ void quantize_q8(const float* x, int64_t n_rows, int64_t cols, int64_t x_stride,
     if (n_rows == 0) return;
     const int64_t n_blocks = n_rows * (cols / 32);
     const int64_t grid = (n_blocks + kWarpsPerCta - 1) / kWarpsPerCta;
-    quantize_q8_kernel<<<static_cast<unsigned>(grid), 32 * kWarpsPerCta, 0, s>>>(x, n_blocks, cols / 32, x_stride, out);
+    launch_kernel(quantize_q8_kernel, dim3(static_cast<unsigned>(grid)), dim3(32 * kWarpsPerCta), 0, s, x, n_blocks, cols / 32, x_stride, out);
     check_launch("quantize_q8");
 }
 

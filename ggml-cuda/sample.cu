@@ -229,6 +229,8 @@ struct KernelParams {
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int n_vocab,
                                                           KernelParams p, const float* __restrict__ u,
                                                           int32_t* __restrict__ out_ids) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ Shared sh;
     const int tid = threadIdx.x, lane = tid & 31;
     const float* row = logits + static_cast<int64_t>(blockIdx.x) * n_vocab;
@@ -416,7 +418,7 @@ void sample_tokens(const float* logits, int n_rows, int n_vocab, const SamplePar
     // Host-side so that the threshold is the CPU's std::log exactly.
     kp.log_min_p = kp.use_min_p ? std::log(static_cast<double>(p.min_p)) : 0.0;
     kp.inv_temp = kp.greedy ? 1.0 : 1.0 / static_cast<double>(p.temperature);
-    sample_kernel<<<n_rows, kThreads, 0, s>>>(logits, n_vocab, kp, u, out_ids);
+    launch_kernel(sample_kernel, dim3(n_rows), dim3(kThreads), 0, s, logits, n_vocab, kp, u, out_ids);
     check_launch("sample_tokens");
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -55,6 +56,9 @@ public:
                        std::vector<int32_t>& ids);
     bool samples_on_gpu() const { return gpu_ && gpu_->has_output() && !embeddings_; }
     int n_gpu_layers() const { return gpu_ ? gpu_->n_layers() : 0; }
+    // Largest step whose per-token outputs do not depend on what else is in it (the CPU engine's
+    // never do): speculative drafts verified within it leave greedy output unchanged.
+    int invariant_batch() const { return gpu_ ? GpuForward::kInvariantBatch : std::numeric_limits<int>::max(); }
     const GpuForward* gpu() const { return gpu_.get(); }
 
     KVCache& kv_cache() { return kv_; }

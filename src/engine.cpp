@@ -268,7 +268,9 @@ void BatchEngine::build_batch() {
     // what n_batch leaves after every generating slot's token.
     const int n_generating = static_cast<int>(std::count_if(
         slots_.begin(), slots_.end(), [](const Slot& s) { return s.state() == SlotState::generating; }));
-    int draft_room = params_.n_batch - n_generating;
+    // Drafts stay within the step size whose per-token results match a plain decode step, so
+    // greedy output is the same with and without them (on the GPU: 8 tokens).
+    int draft_room = std::min(params_.n_batch, ctx_.invariant_batch()) - n_generating;
     for (int i = 0; i < params_.n_parallel; ++i) {
         const Slot& s = slots_[i];
         if (s.state() != SlotState::generating) continue;

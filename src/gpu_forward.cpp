@@ -1,5 +1,6 @@
 // Which layers n_gpu_layers offloads, and the stand-in GpuForward of a build without CUDA.
 #include "gpu_forward.h"
+#include "ggml_types.h"
 
 namespace glmoe {
 
@@ -19,6 +20,12 @@ std::string GpuForward::unsupported(const Model& model) {
     // The routing kernel keeps a token's scores in one warp's registers (ggml-cuda/ops.cu).
     if (hp.n_expert > 512) return std::to_string(hp.n_expert) + " experts (it routes at most 512)";
     if (hp.n_expert_groups > 32) return std::to_string(hp.n_expert_groups) + " expert groups (at most 32)";
+    // Routing is computed in exact float arithmetic (a quantized router would change expert choices).
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const uint32_t t = model.layer(il).ffn_gate_inp.type;
+        if (hp.layers[il].is_moe && t != GGML_TYPE_F32 && t != GGML_TYPE_F16 && t != GGML_TYPE_BF16)
+            return "a " + type_name(t) + " MoE router (layer " + std::to_string(il) + "; it needs F32, F16 or BF16)";
+    }
     return "";
 }
 

@@ -63,6 +63,11 @@ public:
     // Why the GPU backend cannot run this model ("" when it can), e.g. an unsupported head size.
     static std::string unsupported(const Model& model);
 
+    // Steps of up to this many tokens run the matrix-vector and decode-attention kernels, which
+    // give each token bitwise the same result whatever else is in the step; bigger steps use the
+    // tensor-core kernels (bf16 inputs), whose results differ slightly from those.
+    static constexpr int kInvariantBatch = 8;
+
     int n_layers() const;       // layers on the GPU
     bool has_output() const;    // the output head too
     size_t device_bytes() const;

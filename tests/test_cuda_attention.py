@@ -124,6 +124,28 @@ def test_decode_mixed_sequences(rng, shape, n_tok):
         assert rel_err(out[t], ref[t]) <= DECODE_TOL, f"token {t}, n_visible {visible[t]}"
 
 
+@pytest.mark.parametrize("shape", [(128, 24, 2), (64, 4, 2), (128, 40, 2)], ids=str)
+@pytest.mark.parametrize("first", [7, 200, 3001], ids=str)
+def test_decode_is_batch_invariant(rng, shape, first):
+    """Drafts of one sequence (visible counts first..first+k) give bitwise the rows each token gets
+    decoded alone, in launches of up to 8 tokens, and whatever the bucket: greedy
+    output must not change when drafting batches a sequence's tokens."""
+    visible = [first + i for i in range(8)]
+    q, k, v, cells, _, n_visible, n_head, n_head_kv, scale = decode_case(rng, *shape, [visible[-1]])
+    q = make_q(rng, len(visible), n_head, shape[0])
+    starts = np.zeros(len(visible), np.int32)
+    n_visible = np.asarray(visible, np.int32)
+    bucket = 1 << int(np.ceil(np.log2(visible[-1] + 1)))
+    together = decode(q, k, v, cells, starts, n_visible, n_head, n_head_kv, scale, max_visible=bucket)
+    for t in range(len(visible)):
+        alone = decode(q[t:t + 1], k, v, cells, starts[:1], n_visible[t:t + 1], n_head, n_head_kv, scale,
+                       max_visible=bucket)
+        np.testing.assert_array_equal(alone[0], together[t], err_msg=f"token {t}")
+    for bigger in (4 * bucket, 16384):  # more (empty) splits, or a merge where one split did
+        np.testing.assert_array_equal(decode(q, k, v, cells, starts, n_visible, n_head, n_head_kv, scale,
+                                             max_visible=bigger), together, err_msg=f"bucket {bigger}")
+
+
 @pytest.mark.parametrize("visible", [[65], [1000, 7], [5000, 1, 64, 4000]], ids=str)
 def test_decode_split_bucket_does_not_change_results(rng, visible):
     """A graph captured for a large max_visible bucket replays with small n_visible: more (mostly

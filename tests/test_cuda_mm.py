@@ -60,6 +60,31 @@ def test_mm_matches_float64(rng, qtype, n_tok, n_rows, accumulate):
             assert rel_err(y.astype(np.float64) - acc, prod) < TOL, f"seed {SEED} cols {cols}"
 
 
+# mm_float (the MoE router at prefill) is plain f32 FMA: error ~ 2^-24 * sqrt(cols) relative to
+# the result's scale, under 1e-6 at these widths; 2e-5 leaves margin and is 500x below what a bf16
+# rounding of the inputs (the tensor-core path) would give.
+EXACT_TOL = 2e-5
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tok,n_rows,cols", [(9, 33, 37), (100, 128, 4096), (513, 130, 1001)], ids=str)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["set", "accumulate"])
+def test_mm_float_is_exact_f32(rng, qtype, n_tok, n_rows, cols, accumulate):
+    raw, w = weights(rng, qtype, n_rows, cols)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    prod = x.astype(np.float64) @ w.T
+    acc = (rng.standard_normal((n_tok, n_rows)) * prod.std()).astype(np.float32) if accumulate else None
+    y = _core.cuda_ops.mm(int(qtype), raw, cols, x, acc, exact=True)
+    assert not np.isnan(y).any(), f"seed {SEED}: unwritten outputs"
+    assert rel_err(y, prod if acc is None else prod + acc) < EXACT_TOL, f"seed {SEED}"
+
+
+def test_mm_float_refuses_quantized_weights(rng):
+    raw, _ = weights(rng, QT.Q8_0, 4, 64)
+    with pytest.raises(ValueError, match="not a float type"):
+        _core.cuda_ops.mm(int(QT.Q8_0), raw, 64, np.zeros((2, 64), np.float32), exact=True)
+
+
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
 def test_mm_catches_swapped_weights(rng, qtype):
     """The tolerance is tight enough: neighbouring weights swapped must fail it."""

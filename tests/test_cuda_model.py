@@ -46,7 +46,9 @@ CONFIGS = {
 # kernel gives errors of order 1 at every position. (Seen on the H100: medians 0.02-0.05, and a
 # few positions at 0.3-0.5 where the routing flipped, as the CPU's own 8-bit mode does.)
 MEDIAN_BOUND = 0.1  # the CPU engine's own bound for its 8-bit mode on these configurations
-P90_BOUND = 0.25
+# 30 random positions can hold 3 flipped ones (seen: 0.24-0.26 at 3 of 30, one GPU layer of the
+# k-quant configuration), which puts the 90th percentile right at a flip's size.
+P90_BOUND = 0.5
 WORST_BOUND = 1.0
 
 
@@ -237,3 +239,38 @@ def test_engine_runs_on_the_gpu(model_case):
             row = logits[len(prompt) - 1 + i]
             # Decode steps round activations to 8 bits, the batched re-run to bf16: a few percent.
             assert row[tok] >= row.max() - 0.15 * row.std(), (i, tok, int(np.argmax(row)))
+
+
+@pytest.fixture(scope="module")
+def glm_like_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cuda_draft") / "gqa12.gguf")
+    write_model(path, ModelSpec(**CONFIGS["gqa12-q8"]), seed=99)
+    return path
+
+
+def test_suffix_drafts_keep_greedy_output_on_the_gpu(glm_like_path):
+    """Drafts verified on the GPU stay within the batch-invariant step (Context.invariant_batch),
+    so greedy text is identical with and without SuffixDecoding, in Llama and in the engine."""
+    import glmoe
+
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18] * 6 + [11, 12, 13]
+    kw = dict(n_ctx=512, n_batch=64, n_threads=2, n_gpu_layers=-1, verbose=False)
+    plain = glmoe.Llama(glm_like_path, **kw)
+    drafted = glmoe.Llama(glm_like_path, draft_model=glmoe.SuffixDecoding(adaptive=False), **kw)
+    assert drafted._ctx.invariant_batch == 8
+    want = [t for t, _ in zip(plain.generate(prompt, temp=0.0), range(120))]
+    got = [t for t, _ in zip(drafted.generate(prompt, temp=0.0), range(120))]
+    assert got == want
+    assert drafted.last_draft_stats["drafted"] > 0, drafted.last_draft_stats
+
+    model = _core.Model(glm_like_path)
+    outs = {}
+    for spec in (False, True):
+        engine = _core.BatchEngine(model, 512, n_parallel=1, n_threads=2, spec_suffix=spec, n_gpu_layers=-1)
+        rid = engine.submit(prompt, 120, [], temperature=0.0, seed=1)
+        toks = []
+        while not (ev := engine.poll(rid, 10.0))["finished"]:
+            toks += ev["tokens"]
+        outs[spec] = toks + ev["tokens"]
+        engine.shutdown()
+    assert outs[True] == outs[False] and len(outs[True]) == 120

@@ -1,18 +1,26 @@
 """Suffix decoding on an agentic-coding-like workload: greedy TPOT and accepted tokens per step,
 with and without `SuffixDecoding`.
 
-    python tools/suffix_bench.py /tmp/models/small.gguf [--max-tokens 96] [--threads 2]
+    python tools/suffix_bench.py /tmp/models/small.gguf [--max-tokens 96] [--threads 2] [--n-gpu-layers -1]
 
 The workload, built here: (1) a ~60-line Python file and "return it whole with one edit";
 (2) an agent transcript that repeats its last tool call with one argument changed; (3) a
 multi-turn chat whose turns quote earlier turns. Each request runs on a fresh context, in
 order, so the shared store holds the earlier requests' outputs as a server's would.
+
+Then the cost where nothing repeats: random prompts through the engine, sampled at
+`--overhead-temp` (1.5: small random models loop under greedy decoding; a large vocabulary
+does not within the generated length, so 0 suits the Air-shaped files), with and without suffix
+decoding, alternating, median TPOT of `--overhead-runs` each.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+
+import numpy as np
 
 import glmoe
 
@@ -103,9 +111,9 @@ def workload() -> list:
     return [("edit file", edit), ("repeat tool call", tool), ("multi-turn quote", chat)]
 
 
-def run(model_path: str, draft: bool, max_tokens: int, threads: int) -> list:
-    llm = glmoe.Llama(model_path, n_ctx=8192, n_batch=512, n_threads=threads, verbose=False,
-                      draft_model=glmoe.SuffixDecoding() if draft else None)
+def run(model_path: str, draft: bool, max_tokens: int, threads: int, n_gpu_layers: int) -> list:
+    llm = glmoe.Llama(model_path, n_ctx=8192, n_batch=512, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                      verbose=False, draft_model=glmoe.SuffixDecoding() if draft else None)
     rows = []
     for name, text in workload():
         prompt = llm.tokenize(text.encode(), add_bos=True, special=True)
@@ -131,21 +139,57 @@ def run(model_path: str, draft: bool, max_tokens: int, threads: int) -> list:
     return rows
 
 
+def no_repetition_overhead(model_path: str, runs: int, max_tokens: int, threads: int, n_gpu_layers: int,
+                           temperature: float) -> dict:
+    """Median TPOT without and with suffix decoding on text that does not repeat (random prompts):
+    what the adaptive control costs when drafts do not pay."""
+    from glmoe import _core
+
+    model = _core.Model(model_path)
+    engines = {spec: _core.BatchEngine(model, 2048, n_parallel=1, n_threads=threads, spec_suffix=spec,
+                                       n_gpu_layers=n_gpu_layers) for spec in (False, True)}
+    rng = np.random.default_rng(0)
+    tpot = {False: [], True: []}
+    drafted = accepted = 0
+    try:
+        for r in range(runs):
+            prompt = rng.integers(0, model.n_vocab, 32).tolist()
+            for spec in ((False, True) if r % 2 == 0 else (True, False)):  # alternate who goes first
+                engine = engines[spec]
+                rid = engine.submit(prompt, max_tokens, [], temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
+                                    seed=1000 + r)
+                while not (ev := engine.poll(rid, 60.0))["finished"]:
+                    pass
+                tpot[spec].append(ev["t_gen_ms"] / max(ev["n_generated"] - 1, 1))
+                if spec:
+                    drafted += ev["draft_n"]
+                    accepted += ev["draft_n_accepted"]
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    off, on = statistics.median(tpot[False]), statistics.median(tpot[True])
+    return {"off": off, "on": on, "drafted": drafted, "accepted": accepted}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-gpu-layers", "-ngl", type=int, default=0, help="layers on the GPU (-1: all)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each setting; the fastest TPOT is kept")
+    ap.add_argument("--overhead-runs", type=int, default=6, help="no-repetition runs per setting (0: skip)")
+    ap.add_argument("--overhead-temp", type=float, default=1.5, help="temperature of the no-repetition runs")
     args = ap.parse_args()
     best = {}
     for _ in range(args.repeat):
         for draft in (False, True):
-            for row in run(args.model, draft, args.max_tokens, args.threads):
+            for row in run(args.model, draft, args.max_tokens, args.threads, args.n_gpu_layers):
                 key = (row["workload"], draft)
                 if key not in best or row["tpot_ms"] < best[key]["tpot_ms"]:
                     best[key] = row
-    print(f"model: {args.model}, greedy, {args.max_tokens} tokens, {args.threads} threads")
+    print(f"model: {args.model}, greedy, {args.max_tokens} tokens, {args.threads} threads, "
+          f"n_gpu_layers {args.n_gpu_layers}")
     print("| workload | prompt | TPOT off (ms) | TPOT suffix (ms) | speedup | tokens/step | drafted | accepted "
           "| output identical |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -156,6 +200,14 @@ def main() -> None:
         print(f"| {name} | {on['prompt']} | {off['tpot_ms']:.2f} | {on['tpot_ms']:.2f} | "
               f"{off['tpot_ms'] / on['tpot_ms']:.2f}x | {per_step:.2f} | {on['drafted']} | {on['accepted']} | "
               f"{'yes' if on['tokens'] == off['tokens'] else 'NO'} |")
+
+    if args.overhead_runs > 0:
+        o = no_repetition_overhead(args.model, args.overhead_runs, args.max_tokens, args.threads, args.n_gpu_layers,
+                                   args.overhead_temp)
+        print(f"\nno repetition (random prompts, temperature {args.overhead_temp}, median of {args.overhead_runs}): "
+              f"TPOT off {o['off']:.3f} ms, "
+              f"suffix {o['on']:.3f} ms ({100 * (o['on'] / o['off'] - 1):+.2f}%), "
+              f"drafted {o['drafted']}, accepted {o['accepted']}")
 
 
 if __name__ == "__main__":

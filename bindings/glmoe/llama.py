@@ -319,7 +319,8 @@ class Llama:
                 n_yielded += 1  # before the yield: the caller may close the generator there
                 yield token
                 n = self.n_tokens
-                room = min(self._n_ctx - n, self.n_batch) - 1  # draft tokens that fit after token
+                # Draft tokens that fit after `token`, in a step whose logits match a plain decode's.
+                room = min(self._n_ctx - n, self.n_batch, self._ctx.invariant_batch) - 1
                 if drafter is not None:
                     drafter.append(np.array([token], np.int32))
                     draft = drafter.propose(max(room, 0))
