@@ -1,7 +1,7 @@
 """Train the tiny GLM4-MoE shipped as bindings/glmoe/models/tiny-kjv.gguf (not run by CI).
 
     apt-get install bible-kjv bible-kjv-text   # Debian: the King James Version, public domain
-    python tools/train_tiny.py [--minutes 15] [--out bindings/glmoe/models/tiny-kjv.gguf]
+    python tools/train_tiny.py [--minutes 15] [--out bindings/glmoe/models/tiny-kjv.gguf] [--head-dim 48]
 
 with glmoe importable (its tokenizer encodes the corpus) and torch + transformers installed.
 
@@ -90,6 +90,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--outtype", default="f16")
+    ap.add_argument("--head-dim", type=int, default=CONFIG["head_dim"],
+                    help="attention head size (the GPU kernels take 64, 128 or 256)")
     ap.add_argument("--hf-dir", help="keep the transformers checkpoint here (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -117,7 +119,7 @@ def main(argv=None) -> None:
     unigram_ppl = float(np.exp(-np.mean(np.log(counts / counts.sum())[held_ids])))
 
     cfg = transformers.Glm4MoeConfig(vocab_size=len(tokens), eos_token_id=eos, pad_token_id=eos,
-                                     bos_token_id=tokens.index("[gMASK]"), **CONFIG)
+                                     bos_token_id=tokens.index("[gMASK]"), **dict(CONFIG, head_dim=args.head_dim))
     cfg._attn_implementation = "sdpa"
     cfg._experts_implementation = "eager"  # grouped_mm is not available on every CPU build
     model = transformers.Glm4MoeForCausalLM(cfg)
