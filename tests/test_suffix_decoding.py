@@ -255,3 +255,19 @@ def test_adaptive_stops_drafting_on_text_without_repetition():
         drafter.record(int(draft.size), 0)
     s = drafter.stats
     assert s["paused"] > 0.9 * 400 and s["drafted"] < 0.1 * 400 * 2, s
+
+
+def repeating_drafter():
+    drafter = _core.SuffixDrafter(adaptive=True)
+    drafter.append(np.tile(np.arange(10, 30, dtype=np.int32), 4))
+    return drafter
+
+
+def test_adaptive_keeps_drafting_while_drafts_pay():
+    drafter = repeating_drafter()
+    for _ in range(20):
+        draft = drafter.propose()
+        assert draft.size > 0
+        drafter.record(int(draft.size), max(1, int(draft.size) // 2))  # half accepted
+    assert drafter.stats["paused"] == 0
+
