@@ -101,8 +101,7 @@ struct DecodeParams {
 // grid: (n_split, n_head_kv * n_hgroups, n_tok).
 template <int D>
 __global__ void __launch_bounds__(kThreads, Cfg<D>::kMinBlocks) attention_decode_kernel(const DecodeParams p) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     using C = Cfg<D>;
     constexpr int S = C::kStride;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -383,8 +382,7 @@ template <int D>
 __global__ void __launch_bounds__(kMergeThreads)
     attention_merge_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml, float* __restrict__ out,
                            int n_head, int n_split) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     constexpr int kVec = D > kMergeThreads ? D / kMergeThreads : 1;  // columns per thread
     constexpr int kColThreads = D / kVec;
     constexpr int kGroups = kMergeThreads / kColThreads;  // threads per column, on interleaved splits

@@ -50,8 +50,7 @@ struct Cfg {
 // grid: (ceil(n_tok * group / kBM), n_head_kv).
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const AttentionArgs a) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     using C = Cfg<D>;
     constexpr int S = C::kStride;
     extern __shared__ __align__(16) unsigned char smem[];

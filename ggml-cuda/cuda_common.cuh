@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <utility>
 
+#include "ggml_types.h"
+
 namespace glmoe::cuda {
 
 // ---- programmatic dependent launch -----------------------------------------------------------
@@ -22,6 +24,11 @@ namespace glmoe::cuda {
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 // Lets the next kernel launch once every block of this one has passed this point.
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+// The start of a kernel with nothing to do before its inputs are ready.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_wait();
+    pdl_trigger();
+}
 
 inline bool pdl_enabled() {
     static const bool on = [] {
@@ -150,6 +157,13 @@ __device__ __forceinline__ float half_bits_to_float(uint16_t h) {
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t b) {
     return __uint_as_float(static_cast<uint32_t>(b) << 16);
+}
+
+// Element idx of a row of F32, F16 or BF16 weights, exactly.
+__device__ __forceinline__ float float_weight(uint32_t type, const uint8_t* row, int64_t idx) {
+    if (type == GGML_TYPE_F32) return reinterpret_cast<const float*>(row)[idx];
+    const uint16_t h = reinterpret_cast<const uint16_t*>(row)[idx];
+    return type == GGML_TYPE_F16 ? half_bits_to_float(h) : bf16_bits_to_float(h);
 }
 
 }  // namespace glmoe::cuda

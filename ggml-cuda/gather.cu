@@ -7,8 +7,7 @@ namespace glmoe::cuda {
 namespace {
 
 __global__ void gather_rows_kernel(const float* src, const int32_t* rows, int64_t cols, float* dst) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     const float* from = src + static_cast<int64_t>(rows[blockIdx.x]) * cols;
     float* to = dst + static_cast<int64_t>(blockIdx.x) * cols;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) to[c] = from[c];

@@ -230,8 +230,7 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
 // TS != TR: the shared expert has its own type, in the same launch.
 template <int BN, uint32_t TR, uint32_t TS>
 __global__ void __launch_bounds__(kThreads, 2) mm_kernel(const MmParams p) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     __shared__ uint4 ws[2][kBM * kChunks];  // 2 x 16 KiB
     __shared__ uint4 xs[2][BN * kChunks];   // 2 x 8 KiB at BN = 64
     const uint8_t* w = p.w;

@@ -17,19 +17,12 @@ namespace {
 
 constexpr int kTileTok = 32, kTileRows = 32, kTileK = 32, kThreads = 128;
 
-__device__ __forceinline__ float weight_at(uint32_t type, const uint8_t* row, int64_t c) {
-    if (type == GGML_TYPE_F32) return reinterpret_cast<const float*>(row)[c];
-    const uint16_t h = reinterpret_cast<const uint16_t*>(row)[c];
-    return type == GGML_TYPE_F16 ? half_bits_to_float(h) : bf16_bits_to_float(h);
-}
-
 __global__ void __launch_bounds__(kThreads) mm_float_kernel(const uint8_t* w, uint32_t type, size_t row_bytes,
                                                             int64_t rows, int64_t cols, const float* x, int64_t n,
                                                             float* y, int64_t y_stride, bool accumulate) {
     __shared__ float xs[kTileTok][kTileK + 1];
     __shared__ float ws[kTileRows][kTileK + 1];
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTileTok, r0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
     const int tid = threadIdx.x, tr = tid % 8, tt = tid / 8;  // rows 4 tr.., tokens 2 tt..
     float acc[2][4] = {};
@@ -40,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) mm_float_kernel(const uint8_t* w, ui
             const int64_t c = k0 + k;
             const int64_t t = t0 + r, row = r0 + r;
             xs[r][k] = (t < n && c < cols) ? x[t * cols + c] : 0.0f;
-            ws[r][k] = (row < rows && c < cols) ? weight_at(type, w + row * row_bytes, c) : 0.0f;
+            ws[r][k] = (row < rows && c < cols) ? float_weight(type, w + row * row_bytes, c) : 0.0f;
         }
         __syncthreads();
 #pragma unroll 8

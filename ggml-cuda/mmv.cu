@@ -336,18 +336,11 @@ __device__ __forceinline__ void load8(uint32_t type, const uint8_t* row, int64_t
     }
 }
 
-__device__ __forceinline__ float load1(uint32_t type, const uint8_t* row, int64_t idx) {
-    if (type == GGML_TYPE_F32) return reinterpret_cast<const float*>(row)[idx];
-    const uint32_t h = reinterpret_cast<const uint16_t*>(row)[idx];
-    return type == GGML_TYPE_F16 ? f16_bits(h) : __uint_as_float(h << 16);
-}
-
 // SPLIT: the CTA's warps share the same RW rows and split their columns (matrices with too few
 // rows to give every SM a CTA otherwise, such as the MoE router's 128).
 template <int NT, int RW, bool SW, bool SPLIT>
 __global__ void __launch_bounds__(kThreads) mmvf_kernel(const Args a) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     constexpr int S = RW * (SW ? 2 : 1);
     constexpr int kColWarps = SPLIT ? kWarps : 1;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -419,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) mmvf_kernel(const Args a) {
             for (int64_t c = lane + 32 * col_part; c < a.cols; c += 32 * kColWarps) {
                 float w[S];
 #pragma unroll
-                for (int s = 0; s < S; ++s) w[s] = load1(ts[s], rp[s], c);
+                for (int s = 0; s < S; ++s) w[s] = float_weight(ts[s], rp[s], c);
 #pragma unroll
                 for (int t = 0; t < NT; ++t) {
                     const float xv = x[t * a.x_stride + c];

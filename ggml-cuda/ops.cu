@@ -100,8 +100,7 @@ __device__ __forceinline__ float dequant_element(uint32_t type, const uint8_t* r
 
 __global__ void get_rows_kernel(const uint8_t* table, uint32_t type, int64_t n_rows, int64_t cols, size_t row_bytes,
                                 const int32_t* ids, float* out) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     const int64_t t = blockIdx.x;
     const int32_t id = ids[t];
     float* o = out + t * cols;
@@ -118,8 +117,7 @@ __global__ void get_rows_kernel(const uint8_t* table, uint32_t type, int64_t n_r
 // out_q8 (optional): the normed row also quantized for the matrix-vector kernels, saving a launch;
 // then cols % 32 == 0 and blockDim % 32 == 0, so each warp's 32 consecutive columns are one block.
 __global__ void rms_norm_kernel(const float* x, const float* w, int64_t cols, float eps, float* out, BlockQ8* out_q8) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     __shared__ float scratch[32];
     const float* xr = x + blockIdx.x * cols;
     float* yr = out + blockIdx.x * cols;
@@ -145,8 +143,7 @@ struct RopeFreqs {
 
 // One block per (token, head); heads 0..n_head-1 are q, then n_head_kv k heads, then v heads.
 __global__ void qkv_prepare_kernel(QKVArgs a, RopeFreqs freqs) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     extern __shared__ float head[];
     __shared__ float scratch[32];
     const int t = blockIdx.x, h = blockIdx.y, D = a.head_dim;
@@ -204,8 +201,7 @@ __global__ void qkv_prepare_kernel(QKVArgs a, RopeFreqs freqs) {
 // ---- element-wise ------------------------------------------------------------------------------
 
 __global__ void swiglu_kernel(const float* g, const float* u, int64_t n, float* out) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const float x = g[i];
@@ -227,8 +223,7 @@ __device__ __forceinline__ bool route_better(float v, int i, float bv, int bi) {
 // EPL experts per lane (E <= 32 * EPL): the k argmax rounds scan only what the model has.
 template <int kExpertsPerLane>
 __global__ void moe_route_kernel(RouteArgs a) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     __shared__ float sel_smem[kRouteWarps][kMaxExperts];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = blockIdx.x * kRouteWarps + warp;
@@ -340,8 +335,7 @@ constexpr int kGroupThreads = 1024;
 // with an expert id outside [0, n_expert_total) are dropped (they cannot throw on the device).
 __global__ void moe_group_kernel(const int32_t* ids, int n, int n_slots, int n_expert_total, int32_t* counts,
                                  int32_t* offsets, int32_t* src_row, int32_t* dst_row) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     extern __shared__ int32_t cnt[];  // [n_expert_total] counts, then [n_expert_total] cursors
     int32_t* cursor = cnt + n_expert_total;
     for (int e = threadIdx.x; e < n_expert_total; e += blockDim.x) cnt[e] = 0;
@@ -383,8 +377,7 @@ __global__ void moe_group_kernel(const int32_t* ids, int n, int n_slots, int n_e
 
 __global__ void moe_combine_kernel(const float* y, const float* weights, int n, int n_slots, int64_t cols,
                                    float* out, bool accumulate) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     const int64_t total = static_cast<int64_t>(n) * cols;
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {

@@ -17,8 +17,7 @@ constexpr int kWarpsPerCta = 8;
 __global__ void __launch_bounds__(32 * kWarpsPerCta) quantize_q8_kernel(const float* __restrict__ x, int64_t n_blocks,
                                                                         int64_t row_blocks, int64_t x_stride,
                                                                         BlockQ8* __restrict__ out) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     const int64_t blk = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
     if (blk >= n_blocks) return;  // warp-uniform
     const int lane = threadIdx.x % 32;

@@ -226,11 +226,22 @@ struct KernelParams {
     double inv_temp;
 };
 
+// (value, id) of the warp's largest value, the lowest id among ties, in every lane.
+__device__ __forceinline__ void warp_argmax(float& bv, int& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(kFullMask, bv, o);
+        const int oi = __shfl_xor_sync(kFullMask, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int n_vocab,
                                                           KernelParams p, const float* __restrict__ u,
                                                           int32_t* __restrict__ out_ids) {
-    pdl_wait();
-    pdl_trigger();
+    pdl_enter();
     __shared__ Shared sh;
     const int tid = threadIdx.x, lane = tid & 31;
     const float* row = logits + static_cast<int64_t>(blockIdx.x) * n_vocab;
@@ -247,14 +258,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
                 bi = i;
             }
         });
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(kFullMask, bv, o);
-            const int oi = __shfl_xor_sync(kFullMask, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(bv, bi);
         if (lane == 0) {
             sh.fscratch[tid >> 5] = bv;
             sh.iscratch[tid >> 5] = bi;
@@ -263,14 +267,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
         if (tid < 32) {
             bv = sh.fscratch[lane];
             bi = sh.iscratch[lane];
-            for (int o = 16; o > 0; o >>= 1) {
-                const float ov = __shfl_xor_sync(kFullMask, bv, o);
-                const int oi = __shfl_xor_sync(kFullMask, bi, o);
-                if (ov > bv || (ov == bv && oi < bi)) {
-                    bv = ov;
-                    bi = oi;
-                }
-            }
+            warp_argmax(bv, bi);
             // Every logit -inf or NaN: nothing can be sampled; -1 (the CPU throws).
             if (lane == 0) out_ids[blockIdx.x] = bi == 0x7FFFFFFF ? -1 : bi;
         }

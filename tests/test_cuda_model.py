@@ -11,6 +11,8 @@ from glmoe import _core
 from glmoe.tools.make_model import ModelSpec, write_model
 from cuda_support import cuda_only
 from test_engine import relative_errors
+from test_engine_batching import collect
+from test_suffix_decoding import REPETITIVE
 
 pytestmark = cuda_only
 
@@ -221,15 +223,7 @@ def test_engine_runs_on_the_gpu(model_case):
     prompts = [rng.integers(0, model.n_vocab, n).tolist() for n in (9, 14, 5)]
     engine = _core.BatchEngine(model, 256, n_parallel=3, n_threads=2, n_gpu_layers=-1)
     ids = [engine.submit(p, 6, [], temperature=0.0, seed=1, draft=False) for p in prompts]
-    outs = []
-    for rid in ids:
-        toks = []
-        while True:
-            ev = engine.poll(rid, 5.0)
-            toks += ev["tokens"]
-            if ev["finished"]:
-                break
-        outs.append(toks)
+    outs = [collect(engine, rid)[0] for rid in ids]
     engine.shutdown()
     for prompt, out in zip(prompts, outs):
         assert len(out) == 6
@@ -253,7 +247,7 @@ def test_suffix_drafts_keep_greedy_output_on_the_gpu(glm_like_path):
     so greedy text is identical with and without SuffixDecoding, in Llama and in the engine."""
     import glmoe
 
-    prompt = [11, 12, 13, 14, 15, 16, 17, 18] * 6 + [11, 12, 13]
+    prompt = REPETITIVE
     kw = dict(n_ctx=512, n_batch=64, n_threads=2, n_gpu_layers=-1, verbose=False)
     plain = glmoe.Llama(glm_like_path, **kw)
     drafted = glmoe.Llama(glm_like_path, draft_model=glmoe.SuffixDecoding(adaptive=False), **kw)
@@ -267,10 +261,6 @@ def test_suffix_drafts_keep_greedy_output_on_the_gpu(glm_like_path):
     outs = {}
     for spec in (False, True):
         engine = _core.BatchEngine(model, 512, n_parallel=1, n_threads=2, spec_suffix=spec, n_gpu_layers=-1)
-        rid = engine.submit(prompt, 120, [], temperature=0.0, seed=1)
-        toks = []
-        while not (ev := engine.poll(rid, 10.0))["finished"]:
-            toks += ev["tokens"]
-        outs[spec] = toks + ev["tokens"]
+        outs[spec] = collect(engine, engine.submit(prompt, 120, [], temperature=0.0, seed=1))[0]
         engine.shutdown()
     assert outs[True] == outs[False] and len(outs[True]) == 120
