@@ -218,6 +218,10 @@ NB_MODULE(_core, m) {
         .def_prop_ro("n_gpu_layers", &Context::n_gpu_layers)
         .def_prop_ro("samples_on_gpu", &Context::samples_on_gpu)
         .def_prop_ro("invariant_batch", &Context::invariant_batch)
+        .def("relative_step_costs",
+             [](const Context& c, int base, int max_extra) { return c.step_costs().relative(base, max_extra); },
+             nb::arg("base"), nb::arg("max_extra"),
+             "[cost(base + k) / cost(base) for k in 0..max_extra]: steps by size, timed as they ran.")
         .def("gpu_counters", [](const Context& c) {
             nb::dict d;
             if (const GpuForward* g = c.gpu()) {

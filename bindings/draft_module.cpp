@@ -2,12 +2,14 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstring>
 #include <memory>
 #include <vector>
 
 #include "speculative.h"
+#include "step_cost.h"
 #include "suffix_draft.h"
 
 namespace nb = nanobind;
@@ -72,6 +74,11 @@ void bind_draft(nb::module_& m) {
         .def_prop_ro("byte_budget", &SuffixStore::byte_budget)
         .def_prop_ro("depth_limit", &SuffixStore::depth_limit);
 
+    nb::class_<StepCostModel>(m, "StepCostModel", "Step wall time by size (a Context keeps one).")
+        .def(nb::init<>())
+        .def("record", &StepCostModel::record, nb::arg("n_tokens"), nb::arg("seconds"))
+        .def("relative", &StepCostModel::relative, nb::arg("base"), nb::arg("max_extra"));
+
     nb::class_<SuffixDrafter>(m, "SuffixDrafter", "One sequence's suffix-decoding drafter.")
         .def("__init__",
              [](SuffixDrafter* self, int max_depth, float max_spec_factor, float min_token_prob, int max_spec_tokens,
@@ -82,8 +89,14 @@ void bind_draft(nb::module_& m) {
              GLMOE_DRAFT_KWARGS, nb::arg("adaptive") = true, nb::arg("store").none() = nb::none())
         .def("append", [](SuffixDrafter& d, const Tokens& t) { d.append(t.data(), t.shape(0)); }, nb::arg("tokens"))
         .def("mark_prompt_end", &SuffixDrafter::mark_prompt_end)
-        .def("propose", [](SuffixDrafter& d, int max_tokens) { return to_numpy(d.propose(max_tokens)); },
-             nb::arg("max_tokens") = 1 << 30)
+        .def("propose",
+             [](SuffixDrafter& d, int max_tokens, const std::vector<double>& relative_cost, int sequences) {
+                 return to_numpy(d.propose(max_tokens, relative_cost, sequences));
+             },
+             nb::arg("max_tokens") = 1 << 30, nb::arg("relative_cost") = std::vector<double>{},
+             nb::arg("sequences") = 1,
+             "relative_cost[k]: a step with k draft tokens over one without (Context.relative_step_costs);"
+             " sequences: tokens the step yields without drafts.")
         .def("record", &SuffixDrafter::record, nb::arg("n_drafted"), nb::arg("n_accepted"))
         .def("finish", &SuffixDrafter::finish)
         .def_prop_ro("acceptance", &SuffixDrafter::acceptance)

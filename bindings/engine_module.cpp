@@ -62,20 +62,23 @@ void bind_engine(nb::module_& m) {
         .def("__init__",
              [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch,
                 bool spec_suffix, int spec_max_depth, float spec_max_spec_factor, float spec_min_token_prob,
-                int n_gpu_layers) {
+                bool spec_adaptive, int n_gpu_layers) {
                  EngineParams p{n_ctx, n_parallel, n_threads, n_batch};
                  p.n_gpu_layers = n_gpu_layers;
                  p.spec_suffix = spec_suffix;
                  p.spec.max_depth = spec_max_depth;
                  p.spec.max_spec_factor = spec_max_spec_factor;
                  p.spec.min_token_prob = spec_min_token_prob;
+                 p.spec.adaptive = spec_adaptive;
                  new (self) BatchEngine(model, p);
              },
              nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_parallel") = 1, nb::arg("n_threads") = 0,
              nb::arg("n_batch") = 512, nb::arg("spec_suffix") = false, nb::arg("spec_max_depth") = 64,
-             nb::arg("spec_max_spec_factor") = 1.0f, nb::arg("spec_min_token_prob") = 0.1f, nb::arg("n_gpu_layers") = 0,
+             nb::arg("spec_max_spec_factor") = 1.0f, nb::arg("spec_min_token_prob") = 0.1f,
+             nb::arg("spec_adaptive") = true, nb::arg("n_gpu_layers") = 0,
              nb::keep_alive<1, 2>(),
-             "spec_suffix: suffix decoding, each generating slot verifying its draft within the step.")
+             "spec_suffix: suffix decoding, each generating slot verifying its draft within the step;"
+             " spec_adaptive=False verifies every draft whole (SuffixDecoding's adaptive).")
         .def("submit",
              [](BatchEngine& e, nb::handle tokens, int max_tokens, std::vector<int32_t> eog_ids,
                 float temperature, int top_k, float top_p, float min_p, float typical_p,

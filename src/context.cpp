@@ -1,6 +1,7 @@
 #include "context.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -144,7 +145,10 @@ void Context::decode_sample(const Batch& batch, const DeviceSampling& sampling, 
 void Context::run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward) {
     const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
     try {
+        const auto t0 = std::chrono::steady_clock::now();
         forward(cells);
+        step_costs_.record(static_cast<int>(batch.size()),
+                           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     } catch (...) {
         for (size_t i = 0; i < cells.size(); ++i) kv_.seq_rm(batch.seq[i], batch.pos[i], batch.pos[i] + 1);
         throw;

@@ -12,6 +12,7 @@
 #include "gpu_forward.h"
 #include "kv_cache.h"
 #include "model.h"
+#include "step_cost.h"
 #include "thread_pool.h"
 
 namespace glmoe {
@@ -60,6 +61,8 @@ public:
     // never do): speculative drafts verified within it leave greedy output unchanged.
     int invariant_batch() const { return gpu_ ? GpuForward::kInvariantBatch : std::numeric_limits<int>::max(); }
     const GpuForward* gpu() const { return gpu_.get(); }
+    // Wall time of the steps run so far, by size: what a bigger (drafted) step costs.
+    const StepCostModel& step_costs() const { return step_costs_; }
 
     KVCache& kv_cache() { return kv_; }
     const Model& model() const { return model_; }
@@ -97,6 +100,7 @@ private:
     bool embeddings_;
     bool f32_activations_;
     uint64_t n_evaluated_ = 0;
+    StepCostModel step_costs_;
 
     // Scratch, sized for the largest batch seen.
     std::vector<float> x_, h_, q_, k_, v_, attn_, ffn_out_;

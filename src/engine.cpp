@@ -271,17 +271,21 @@ void BatchEngine::build_batch() {
     // Drafts stay within the step size whose per-token results match a plain decode step, so
     // greedy output is the same with and without them (on the GPU: 8 tokens).
     int draft_room = std::min(params_.n_batch, ctx_.invariant_batch()) - n_generating;
+    int n_generating_added = 0;
     for (int i = 0; i < params_.n_parallel; ++i) {
         const Slot& s = slots_[i];
         if (s.state() != SlotState::generating) continue;
         Request& r = *s.request;
         add(r.tokens[s.n_past], s.n_past, i, true);
+        ++n_generating_added;
         r.draft.clear();
         if (!r.drafter) continue;
         // Draft tokens beyond max_tokens or the slot context could never be kept.
         const int room = std::min({draft_room, r.max_tokens - r.n_generated() - 1, n_ctx_slot_ - s.n_past - 2});
         if (room <= 0) continue;
-        r.draft = r.drafter->propose(room);
+        // The step so far holds every generating slot's token and the drafts before this one.
+        const int step_tokens = static_cast<int>(batch_.size()) + n_generating - n_generating_added;
+        r.draft = r.drafter->propose(room, ctx_.step_costs().relative(step_tokens, room), n_generating);
         for (size_t j = 0; j < r.draft.size(); ++j) add(r.draft[j], s.n_past + 1 + static_cast<int>(j), i, true);
         draft_room -= static_cast<int>(r.draft.size());
     }

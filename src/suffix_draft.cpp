@@ -96,15 +96,24 @@ SuffixTrie::Cursor SuffixTrie::longest_repeated_suffix(int max_depth) const {
 }
 
 SuffixTrie::Cursor SuffixTrie::longest_match(const int32_t* tail, int n, int max_depth) const {
-    // If a string occurs followed by a token, so does each of its suffixes: binary search on
-    // the length, O(depth log depth) lookups.
+    // If a string occurs followed by a token, so does each of its suffixes: the lengths that
+    // match are 1..m. Doubling from 1 and then halving finds m in O(m log m) lookups, so text
+    // that does not repeat (m of 0 or 1, every step of a sequence without drafts) costs a few.
     auto walk = [&](int length) {
         Cursor c{kRoot, 0, -1};
         for (int i = n - length; i < n && c.valid(); ++i) c = step(c, tail[i]);
         return has_continuation(c) ? c : Cursor{};
     };
     Cursor best;
-    int lo = 1, hi = std::min({n, max_depth, depth_limit_ - 1});
+    const int longest = std::min({n, max_depth, depth_limit_ - 1});
+    int lo = 1, length = 1;
+    for (; length <= longest; length *= 2) {
+        const Cursor c = walk(length);
+        if (!c.valid()) break;
+        best = c;
+        lo = length + 1;
+    }
+    int hi = std::min(length - 1, longest);
     while (lo <= hi) {
         const int mid = (lo + hi) / 2;
         const Cursor c = walk(mid);
@@ -190,6 +199,16 @@ Draft SuffixStore::propose(const int32_t* tail, int n, const SuffixDraftParams& 
     return trie_.continuation(at, draft_budget(params, at.depth, max_tokens), params.min_token_prob);
 }
 
+void SuffixStore::record(int n_drafted, int n_accepted) {
+    std::lock_guard lock(acceptance_mutex_);
+    acceptance_.add(n_drafted, n_accepted);
+}
+
+AcceptanceEstimate SuffixStore::acceptance() const {
+    std::lock_guard lock(acceptance_mutex_);
+    return acceptance_;
+}
+
 size_t SuffixStore::bytes() const {
     std::shared_lock lock(mutex_);
     return trie_.bytes();
@@ -202,23 +221,52 @@ size_t SuffixStore::n_documents() const {
 
 // ---- AdaptiveDraftControl -------------------------------------------------------------------
 
-bool AdaptiveDraftControl::should_draft() {
-    if (pause_left_ == 0) return true;
-    --pause_left_;
-    return false;
+void AcceptanceEstimate::add(int n_drafted, int n_accepted) {
+    if (n_drafted <= 0) return;
+    accepted = kDecay * accepted + n_accepted;
+    tested = kDecay * tested + n_accepted + (n_accepted < n_drafted ? 1 : 0);
+}
+
+bool AdaptiveDraftControl::paused() {
+    if (pause_left_ == 0) return false;
+    if (--pause_left_ == 0) probe_ = true;
+    return true;
+}
+
+int AdaptiveDraftControl::length(int available, const std::vector<double>& relative_cost, int sequences) {
+    if (available <= 0) return 0;
+    if (probe_) {
+        probe_ = false;
+        return 1;
+    }
+    const auto cost = [&](int k) {
+        const double given = relative_cost.empty() ? 1.0 : relative_cost[std::min<size_t>(k, relative_cost.size() - 1)];
+        return std::max(given, 1.0 + kMinCostPerToken * k);
+    };
+    const double a = acceptance(), base = std::max(sequences, 1);
+    double yield = base, a_pow = 1.0, best_gain = 1.0;
+    int best = 0;
+    for (int k = 1; k <= available; ++k) {
+        a_pow *= a;
+        yield += a_pow;
+        const double gain = yield / (base * cost(k));
+        if (gain > best_gain) {
+            best_gain = gain;
+            best = k;
+        }
+    }
+    if (best == 0) {
+        // A failed one-token probe costs cost(1) - 1 steps: one per this many steps stays within kProbeShare.
+        const int pause = std::max(next_pause_, static_cast<int>(std::ceil((cost(1) - 1.0) / kProbeShare)));
+        pause_left_ = std::min(pause, kLongestPause);
+        next_pause_ = std::min(2 * pause, kLongestPause);
+    }
+    return best;
 }
 
 void AdaptiveDraftControl::record(int n_drafted, int n_accepted) {
-    if (n_drafted <= 0) return;
-    ema_ += kSmoothing * (static_cast<double>(n_accepted) / n_drafted - ema_);
-    if (ema_ >= kThreshold) {
-        next_pause_ = kFirstPause;
-        return;
-    }
-    pause_left_ = next_pause_;
-    next_pause_ = std::min(2 * next_pause_, kLongestPause);
-    // After the pause one probe decides: it resumes drafting iff its own rate reaches the threshold.
-    ema_ = kThreshold;
+    acceptance_.add(n_drafted, n_accepted);
+    if (n_accepted > 0) next_pause_ = kFirstPause;
 }
 
 // ---- SuffixDrafter --------------------------------------------------------------------------
@@ -229,7 +277,10 @@ int draft_budget(const SuffixDraftParams& params, int match_length, int max_toke
 }
 
 SuffixDrafter::SuffixDrafter(const SuffixDraftParams& params, std::shared_ptr<SuffixStore> store)
-    : params_(params), store_(std::move(store)), trie_(params.max_depth + params.max_spec_tokens) {
+    : params_(params),
+      store_(std::move(store)),
+      trie_(params.max_depth + params.max_spec_tokens),
+      control_(store_ ? store_->acceptance().as_prior() : AcceptanceEstimate{}) {
     if (params.max_depth < 1) throw std::invalid_argument("max_depth must be at least 1");
     if (params.max_spec_tokens < 0) throw std::invalid_argument("max_spec_tokens must be non-negative");
     if (!(params.max_spec_factor >= 0)) throw std::invalid_argument("max_spec_factor must be non-negative");
@@ -250,8 +301,8 @@ Draft SuffixDrafter::local_draft(int max_tokens) const {
     return trie_.continuation(at, draft_budget(params_, at.depth, max_tokens), params_.min_token_prob);
 }
 
-std::vector<int32_t> SuffixDrafter::propose(int max_tokens) {
-    if (params_.adaptive && !control_.should_draft()) {
+std::vector<int32_t> SuffixDrafter::propose(int max_tokens, const std::vector<double>& relative_cost, int sequences) {
+    if (params_.adaptive && control_.paused()) {
         ++stats_.paused;
         return {};
     }
@@ -261,6 +312,11 @@ std::vector<int32_t> SuffixDrafter::propose(int max_tokens) {
         Draft shared = store_->propose(history_.data() + history_.size() - n, n, params_, max_tokens);
         if (shared.score > best.score) best = std::move(shared);
     }
+    if (params_.adaptive && !best.tokens.empty()) {
+        const int k = control_.length(static_cast<int>(best.tokens.size()), relative_cost, sequences);
+        if (k == 0) ++stats_.paused;
+        best.tokens.resize(k);
+    }
     return std::move(best.tokens);
 }
 
@@ -269,6 +325,7 @@ void SuffixDrafter::record(int n_drafted, int n_accepted) {
     stats_.drafted += n_drafted;
     stats_.accepted += n_accepted;
     control_.record(n_drafted, n_accepted);
+    if (store_) store_->record(n_drafted, n_accepted);
 }
 
 void SuffixDrafter::finish() {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <shared_mutex>
 #include <unordered_map>
 #include <vector>
@@ -19,7 +20,7 @@ struct SuffixDraftParams {
     float max_spec_factor = 1.0f;  // draft at most this many tokens per matched token
     float min_token_prob = 0.1f;   // stop where the continuation's path probability falls below
     int max_spec_tokens = 32;      // hard cap on a draft's length
-    bool adaptive = true;          // pause drafting for a sequence whose drafts keep failing
+    bool adaptive = true;          // verify only what pays for its step; pause while nothing does
 };
 
 // A draft and how much it is expected to gain: the sum of its prefixes' path probabilities
@@ -94,6 +95,19 @@ private:
     std::vector<int32_t> active_, next_active_;  // nodes of the repeated suffixes, by depth
 };
 
+// The chance that a draft token is accepted given that the ones before it were, from decaying
+// counts of verifications: each accepted token, and the first rejected one, was tested (the
+// tokens after a rejection were never reached).
+struct AcceptanceEstimate {
+    static constexpr double kDecay = 0.75;  // weight left to earlier verifications, each time
+    static constexpr double kWeight = 1.5;  // of a starting estimate: the first verifications outweigh it
+    double accepted = 1.0, tested = kWeight;  // with nothing known: 2/3
+
+    void add(int n_drafted, int n_accepted);
+    double rate() const { return accepted / tested; }
+    AcceptanceEstimate as_prior() const { return {rate() * kWeight, kWeight}; }
+};
+
 // Earlier requests' outputs, shared by all sequences; thread-safe. When the index outgrows
 // byte_budget the oldest outputs are dropped (down to 3/4 of the budget, so that rebuilding
 // the index is amortised) and the index is rebuilt from the rest.
@@ -104,6 +118,11 @@ public:
     void add(const std::vector<int32_t>& output);
     // A draft of at most max_tokens tokens to follow tail[0, n).
     Draft propose(const int32_t* tail, int n, const SuffixDraftParams& params, int max_tokens) const;
+
+    // Acceptance over all sequences' verifications: where a new sequence's estimate starts, so
+    // that a server whose traffic does not repeat stops paying for each request's first drafts.
+    void record(int n_drafted, int n_accepted);
+    AcceptanceEstimate acceptance() const;
 
     size_t bytes() const;
     size_t n_documents() const;
@@ -118,26 +137,37 @@ private:
     mutable std::shared_mutex mutex_;
     std::deque<std::vector<int32_t>> documents_;  // oldest first
     SuffixTrie trie_;
+    mutable std::mutex acceptance_mutex_;
+    AcceptanceEstimate acceptance_;
 };
 
-// Turns drafting off for a sequence while its acceptance rate (an exponential moving average)
-// is below a threshold, then probes again after a pause that doubles while probes fail, so that
-// text with no repetition pays for almost no rejected drafts.
+// Decides how much of a draft to verify. With a the sequence's AcceptanceEstimate, a draft of k
+// tokens yields 1 + a + ... + a^k tokens, expected, from a step that costs relative_cost[k] plain
+// steps; the length with the best yield per cost is verified if it beats a plain step. When none
+// does, drafting pauses; after the pause a one-token draft probes, and the pause doubles while
+// probes fail. Pauses are long enough that probes take about 1% of the time at most, so text with
+// no repetition pays for almost no drafts, however dear verification is on the model.
 class AdaptiveDraftControl {
 public:
-    bool should_draft();  // counts a step
+    explicit AdaptiveDraftControl(AcceptanceEstimate prior = {}) : acceptance_(prior) {}
+    bool paused();  // counts a step
+    // How many of `available` draft tokens to verify (0: none). relative_cost[k]: the step with k
+    // draft tokens over the step without (entries past the end: as the last one); sequences: the
+    // tokens the step yields without drafts (one per generating sequence).
+    int length(int available, const std::vector<double>& relative_cost, int sequences);
     void record(int n_drafted, int n_accepted);
-    double acceptance() const { return ema_; }
+    double acceptance() const { return acceptance_.rate(); }
 
-    static constexpr double kSmoothing = 0.25;
-    static constexpr double kThreshold = 0.25;
+    static constexpr double kMinCostPerToken = 0.02;  // verifying a token is never free
+    static constexpr double kProbeShare = 0.01;       // of the time, spent on probes at most
     static constexpr int kFirstPause = 8;
     static constexpr int kLongestPause = 256;
 
 private:
-    double ema_ = 1.0;
+    AcceptanceEstimate acceptance_;
     int pause_left_ = 0;
     int next_pause_ = kFirstPause;
+    bool probe_ = false;
 };
 
 struct DraftStats {
@@ -155,8 +185,9 @@ public:
 
     void append(const int32_t* tokens, size_t n);
     void mark_prompt_end();  // the tokens appended from here on are output
-    // A draft of at most max_tokens tokens to follow the text so far (empty: do not draft).
-    std::vector<int32_t> propose(int max_tokens);
+    // A draft of at most max_tokens tokens to follow the text so far (empty: do not draft); when
+    // adaptive, cut to the length that pays for its step (AdaptiveDraftControl::length).
+    std::vector<int32_t> propose(int max_tokens, const std::vector<double>& relative_cost = {}, int sequences = 1);
     void record(int n_drafted, int n_accepted);
     void finish();  // idempotent
 

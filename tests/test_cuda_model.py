@@ -260,7 +260,8 @@ def test_suffix_drafts_keep_greedy_output_on_the_gpu(glm_like_path):
     model = _core.Model(glm_like_path)
     outs = {}
     for spec in (False, True):
-        engine = _core.BatchEngine(model, 512, n_parallel=1, n_threads=2, spec_suffix=spec, n_gpu_layers=-1)
+        engine = _core.BatchEngine(model, 512, n_parallel=1, n_threads=2, spec_suffix=spec, spec_adaptive=False,
+                                   n_gpu_layers=-1)
         outs[spec] = collect(engine, engine.submit(prompt, 120, [], temperature=0.0, seed=1))[0]
         engine.shutdown()
     assert outs[True] == outs[False] and len(outs[True]) == 120

@@ -242,6 +242,8 @@ def test_sampling_distribution_unchanged(model_path):
         p_values.append(stats_mod.chi2_contingency(table)[1])
         assert p_values[-1] > 1e-3, (p_values[-1], table)
     print(f"\nspeculative sampling: {totals}, chi-square p-values {[round(float(p), 3) for p in p_values]}")
+    # More than the distribution: for a seed, the same tokens with and without drafts.
+    assert np.array_equal(runs(make_llm(model_path, draft_modes), range(200)), plain[:200])
 
 
 def test_adaptive_stops_drafting_on_text_without_repetition():
@@ -271,3 +273,112 @@ def test_adaptive_keeps_drafting_while_drafts_pay():
         drafter.record(int(draft.size), max(1, int(draft.size) // 2))  # half accepted
     assert drafter.stats["paused"] == 0
 
+
+
+def linear_costs(per_token, n=32):
+    return [1.0 + per_token * k for k in range(n + 1)]
+
+
+def test_adaptive_length_follows_the_step_cost():
+    """At the prior acceptance (2/3 a token) the yield per cost of k draft tokens is
+    (1 + a + ... + a^k) / cost[k]: cheap verification (the tiny model on the GPU, about 6% a
+    token) verifies a long draft, the Air-shaped MoE's (37% for one token) one token, and a
+    step dearer than the best yield verifies none."""
+    a = 2 / 3
+    expected = {}
+    for name, costs in [("cheap", linear_costs(0.06)), ("moe", [1.0, 1.37, 1.78, 2.15, 2.61, 3.04, 3.48, 3.84]),
+                        ("dear", linear_costs(0.7))]:
+        gains = [sum(a ** i for i in range(k + 1)) / costs[min(k, len(costs) - 1)] for k in range(1, 33)]
+        best = int(np.argmax(gains)) + 1
+        expected[name] = best if gains[best - 1] > 1 else 0
+        drafter = repeating_drafter()
+        assert drafter.propose(32, costs).size == expected[name], (name, gains)
+    assert expected["cheap"] > expected["moe"] == 1 and expected["dear"] == 0
+
+
+def test_adaptive_probes_one_token_after_a_pause():
+    """Once nothing pays, drafting pauses; a one-token probe follows each pause, which doubles
+    while probes are rejected; an accepted probe raises the estimate. Where verification is
+    cheap the first pause is 8 steps."""
+    drafter = repeating_drafter()
+    costs = linear_costs(0.4)
+    steps = 0
+    while (draft := drafter.propose(8, costs)).size > 0:  # rejected drafts until nothing pays
+        drafter.record(int(draft.size), 0)
+        steps += 1
+        assert steps < 10
+
+    def steps_to_probe():
+        for n in range(1, 300):
+            if (size := drafter.propose(8, costs).size) > 0:
+                assert size == 1
+                return n
+        raise AssertionError("no probe")
+
+    # A probe costs 0.4 of a step here: pauses of 40 steps keep probing within 1% of the time.
+    assert steps_to_probe() == 40 + 1  # the paused steps, then the probe
+    drafter.record(1, 0)
+    assert steps_to_probe() == 1 + 80 + 1  # the step that finds nothing pays, the pause, the probe
+    drafter.record(1, 1)  # accepted: the estimate rises to where one token pays again
+    assert drafter.propose(8, costs).size >= 1
+
+    cheap = repeating_drafter()
+    while (draft := cheap.propose(8)).size > 0:
+        cheap.record(int(draft.size), 0)
+    assert [cheap.propose(8).size for _ in range(9)] == [0] * 8 + [1]
+
+
+def test_acceptance_carries_across_requests_through_the_store():
+    """A sequence's estimate starts from the store's, which every sequence sharing it updates:
+    after requests whose drafts were all rejected, a new one does not draft at an MoE's cost."""
+    moe_costs = [1.0, 1.37, 1.78, 2.15, 2.61, 3.04, 3.48, 3.84]
+    store = _core.SuffixStore(1 << 20, 96)
+
+    def request():
+        drafter = _core.SuffixDrafter(store=store)
+        drafter.append(np.tile(np.arange(10, 30, dtype=np.int32), 4))
+        return drafter
+
+    assert request().propose(8, moe_costs).size == 1  # nothing known yet: the prior drafts
+    for _ in range(3):
+        drafter = request()
+        draft = drafter.propose(8, moe_costs)
+        drafter.record(int(draft.size), 0)
+    assert request().propose(8, moe_costs).size == 0
+    assert repeating_drafter().propose(8, moe_costs).size == 1  # a drafter without the store
+
+
+def test_step_cost_model():
+    m = _core.StepCostModel()
+    assert m.relative(1, 4) == [1.0] * 5  # nothing known: drafting looks free (the control floors it)
+    # Each size's first step (a graph capture, say) is not counted, and a size needs 3 timed steps.
+    for n, seconds in [(1, 9.0), (1, 1.0), (1, 1.0), (3, 9.0), (3, 2.0), (3, 2.0)]:
+        m.record(n, seconds)
+    assert m.relative(1, 3) == [1.0] * 4  # size 1 has 2 timed steps: not known yet
+    m.record(1, 1.0)
+    m.record(3, 2.0)
+    r = m.relative(1, 5)
+    # Sizes 2, 4, 5 and 6 are interpolated and extrapolated on the line through sizes 1 and 3.
+    assert r == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0, 3.5])
+    for seconds in (0.5, 0.5, 0.5, 0.5):
+        m.record(2, seconds)  # cheaper than size 1: noise, and a bigger step never costs less
+    assert m.relative(1, 2) == pytest.approx([1.0, 1.0, 2.0])
+    m.record(3, 100.0)  # a stall: the median of size 3's steps does not move
+    assert m.relative(1, 2)[2] == pytest.approx(2.0)
+    for seconds in (3.0, 3.0, 3.0, 3.0, 3.0):
+        m.record(3, seconds)  # but a lasting change does, within the window of 8 steps
+    assert m.relative(1, 2)[2] == pytest.approx(3.0)
+    assert m.relative(0, 2) == [1.0] * 3 and m.relative(65, 2) == [1.0] * 3
+
+
+def test_context_times_its_steps(model_path):
+    ctx = _core.Context(_core.Model(model_path), 256, n_threads=1)
+    assert ctx.relative_step_costs(1, 3) == [1.0] * 4
+    for p in range(6):  # 5 timed steps of each size
+        for n, p0 in ((1, 8 * p), (4, 8 * p + 1)):
+            pos = np.arange(p0, p0 + n, dtype=np.int32)
+            ctx.decode(np.ones(n, np.int32), pos, np.zeros(n, np.int32), np.ones(n, np.uint8))
+    r = ctx.relative_step_costs(1, 5)
+    assert r[0] == 1.0 and all(b >= a for a, b in zip(r, r[1:])), r
+    # Sizes 2 and 3 on the line between the two sizes run, 5 and 6 beyond it.
+    assert r[2] - r[1] == pytest.approx((r[3] - 1.0) / 3) and r[5] - r[4] == pytest.approx((r[3] - 1.0) / 3)

@@ -6,6 +6,8 @@
 with glmoe importable (its tokenizer encodes the corpus) and torch + transformers installed.
 
 The text comes from Debian's bible-kjv-text through its reader (`bible`), one verse per line.
+`--copy-fraction 0.5` mixes in passages quoted back with small edits (a model that copies from
+its context, for benchmarking suffix decoding); `--device cuda` trains on a GPU.
 Jude and Revelation are held out of training: tests measure perplexity on them
 (tests/data/kjv_heldout.txt is the start of Revelation), which only a trained model can keep low,
 so a wrong rope or mask in the engine shows up as a jump in perplexity.
@@ -44,11 +46,16 @@ CONFIG = dict(
 )
 
 
-def read_kjv() -> tuple[str, str]:
-    """(training text, held-out text): verses one a line, books in canonical order."""
+def read_kjv(saved: str | None = None) -> tuple[str, str]:
+    """(training text, held-out text): verses one a line, books in canonical order. `saved`: the
+    reader's output kept in a file, for a machine without the package."""
     # A wide line so each verse is one line; headings are "Book N", verses "  N text".
-    raw = subprocess.run(["bible", "-l100000", "gen1:1-rev22:21"], check=True, capture_output=True,
-                         text=True).stdout
+    if saved:
+        with open(saved) as f:
+            raw = f.read()
+    else:
+        raw = subprocess.run(["bible", "-l100000", "gen1:1-rev22:21"], check=True, capture_output=True,
+                             text=True).stdout
     train, held, book = [], [], None
     for line in raw.splitlines():
         heading = re.fullmatch(r"(\S.*) \d+", line)
@@ -81,6 +88,28 @@ def train_tokenizer(text: str, vocab_size: int):
     return tokens + GLM_SPECIAL_TOKENS, types, merges
 
 
+def quoting_sequence(ids: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """A passage, some text, then the passage again with a few tokens replaced: the quote-it-back
+    pattern of agent transcripts. The passage is corpus tokens in random order, which no amount
+    of memorising the corpus predicts, so only copying from the context lowers its loss."""
+    n = int(rng.integers(16, length // 2))
+    gap = int(rng.integers(0, length - 2 * n + 1))
+    b = int(rng.integers(0, len(ids) - length))
+    passage = ids[rng.integers(0, len(ids), n)]
+    quote = passage.copy()
+    edits = rng.integers(0, n, int(rng.integers(0, 3)))
+    quote[edits] = ids[rng.integers(0, len(ids), len(edits))]
+    seq = np.concatenate([passage, ids[b:b + gap], quote, ids[b + gap:b + length]])
+    return seq[:length]
+
+
+def training_sequence(ids: np.ndarray, length: int, copy_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    if rng.random() < copy_fraction:
+        return quoting_sequence(ids, length, rng)
+    a = int(rng.integers(0, len(ids) - length))
+    return ids[a:a + length]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, "bindings", "glmoe", "models", "tiny-kjv.gguf"))
@@ -92,6 +121,10 @@ def main(argv=None) -> None:
     ap.add_argument("--outtype", default="f16")
     ap.add_argument("--head-dim", type=int, default=CONFIG["head_dim"],
                     help="attention head size (the GPU kernels take 64, 128 or 256)")
+    ap.add_argument("--copy-fraction", type=float, default=0.0,
+                    help="share of training sequences that quote an earlier passage with small edits")
+    ap.add_argument("--kjv-text", help="the output of `bible -l100000 gen1:1-rev22:21`, saved (default: run it)")
+    ap.add_argument("--device", default="cpu", help="where torch trains (cpu, cuda)")
     ap.add_argument("--hf-dir", help="keep the transformers checkpoint here (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -101,7 +134,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    train_text, held_text = read_kjv()
+    train_text, held_text = read_kjv(args.kjv_text)
     print(f"text: {len(train_text)} bytes train, {len(held_text)} held out", flush=True)
 
     tokens, types, merges = train_tokenizer(train_text, args.vocab)
@@ -122,7 +155,7 @@ def main(argv=None) -> None:
                                      bos_token_id=tokens.index("[gMASK]"), **dict(CONFIG, head_dim=args.head_dim))
     cfg._attn_implementation = "sdpa"
     cfg._experts_implementation = "eager"  # grouped_mm is not available on every CPU build
-    model = transformers.Glm4MoeForCausalLM(cfg)
+    model = transformers.Glm4MoeForCausalLM(cfg).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
@@ -136,8 +169,8 @@ def main(argv=None) -> None:
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget)))
         for g in opt.param_groups:
             g["lr"] = lr
-        at = rng.integers(0, len(train_ids) - args.seq - 1, args.batch)
-        x = torch.from_numpy(np.stack([train_ids[a:a + args.seq + 1] for a in at]))
+        x = torch.from_numpy(np.stack([training_sequence(train_ids, args.seq + 1, args.copy_fraction, rng)
+                                       for _ in range(args.batch)])).to(args.device)
         logits = model(input_ids=x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -151,7 +184,7 @@ def main(argv=None) -> None:
     model.eval()
     with torch.no_grad():
         n = (len(held_ids) - 1) // args.seq * args.seq
-        x = torch.from_numpy(held_ids[:n + 1])
+        x = torch.from_numpy(held_ids[:n + 1]).to(args.device)
         losses = []
         for a in range(0, n, args.seq * 16):
             xs = torch.stack([x[b:b + args.seq + 1] for b in range(a, min(n, a + args.seq * 16), args.seq)])
@@ -159,7 +192,7 @@ def main(argv=None) -> None:
             losses.append(torch.nn.functional.cross_entropy(
                 lg.reshape(-1, lg.shape[-1]), xs[:, 1:].reshape(-1), reduction="sum").item())
         held_ppl = math.exp(sum(losses) / n)
-        prompt = torch.tensor([gt.tokenize(b"In the beginning", add_bos=False)])
+        prompt = torch.tensor([gt.tokenize(b"In the beginning", add_bos=False)], device=args.device)
         out = model.generate(prompt, max_new_tokens=40, do_sample=False)
     print(f"steps {step}, final loss {loss.item():.3f}; held-out perplexity {held_ppl:.1f} "
           f"(unigram {unigram_ppl:.1f})", flush=True)
@@ -167,7 +200,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = args.hf_dir or tmp
-        model.save_pretrained(hf_dir)
+        model.to("cpu").save_pretrained(hf_dir)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         convert_hf.convert(hf_dir, args.out, args.outtype, vocab=(tokens, types, merges))
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", flush=True)

@@ -291,6 +291,7 @@ class Llama:
         if self.draft_model is not None:
             yield from self._generate_drafted(todo, sampler)
             return
+        self.last_draft_stats = None
         while True:
             self.eval(todo)
             history = self.input_ids[: self.n_tokens].astype(np.int32, copy=False)
@@ -323,7 +324,7 @@ class Llama:
                 room = min(self._n_ctx - n, self.n_batch, self._ctx.invariant_batch) - 1
                 if drafter is not None:
                     drafter.append(np.array([token], np.int32))
-                    draft = drafter.propose(max(room, 0))
+                    draft = drafter.propose(max(room, 0), self._ctx.relative_step_costs(1, max(room, 0)))
                 else:
                     context = np.append(self.input_ids[:n], token).astype(np.intc)
                     draft = np.asarray(self.draft_model(context), dtype=np.int32).reshape(-1)[: max(room, 0)]
