@@ -91,7 +91,7 @@ void bind_draft(nb::module_& m) {
         .def("mark_prompt_end", &SuffixDrafter::mark_prompt_end)
         .def("propose",
              [](SuffixDrafter& d, int max_tokens, const std::vector<double>& relative_cost, int sequences) {
-                 return to_numpy(d.propose(max_tokens, relative_cost, sequences));
+                 return to_numpy(d.propose(max_tokens, [&](int) { return relative_cost; }, sequences));
              },
              nb::arg("max_tokens") = 1 << 30, nb::arg("relative_cost") = std::vector<double>{},
              nb::arg("sequences") = 1,

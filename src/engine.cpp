@@ -285,7 +285,8 @@ void BatchEngine::build_batch() {
         if (room <= 0) continue;
         // The step so far holds every generating slot's token and the drafts before this one.
         const int step_tokens = static_cast<int>(batch_.size()) + n_generating - n_generating_added;
-        r.draft = r.drafter->propose(room, ctx_.step_costs().relative(step_tokens, room), n_generating);
+        r.draft = r.drafter->propose(
+            room, [&](int max_extra) { return ctx_.step_costs().relative(step_tokens, max_extra); }, n_generating);
         for (size_t j = 0; j < r.draft.size(); ++j) add(r.draft[j], s.n_past + 1 + static_cast<int>(j), i, true);
         draft_room -= static_cast<int>(r.draft.size());
     }

@@ -301,7 +301,7 @@ Draft SuffixDrafter::local_draft(int max_tokens) const {
     return trie_.continuation(at, draft_budget(params_, at.depth, max_tokens), params_.min_token_prob);
 }
 
-std::vector<int32_t> SuffixDrafter::propose(int max_tokens, const std::vector<double>& relative_cost, int sequences) {
+std::vector<int32_t> SuffixDrafter::propose(int max_tokens, const RelativeCost& relative_cost, int sequences) {
     if (params_.adaptive && control_.paused()) {
         ++stats_.paused;
         return {};
@@ -313,7 +313,9 @@ std::vector<int32_t> SuffixDrafter::propose(int max_tokens, const std::vector<do
         if (shared.score > best.score) best = std::move(shared);
     }
     if (params_.adaptive && !best.tokens.empty()) {
-        const int k = control_.length(static_cast<int>(best.tokens.size()), relative_cost, sequences);
+        const int available = static_cast<int>(best.tokens.size());
+        const int k = control_.length(available, relative_cost ? relative_cost(available) : std::vector<double>{},
+                                      sequences);
         if (k == 0) ++stats_.paused;
         best.tokens.resize(k);
     }

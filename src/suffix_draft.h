@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -185,9 +186,12 @@ public:
 
     void append(const int32_t* tokens, size_t n);
     void mark_prompt_end();  // the tokens appended from here on are output
+    // relative_cost(k): the costs AdaptiveDraftControl::length takes, for drafts of up to k
+    // tokens; asked only when there is a draft to size (not on paused steps).
+    using RelativeCost = std::function<std::vector<double>(int max_extra)>;
     // A draft of at most max_tokens tokens to follow the text so far (empty: do not draft); when
     // adaptive, cut to the length that pays for its step (AdaptiveDraftControl::length).
-    std::vector<int32_t> propose(int max_tokens, const std::vector<double>& relative_cost = {}, int sequences = 1);
+    std::vector<int32_t> propose(int max_tokens, const RelativeCost& relative_cost = {}, int sequences = 1);
     void record(int n_drafted, int n_accepted);
     void finish();  // idempotent
 
