@@ -289,13 +289,16 @@ SuffixDrafter::SuffixDrafter(const SuffixDraftParams& params, std::shared_ptr<Su
 }
 
 void SuffixDrafter::append(const int32_t* tokens, size_t n) {
-    for (size_t i = 0; i < n; ++i) trie_.append(tokens[i]);
     history_.insert(history_.end(), tokens, tokens + n);
 }
 
 void SuffixDrafter::mark_prompt_end() { prompt_end_ = history_.size(); }
 
-Draft SuffixDrafter::local_draft(int max_tokens) const {
+Draft SuffixDrafter::local_draft(int max_tokens) {
+    // The index catches up here rather than token by token in append(): while drafting is paused
+    // (most steps of text that does not repeat) a step only stores its token, and the catch-up
+    // runs the index's updates together, with its data in cache.
+    for (; n_indexed_ < history_.size(); ++n_indexed_) trie_.append(history_[n_indexed_]);
     const auto at = trie_.longest_repeated_suffix(params_.max_depth);
     if (!at.valid()) return {};
     return trie_.continuation(at, draft_budget(params_, at.depth, max_tokens), params_.min_token_prob);

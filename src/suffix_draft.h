@@ -200,12 +200,13 @@ public:
     double acceptance() const { return control_.acceptance(); }
 
 private:
-    Draft local_draft(int max_tokens) const;
+    Draft local_draft(int max_tokens);
 
     SuffixDraftParams params_;
     std::shared_ptr<SuffixStore> store_;
     SuffixTrie trie_;
     std::vector<int32_t> history_;
+    size_t n_indexed_ = 0;  // tokens of history_ in trie_
     size_t prompt_end_ = 0;
     bool finished_ = false;
     AdaptiveDraftControl control_;
