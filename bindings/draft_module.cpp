@@ -1,6 +1,7 @@
 // glmoe._core.SuffixStore / SuffixDrafter: suffix decoding's index and per-sequence drafter.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/function.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/vector.h>
 
@@ -90,13 +91,13 @@ void bind_draft(nb::module_& m) {
         .def("append", [](SuffixDrafter& d, const Tokens& t) { d.append(t.data(), t.shape(0)); }, nb::arg("tokens"))
         .def("mark_prompt_end", &SuffixDrafter::mark_prompt_end)
         .def("propose",
-             [](SuffixDrafter& d, int max_tokens, const std::vector<double>& relative_cost, int sequences) {
-                 return to_numpy(d.propose(max_tokens, [&](int) { return relative_cost; }, sequences));
+             [](SuffixDrafter& d, int max_tokens, const SuffixDrafter::RelativeCost& relative_cost, int sequences) {
+                 return to_numpy(d.propose(max_tokens, relative_cost, sequences));
              },
-             nb::arg("max_tokens") = 1 << 30, nb::arg("relative_cost") = std::vector<double>{},
-             nb::arg("sequences") = 1,
-             "relative_cost[k]: a step with k draft tokens over one without (Context.relative_step_costs);"
-             " sequences: tokens the step yields without drafts.")
+             nb::arg("max_tokens") = 1 << 30, nb::arg("relative_cost").none() = nb::none(), nb::arg("sequences") = 1,
+             "relative_cost(k): [a step with j draft tokens over one without, j = 0..k], called only when there"
+             " is a draft to size (e.g. lambda k: ctx.relative_step_costs(1, k)); sequences: tokens the step"
+             " yields without drafts.")
         .def("record", &SuffixDrafter::record, nb::arg("n_drafted"), nb::arg("n_accepted"))
         .def("finish", &SuffixDrafter::finish)
         .def_prop_ro("acceptance", &SuffixDrafter::acceptance)

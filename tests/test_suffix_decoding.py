@@ -280,6 +280,11 @@ def linear_costs(per_token, n=32):
     return [1.0 + per_token * k for k in range(n + 1)]
 
 
+def given(costs):
+    """A relative_cost for SuffixDrafter.propose that answers with these step costs."""
+    return lambda max_extra: costs
+
+
 def test_adaptive_length_follows_the_step_cost():
     """At the prior acceptance (2/3 a token) the yield per cost of k draft tokens is
     (1 + a + ... + a^k) / cost[k]: cheap verification (the tiny model on the GPU, about 6% a
@@ -293,7 +298,7 @@ def test_adaptive_length_follows_the_step_cost():
         best = int(np.argmax(gains)) + 1
         expected[name] = best if gains[best - 1] > 1 else 0
         drafter = repeating_drafter()
-        assert drafter.propose(32, costs).size == expected[name], (name, gains)
+        assert drafter.propose(32, given(costs)).size == expected[name], (name, gains)
     assert expected["cheap"] > expected["moe"] == 1 and expected["dear"] == 0
 
 
@@ -304,14 +309,14 @@ def test_adaptive_probes_one_token_after_a_pause():
     drafter = repeating_drafter()
     costs = linear_costs(0.4)
     steps = 0
-    while (draft := drafter.propose(8, costs)).size > 0:  # rejected drafts until nothing pays
+    while (draft := drafter.propose(8, given(costs))).size > 0:  # rejected drafts until nothing pays
         drafter.record(int(draft.size), 0)
         steps += 1
         assert steps < 10
 
     def steps_to_probe():
         for n in range(1, 300):
-            if (size := drafter.propose(8, costs).size) > 0:
+            if (size := drafter.propose(8, given(costs)).size) > 0:
                 assert size == 1
                 return n
         raise AssertionError("no probe")
@@ -321,7 +326,7 @@ def test_adaptive_probes_one_token_after_a_pause():
     drafter.record(1, 0)
     assert steps_to_probe() == 1 + 80 + 1  # the step that finds nothing pays, the pause, the probe
     drafter.record(1, 1)  # accepted: the estimate rises to where one token pays again
-    assert drafter.propose(8, costs).size >= 1
+    assert drafter.propose(8, given(costs)).size >= 1
 
     cheap = repeating_drafter()
     while (draft := cheap.propose(8)).size > 0:
@@ -340,13 +345,13 @@ def test_acceptance_carries_across_requests_through_the_store():
         drafter.append(np.tile(np.arange(10, 30, dtype=np.int32), 4))
         return drafter
 
-    assert request().propose(8, moe_costs).size == 1  # nothing known yet: the prior drafts
+    assert request().propose(8, given(moe_costs)).size == 1  # nothing known yet: the prior drafts
     for _ in range(3):
         drafter = request()
-        draft = drafter.propose(8, moe_costs)
+        draft = drafter.propose(8, given(moe_costs))
         drafter.record(int(draft.size), 0)
-    assert request().propose(8, moe_costs).size == 0
-    assert repeating_drafter().propose(8, moe_costs).size == 1  # a drafter without the store
+    assert request().propose(8, given(moe_costs)).size == 0
+    assert repeating_drafter().propose(8, given(moe_costs)).size == 1  # a drafter without the store
 
 
 def test_step_cost_model():

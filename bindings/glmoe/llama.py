@@ -313,6 +313,10 @@ class Llama:
             drafter.append(self.input_ids[:n_prompt].astype(np.int32, copy=False))
             drafter.mark_prompt_end()
         stats = self.last_draft_stats = {"steps": 0, "drafted": 0, "accepted": 0}
+
+        def step_costs(max_extra: int) -> List[float]:  # asked only when there is a draft to size
+            return self._ctx.relative_step_costs(1, max_extra)
+
         n_yielded = 0
         token = sampler.sample(self.scores[n_prompt - 1], self.input_ids[:n_prompt].astype(np.int32, copy=False))
         try:
@@ -324,7 +328,7 @@ class Llama:
                 room = min(self._n_ctx - n, self.n_batch, self._ctx.invariant_batch) - 1
                 if drafter is not None:
                     drafter.append(np.array([token], np.int32))
-                    draft = drafter.propose(max(room, 0), self._ctx.relative_step_costs(1, max(room, 0)))
+                    draft = drafter.propose(max(room, 0), step_costs)
                 else:
                     context = np.append(self.input_ids[:n], token).astype(np.intc)
                     draft = np.asarray(self.draft_model(context), dtype=np.int32).reshape(-1)[: max(room, 0)]
