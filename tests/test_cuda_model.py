@@ -10,7 +10,7 @@ import pytest
 from glmoe import _core
 from glmoe.tools.make_model import ModelSpec, write_model
 from cuda_support import cuda_only
-from test_engine import relative_errors
+from test_engine import CONFIGS as CPU_CONFIGS, relative_errors
 from test_engine_batching import collect
 from test_suffix_decoding import REPETITIVE
 
@@ -18,12 +18,7 @@ pytestmark = cuda_only
 
 # head_dim 64/128 (the GPU attention kernels' sizes); GQA ratios 2, 4 and 12 (GLM's).
 CONFIGS = {
-    "kquants-groups-qknorm-tied": dict(
-        vocab=320, hidden=256, n_layers=3, n_dense_leading=1, n_head=4, n_head_kv=2, head_dim=64, n_rot=32,
-        ffn=512, expert_ffn=256, n_experts=8, n_used=3, n_shared=1, n_groups=4, n_group_used=2,
-        qk_norm=True, tied_output=True, weights_norm=True, weights_scale=2.5,
-        default_type="q4_k", attn_type="q5_k", expert_type="q4_k", embd_type="q6_k",
-    ),
+    "kquants-groups-qknorm-tied": CPU_CONFIGS["kquants-groups-qknorm-tied"],  # its heads are 64 wide already
     "legacy-quants-perlayer": dict(
         vocab=300, hidden=256, n_layers=3, n_dense_leading=1, n_head=8, n_head_kv=2, head_dim=64, n_rot=32,
         ffn=384, expert_ffn=256, n_experts=6, n_used=2, n_shared=1, per_layer_arrays=True,
