@@ -51,7 +51,6 @@ def main() -> None:
         chunk = prompt[p0:p0 + 512]
         ctx.decode(chunk, np.arange(p0, p0 + len(chunk), dtype=np.int32), np.zeros(len(chunk), np.int32),
                    np.zeros(len(chunk), np.uint8))
-    medians = {}
     # Interleaved rounds, so that a slow spell of the machine hits every size alike.
     samples = {n: [] for n in range(1, args.max_tokens + 1)}
     for _ in range(4):
@@ -61,9 +60,9 @@ def main() -> None:
           f"median of {len(samples[1])} steps each")
     print("| tokens in the step | ms | x one-token step |")
     print("|---|---|---|")
+    one = statistics.median(samples[1])
     for n, t in samples.items():
-        medians[n] = statistics.median(t)
-        print(f"| {n} | {medians[n]:.3f} | {medians[n] / medians[1]:.2f} |")
+        print(f"| {n} | {statistics.median(t):.3f} | {statistics.median(t) / one:.2f} |")
 
 
 if __name__ == "__main__":
