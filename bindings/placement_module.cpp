@@ -1,0 +1,52 @@
+// glmoe._core.decide_placement: where -ngl / -ot / --cpu-moe / --n-cpu-moe put each tensor of a
+// model (placement.h), without creating a context: for tests and for showing a plan.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+#include <vector>
+
+#include "model.h"
+#include "placement.h"
+
+namespace nb = nanobind;
+using namespace glmoe;
+
+void bind_placement(nb::module_& m) {
+    nb::exception<PlacementError>(m, "PlacementError", PyExc_ValueError);
+    m.def(
+        "decide_placement",
+        [](const Model& model, int n_gpu_layers, const std::vector<std::string>& tensor_overrides, int n_cpu_moe,
+           bool cpu_moe, bool gpu_available) {
+            PlacementParams params;
+            params.n_gpu_layers = n_gpu_layers;
+            params.overrides = overrides_from_flags(tensor_overrides, cpu_moe, n_cpu_moe);
+            std::string note;
+            const Placement p = Placement::decide(model, params, gpu_available, &note);
+            nb::list tensors, layers;
+            for (const auto& [name, device] : p.tensors) tensors.append(nb::make_tuple(name, buffer_name(device)));
+            for (const LayerPlacement& l : p.layers) {
+                nb::dict d;
+                d["attn"] = buffer_name(l.attn);
+                d["ffn"] = buffer_name(l.ffn);
+                d["experts"] = buffer_name(l.experts);
+                d["shared"] = buffer_name(l.shared);
+                layers.append(d);
+            }
+            nb::dict out;
+            out["tensors"] = tensors;
+            out["layers"] = layers;
+            out["embd"] = buffer_name(p.embd);
+            out["output"] = buffer_name(p.output);
+            out["note"] = note;
+            return out;
+        },
+        nb::arg("model"), nb::arg("n_gpu_layers") = 0, nb::arg("tensor_overrides") = std::vector<std::string>(),
+        nb::arg("n_cpu_moe") = 0, nb::arg("cpu_moe") = false, nb::arg("gpu_available") = true,
+        "Where each tensor goes (\"CPU\" or \"CUDA0\"): {tensors: [(name, buffer)] in file order, layers:"
+        " [{attn, ffn, experts, shared}], embd, output, note}. tensor_overrides: -ot values"
+        " (\"PATTERN=BUFFER[,...]\"), then --cpu-moe's and --n-cpu-moe's entries. Raises PlacementError"
+        " (a ValueError) for a bad value, a pattern that matches no tensor or a layer part split across"
+        " devices.");
+}
