@@ -21,9 +21,13 @@ const char* const kBenchUsage =
     "  -b, --batch-size N[,N..]             logical batch (default: 2048)\n"
     "  -ub, --ubatch-size N[,N..]           physical batch: prompt chunk per decode (default: 512)\n"
     "  -t, --threads N[,N..]                threads, 0: all (default: 0)\n"
-    "  -ngl, --n-gpu-layers N[,N..]         accepted and reported; glmoe runs on CPU (default: 0)\n"
+    "  -ngl, --n-gpu-layers N[,N..]         on the GPU, as llama.cpp: the output head and the last N-1\n"
+    "                                       layers (-1, or more than the layers: all; default: 0)\n"
+    "  -ncmoe, --n-cpu-moe N[,N..]          keep the MoE experts of the first N layers on the CPU (default: 0)\n"
+    "  -ot, --override-tensor PAT=BUF;..[,..]\n"
+    "                                       tensors whose name matches regex PAT go to BUF (CPU or CUDA0);\n"
+    "                                       ';' joins overrides, ',' separates tests (default: none)\n"
     "  -fa, --flash-attn on|off|auto[,..]   accepted and reported (default: auto)\n"
-    "  -ot, --override-tensor PAT=BUF;..[,..] accepted and reported (default: none)\n"
     "  -r, --repetitions N                  timed runs per test (default: 5)\n"
     "  --delay SECONDS                      pause before each test (default: 0)\n"
     "  -o, --output md|csv|json|jsonl       stdout format (default: md)\n"
@@ -46,9 +50,13 @@ const char* const kSweepUsage =
     "  -n, --n-predict N                    generated tokens per step (default: ubatch/4)\n"
     "  -t, --threads N                      threads, 0: all (default: 0)\n"
     "  -nrep, --n-repetitions N             timed runs per step, averaged (default: 1)\n"
-    "  -ngl, --n-gpu-layers N               accepted and reported; glmoe runs on CPU\n"
+    "  -ngl, --n-gpu-layers N               on the GPU, as llama.cpp: the output head and the last N-1\n"
+    "                                       layers (-1, or more than the layers: all; default: 0)\n"
+    "  -ot, --override-tensor PAT=BUF[,..]  tensors whose name matches regex PAT go to BUF (CPU or CUDA0);\n"
+    "                                       repeatable\n"
+    "  -cmoe, --cpu-moe                     keep every MoE expert tensor on the CPU\n"
+    "  -ncmoe, --n-cpu-moe N                keep the MoE experts of the first N layers on the CPU\n"
     "  -fa, --flash-attn [on|off|auto]      accepted and reported\n"
-    "  -ot, --override-tensor PAT=BUF;..    accepted and reported\n"
     "  --no-warmup                          skip the untimed warm-up token\n"
     "  -o, --output-format md|table|jsonl   stdout format (default: md)\n"
     "  -v, --verbose                        model and context details on stderr\n";
@@ -82,13 +90,16 @@ int flash_attn_from_str(const std::string& v) {
     throw UsageError("expected on|off|auto, got '" + v + "'");
 }
 
-// One -ot group: `pattern=buffer` pairs joined by ';'. An empty group means no override.
+// One -ot group: `pattern=buffer` pairs joined by ';'. An empty group means no override (as
+// llama.cpp's llama-bench); every pair is checked as placement will read it.
 std::string check_override_group(const std::string& group) {
-    if (group.empty()) return kNoOverrides;
+    if (group.empty() || group == kNoOverrides) return kNoOverrides;
     for (const std::string& item : split(group, ';')) {
-        const size_t eq = item.find('=');
-        if (eq == std::string::npos || eq == 0 || eq + 1 == item.size())
-            throw UsageError("expected PATTERN=BUFFER, got '" + item + "'");
+        try {
+            parse_tensor_overrides(item);
+        } catch (const PlacementError& e) {
+            throw UsageError(e.what());
+        }
     }
     return group;
 }
@@ -237,6 +248,7 @@ BenchParams parse_bench_args(int argc, char** argv) {
         else if (a.is("-ub", "--ubatch-size")) lists.add(p.n_ubatch, a.ints(1));
         else if (a.is("-t", "--threads")) lists.add(p.n_threads, a.ints(0));
         else if (a.is("-ngl", "--n-gpu-layers")) lists.add(p.n_gpu_layers, a.ints(-1, true));
+        else if (a.is("-ncmoe", "--n-cpu-moe")) lists.add(p.n_cpu_moe, a.ints(0));
         else if (a.is("-fa", "--flash-attn")) lists.add(p.flash_attn, a.flash_attn());
         else if (a.is("-ot", "--override-tensor")) lists.add(p.tensor_overrides, a.overrides());
         else if (a.is("-r", "--repetitions")) p.reps = a.one_int(1);
@@ -272,10 +284,18 @@ SweepParams parse_sweep_args(int argc, char** argv) {
             p.flash_attn = a.has_value() && words.count(a.peek()) ? a.flash_attn()[0] : 1;
         }
         else if (a.is("-ot", "--override-tensor")) {
-            const std::vector<std::string> groups = a.overrides();
-            if (groups.size() != 1) throw UsageError("-ot takes a single group here");
-            p.tensor_overrides = groups[0];
+            // llama.cpp's common -ot: ',' separates the overrides of one value.
+            p.tensor_overrides.push_back(a.parsed([](const std::string& v) {
+                try {
+                    parse_tensor_overrides(v);
+                } catch (const PlacementError& e) {
+                    throw UsageError(e.what());
+                }
+                return v;
+            }));
         }
+        else if (a.is("-cmoe", "--cpu-moe")) p.cpu_moe = true;
+        else if (a.is("-ncmoe", "--n-cpu-moe")) p.n_cpu_moe = a.one_int(0);
         else if (a.is("--no-warmup")) p.warmup = false;
         else if (a.is("-o", "--output-format")) p.output = a.parsed([](const std::string& v) { return output_from_str(v, true); });
         else if (a.is("-v", "--verbose")) p.verbose = true;
@@ -290,17 +310,34 @@ SweepParams parse_sweep_args(int argc, char** argv) {
     return p;
 }
 
+std::vector<TensorOverride> test_overrides(const TestInstance& t) {
+    std::vector<std::string> items;
+    if (t.tensor_overrides != kNoOverrides && !t.tensor_overrides.empty()) items = split(t.tensor_overrides, ';');
+    return overrides_from_flags(items, false, t.n_cpu_moe);
+}
+
+bool overrides_ask_for_gpu(const std::vector<std::string>& values) {
+    for (const std::string& value : values) {
+        if (value == kNoOverrides) continue;
+        for (const std::string& group : split(value, ';'))
+            for (const TensorOverride& ov : parse_tensor_overrides(group))
+                if (ov.buffer != "CPU") return true;
+    }
+    return false;
+}
+
 std::vector<TestInstance> expand_tests(const BenchParams& p) {
     std::vector<TestInstance> out;
     for (const std::string& model : p.models)
     for (int ngl : p.n_gpu_layers)
+    for (int ncmoe : p.n_cpu_moe)
     for (const std::string& ot : p.tensor_overrides)
     for (int nb : p.n_batch)
     for (int nub : p.n_ubatch)
     for (int fa : p.flash_attn)
     for (int nt : p.n_threads)
     for (int nd : p.n_depth) {
-        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot};
+        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot, ncmoe};
         auto add = [&](int n_prompt, int n_gen) {
             if (n_prompt == 0 && n_gen == 0) return;
             TestInstance t = base;

@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include "placement.h"
+
 namespace glmoe::bench {
 
 // A bad command line: the tools print the message and their usage and exit with status 2.
@@ -31,8 +33,11 @@ struct BenchParams {
     std::vector<int> n_ubatch{512};
     std::vector<int> n_threads{0};  // 0: every hardware thread
     std::vector<int> n_gpu_layers{0};
+    std::vector<int> n_cpu_moe{0};  // -ncmoe: the experts of the first N layers on the CPU
     std::vector<int> flash_attn{kFlashAttnAuto};
-    std::vector<std::string> tensor_overrides{kNoOverrides};  // -ot groups, kept as written
+    // -ot groups, kept as written: "PAT=BUF;PAT=BUF" (';' joins the overrides of one test, ','
+    // separates tests, as llama.cpp's llama-bench), or kNoOverrides.
+    std::vector<std::string> tensor_overrides{kNoOverrides};
     int reps = 5;
     int delay_s = 0;
     bool verbose = false;
@@ -49,6 +54,7 @@ struct TestInstance {
     int n_prompt = 0, n_gen = 0, n_depth = 0;
     int n_batch = 0, n_ubatch = 0, n_threads = 0, n_gpu_layers = 0, flash_attn = kFlashAttnAuto;
     std::string tensor_overrides = kNoOverrides;
+    int n_cpu_moe = 0;
 };
 
 struct SweepParams {
@@ -60,7 +66,10 @@ struct SweepParams {
     int n_threads = 0;
     int n_gpu_layers = 0;
     int flash_attn = kFlashAttnAuto;
-    std::string tensor_overrides = kNoOverrides;
+    // As ik_llama.cpp's common flags: -ot values ("PAT=BUF[,PAT=BUF]", repeatable), -cmoe, -ncmoe N.
+    std::vector<std::string> tensor_overrides;
+    bool cpu_moe = false;
+    int n_cpu_moe = 0;
     int reps = 1;
     bool warmup = true;
     bool verbose = false;
@@ -74,6 +83,12 @@ std::vector<int> parse_int_range(const std::string& s, bool allow_negative = fal
 
 BenchParams parse_bench_args(int argc, char** argv);
 SweepParams parse_sweep_args(int argc, char** argv);
+
+// The placement entries of one test: its -ot group's overrides, then its -ncmoe entries (as
+// llama.cpp's llama-bench merges them). Throws PlacementError (placement.h).
+std::vector<TensorOverride> test_overrides(const TestInstance& t);
+// Whether any of these -ot values (groups or plain values) sends a tensor to the GPU.
+bool overrides_ask_for_gpu(const std::vector<std::string>& values);
 
 // Tests in llama.cpp's order (it keeps the model loaded across neighbouring tests): for each
 // combination of settings, the -p tests, then the -n tests, then the -pg tests; zeros are skipped.

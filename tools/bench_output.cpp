@@ -78,7 +78,7 @@ std::vector<Field> fields_of(const TestResult& r) {
         {"type_k", Kind::String, "f32"},
         {"type_v", Kind::String, "f32"},
         {"n_gpu_layers", Kind::Int, i(t.n_gpu_layers)},
-        {"n_cpu_moe", Kind::Int, "0"},
+        {"n_cpu_moe", Kind::Int, i(t.n_cpu_moe)},
         {"split_mode", Kind::String, "none"},
         {"main_gpu", Kind::Int, "0"},
         {"no_kv_offload", Kind::Bool, b(false)},
@@ -181,6 +181,7 @@ public:
         const BenchParams d;
         columns_ = {"model", "size", "params", "backend"};
         if (p.n_gpu_layers != d.n_gpu_layers) columns_.push_back("n_gpu_layers");
+        if (p.n_cpu_moe != d.n_cpu_moe) columns_.push_back("n_cpu_moe");
         columns_.push_back("n_threads");  // always shown on a CPU backend
         if (p.n_batch != d.n_batch) columns_.push_back("n_batch");
         if (p.n_ubatch != d.n_ubatch) columns_.push_back("n_ubatch");

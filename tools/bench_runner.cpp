@@ -82,12 +82,14 @@ ModelInfo model_info(const Model& model, const std::string& path) {
             model.n_params()};
 }
 
-void note_cpu_only(int n_gpu_layers) {
+void note_cpu_only(int n_gpu_layers, bool overrides_ask_for_gpu) {
     static bool said = false;
-    if (n_gpu_layers == 0 || said || cuda_device_count() > 0) return;
+    if ((n_gpu_layers == 0 && !overrides_ask_for_gpu) || said || cuda_device_count() > 0) return;
     said = true;
-    std::fprintf(stderr, "note: %s: -ngl %d is reported, and the test runs on the CPU\n",
-                 built_with_cuda() ? "no CUDA device was found" : "this build has no CUDA backend", n_gpu_layers);
+    std::string what = n_gpu_layers ? "-ngl " + std::to_string(n_gpu_layers) : "";
+    if (overrides_ask_for_gpu) what += what.empty() ? "-ot ...=CUDA0" : " and -ot ...=CUDA0";
+    std::fprintf(stderr, "note: %s: %s is reported, and the test runs on the CPU\n",
+                 built_with_cuda() ? "no CUDA device was found" : "this build has no CUDA backend", what.c_str());
 }
 
 void sleep_s(int seconds) { std::this_thread::sleep_for(std::chrono::seconds(seconds)); }

@@ -37,8 +37,9 @@ std::string build_commit();
 // File name, "glm4moe <layers>L <type of most weight bytes>" (llama.cpp's model_type names the
 // architecture, size and weight type), tensor bytes and parameters.
 ModelInfo model_info(const Model& model, const std::string& path);
-// Says once, on stderr, when GPU offload was asked for but there is no GPU to use.
-void note_cpu_only(int n_gpu_layers);
+// Says once, on stderr, when GPU offload was asked for (-ngl, or -ot sending tensors to CUDA0) but
+// there is no GPU to use.
+void note_cpu_only(int n_gpu_layers, bool overrides_ask_for_gpu = false);
 // Sleeps for whole seconds (--delay).
 void sleep_s(int seconds);
 

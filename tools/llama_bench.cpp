@@ -47,6 +47,7 @@ TestResult run_test(const Model& model, const ModelInfo& info, const TestInstanc
     cp.n_ctx = t.n_depth + t.n_prompt + t.n_gen;
     cp.n_threads = t.n_threads;
     cp.n_gpu_layers = t.n_gpu_layers;
+    cp.tensor_overrides = test_overrides(t);
     cp.n_ubatch = std::min(t.n_batch, t.n_ubatch);
     Context ctx(model, cp);
     if (p.verbose)
@@ -96,7 +97,8 @@ int main(int argc, char** argv) {
         return 0;
     }
     const std::vector<TestInstance> tests = expand_tests(params);
-    for (int ngl : params.n_gpu_layers) note_cpu_only(ngl);
+    const bool ot_gpu = overrides_ask_for_gpu(params.tensor_overrides);
+    for (int ngl : params.n_gpu_layers) note_cpu_only(ngl, ot_gpu);
 
     std::vector<std::unique_ptr<Printer>> printers;
     if (auto out = make_printer(params.output, stdout, params)) printers.push_back(std::move(out));

@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
         std::fputs(kSweepUsage, stdout);
         return 0;
     }
-    note_cpu_only(p.n_gpu_layers);
+    note_cpu_only(p.n_gpu_layers, overrides_ask_for_gpu(p.tensor_overrides));
     try {
         const std::unique_ptr<Model> model = Model::load(p.model);
         if (p.verbose) std::fprintf(stderr, "llama-sweep-bench: %s\n", model->description().c_str());
@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
         cp.n_ctx = p.n_ctx;
         cp.n_threads = p.n_threads;
         cp.n_gpu_layers = p.n_gpu_layers;
+        cp.tensor_overrides = overrides_from_flags(p.tensor_overrides, p.cpu_moe, p.n_cpu_moe);
         cp.n_ubatch = std::min(p.n_batch, p.n_ubatch);
         Context ctx(*model, cp);
         TokenSource tokens(model->hparams().n_vocab);
