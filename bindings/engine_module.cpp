@@ -2,12 +2,14 @@
 // Every method that may wait releases the GIL, so that a server's thread pool can call them at once.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <limits>
 
 #include "engine.h"
+#include "placement.h"
 #include "sampling_args.h"
 
 namespace nb = nanobind;
@@ -62,9 +64,11 @@ void bind_engine(nb::module_& m) {
         .def("__init__",
              [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch,
                 bool spec_suffix, int spec_max_depth, float spec_max_spec_factor, float spec_min_token_prob,
-                bool spec_adaptive, int n_gpu_layers) {
+                bool spec_adaptive, int n_gpu_layers, const std::vector<std::string>& tensor_overrides,
+                int n_cpu_moe, bool cpu_moe) {
                  EngineParams p{n_ctx, n_parallel, n_threads, n_batch};
                  p.n_gpu_layers = n_gpu_layers;
+                 p.tensor_overrides = overrides_from_flags(tensor_overrides, cpu_moe, n_cpu_moe);
                  p.spec_suffix = spec_suffix;
                  p.spec.max_depth = spec_max_depth;
                  p.spec.max_spec_factor = spec_max_spec_factor;
@@ -76,9 +80,12 @@ void bind_engine(nb::module_& m) {
              nb::arg("n_batch") = 512, nb::arg("spec_suffix") = false, nb::arg("spec_max_depth") = 64,
              nb::arg("spec_max_spec_factor") = 1.0f, nb::arg("spec_min_token_prob") = 0.1f,
              nb::arg("spec_adaptive") = true, nb::arg("n_gpu_layers") = 0,
-             nb::keep_alive<1, 2>(),
+             nb::arg("tensor_overrides") = std::vector<std::string>(), nb::arg("n_cpu_moe") = 0,
+             nb::arg("cpu_moe") = false, nb::keep_alive<1, 2>(),
              "spec_suffix: suffix decoding, each generating slot verifying its draft within the step;"
-             " spec_adaptive=False verifies every draft whole (SuffixDecoding's adaptive).")
+             " spec_adaptive=False verifies every draft whole (SuffixDecoding's adaptive)."
+             " tensor_overrides: -ot values (\"PATTERN=BUFFER[,...]\"), n_cpu_moe / cpu_moe: --n-cpu-moe /"
+             " --cpu-moe; a bad one raises PlacementError (a ValueError).")
         .def("submit",
              [](BatchEngine& e, nb::handle tokens, int max_tokens, std::vector<int32_t> eog_ids,
                 float temperature, int top_k, float top_p, float min_p, float typical_p,

@@ -69,6 +69,7 @@ static ContextParams context_params(const EngineParams& p) {
     c.n_ctx = p.n_ctx;
     c.n_threads = p.n_threads;
     c.n_gpu_layers = p.n_gpu_layers;
+    c.tensor_overrides = p.tensor_overrides;
     c.n_ubatch = p.n_batch;
     return c;
 }

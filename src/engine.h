@@ -28,6 +28,7 @@ struct EngineParams {
     int n_threads = 0;    // 0: every hardware thread
     int n_batch = 512;    // tokens per step (decode tokens first, prompt chunks fill the rest)
     int n_gpu_layers = 0; // as ContextParams
+    std::vector<TensorOverride> tensor_overrides;  // as ContextParams (-ot, --cpu-moe, --n-cpu-moe)
     // Suffix decoding: a generating slot with a draft verifies it in the same step, as 1 + n_draft
     // positions; requests share one SuffixStore of earlier outputs.
     bool spec_suffix = false;
