@@ -16,6 +16,15 @@ using namespace glmoe;
 void bind_placement(nb::module_& m) {
     nb::exception<PlacementError>(m, "PlacementError", PyExc_ValueError);
     m.def(
+        "parse_tensor_overrides",
+        [](const std::string& value) {
+            nb::list out;
+            for (const TensorOverride& ov : parse_tensor_overrides(value)) out.append(nb::make_tuple(ov.pattern, ov.buffer));
+            return out;
+        },
+        nb::arg("value"),
+        "One -ot value (\"PATTERN=BUFFER[,PATTERN=BUFFER...]\") as [(pattern, buffer)]; raises PlacementError.");
+    m.def(
         "decide_placement",
         [](const Model& model, int n_gpu_layers, const std::vector<std::string>& tensor_overrides, int n_cpu_moe,
            bool cpu_moe, bool gpu_available) {

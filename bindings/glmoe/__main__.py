@@ -28,9 +28,21 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--temp", type=float, default=0.8)
     ap.add_argument("-s", "--seed", type=int, default=None)
+    ap.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0,
+                    help="on the GPU, as llama.cpp: the output head and the last N-1 layers (-1: all)")
+    ap.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="PATTERN=BUFFER[,...]",
+                    help="tensors whose name matches the regex go to BUFFER (CPU or CUDA0); repeatable")
+    ap.add_argument("-cmoe", "--cpu-moe", action="store_true", help="keep every MoE expert tensor on the CPU")
+    ap.add_argument("-ncmoe", "--n-cpu-moe", type=int, default=0, metavar="N",
+                    help="keep the MoE experts of the first N layers on the CPU")
     args = ap.parse_args(argv)
 
-    llm = Llama(args.model or default_model_path(), n_ctx=args.ctx_size, n_threads=args.threads, verbose=True)
+    try:
+        llm = Llama(args.model or default_model_path(), n_ctx=args.ctx_size, n_threads=args.threads,
+                    n_gpu_layers=args.n_gpu_layers, tensor_overrides=args.override_tensor, cpu_moe=args.cpu_moe,
+                    n_cpu_moe=args.n_cpu_moe, verbose=True)
+    except ValueError as e:  # a bad -ot value or placement
+        ap.error(str(e))
     llm.verbose = False  # the load summary is printed; the timing line below follows the text
     sys.stdout.write(args.prompt)
     t0 = time.perf_counter()

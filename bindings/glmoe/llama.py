@@ -44,6 +44,9 @@ class Llama:
         embedding: bool = False,
         draft_model=None,
         n_ubatch: int = 512,
+        tensor_overrides: Union[str, Sequence[str], None] = None,
+        n_cpu_moe: int = 0,
+        cpu_moe: bool = False,
         verbose: bool = True,
         **kwargs,
     ):
@@ -76,8 +79,15 @@ class Llama:
             n_ctx = self._model.n_ctx_train
         if n_ubatch < 1:
             raise ValueError("n_ubatch must be at least 1")
+        # llama.cpp's -ot values (each "PATTERN=BUFFER[,PATTERN=BUFFER...]"), --cpu-moe, --n-cpu-moe.
+        self.tensor_overrides = _override_list(tensor_overrides)
+        if n_cpu_moe < 0:
+            raise ValueError("n_cpu_moe must be at least 0")
+        self.n_cpu_moe = n_cpu_moe
+        self.cpu_moe = cpu_moe
         self._ctx = _core.Context(self._model, n_ctx, n_threads, embedding, n_gpu_layers=n_gpu_layers,
-                                  n_ubatch=n_ubatch)
+                                  n_ubatch=n_ubatch, tensor_overrides=self.tensor_overrides,
+                                  n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
         self.tokenizer_ = GGUFTokenizer.from_gguf(model_path)
         self.metadata: Dict[str, str] = self._model.metadata()
         self.chat_template: Optional[str] = self.metadata.get("tokenizer.chat_template")
@@ -98,7 +108,11 @@ class Llama:
             if kwargs:
                 print(f"glmoe: ignoring llama-cpp-python options glmoe does not have: {', '.join(sorted(kwargs))}",
                       file=sys.stderr)
-            if n_gpu_layers:
+            if hasattr(self._ctx, "placement_summary"):
+                summary = self._ctx.placement_summary().rstrip("\n")
+                if summary:
+                    print("\n".join("glmoe: " + line for line in summary.splitlines()), file=sys.stderr)
+            elif n_gpu_layers:
                 print(f"glmoe: n_gpu_layers = {n_gpu_layers}: {self._ctx.n_gpu_layers} layers on the GPU"
                       + (" with the output head" if self._ctx.samples_on_gpu else ""), file=sys.stderr)
 
@@ -474,6 +488,18 @@ def _warm_page_cache(path: str, chunk: int = 64 << 20) -> None:
             done += n
             print(f"\rglmoe: loading {os.path.basename(path)}: {100 * done // size:3d}%", end="", file=sys.stderr)
     print(file=sys.stderr)
+
+
+def _override_list(tensor_overrides: Union[str, Sequence[str], None]) -> List[str]:
+    """-ot values as a list: None, one "PATTERN=BUFFER[,...]" string, or a sequence of them."""
+    if tensor_overrides is None:
+        return []
+    if isinstance(tensor_overrides, str):
+        return [tensor_overrides]
+    values = list(tensor_overrides)
+    if not all(isinstance(v, str) for v in values):
+        raise TypeError("tensor_overrides must be a string in -ot syntax or a list of such strings")
+    return values
 
 
 def _bias_map(logit_bias: Optional[Dict[int, float]]) -> Dict[int, float]:

@@ -54,7 +54,9 @@ def _load(state: ServerState, settings: Settings) -> None:
                                    spec_suffix=settings.spec_suffix, spec_max_depth=settings.spec_max_depth,
                                    spec_max_spec_factor=settings.spec_max_spec_factor,
                                    spec_min_token_prob=settings.spec_min_token_prob,
-                                   n_gpu_layers=settings.n_gpu_layers)
+                                   n_gpu_layers=settings.n_gpu_layers,
+                                   tensor_overrides=settings.tensor_overrides, n_cpu_moe=settings.n_cpu_moe,
+                                   cpu_moe=settings.cpu_moe)
         state.chat_template = settings.chat_template or model.metadata().get("tokenizer.chat_template")
         state.model, state.tokenizer = model, tokenizer
         state.generator = Generator(engine, tokenizer, settings.n_parallel, settings.spec_suffix)

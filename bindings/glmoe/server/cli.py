@@ -1,6 +1,6 @@
 """`llama-server`: llama.cpp's server flags (where they overlap) into Settings, then uvicorn.
-The GPU flags (-ngl, -fa, -ot, -ub) are accepted so llama.cpp command lines run unchanged, and
-reported as unused: this engine runs on the CPU."""
+Placement flags (-ngl, -ot, -cmoe, -ncmoe) mean what they mean in llama.cpp; -fa and -ub are
+accepted so llama.cpp command lines run unchanged, and reported as unused."""
 from __future__ import annotations
 
 import argparse
@@ -34,12 +34,18 @@ def parser() -> argparse.ArgumentParser:
                       help="draft at most this many tokens per matched token")
     spec.add_argument("--spec-min-token-prob", type=float, default=0.1,
                       help="stop a draft where its empirical path probability falls below this")
-    ap.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers", type=int, default=0,
-                    help="layers on the GPU (the first N; more than the model has: all and the output head)")
+    gpu = ap.add_argument_group("placement (as llama.cpp)")
+    gpu.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers", type=int, default=0,
+                     help="on the GPU: the output head and the last N-1 layers (-1, or more than the model has: all)")
+    gpu.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="PATTERN=BUFFER[,...]",
+                     help="tensors whose name matches the regex go to BUFFER (CPU or CUDA0), before -ngl; "
+                          "first match wins; repeatable")
+    gpu.add_argument("-cmoe", "--cpu-moe", action="store_true", help="keep every MoE expert tensor on the CPU")
+    gpu.add_argument("-ncmoe", "--n-cpu-moe", type=int, default=0, metavar="N",
+                     help="keep the MoE experts of the first N layers on the CPU")
     unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused")
     unused.add_argument("-ub", "--ubatch-size", type=int)
     unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
-    unused.add_argument("-ot", "--override-tensor", action="append")
     unused.add_argument("--metrics", action="store_true", help="(/metrics is always on)")
     unused.add_argument("--slots", action="store_true", help="(/slots is always on)")
     return ap
@@ -56,9 +62,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         from ..__main__ import default_model_path
         model = default_model_path()
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
-                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, alias=args.alias, api_key=args.api_key, chat_template=template,
+                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers,
+                    tensor_overrides=list(args.override_tensor), cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
+                    alias=args.alias, api_key=args.api_key, chat_template=template,
                     spec_suffix=args.spec_suffix, spec_max_depth=args.spec_max_depth,
                     spec_max_spec_factor=args.spec_max_spec_factor, spec_min_token_prob=args.spec_min_token_prob)
+
+
+def check_overrides(ap: argparse.ArgumentParser, values) -> None:
+    """A malformed -ot value is a usage error before the model loads, as in llama.cpp (whether each
+    pattern matches a tensor of the model is checked when it loads)."""
+    from .. import _core
+
+    parse = getattr(_core, "parse_tensor_overrides", None)
+    for value in values if parse else []:
+        try:
+            parse(value)
+        except ValueError as e:
+            ap.error(str(e))
 
 
 def main(argv=None) -> int:
@@ -68,10 +89,13 @@ def main(argv=None) -> int:
         ap.error("--parallel and --batch-size must be >= 1, --ctx-size >= 0")
     if args.spec_max_depth < 1 or not args.spec_max_spec_factor >= 0 or not 0 <= args.spec_min_token_prob <= 1:
         ap.error("--spec-max-depth must be >= 1, --spec-max-spec-factor >= 0, --spec-min-token-prob in [0, 1]")
+    if args.n_cpu_moe < 0:
+        ap.error("--n-cpu-moe must be >= 0")
     if args.model and not os.path.isfile(args.model):
         ap.error(f"no such model file: {args.model}")
-    unused = {f: getattr(args, d) for f, d in [("-ub", "ubatch_size"), ("-fa", "flash_attn"),
-                                                ("-ot", "override_tensor")] if getattr(args, d) is not None}
+    check_overrides(ap, args.override_tensor)
+    unused = {f: getattr(args, d) for f, d in [("-ub", "ubatch_size"), ("-fa", "flash_attn")]
+              if getattr(args, d) is not None}
     if unused:
         print("llama-server: not using " + ", ".join(f"{k} {v}" for k, v in unused.items()),
               file=sys.stderr)

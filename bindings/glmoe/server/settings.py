@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 
 @dataclasses.dataclass
@@ -13,6 +13,10 @@ class Settings:
     n_threads: int = 0  # 0: the engine's choice
     n_batch: int = 512
     n_gpu_layers: int = 0  # as llama.cpp's -ngl
+    # llama.cpp's -ot values ("PATTERN=BUFFER[,PATTERN=BUFFER...]", one per flag), --cpu-moe, --n-cpu-moe.
+    tensor_overrides: List[str] = dataclasses.field(default_factory=list)
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
     alias: Optional[str] = None
     api_key: Optional[str] = None
     chat_template: Optional[str] = None  # jinja source; None: the model's tokenizer.chat_template
