@@ -79,12 +79,33 @@ def test_reported_settings(model):
     ["--bogus"], ["-p", "abc"], ["-p", "8-4"], ["-p", "4-8*1"], ["-p", "4-8+0"], ["-p", "1,,2"], ["-p", "-3"],
     ["-r", "0"], ["-r", "2,3"], ["-o", "sql"], ["-fa", "maybe"], ["-pg", "8"], ["-pg", "8,4,2"],
     ["-ot", "no-equals"], ["-b", "0"], ["-p"], ["--delay", "x"],
+    ["-ot", "exps=GPU"], ["-ot", "ffn_(up=CPU"], ["-ot", "=CPU"], ["-ot", "exps=CPU;x"], ["-ncmoe", "-1"],
+    ["-ncmoe", "x"], ["-cmoe"],  # llama-bench has no -cmoe
 ])
 def test_bad_arguments_are_usage_errors(model, args):
     p = run(BENCH, "-m", model, *args, check=False)
     assert p.returncode == 2
     assert p.stderr.startswith("error: ") and "usage: llama-bench" in p.stderr
     assert p.stdout == ""
+
+
+def test_placement_flags_sweep_and_are_reported(model):
+    # llama.cpp's order: -ngl, then -ncmoe, then -ot; ',' separates -ot tests (an empty one: none).
+    rows = bench_jsonl(model, "-p", 4, "-n", 0, "-ngl", "-1", "-ncmoe", "0,1", "-ot", r"exps=CPU;blk\.0\.=CUDA0,")
+    assert [(r["n_gpu_layers"], r["n_cpu_moe"], r["tensor_buft_overrides"]) for r in rows] == [
+        (-1, 0, r"exps=CPU;blk\.0\.=CUDA0"), (-1, 0, "none"), (-1, 1, r"exps=CPU;blk\.0\.=CUDA0"), (-1, 1, "none")]
+
+
+def test_markdown_n_cpu_moe_column(model):
+    p = run(BENCH, "-m", model, "-p", 4, "-n", 0, "-r", 1, "-ngl", 99, "-ncmoe", 2)
+    _, header, rows = md_table(p.stdout)
+    assert header[:7] == ["model", "size", "params", "backend", "ngl", "n_cpu_moe", "threads"]
+    assert rows[0][4:6] == ["99", "2"]
+
+
+def test_override_matching_no_tensor_is_an_error(model):
+    p = run(BENCH, "-m", model, "-p", 4, "-n", 0, "-r", 1, "-ot", "no_such_tensor=CPU", check=False)
+    assert p.returncode == 1 and "-ot pattern 'no_such_tensor' matches no tensor" in p.stderr
 
 
 def test_missing_model_is_usage_error():
@@ -95,6 +116,7 @@ def test_missing_model_is_usage_error():
 def test_help_goes_to_stdout():
     p = run(BENCH, "--help")
     assert p.stdout.startswith("usage: llama-bench") and p.stderr == ""
+    assert "--n-cpu-moe" in p.stdout and "CUDA0" in p.stdout and "glmoe runs on CPU" not in p.stdout
 
 
 # --- output formats ---
@@ -201,7 +223,16 @@ def test_sweep_markdown_table(model):
         assert r[3] < 0.01 or r[4] == pytest.approx(r[0] / r[3], rel=0.5)
 
 
-@pytest.mark.parametrize("args", [["-c", "8", "-ub", "16"], ["-ub", "x"], ["--bogus"], ["-o", "csv"], []])
+def test_sweep_placement_flags(model):
+    p = run(SWEEP, "-m", model, "-c", 32, "-ub", 16, "-o", "jsonl", "-ngl", 99, "-ot", r"exps=CPU,blk\.0\.=CUDA0",
+            "-ot", "shexp=CPU", "-cmoe", "-ncmoe", 1)
+    assert [json.loads(line)["n_kv"] for line in p.stdout.splitlines()] == [0, 16]
+    p = run(SWEEP, "-m", model, "-c", 32, "-ub", 16, "-ot", "no_such_tensor=CPU", check=False)
+    assert p.returncode == 1 and "matches no tensor" in p.stderr
+
+
+@pytest.mark.parametrize("args", [["-c", "8", "-ub", "16"], ["-ub", "x"], ["--bogus"], ["-o", "csv"], [],
+                                  ["-ot", "exps"], ["-ot", "exps=GPU"], ["-ncmoe", "-1"]])
 def test_sweep_usage_errors(model, args):
     p = run(SWEEP, *(["-m", model] if args else []), *args, check=False)
     assert p.returncode == 2 and "usage: llama-sweep-bench" in p.stderr and p.stdout == ""

@@ -179,6 +179,58 @@ def test_spec_suffix_same_greedy_text_with_timings(server, spec_server):
     assert values["glmoe:draft_tokens_accepted_total"] == t["draft_n_accepted"] + streamed["draft_n_accepted"]
 
 
+# ---- placement flags (-ngl, -ot, -cmoe, -ncmoe) -------------------------------------------
+
+def test_cli_placement_flags_reach_the_settings():
+    from glmoe.server.cli import parser, settings_from_args
+
+    args = parser().parse_args(["-m", "x.gguf", "-ngl", "99", "-ot", "exps=CPU", "--override-tensor",
+                                r"blk\.0\.=CUDA0,shexp=CPU", "-cmoe", "-ncmoe", "3"])
+    s = settings_from_args(args)
+    assert s.n_gpu_layers == 99 and s.cpu_moe and s.n_cpu_moe == 3
+    assert s.tensor_overrides == ["exps=CPU", r"blk\.0\.=CUDA0,shexp=CPU"]
+    s = settings_from_args(parser().parse_args(["-m", "x.gguf"]))
+    assert (s.n_gpu_layers, s.tensor_overrides, s.cpu_moe, s.n_cpu_moe) == (0, [], False, 0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-ot", "exps"], "expected PATTERN=BUFFER"), (["-ot", "exps=GPU"], "unknown buffer type 'GPU'"),
+    (["-ot", "ffn_(up=CPU"], "invalid regular expression"), (["-ncmoe", "-1"], "--n-cpu-moe"),
+])
+def test_cli_bad_placement_flags_are_usage_errors(model_path, args, message, capsys):
+    from glmoe.server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["-m", model_path, *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_override_matching_no_tensor_fails_the_load(model_path):
+    from glmoe.server.app import ServerState, _load
+    from glmoe.server.settings import Settings
+
+    state = ServerState()
+    _load(state, Settings(model_path=model_path, n_ctx=256, n_parallel=1, n_threads=1, n_gpu_layers=-1,
+                          tensor_overrides=["no_such_tensor=CPU"]))
+    assert state.generator is None and "matches no tensor" in state.load_error
+
+
+def test_placement_flags_serve_the_same_greedy_text(server, model_path):
+    from cuda_support import HAVE_GPU
+
+    placed = harness.ServerProcess(model_path, "-ngl", "-1", "-ot", "exps=CPU", "-ot", r"blk\.0\.=CUDA0",
+                                   "-cmoe", "-ncmoe", "1")
+    try:
+        body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+        got = httpx.post(placed.url + "/v1/completions", json=body, headers=placed.headers(), timeout=60).json()
+        assert got["usage"]["completion_tokens"] > 0
+        if not HAVE_GPU:  # on the CPU the flags change nothing but where the weights would be
+            want = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers(), timeout=60).json()
+            assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    finally:
+        placed.stop()
+
+
 def test_api_key_and_404(server):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
