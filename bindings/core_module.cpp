@@ -21,6 +21,7 @@ void bind_sampling(nb::module_& m);  // sampling_module.cpp
 void bind_engine(nb::module_& m);    // engine_module.cpp
 void bind_attention(nb::module_& m);  // attention_module.cpp
 void bind_draft(nb::module_& m);      // draft_module.cpp
+void bind_placement(nb::module_& m);  // placement_module.cpp
 
 namespace {
 
@@ -174,6 +175,7 @@ NB_MODULE(_core, m) {
     bind_sampling(m);
     bind_draft(m);
     bind_attention(m);
+    bind_placement(m);
 #ifdef GLMOE_CUDA
     bind_cuda_ops(m);
 #endif
@@ -204,18 +206,36 @@ NB_MODULE(_core, m) {
 
     nb::class_<Context>(m, "Context")
         .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads, bool embeddings,
-                            bool f32_activations, int n_gpu_layers, int n_ubatch) {
-            ContextParams p{n_ctx, n_threads, embeddings, f32_activations, n_gpu_layers, n_ubatch};
+                            bool f32_activations, int n_gpu_layers, int n_ubatch,
+                            const std::vector<std::string>& tensor_overrides, int n_cpu_moe, bool cpu_moe) {
+            ContextParams p;
+            p.n_ctx = n_ctx;
+            p.n_threads = n_threads;
+            p.embeddings = embeddings;
+            p.f32_activations = f32_activations;
+            p.n_gpu_layers = n_gpu_layers;
+            p.n_ubatch = n_ubatch;
+            p.tensor_overrides = overrides_from_flags(tensor_overrides, cpu_moe, n_cpu_moe);
             nb::gil_scoped_release release;  // uploading weights takes a while
             new (self) Context(model, p);
         }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_threads") = 0, nb::arg("embeddings") = false,
            nb::arg("f32_activations") = false, nb::arg("n_gpu_layers") = 0, nb::arg("n_ubatch") = 512,
-           nb::keep_alive<1, 2>())
+           nb::arg("tensor_overrides") = std::vector<std::string>(), nb::arg("n_cpu_moe") = 0,
+           nb::arg("cpu_moe") = false, nb::keep_alive<1, 2>(),
+           "tensor_overrides: llama.cpp -ot values (\"PATTERN=BUFFER[,...]\"); n_cpu_moe / cpu_moe: as "
+           "--n-cpu-moe / --cpu-moe (placement.h).")
         .def("decode", &context_decode, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"), nb::arg("want_logits"))
         .def("decode_sample", &context_decode_sample, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"),
              nb::arg("want_logits"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,
              nb::arg("min_p") = 0.0f, nb::arg("u") = std::vector<float>{})
         .def_prop_ro("n_gpu_layers", &Context::n_gpu_layers)
+        .def("placement_summary", &Context::placement_summary,
+             "What went where, in llama.cpp's words: offloaded layers and buffer sizes per device.")
+        .def("placement", [](const Context& c) {
+            nb::list out;
+            for (const auto& [name, device] : c.placement().tensors) out.append(nb::make_tuple(name, buffer_name(device)));
+            return out;
+        }, "Every tensor's (name, \"CPU\" | \"CUDA0\"), in file order.")
         .def_prop_ro("samples_on_gpu", &Context::samples_on_gpu)
         .def_prop_ro("invariant_batch", &Context::invariant_batch)
         .def("relative_step_costs",
@@ -224,14 +244,18 @@ NB_MODULE(_core, m) {
              "[cost(base + k) / cost(base) for k in 0..max_extra]: steps by size, timed as they ran.")
         .def("gpu_counters", [](const Context& c) {
             nb::dict d;
-            if (const GpuForward* g = c.gpu()) {
+            if (const CudaBackend* g = c.gpu()) {
                 const GpuCounters& k = g->counters();
                 d["steps"] = k.steps;
                 d["graph_replays"] = k.graph_replays;
                 d["graph_captures"] = k.graph_captures;
                 d["device_to_host_copies"] = k.device_to_host_copies;
                 d["host_syncs"] = k.host_syncs;
-                d["device_bytes"] = g->device_bytes();
+                const GpuMemory mem = g->memory();
+                d["device_bytes"] = mem.weights + mem.kv + mem.compute;
+                d["weight_bytes"] = mem.weights;
+                d["kv_bytes"] = mem.kv;
+                d["compute_bytes"] = mem.compute;
             }
             return d;
         })
@@ -255,13 +279,11 @@ NB_MODULE(_core, m) {
             return c.kv_cache().allocate(seq, pos);
         }, nb::arg("seq"), nb::arg("pos"))
         .def("kv_state", [](Context& c) {
-            if (c.n_gpu_layers() > 0) throw nb::value_error("saving the KV cache of GPU layers is not supported yet");
-            const std::vector<uint8_t> bytes = c.kv_cache().save();
+            const std::vector<uint8_t> bytes = c.kv_save();
             return nb::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
         })
         .def("kv_load_state", [](Context& c, nb::bytes state) {
-            if (c.n_gpu_layers() > 0) throw nb::value_error("loading a KV cache state into GPU layers is not supported yet");
             const uint8_t* p = static_cast<const uint8_t*>(state.data());
-            c.kv_cache().load(std::vector<uint8_t>(p, p + state.size()));
+            c.kv_load(std::vector<uint8_t>(p, p + state.size()));
         }, nb::arg("state"));
 }

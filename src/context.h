@@ -1,15 +1,17 @@
-// An inference context: a model, its KV cache and the scratch space of the CPU forward.
-// decode() runs one batch whose tokens may belong to different sequences at different
-// positions (prompt chunks and decode steps together), as continuous batching needs.
+// An inference context: a model placed on its devices, its KV cache and the backends that run the
+// forward (glm4moe.cpp). decode() runs one batch whose tokens may belong to different sequences
+// at different positions (prompt chunks and decode steps together), as continuous batching needs.
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
-#include "attention.h"
-#include "gpu_forward.h"
+#include "backend.h"
+#include "cpu_backend.h"
+#include "cuda_backend.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "placement.h"
@@ -29,14 +31,6 @@ struct ContextParams {
     std::vector<TensorOverride> tensor_overrides;
 };
 
-// Sampling done on the GPU at the end of a step (see GpuStepOutput): greedy when temperature <= 0.
-struct DeviceSampling {
-    float temperature = 0.0f;
-    int top_k = 0;
-    float top_p = 1.0f;
-    float min_p = 0.0f;
-};
-
 struct Batch {
     std::vector<int32_t> token;
     std::vector<int32_t> pos;
@@ -48,6 +42,7 @@ struct Batch {
 class Context {
 public:
     Context(const Model& model, const ContextParams& params);
+    ~Context();
 
     // Runs the batch and stores the logits of the flagged tokens, in batch order, n_vocab each
     // (or, for an embeddings context, their final hidden states, n_embd each).
@@ -58,16 +53,24 @@ public:
     // (u: one uniform draw per flagged row, ignored when greedy). Needs samples_on_gpu().
     void decode_sample(const Batch& batch, const DeviceSampling& sampling, const std::vector<float>& u,
                        std::vector<int32_t>& ids);
-    bool samples_on_gpu() const { return gpu_ && gpu_->has_output() && !embeddings_; }
-    int n_gpu_layers() const { return gpu_ ? gpu_->n_layers() : 0; }
+    bool samples_on_gpu() const { return gpu_ && placement_.output == Device::gpu && !embeddings_; }
+    // Layers whose attention (and KV cache) is on the GPU.
+    int n_gpu_layers() const { return placement_.n_layers_with_attn_on(Device::gpu); }
     // Largest step whose per-token outputs do not depend on what else is in it (the CPU engine's
     // never do): speculative drafts verified within it leave greedy output unchanged.
-    int invariant_batch() const { return gpu_ ? GpuForward::kInvariantBatch : std::numeric_limits<int>::max(); }
-    const GpuForward* gpu() const { return gpu_.get(); }
+    int invariant_batch() const;
+    const CudaBackend* gpu() const { return gpu_.get(); }
+    const Placement& placement() const { return placement_; }
+    // What went where, in llama.cpp's words: offloaded layers and the buffer sizes per device.
+    std::string placement_summary() const;
     // Wall time of the steps run so far, by size: what a bigger (drafted) step costs.
     const StepCostModel& step_costs() const { return step_costs_; }
 
     KVCache& kv_cache() { return kv_; }
+    // The KV cache (cells and their K/V rows) as bytes, and back; refused while layers' K/V are
+    // on the GPU.
+    std::vector<uint8_t> kv_save();
+    void kv_load(const std::vector<uint8_t>& bytes);
     const Model& model() const { return model_; }
     int n_threads() const { return pool_.size(); }
     bool embeddings() const { return embeddings_; }
@@ -80,37 +83,20 @@ private:
     // Allocates the batch's KV cells, runs `forward` on them and counts the tokens; on an
     // exception the cells are released again, so a failed batch leaves the cache unchanged.
     void run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward);
-    // Runs the batch's tokens through layers [first_layer, n_layer) on the CPU; with first_layer 0
-    // it starts from the token embeddings, otherwise from the hidden states already in x_.
-    void cpu_layers(const Batch& batch, const std::vector<int32_t>& cells, int first_layer);
-    // Final norm (and output head) of x_ rows `rows` into out.
-    void cpu_output(const std::vector<int64_t>& rows, float* out);
-    // The GPU path of decode/decode_sample, a micro-batch at a time.
-    void gpu_decode(const Batch& batch, const std::vector<int32_t>& cells, GpuStepOutput& proto, float* logits,
-                    int32_t* ids, const std::vector<float>* u);
-    void attention(int il, const Batch& batch, const std::vector<int32_t>& cells);
-    void ffn_dense(int il, int64_t n);
-    void ffn_moe(int il, int64_t n);
-    // out[n][H] = down(silu(gate in) * up in), with matrix `index` of stacked (expert) weights.
-    void swiglu_ffn(const Weight& gate, const Weight& up, const Weight& down, int64_t index,
-                    const float* in, int64_t n, float* out);
+    // The forward over the batch, in micro-batches of n_ubatch tokens when a GPU takes part;
+    // `proto` says what to return (rows are filled in per micro-batch).
+    void forward(const Batch& batch, const std::vector<int32_t>& cells, const StepOutput& proto);
 
     const Model& model_;
-    std::unique_ptr<GpuForward> gpu_;  // null: everything on the CPU
+    bool embeddings_;
+    Placement placement_;
     int n_ubatch_;
     ThreadPool pool_;
     KVCache kv_;
-    bool embeddings_;
-    bool f32_activations_;
+    std::unique_ptr<CpuBackend> cpu_;
+    std::unique_ptr<CudaBackend> gpu_;  // null: nothing on the GPU
     uint64_t n_evaluated_ = 0;
     StepCostModel step_costs_;
-
-    // Scratch, sized for the largest batch seen.
-    std::vector<float> x_, h_, q_, k_, v_, attn_, ffn_out_;
-    std::vector<float> rope_cos_, rope_sin_;          // [n][n_rot/2]
-    std::vector<std::vector<int32_t>> seq_cells_;     // cells of each sequence in the batch
-    AttentionPlan attn_plan_;                         // which cells each token sees
-    std::vector<float> router_, ffn_in_, gate_, up_, down_;
 };
 
 }  // namespace glmoe

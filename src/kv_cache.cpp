@@ -6,14 +6,9 @@
 
 namespace glmoe {
 
-KVCache::KVCache(int n_ctx, const std::vector<int64_t>& kv_width)
-    : cells_(n_ctx > 0 ? n_ctx : 0), seq_cells_(kMaxSeq), seq_epoch_(kMaxSeq, 0), width_(kv_width) {
+KVCache::KVCache(int n_ctx) : cells_(n_ctx > 0 ? n_ctx : 0), seq_cells_(kMaxSeq), seq_epoch_(kMaxSeq, 0) {
     if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive");
     free_.reset(n_ctx);
-    for (int64_t w : width_) {
-        k_.emplace_back(static_cast<size_t>(n_ctx) * w);
-        v_.emplace_back(static_cast<size_t>(n_ctx) * w);
-    }
 }
 
 void KVCache::FreeCells::reset(int n) {
@@ -241,11 +236,20 @@ void take(const std::vector<uint8_t>& in, size_t& at, T* v, size_t n = 1) {
 
 }  // namespace
 
-std::vector<uint8_t> KVCache::save() const {
+namespace {
+std::vector<int64_t> widths_of(KVRows& rows) {
+    std::vector<int64_t> w;
+    for (int il = 0; il < rows.n_layers(); ++il) w.push_back(rows.width(il));
+    return w;
+}
+}  // namespace
+
+std::vector<uint8_t> KVCache::save(KVRows& rows) const {
     std::vector<uint8_t> out;
-    const uint32_t header[3] = {kStateMagic, static_cast<uint32_t>(n_ctx()), static_cast<uint32_t>(width_.size())};
+    const std::vector<int64_t> width = widths_of(rows);
+    const uint32_t header[3] = {kStateMagic, static_cast<uint32_t>(n_ctx()), static_cast<uint32_t>(width.size())};
     put(out, header, 3);
-    put(out, width_.data(), width_.size());
+    put(out, width.data(), width.size());
     std::vector<int32_t> used;
     for (int32_t i = 0; i < n_ctx(); ++i)
         if (cells_[i].seqs) used.push_back(i);
@@ -256,22 +260,23 @@ std::vector<uint8_t> KVCache::save() const {
         put(out, &cells_[c].pos);
         put(out, &cells_[c].seqs);
     }
-    for (size_t il = 0; il < width_.size(); ++il)
+    for (size_t il = 0; il < width.size(); ++il)
         for (int32_t c : used) {
-            put(out, k(static_cast<int>(il), c), width_[il]);
-            put(out, v(static_cast<int>(il), c), width_[il]);
+            put(out, rows.k(static_cast<int>(il), c), width[il]);
+            put(out, rows.v(static_cast<int>(il), c), width[il]);
         }
     return out;
 }
 
-void KVCache::load(const std::vector<uint8_t>& in) {
+void KVCache::load(const std::vector<uint8_t>& in, KVRows& rows) {
+    const std::vector<int64_t> width = widths_of(rows);
     size_t at = 0;
     uint32_t header[3];
     take(in, at, header, 3);
     if (header[0] != kStateMagic) throw std::invalid_argument("not a glmoe KV cache state");
-    std::vector<int64_t> widths(header[2] <= width_.size() ? header[2] : 0);
+    std::vector<int64_t> widths(header[2] <= width.size() ? header[2] : 0);
     take(in, at, widths.data(), widths.size());
-    if (header[1] != static_cast<uint32_t>(n_ctx()) || widths != width_)
+    if (header[1] != static_cast<uint32_t>(n_ctx()) || widths != width)
         throw std::invalid_argument("KV cache state is from a context of another size or model");
     uint32_t n_used_cells;
     take(in, at, &n_used_cells);
@@ -286,14 +291,14 @@ void KVCache::load(const std::vector<uint8_t>& in) {
         if (!cells[used[i]].seqs) throw std::invalid_argument("KV cache state is corrupt");
     }
     size_t payload = 0;
-    for (int64_t w : width_) payload += 2 * sizeof(float) * w * n_used_cells;
+    for (int64_t w : width) payload += 2 * sizeof(float) * w * n_used_cells;
     if (in.size() - at != payload) throw std::invalid_argument("KV cache state has the wrong size");
     cells_ = std::move(cells);
     rebuild_index();
-    for (size_t il = 0; il < width_.size(); ++il)
+    for (size_t il = 0; il < width.size(); ++il)
         for (int32_t c : used) {
-            take(in, at, k(static_cast<int>(il), c), width_[il]);
-            take(in, at, v(static_cast<int>(il), c), width_[il]);
+            take(in, at, rows.k(static_cast<int>(il), c), width[il]);
+            take(in, at, rows.v(static_cast<int>(il), c), width[il]);
         }
 }
 

@@ -1,6 +1,6 @@
-// The KV cache: n_ctx cells shared by up to kMaxSeq sequences. A cell holds one position's K and
-// V for every layer and belongs to a set of sequences, so a forked sequence shares its prefix
-// cells with its parent instead of copying them.
+// The KV cache's bookkeeping: n_ctx cells shared by up to kMaxSeq sequences. A cell stands for one
+// position's K and V in every layer (stored by the backends, KVRows) and belongs to a set of
+// sequences, so a forked sequence shares its prefix cells with its parent instead of copying them.
 //
 // Besides the cell table the cache keeps, so that a decode step costs O(batch log n_ctx) of host
 // time rather than O(n_ctx): each sequence's cells sorted by position, a bitmap tree of free cells
@@ -16,12 +16,22 @@ struct KVCacheFull : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// The K/V rows of each layer, kept by the backend that runs that layer's attention; what a
+// saved state holds besides the cell table. width(il) == 0: the layer's rows are not on the host.
+class KVRows {
+public:
+    virtual ~KVRows() = default;
+    virtual int n_layers() const = 0;
+    virtual int64_t width(int il) const = 0;
+    virtual float* k(int il, int32_t cell) = 0;
+    virtual float* v(int il, int32_t cell) = 0;
+};
+
 class KVCache {
 public:
     static constexpr int kMaxSeq = 64;
 
-    // kv_width[il] = n_head_kv * head_dim of layer il.
-    KVCache(int n_ctx, const std::vector<int64_t>& kv_width);
+    explicit KVCache(int n_ctx);
 
     int n_ctx() const { return static_cast<int>(cells_.size()); }
     int n_used() const { return n_used_; }
@@ -51,17 +61,12 @@ public:
     // Highest position of seq, or -1.
     int32_t seq_pos_max(int seq) const;
 
-    float* k(int layer, int32_t cell) { return k_[layer].data() + cell * width_[layer]; }
-    float* v(int layer, int32_t cell) { return v_[layer].data() + cell * width_[layer]; }
-    const float* k(int layer, int32_t cell) const { return k_[layer].data() + cell * width_[layer]; }
-    const float* v(int layer, int32_t cell) const { return v_[layer].data() + cell * width_[layer]; }
-
     static void check_seq(int seq);
 
-    // The cache's contents (cells in use and their K/V) as bytes, and back. load() throws
-    // std::invalid_argument, leaving the cache unchanged, for bytes from a cache of another shape.
-    std::vector<uint8_t> save() const;
-    void load(const std::vector<uint8_t>& bytes);
+    // The cache's contents (cells in use and their K/V rows) as bytes, and back. load() throws
+    // std::invalid_argument, leaving the cache and rows unchanged, for bytes from a cache of another shape.
+    std::vector<uint8_t> save(KVRows& rows) const;
+    void load(const std::vector<uint8_t>& bytes, KVRows& rows);
 
 private:
     struct Cell {
@@ -98,8 +103,6 @@ private:
     std::vector<uint64_t> seq_epoch_;              // [kMaxSeq]
     FreeCells free_;
     int n_used_ = 0;
-    std::vector<int64_t> width_;
-    std::vector<std::vector<float>> k_, v_;
 };
 
 }  // namespace glmoe

@@ -1,0 +1,114 @@
+// The ops the GLM4-MoE forward (glm4moe.cpp) is written in, and what a backend implements to run
+// them: the CPU (cpu_backend.cpp) and the CUDA GPU (ggml-cuda/cuda_backend.cu).
+//
+// A backend holds the weights the placement (placement.h) puts on it, the KV cache of the layers
+// whose attention it runs, and a step's activations, each [n tokens][width] f32 in its memory:
+//   x        [n][H]            the residual stream
+//   h        [n][H]            rms_norm(x) * weight: the input of the next matrices
+//   qkv      [n][nq + 2 nkv]   projections (q roped in place; k and v go to the cache)
+//   attn     [n][nq]           attention output
+//   route    [n][n_used]       chosen expert ids (int32) and their weights
+//   moe_out  [n][H]            experts' sum, when it is to be added on another backend
+// Ops run in the order the forward calls them. The CUDA backend only enqueues work (a decode
+// step's ops are captured into CUDA graphs and replayed); the CPU backend runs each op at once.
+// Accumulation is f32 everywhere. Activations may be rounded for the matrix products (8-bit
+// blocks, or bf16 on the GPU's tensor cores) unless the backend is in f32-activation mode.
+#pragma once
+#include <cstdint>
+#include <initializer_list>
+#include <vector>
+
+#include "kv_cache.h"
+#include "model.h"
+#include "placement.h"
+
+namespace glmoe {
+
+// One forward's tokens (a micro-batch); host arrays of n entries. Cells are already allocated in
+// kv, whose per-sequence lists say which cells each token sees (its sequence's, pos <= its own).
+struct Step {
+    int n = 0;
+    const int32_t* token = nullptr;
+    const int32_t* pos = nullptr;
+    const int32_t* seq = nullptr;
+    const int32_t* cells = nullptr;
+    const KVCache* kv = nullptr;
+};
+
+// Sampling on the backend that runs the output head: greedy when temperature <= 0.
+struct DeviceSampling {
+    float temperature = 0.0f;
+    int top_k = 0;
+    float top_p = 1.0f;
+    float min_p = 0.0f;
+};
+
+// What the step hands back, for the tokens `rows` (step indices).
+struct StepOutput {
+    enum class Kind {
+        none,       // nothing: the step only fills the KV cache
+        logits,     // n_vocab floats per row (an embeddings context: the normed hidden state, n_embd)
+        token_ids,  // one sampled token per row
+    } kind = Kind::logits;
+    std::vector<int32_t> rows;
+    float* logits = nullptr;      // host
+    int32_t* ids = nullptr;       // host
+    DeviceSampling sampling;
+    const float* u = nullptr;     // token_ids: one uniform draw per row (host)
+};
+
+// Activations that cross between backends.
+enum class Act { x, h, route_ids, route_weights, moe_out };
+
+// Which matrices read h next (a backend may keep h in the form they read).
+enum class Part { attention, ffn };
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual Device device() const = 0;
+
+    // Starts a step that will end with output(out): uploads its tokens, positions and cells, and
+    // works out what each token sees.
+    virtual void begin_step(const Step& step, const StepOutput& out) = 0;
+
+    // x[t] = token_embd row token[t], dequantized.
+    virtual void embed(const Weight& table) = 0;
+    // h[t] = x[t] / rms(x[t]) * w, eps = rms_eps; h is read next by layer il's `part`.
+    virtual void rms_norm(const std::vector<float>& w, int il, Part part) = 0;
+    // qkv = [Wq; Wk; Wv] h + bias; qk-norm models: per-head rms_norm of q and k; neox rope on the
+    // first n_rot dims of each head at the token's position; k and v stored into layer il's cache
+    // at the token's cell.
+    virtual void qkv_prepare(int il) = 0;
+    // attn[t] = softmax(q[t] K^T / sqrt(D)) V over the cells token t sees; q head j reads kv head
+    // j / (n_head / n_head_kv). A token's row does not depend on the others in the step.
+    virtual void attention(int il) = 0;
+    // x += Wo attn.
+    virtual void attn_output(int il) = 0;
+    // x += down(silu(gate h) * up h): a dense layer's FFN.
+    virtual void ffn_dense(int il) = 0;
+    // route = top n_used experts of sigmoid(router h) + selection bias (within the best groups),
+    // weights = the unbiased scores (normalised, scaled).
+    virtual void moe_route(int il) = 0;
+    // The experts of layer il this backend holds, applied to h: each routed one (by route) times its
+    // weight, plus the shared expert; added to x, or written to moe_out when !into_x.
+    virtual void moe_experts(int il, bool into_x) = 0;
+    // x += moe_out.
+    virtual void add_moe_out() = 0;
+
+    // Starts the work enqueued so far (a backend that holds it back, as a CUDA graph being captured,
+    // launches it), so that it runs while the host does other work.
+    virtual void flush() {}
+
+    // Crossing to another backend: download makes the listed activations readable on the host
+    // (waiting for the work that writes them) and returns their addresses, valid until the next
+    // op; upload takes an activation from the host. The routing is layer il's (n_used wide).
+    virtual std::vector<const void*> download(std::initializer_list<Act> acts, int il) = 0;
+    virtual void upload(Act act, const void* host, int il) = 0;
+
+    // Ends the step: x through output_norm and the output head for the requested rows (or the
+    // normed rows themselves in an embeddings context), into the host buffers of `out`.
+    virtual void output(const StepOutput& out) = 0;
+};
+
+}  // namespace glmoe

@@ -1,0 +1,60 @@
+// The CUDA backend (ggml-cuda/cuda_backend.cu): the ops of backend.h on one Hopper GPU, over the
+// weights the placement puts there (uploaded once, in their GGUF types) and an f16 KV cache for
+// the layers whose attention runs there. Ops only enqueue work on one stream; a decode step of up
+// to kInvariantBatch tokens is captured as CUDA graphs, one per stretch between two crossings to
+// the host (one graph for a step that stays on the GPU), and replayed. Inside a step the only
+// device-to-host traffic is the result and, in hybrid steps, the activations that cross.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "backend.h"
+
+namespace glmoe {
+
+// Not enough GPU memory, or no usable GPU: raised before anything is allocated on the device.
+struct GpuError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+struct GpuParams {
+    int n_ctx = 0;
+    int n_ubatch = 512;  // most tokens of one step (Context splits bigger batches)
+    bool embeddings = false;
+    bool f32_activations = false;  // matrix products in f32 (dequantized weights): for accuracy checks
+};
+
+struct GpuCounters {
+    uint64_t steps = 0;
+    uint64_t graph_replays = 0;
+    uint64_t graph_captures = 0;
+    uint64_t device_to_host_copies = 0;  // every copy toward the host, by the forward
+    uint64_t host_syncs = 0;             // every wait of the host on the device, by the forward
+};
+
+// Device memory by use, as llama.cpp's load log lists buffer sizes.
+struct GpuMemory {
+    size_t weights = 0, kv = 0, compute = 0;
+};
+
+class CudaBackend : public Backend {
+public:
+    // Steps of up to this many tokens run the matrix-vector and decode-attention kernels, which
+    // give each token bitwise the same result whatever else is in the step; bigger steps use the
+    // tensor-core kernels (bf16 inputs), whose results differ slightly from those.
+    static constexpr int kInvariantBatch = 8;
+
+    // Why the GPU backend cannot run this model ("" when it can), e.g. an unsupported head size.
+    static std::string unsupported(const Model& model);
+    // Throws GpuError when there is no GPU or the weights, cache and buffers do not fit.
+    static std::unique_ptr<CudaBackend> create(const Model& model, const Placement& placement, const GpuParams& params);
+
+    Device device() const override { return Device::gpu; }
+    virtual const GpuCounters& counters() const = 0;
+    virtual GpuMemory memory() const = 0;
+};
+
+}  // namespace glmoe
