@@ -137,7 +137,8 @@ def test_first_matching_override_wins(model):
 
 
 def test_overrides_move_tensors_either_way(model):
-    p = plan(model, n_gpu_layers=0, tensor_overrides=[r"blk\.2\.=CUDA0,^output=CUDA0"])  # "output" alone also matches attn_output
+    # A bare "output" would also match attn_output: a regex search, as llama.cpp's.
+    p = plan(model, n_gpu_layers=0, tensor_overrides=[r"blk\.2\.=CUDA0,^output=CUDA0"])
     assert [l["attn"] for l in p["layers"]] == [CPU, CPU, GPU, CPU] and p["output"] == GPU
     assert set(devices(p, r"^blk\.2\.")) == {GPU} and p["embd"] == CPU
     p = plan(model, n_gpu_layers=-1, tensor_overrides=["token_embd=CPU"])

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--temp", type=float, default=0.8)
     ap.add_argument("-s", "--seed", type=int, default=None)
-    ap.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0,
+    ap.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0, metavar="N",
                     help="on the GPU, as llama.cpp: the output head and the last N-1 layers (-1: all)")
     ap.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="PATTERN=BUFFER[,...]",
                     help="tensors whose name matches the regex go to BUFFER (CPU or CUDA0); repeatable")

@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     spec.add_argument("--spec-min-token-prob", type=float, default=0.1,
                       help="stop a draft where its empirical path probability falls below this")
     gpu = ap.add_argument_group("placement (as llama.cpp)")
-    gpu.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers", type=int, default=0,
+    gpu.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="gpu_layers", type=int, default=0, metavar="N",
                      help="on the GPU: the output head and the last N-1 layers (-1, or more than the model has: all)")
     gpu.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="PATTERN=BUFFER[,...]",
                      help="tensors whose name matches the regex go to BUFFER (CPU or CUDA0), before -ngl; "
