@@ -47,6 +47,24 @@ nb::object get_rows_py(uint32_t type, const U8In& table, int64_t cols, const I32
     return nb::cast(to_numpy(d_out, {n, static_cast<size_t>(cols)}));
 }
 
+// Rows [first_row, first_row + n_rows) of a raw [rows, row_bytes] matrix of `type` (each `cols`
+// elements) dequantized to f32 by the accuracy-mode kernel: float32 [n_rows, cols].
+nb::object dequantize_matrix_py(uint32_t type, const U8In& matrix, int64_t cols, int64_t first_row, int64_t n_rows) {
+    need(n_rows >= 0, "n_rows must be >= 0");
+    DeviceArray<uint8_t> d_matrix = upload<uint8_t>(matrix);
+    DeviceArray<float> d_out(static_cast<size_t>(n_rows) * cols);
+    d_out.fill_bytes(0xFF);
+    glmoe::cuda::WeightView w;
+    w.data = d_matrix.get();
+    w.type = type;
+    w.rows = static_cast<int64_t>(matrix.shape(0));
+    w.cols = cols;
+    w.row_bytes = matrix.shape(1);
+    w.matrix_bytes = matrix.size();
+    glmoe::cuda::dequantize_matrix(w, first_row, n_rows, d_out.get(), nullptr);  // bad arguments: ValueError
+    return nb::cast(to_numpy(d_out, {static_cast<size_t>(n_rows), static_cast<size_t>(cols)}));
+}
+
 nb::object rms_norm_py(const F32In& x, const F32In& w, float eps, bool in_place) {
     need(x.ndim() == 2 && w.ndim() == 1 && w.shape(0) == x.shape(1), "x [n, cols] and w [cols] required");
     const size_t n = x.shape(0), cols = x.shape(1);
@@ -237,6 +255,10 @@ nb::object sample_tokens_py(const F32In& logits, float temperature, int top_k, f
 void bind_cuda_misc(nb::module_& m) {
     m.def("get_rows", &get_rows_py, nb::arg("type"), nb::arg("table"), nb::arg("cols"), nb::arg("ids"),
           "Dequantized rows ids of a raw [n_rows, row_bytes] table of GGML type `type`: float32 [n, cols].");
+    m.def("dequantize_matrix", &dequantize_matrix_py, nb::arg("type"), nb::arg("matrix"), nb::arg("cols"),
+          nb::arg("first_row"), nb::arg("n_rows"),
+          "Rows [first_row, first_row + n_rows) of a raw [rows, row_bytes] matrix of GGML type `type`, "
+          "dequantized to f32 (accuracy mode): float32 [n_rows, cols].");
     m.def("rms_norm_q8", &rms_norm_q8_py, nb::arg("x"), nb::arg("w"), nb::arg("eps"));
     m.def("rms_norm", &rms_norm_py, nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("in_place") = false,
           "x / rms(x) * w per row of x [n, cols].");

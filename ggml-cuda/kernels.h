@@ -168,4 +168,12 @@ void sample_tokens(const float* logits, int n_rows, int n_vocab, const SamplePar
 // Checks the last launch; throws std::runtime_error naming `what`.
 void check_launch(const char* what);
 
+// ---- accuracy mode (dequantize_matrix.cu) ---------------------------------------------------------
+// out[r * w.cols + c] = row first_row + r of w dequantized to f32, for r < n_rows (packed rows of
+// w.cols floats), bit-exact with the CPU / gguf-py dequantization; every type mmv supports. Lets a
+// forward in f32 activations multiply exactly: dequantize into scratch, then mm_float on an F32
+// view of it. One matrix: for expert e of a stack pass a view at data + e * matrix_bytes.
+// n_rows == 0 enqueues nothing; a range outside [0, w.rows) throws std::invalid_argument.
+void dequantize_matrix(const WeightView& w, int64_t first_row, int64_t n_rows, float* out, cudaStream_t s);
+
 }  // namespace glmoe::cuda

@@ -82,6 +82,71 @@ def test_get_rows_rejects_bad_arguments(rng):
         ops().get_rows(3, raw, 256, np.zeros(1, np.int32))
 
 
+
+# ---- dequantize_matrix (accuracy mode) ------------------------------------------------------------
+
+# f16 bit patterns for the scale fields of quantized blocks: subnormals, signed zero, the largest
+# finite, infinities and a NaN (the half -> float conversion must be exact for all of them).
+SPECIAL_F16 = np.array([0x0001, 0x03FF, 0x8000, 0x0000, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0x0400],
+                       np.uint16)
+
+
+def special_scales(rng, qtype, raw):
+    """raw with the f16 scale fields of about a third of its blocks set to SPECIAL_F16 values."""
+    from test_quants import SCALE_FIELDS
+
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = raw.reshape(-1, ts).copy()
+    pick = rng.random(len(blocks)) < 0.35
+    for offset, _ in SCALE_FIELDS[qtype]:
+        vals = rng.choice(SPECIAL_F16, len(blocks))
+        blocks[pick, offset:offset + 2] = vals[pick, None].view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(raw.shape)
+
+
+def matrix_shapes(qtype):
+    """(rows, cols): odd row counts; rows of one block, of a few, and long ones whose groups span
+    several 128-group tiles; for the float types also lengths that end in a partial 32-group."""
+    bs = gguf.GGML_QUANT_SIZES[qtype][0]
+    if bs == 1:
+        return [(3, 1), (77, 45), (9, 1000), (130, 96)]
+    if bs == 256:
+        return [(5, 256), (33, 768), (7, 256 * 11)]
+    return [(5, 32), (77, 32 * 37), (3, 32 * 129)]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("finite", [True, False])
+def test_dequantize_matrix_matches_gguf(rng, qtype, finite):
+    for rows, cols in matrix_shapes(qtype):
+        raw = random_rows(rng, qtype, rows, cols, finite_floats=finite)
+        if not finite and gguf.GGML_QUANT_SIZES[qtype][0] > 1:
+            raw = special_scales(rng, qtype, raw)
+        raw = np.ascontiguousarray(raw)
+        ref = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
+        first = int(rng.integers(1, rows)) if rows > 1 else 0
+        ranges = [(0, rows), (first, rows - first), (rows - 1, 1), (first // 2, (rows - first // 2) // 2 + 1), (0, 0)]
+        for r0, n in ranges:
+            out = ops().dequantize_matrix(int(qtype), raw, cols, r0, n)
+            assert out.shape == (n, cols) and out.dtype == np.float32, (rows, cols, r0, n)
+            assert_same_floats(out, ref[r0:r0 + n])
+
+
+def test_dequantize_matrix_rejects_bad_arguments(rng):
+    raw = np.ascontiguousarray(random_rows(rng, QT.Q4_K, 4, 256))
+    for r0, n in ((0, 5), (4, 1), (-1, 1), (3, 2), (0, -1)):
+        with pytest.raises(ValueError):
+            ops().dequantize_matrix(int(QT.Q4_K), raw, 256, r0, n)
+    with pytest.raises(ValueError):  # cols not a multiple of the block
+        ops().dequantize_matrix(int(QT.Q4_K), raw, 100, 0, 1)
+    with pytest.raises(ValueError):  # row_bytes does not match type and cols
+        ops().dequantize_matrix(int(QT.Q4_K), raw, 512, 0, 1)
+    with pytest.raises(ValueError):  # unsupported type id (Q4_1)
+        ops().dequantize_matrix(3, raw, 256, 0, 1)
+    # The valid call next to them works (the errors are the arguments', not the kernel's).
+    assert_same_floats(ops().dequantize_matrix(int(QT.Q4_K), raw, 256, 1, 3),
+                       gguf.quants.dequantize(raw, QT.Q4_K).reshape(4, 256)[1:4])
+
 # ---- rms_norm, swiglu -------------------------------------------------------------------
 
 def rms_ref(x, w, eps):
