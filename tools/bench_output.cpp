@@ -64,7 +64,7 @@ std::vector<Field> fields_of(const TestResult& r) {
         {"build_number", Kind::Int, "0"},
         {"cpu_info", Kind::String, cpu},
         {"gpu_info", Kind::String, r.gpu_info},
-        {"backends", Kind::String, r.n_gpu_layers_used ? "CUDA,CPU" : "CPU"},
+        {"backends", Kind::String, r.gpu_info.empty() ? "CPU" : "CUDA,CPU"},
         {"model_filename", Kind::String, r.model.filename},
         {"model_type", Kind::String, r.model.type},
         {"model_size", Kind::Int, i(r.model.size)},
@@ -239,7 +239,7 @@ private:
         if (c == "params")
             return r.model.n_params < 1e9 ? format("%.2f M", r.model.n_params / 1e6)
                                           : format("%.2f B", r.model.n_params / 1e9);
-        if (c == "backend") return r.n_gpu_layers_used ? "CUDA" : "CPU";
+        if (c == "backend") return r.gpu_info.empty() ? "CPU" : "CUDA";
         if (c == "test") return test_name(r.test.n_prompt, r.test.n_gen, r.test.n_depth);
         if (c == "t/s") {
             const std::vector<double> ts = r.samples_ts();

@@ -23,8 +23,8 @@ struct TestResult {
     TestInstance test;
     ModelInfo model;
     int n_threads = 0;  // the threads used: test.n_threads may be 0, "all"
-    int n_gpu_layers_used = 0;  // layers that ran on the GPU (0: CPU only)
-    std::string gpu_info;       // the GPU's name when one was used
+    int n_gpu_layers_used = 0;  // layers whose attention ran on the GPU
+    std::string gpu_info;       // the GPU's name when any tensor was on it (empty: CPU only)
     std::string test_time;
     std::vector<uint64_t> samples_ns;  // one per repetition
 

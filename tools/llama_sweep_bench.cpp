@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
         cp.tensor_overrides = overrides_from_flags(p.tensor_overrides, p.cpu_moe, p.n_cpu_moe);
         cp.n_ubatch = std::min(p.n_batch, p.n_ubatch);
         Context ctx(*model, cp);
+        if (p.verbose) std::fprintf(stderr, "%s", ctx.placement_summary().c_str());
         TokenSource tokens(model->hparams().n_vocab);
         std::vector<float> logits;
         const int chunk = std::min(p.n_batch, p.n_ubatch);
