@@ -25,7 +25,7 @@ struct ContextParams {
     int n_threads = 0;  // 0: every hardware thread
     bool embeddings = false;  // decode() returns final hidden states (after output_norm), not logits
     bool f32_activations = false;  // no 8-bit rounding of activations (see matmul): for accuracy checks
-    int n_gpu_layers = 0;   // as llama.cpp's -ngl: the last N layers on the GPU; < 0 or > n_layer: all + output
+    int n_gpu_layers = 0;   // as llama.cpp's -ngl (placement.h): the output head first, then blocks from the last; < 0: all
     int n_ubatch = 512;     // tokens per GPU forward (a bigger batch runs as several)
     // -ot/--override-tensor, --cpu-moe, --n-cpu-moe entries, in order (placement.h).
     std::vector<TensorOverride> tensor_overrides;

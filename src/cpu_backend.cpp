@@ -224,32 +224,62 @@ void CpuBackend::moe_route(int il) {
 void CpuBackend::moe_experts(int il, bool into_x) {
     const LayerWeights& l = model_.layer(il);
     const LayerPlacement& lp = placement_.layers[il];
-    const int64_t H = hp_.n_embd, E = hp_.n_expert;
+    const int64_t H = hp_.n_embd, E = hp_.n_expert, F = l.gate_exps.ne[1];
     const int k = hp_.layers[il].n_expert_used;
-    std::fill(moe_out_.begin(), moe_out_.begin() + n_ * H, 0.0f);
-    if (lp.experts == Device::cpu) {
-        // Tokens grouped by expert, in token order.
-        std::vector<std::vector<std::pair<int64_t, float>>> assigned(E);
+    // Tokens grouped by expert, in token order; each expert's rows of h gathered in ffn_in_.
+    std::vector<std::vector<std::pair<int64_t, float>>> assigned(E);
+    if (lp.experts == Device::cpu)
         for (int64_t t = 0; t < n_; ++t)
             for (int j = 0; j < k; ++j) assigned[route_ids_[t * k + j]].push_back({t, route_weights_[t * k + j]});
-        for (int64_t e = 0; e < E; ++e) {
-            const auto& tokens = assigned[e];
-            if (tokens.empty()) continue;
-            const int64_t m = static_cast<int64_t>(tokens.size());
-            ffn_in_.resize(m * H);
-            down_.resize(m * H);
-            for (int64_t i = 0; i < m; ++i)
-                std::copy(h_.data() + tokens[i].first * H, h_.data() + (tokens[i].first + 1) * H, ffn_in_.data() + i * H);
-            swiglu_ffn(l.gate_exps, l.up_exps, l.down_exps, e, ffn_in_.data(), m, down_.data());
-            for (int64_t i = 0; i < m; ++i)
-                vec_axpy(moe_out_.data() + tokens[i].first * H, tokens[i].second, down_.data() + i * H, H);
+    std::vector<int64_t> first(E + 1, 0);  // expert e's rows: [first[e], first[e + 1])
+    for (int64_t e = 0; e < E; ++e) first[e + 1] = first[e] + static_cast<int64_t>(assigned[e].size());
+    const int64_t rows = first[E];
+    ffn_in_.resize(rows * H);
+    for (int64_t e = 0; e < E; ++e)
+        for (size_t i = 0; i < assigned[e].size(); ++i) {
+            const float* src = h_.data() + assigned[e][i].first * H;
+            std::copy(src, src + H, ffn_in_.data() + (first[e] + i) * H);
         }
+    const bool shared = l.gate_shexp && lp.shared == Device::cpu;
+    const int64_t Fs = shared ? l.gate_shexp.ne[1] : 0;
+
+    // Every expert's gate and up in one parallel loop, then every down in another.
+    gate_.resize(rows * F + n_ * Fs);
+    up_.resize(rows * F + n_ * Fs);
+    down_.resize((rows + n_) * H);
+    float* sh_gate = gate_.data() + rows * F;
+    float* sh_up = up_.data() + rows * F;
+    float* sh_down = down_.data() + rows * H;
+    std::vector<MatmulCall> calls;
+    for (int64_t e = 0; e < E; ++e) {
+        const int64_t m = first[e + 1] - first[e];
+        if (m == 0) continue;
+        const float* in = ffn_in_.data() + first[e] * H;
+        calls.push_back({l.gate_exps.type, l.gate_exps.matrix(e), F, H, in, H, m, gate_.data() + first[e] * F, F});
+        calls.push_back({l.up_exps.type, l.up_exps.matrix(e), F, H, in, H, m, up_.data() + first[e] * F, F});
     }
-    if (l.gate_shexp && lp.shared == Device::cpu) {
-        down_.resize(n_ * H);
-        swiglu_ffn(l.gate_shexp, l.up_shexp, l.down_shexp, 0, h_.data(), n_, down_.data());
-        vec_add(moe_out_.data(), down_.data(), n_ * H);
+    if (shared) {
+        calls.push_back({l.gate_shexp.type, l.gate_shexp.data, Fs, H, h_.data(), H, n_, sh_gate, Fs});
+        calls.push_back({l.up_shexp.type, l.up_shexp.data, Fs, H, h_.data(), H, n_, sh_up, Fs});
     }
+    matmul_many(pool_, calls, f32_activations_);
+    for (size_t i = 0; i < gate_.size(); ++i) gate_[i] = silu(gate_[i]) * up_[i];
+    calls.clear();
+    for (int64_t e = 0; e < E; ++e) {
+        const int64_t m = first[e + 1] - first[e];
+        if (m == 0) continue;
+        calls.push_back({l.down_exps.type, l.down_exps.matrix(e), H, F, gate_.data() + first[e] * F, F, m,
+                         down_.data() + first[e] * H, H});
+    }
+    if (shared) calls.push_back({l.down_shexp.type, l.down_shexp.data, H, Fs, sh_gate, Fs, n_, sh_down, H});
+    matmul_many(pool_, calls, f32_activations_);
+
+    std::fill(moe_out_.begin(), moe_out_.begin() + n_ * H, 0.0f);
+    for (int64_t e = 0; e < E; ++e)
+        for (size_t i = 0; i < assigned[e].size(); ++i)
+            vec_axpy(moe_out_.data() + assigned[e][i].first * H, assigned[e][i].second,
+                     down_.data() + (first[e] + i) * H, H);
+    if (shared) vec_add(moe_out_.data(), sh_down, n_ * H);
     if (into_x) add_moe_out();
 }
 

@@ -27,40 +27,62 @@ void check_args(uint32_t type, const void* W, int64_t n_rows, int64_t k, const f
     if (n_rows > 0 && n_tokens > 0 && (!W || !x || !y)) throw std::invalid_argument("matmul: null pointer");
 }
 
-// Splits rows x tokens into work items handed out dynamically (other processes share the cores).
-// With many tokens, rows come in chunks small enough that a chunk of weight rows stays in L2
-// while every token tile of the chunk passes over it. With one tile of tokens (decode) the weights
-// are streamed once, so each thread gets long contiguous runs of rows that the hardware
-// prefetchers can follow (about 8 chunks per thread keep the dynamic balance).
-// Tokens are split only when there are too few row chunks.
-void run_chunks(ThreadPool& pool, ChunkFn fn, const MatmulJob& job, int64_t n_rows, int64_t n_tokens) {
-    const int n_threads = pool.size();
-    const int64_t max_rows_per_chunk = n_tokens <= kMaxTile ? std::max<int64_t>(16, n_rows / (8 * n_threads)) : 16;
-    const int64_t rows_per_chunk = std::clamp<int64_t>((n_rows + n_threads - 1) / n_threads, 1, max_rows_per_chunk);
-    const int64_t n_row_chunks = (n_rows + rows_per_chunk - 1) / rows_per_chunk;
-    int64_t n_token_groups = 1;
-    if (n_row_chunks < 2 * n_threads) {
-        const int64_t max_groups = (n_tokens + kMaxTile - 1) / kMaxTile;
-        n_token_groups = std::min<int64_t>(max_groups, (2 * n_threads + n_row_chunks - 1) / n_row_chunks);
+// How one matmul's rows x tokens are cut into work items (handed out dynamically: other processes
+// share the cores). With many tokens, rows come in chunks small enough that a chunk of weight rows
+// stays in L2 while every token tile of the chunk passes over it. With one tile of tokens (decode)
+// the weights are streamed once, so each thread gets long contiguous runs of rows that the
+// hardware prefetchers can follow (about 8 chunks per thread keep the dynamic balance). Tokens
+// are split only when there are too few row chunks. (Results do not depend on the cut.)
+struct Plan {
+    ChunkFn fn;
+    MatmulJob job;
+    int64_t n_rows, n_tokens, rows_per_chunk, n_row_chunks, tokens_per_group, n_items;
+
+    Plan(ChunkFn f, const MatmulJob& j, int64_t rows, int64_t tokens, int n_threads)
+        : fn(f), job(j), n_rows(rows), n_tokens(tokens) {
+        const int64_t max_rows_per_chunk = n_tokens <= kMaxTile ? std::max<int64_t>(16, n_rows / (8 * n_threads)) : 16;
+        rows_per_chunk = std::clamp<int64_t>((n_rows + n_threads - 1) / n_threads, 1, max_rows_per_chunk);
+        n_row_chunks = (n_rows + rows_per_chunk - 1) / rows_per_chunk;
+        int64_t n_token_groups = 1;
+        if (n_row_chunks < 2 * n_threads) {
+            const int64_t max_groups = (n_tokens + kMaxTile - 1) / kMaxTile;
+            n_token_groups = std::min<int64_t>(max_groups, (2 * n_threads + n_row_chunks - 1) / n_row_chunks);
+        }
+        // Token groups are whole tiles so that tiling does not depend on the split.
+        const int64_t tiles = (n_tokens + kMaxTile - 1) / kMaxTile;
+        tokens_per_group = (tiles + n_token_groups - 1) / n_token_groups * kMaxTile;
+        n_items = n_row_chunks * n_token_groups;
     }
-    // Token groups are whole tiles so that tiling does not depend on the split.
-    const int64_t tiles = (n_tokens + kMaxTile - 1) / kMaxTile;
-    const int64_t tokens_per_group = (tiles + n_token_groups - 1) / n_token_groups * kMaxTile;
-    const int64_t n_items = n_row_chunks * n_token_groups;
+    void run_item(int64_t item) const {
+        const int64_t rc = item % n_row_chunks, tg = item / n_row_chunks;
+        const int64_t t0 = tg * tokens_per_group;
+        if (t0 >= n_tokens) return;
+        fn(job, rc * rows_per_chunk, std::min(n_rows, (rc + 1) * rows_per_chunk), t0,
+           std::min(n_tokens, t0 + tokens_per_group));
+    }
+    int64_t work() const { return n_rows * job.k * n_tokens; }
+};
+
+// Runs the items of every plan in one loop of the pool.
+void run_plans(ThreadPool& pool, const std::vector<Plan>& plans) {
+    int64_t n_items = 0, work = 0;
+    for (const Plan& p : plans) {
+        n_items += p.n_items;
+        work += p.work();
+    }
     std::atomic<int64_t> next{0};
     auto worker = [&](int) {
+        size_t plan = 0;
+        int64_t first = 0;  // items before plans[plan]
         for (int64_t item = next++; item < n_items; item = next++) {
-            const int64_t rc = item % n_row_chunks, tg = item / n_row_chunks;
-            const int64_t t0 = tg * tokens_per_group;
-            if (t0 >= n_tokens) continue;
-            fn(job, rc * rows_per_chunk, std::min(n_rows, (rc + 1) * rows_per_chunk), t0,
-               std::min(n_tokens, t0 + tokens_per_group));
+            while (item >= first + plans[plan].n_items) first += plans[plan++].n_items;
+            plans[plan].run_item(item - first);
         }
     };
     // Work of a few tens of microseconds is not worth waking the pool for: the hand-off costs as
     // much, and far more when the machine has more runnable threads than cores.
-    const bool small = n_rows * job.k * n_tokens < (int64_t{1} << 18);
-    if (n_threads == 1 || n_items == 1 || small)
+    const bool small = work < (int64_t{1} << 18);
+    if (pool.size() == 1 || n_items == 1 || small)
         worker(0);
     else
         pool.run(worker);
@@ -68,15 +90,12 @@ void run_chunks(ThreadPool& pool, ChunkFn fn, const MatmulJob& job, int64_t n_ro
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-// Reused across calls on the same calling thread, so decode steps do not allocate.
-thread_local std::vector<char> act_buffer;
-
-// quantize(x_row, out_row) for every token.
+// quantize(x_row, out_row) for every token, into buf.
 template <class Quantize>
 const char* quantize_activations(ThreadPool& pool, Quantize quantize, size_t row_bytes, const float* x,
-                                 int64_t ldx, int64_t n_tokens) {
-    act_buffer.resize(row_bytes * n_tokens);
-    char* base = act_buffer.data();
+                                 int64_t ldx, int64_t n_tokens, std::vector<char>& buf) {
+    buf.resize(row_bytes * n_tokens);
+    char* base = buf.data();
     auto quantize_range = [&](int64_t t0, int64_t t1, int) {
         for (int64_t t = t0; t < t1; ++t) quantize(x + t * ldx, base + t * row_bytes);
     };
@@ -106,15 +125,17 @@ void chunk_dequantized(const MatmulJob& job, int64_t r0, int64_t r1, int64_t t0,
 
 }  // namespace
 
-void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int64_t k, const float* x,
-            int64_t ldx, int64_t n_tokens, float* y, int64_t ldy, bool f32_activations) {
-    check_args(type, W, n_rows, k, x, ldx, n_tokens, y, ldy);
-    if (n_rows == 0 || n_tokens == 0) return;
-    MatmulJob job{type, static_cast<const char*>(W), row_bytes(type, k), k, nullptr, 0, y, ldy};
+namespace {
+
+// The plan of one call: its kernel, and its activations in the kernel's format (in act_buf).
+Plan plan_call(ThreadPool& pool, const MatmulCall& c, bool f32_activations, std::vector<char>& act_buf) {
+    check_args(c.type, c.W, c.n_rows, c.k, c.x, c.ldx, c.n_tokens, c.y, c.ldy);
+    const int64_t k = c.k;
+    MatmulJob job{c.type, static_cast<const char*>(c.W), row_bytes(c.type, k), k, nullptr, 0, c.y, c.ldy};
 #if defined(__AVX2__) && defined(__FMA__)
     if (!f32_activations) {
     ChunkFn fn = nullptr;
-    switch (type) {
+    switch (c.type) {
         case GGML_TYPE_F32: fn = chunk_f32; break;
         case GGML_TYPE_F16: fn = chunk_f16; break;
         case GGML_TYPE_BF16: fn = chunk_bf16; break;
@@ -125,33 +146,59 @@ void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int6
         case GGML_TYPE_Q5_K: fn = chunk_q5_k; break;
         case GGML_TYPE_Q6_K: fn = chunk_q6_k; break;
     }
-    switch (type) {
+    switch (c.type) {
         case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
-            job.act = reinterpret_cast<const char*>(x);
-            job.act_row_bytes = static_cast<size_t>(ldx) * sizeof(float);
+            job.act = reinterpret_cast<const char*>(c.x);
+            job.act_row_bytes = static_cast<size_t>(c.ldx) * sizeof(float);
             break;
         case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_0: case GGML_TYPE_Q5_0:
             job.act_row_bytes = (k / QK32 + 1) / 2 * sizeof(ActQ8x2);
             job.act = quantize_activations(pool, [k](const float* xr, char* out) {
                 quantize_act_q8x2(xr, reinterpret_cast<ActQ8x2*>(out), k);
-            }, job.act_row_bytes, x, ldx, n_tokens);
+            }, job.act_row_bytes, c.x, c.ldx, c.n_tokens, act_buf);
             break;
         default: {
-            const bool interleaved = type != GGML_TYPE_Q6_K;
+            const bool interleaved = c.type != GGML_TYPE_Q6_K;
             job.act_row_bytes = k / QK_K * sizeof(ActQ8K);
             job.act = quantize_activations(pool, [k, interleaved](const float* xr, char* out) {
                 quantize_act_q8k(xr, reinterpret_cast<ActQ8K*>(out), k, interleaved);
-            }, job.act_row_bytes, x, ldx, n_tokens);
+            }, job.act_row_bytes, c.x, c.ldx, c.n_tokens, act_buf);
             break;
         }
     }
-    run_chunks(pool, fn, job, n_rows, n_tokens);
-    return;
+    return Plan(fn, job, c.n_rows, c.n_tokens, pool.size());
     }
+#else
+    (void)act_buf;
 #endif
-    job.act = reinterpret_cast<const char*>(x);
-    job.act_row_bytes = static_cast<size_t>(ldx) * sizeof(float);
-    run_chunks(pool, chunk_dequantized, job, n_rows, n_tokens);
+    job.act = reinterpret_cast<const char*>(c.x);
+    job.act_row_bytes = static_cast<size_t>(c.ldx) * sizeof(float);
+    return Plan(chunk_dequantized, job, c.n_rows, c.n_tokens, pool.size());
+}
+
+// Reused across calls on the same calling thread, so decode steps do not allocate.
+thread_local std::vector<std::vector<char>> act_buffers;
+
+}  // namespace
+
+void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int64_t k, const float* x,
+            int64_t ldx, int64_t n_tokens, float* y, int64_t ldy, bool f32_activations) {
+    matmul_many(pool, {MatmulCall{type, W, n_rows, k, x, ldx, n_tokens, y, ldy}}, f32_activations);
+}
+
+void matmul_many(ThreadPool& pool, const std::vector<MatmulCall>& calls, bool f32_activations) {
+    if (act_buffers.size() < calls.size()) act_buffers.resize(calls.size());
+    std::vector<Plan> plans;
+    plans.reserve(calls.size());
+    for (size_t i = 0; i < calls.size(); ++i) {
+        if (calls[i].n_rows == 0 || calls[i].n_tokens == 0) {
+            check_args(calls[i].type, calls[i].W, calls[i].n_rows, calls[i].k, calls[i].x, calls[i].ldx,
+                       calls[i].n_tokens, calls[i].y, calls[i].ldy);
+            continue;
+        }
+        plans.push_back(plan_call(pool, calls[i], f32_activations, act_buffers[i]));
+    }
+    if (!plans.empty()) run_plans(pool, plans);
 }
 
 }  // namespace glmoe

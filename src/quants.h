@@ -2,6 +2,7 @@
 // y = x W^T that every linear layer uses, for each supported GGMLType.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "ggml_types.h"
 #include "thread_pool.h"
@@ -24,5 +25,19 @@ size_t row_bytes(uint32_t type, int64_t n);
 void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int64_t k,
             const float* x, int64_t ldx, int64_t n_tokens, float* y, int64_t ldy,
             bool f32_activations = false);
+
+// One matmul's arguments, as above.
+struct MatmulCall {
+    uint32_t type;
+    const void* W;
+    int64_t n_rows, k;
+    const float* x;
+    int64_t ldx, n_tokens;
+    float* y;
+    int64_t ldy;
+};
+// Several independent matmuls as one parallel loop, each giving exactly what matmul gives: one
+// hand-off of the thread pool for all the experts of a step instead of one per matrix.
+void matmul_many(ThreadPool& pool, const std::vector<MatmulCall>& calls, bool f32_activations = false);
 
 }  // namespace glmoe

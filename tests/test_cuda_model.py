@@ -1,6 +1,6 @@
 """The whole GPU forward against the CPU engine on the same files: several configurations that
 together use every weight type, prompt batches (tensor-core path), decode steps (matrix-vector
-path, replayed CUDA graphs), micro-batches, hybrid CPU/GPU layer splits, mixed sequences in one
+path, replayed CUDA graphs), micro-batches, CPU/GPU layer splits, mixed sequences in one
 batch, GPU sampling, and the step's device-to-host traffic."""
 from __future__ import annotations
 
@@ -89,14 +89,16 @@ def test_gpu_logits_match_cpu(model_case):
     assert_close(name, relative_errors(gpu, ref))
 
 
-@pytest.mark.parametrize("n_gpu_layers", [1, "all-but-output"])
-def test_hybrid_split_matches_cpu(model_case, n_gpu_layers):
+@pytest.mark.parametrize("n_gpu_layers", [1, 2, "all-but-one"])
+def test_layer_split_matches_cpu(model_case, n_gpu_layers):
+    """-ngl as llama.cpp counts it: the output head first, then blocks from the last one; the
+    hidden states cross to the GPU where its blocks begin."""
     name, model = model_case
-    ngl = model.n_layer if n_gpu_layers == "all-but-output" else n_gpu_layers
+    ngl = model.n_layer if n_gpu_layers == "all-but-one" else n_gpu_layers
     rng = np.random.default_rng()
     tokens = rng.integers(0, model.n_vocab, 30).tolist()
     ctx = _core.Context(model, 128, 2, n_gpu_layers=ngl)
-    assert ctx.n_gpu_layers == ngl and not ctx.samples_on_gpu
+    assert ctx.n_gpu_layers == ngl - 1 and ctx.samples_on_gpu
     ref = run_positions(_core.Context(model, 128, 2, f32_activations=True), tokens, [20, 1, 1, 8])
     got = run_positions(ctx, tokens, [20, 1, 1, 8])
     assert_close(name, relative_errors(got, ref))
