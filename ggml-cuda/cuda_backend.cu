@@ -3,6 +3,7 @@
 // captured into CUDA graphs (one per stretch between host crossings) that later steps of the
 // same shape replay; bigger steps use the tensor-core kernels and run eagerly.
 #include <cuda_runtime.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -435,10 +436,12 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     if (params.f32_activations) allocate_f32_scratch();
     const std::vector<float> ones(U_, 1.0f);
     ck(cudaMemcpy(ones_, ones.data(), sizeof(float) * U_, cudaMemcpyHostToDevice), "uploading constants");
-    if (borrow_) {
-        // Pinning the mapped file lets experts be copied at full PCIe speed; without it (e.g. not
-        // enough lockable memory) the copies still work, slower.
-        const GGUFFile& f = model.file();
+    const GGUFFile& f = model.file();
+    const uint64_t ram = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    if (borrow_ && f.file_size() <= ram / 2) {
+        // Pinning the mapped file (which reads it all into RAM) lets experts be copied at full
+        // PCIe speed; without it (a file too big for that, or not enough lockable memory) the
+        // copies still work, slower.
         mapping_pinned_ = cudaHostRegister(const_cast<uint8_t*>(f.mapping()), f.file_size(),
                                            cudaHostRegisterReadOnly) == cudaSuccess;
         if (!mapping_pinned_) cudaGetLastError();
