@@ -23,7 +23,7 @@ std::string gpu_unavailable(const Model& model) {
 }
 
 Placement place(const Model& model, const ContextParams& p) {
-    const std::string why_not = gpu_unavailable(model);
+    const std::string why_not = p.cpu_as_gpu ? "" : gpu_unavailable(model);
     std::string note;
     Placement pl = Placement::decide(model, PlacementParams{p.n_gpu_layers, p.tensor_overrides}, why_not.empty(), &note);
     if (!note.empty()) std::fprintf(stderr, "glmoe: %s (%s)\n", note.c_str(), why_not.c_str());
@@ -52,7 +52,10 @@ Context::Context(const Model& model, const ContextParams& params)
       kv_(params.n_ctx),
       cpu_(std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
                                         params.f32_activations)) {
-    if (placement_.uses(Device::gpu)) {
+    if (params.cpu_as_gpu) {
+        cpu_as_gpu_ = std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
+                                                   params.f32_activations, Device::gpu);
+    } else if (placement_.uses(Device::gpu)) {
         GpuParams gp;
         gp.n_ctx = params.n_ctx;
         gp.n_ubatch = n_ubatch_;
@@ -171,7 +174,7 @@ void Context::run_allocated(const Batch& batch, const std::function<void(const s
 }
 
 void Context::forward(const Batch& batch, const std::vector<int32_t>& cells, const StepOutput& proto) {
-    const Backends backends{cpu_.get(), gpu_.get()};
+    const Backends backends{cpu_.get(), cpu_as_gpu_ ? static_cast<Backend*>(cpu_as_gpu_.get()) : gpu_.get()};
     const int64_t n = static_cast<int64_t>(batch.size());
     const int64_t width = n_outputs_per_token();
     // The CPU backend takes any batch at once; the GPU's buffers hold n_ubatch tokens.

@@ -29,6 +29,9 @@ struct ContextParams {
     int n_ubatch = 512;     // tokens per GPU forward (a bigger batch runs as several)
     // -ot/--override-tensor, --cpu-moe, --n-cpu-moe entries, in order (placement.h).
     std::vector<TensorOverride> tensor_overrides;
+    // Tests without a GPU: the GPU's share of the placement runs on a second CPU backend, so that
+    // every crossing between devices is exercised (with the CPU's kernels on both sides).
+    bool cpu_as_gpu = false;
 };
 
 struct Batch {
@@ -94,7 +97,8 @@ private:
     ThreadPool pool_;
     KVCache kv_;
     std::unique_ptr<CpuBackend> cpu_;
-    std::unique_ptr<CudaBackend> gpu_;  // null: nothing on the GPU
+    std::unique_ptr<CudaBackend> gpu_;         // null: nothing on the GPU
+    std::unique_ptr<CpuBackend> cpu_as_gpu_;   // ContextParams::cpu_as_gpu
     uint64_t n_evaluated_ = 0;
     StepCostModel step_costs_;
 };

@@ -36,11 +36,11 @@ void rope_heads(float* x, int n_heads, int head_dim, int n_rot, const float* cos
 }  // namespace
 
 CpuBackend::CpuBackend(const Model& model, const Placement& placement, ThreadPool& pool, int n_ctx, bool embeddings,
-                       bool f32_activations)
+                       bool f32_activations, Device serves)
     : model_(model), hp_(model.hparams()), placement_(placement), pool_(pool), embeddings_(embeddings),
-      f32_activations_(f32_activations) {
+      f32_activations_(f32_activations), serves_(serves) {
     for (int il = 0; il < hp_.n_layer; ++il) {
-        const bool here = placement.layers[il].attn == Device::cpu;
+        const bool here = placement.layers[il].attn == serves;
         kv_width_.push_back(here ? static_cast<int64_t>(hp_.layers[il].n_head_kv) * hp_.head_dim_k : 0);
         k_.emplace_back(static_cast<size_t>(n_ctx) * kv_width_.back());
         v_.emplace_back(static_cast<size_t>(n_ctx) * kv_width_.back());
@@ -64,7 +64,7 @@ void CpuBackend::begin_step(const Step& step, const StepOutput&) {
     x_.resize(n_ * H);
     h_.resize(n_ * H);
     moe_out_.resize(n_ * H);
-    if (placement_.n_layers_with_attn_on(Device::cpu) == 0) return;
+    if (placement_.n_layers_with_attn_on(serves_) == 0) return;
 
     // Rope angles depend only on position: computed once per step, in double for accuracy.
     const int half = hp_.n_rot / 2;
@@ -228,7 +228,7 @@ void CpuBackend::moe_experts(int il, bool into_x) {
     const int k = hp_.layers[il].n_expert_used;
     // Tokens grouped by expert, in token order; each expert's rows of h gathered in ffn_in_.
     std::vector<std::vector<std::pair<int64_t, float>>> assigned(E);
-    if (lp.experts == Device::cpu)
+    if (lp.experts == serves_)
         for (int64_t t = 0; t < n_; ++t)
             for (int j = 0; j < k; ++j) assigned[route_ids_[t * k + j]].push_back({t, route_weights_[t * k + j]});
     std::vector<int64_t> first(E + 1, 0);  // expert e's rows: [first[e], first[e + 1])
@@ -240,7 +240,7 @@ void CpuBackend::moe_experts(int il, bool into_x) {
             const float* src = h_.data() + assigned[e][i].first * H;
             std::copy(src, src + H, ffn_in_.data() + (first[e] + i) * H);
         }
-    const bool shared = l.gate_shexp && lp.shared == Device::cpu;
+    const bool shared = l.gate_shexp && lp.shared == serves_;
     const int64_t Fs = shared ? l.gate_shexp.ne[1] : 0;
 
     // Every expert's gate and up in one parallel loop, then every down in another.

@@ -14,10 +14,12 @@ namespace glmoe {
 
 class CpuBackend final : public Backend, public KVRows {
 public:
+    // serves: the device whose share of the placement this backend runs: the CPU's, or (a stand-in
+    // that checks the forward's crossings on a machine without a GPU) the GPU's.
     CpuBackend(const Model& model, const Placement& placement, ThreadPool& pool, int n_ctx, bool embeddings,
-               bool f32_activations);
+               bool f32_activations, Device serves = Device::cpu);
 
-    Device device() const override { return Device::cpu; }
+    Device device() const override { return serves_; }
     void begin_step(const Step& step, const StepOutput& out) override;
     void embed(const Weight& table) override;
     void rms_norm(const std::vector<float>& w, int il, Part part) override;
@@ -51,6 +53,7 @@ private:
     const Placement& placement_;
     ThreadPool& pool_;
     bool embeddings_, f32_activations_;
+    Device serves_;
     std::vector<int64_t> kv_width_;
     std::vector<std::vector<float>> k_, v_;
 
