@@ -118,14 +118,13 @@ struct DevLayer {
     WeightView router;
     bool moe = false;
     ExpertSet dense_gate, dense_up, dense_down;
-    // Experts: routed ones here (experts), the shared one fused into them as expert n_expert or
-    // run on its own (shared without experts, or a width that differs).
+    // Experts: routed ones here (experts) or borrowed from RAM for a big step (borrows: router and
+    // shared expert here, routed experts in RAM). The shared expert runs fused into them as expert
+    // n_expert when they run here and it is as wide (fusible), else on its own (sh_*).
     ExpertSet gate, up, down;
     ExpertSet sh_gate, sh_up, sh_down;
-    bool fused = false;
-    bool borrows = false;       // routed experts in RAM, router here: big steps copy the used ones
+    bool fusible = false, borrows = false;
     int n_used = 0, ff = 0;
-    int n_slots() const { return n_used + (fused ? 1 : 0); }
 };
 
 // Pinned host buffers for the activations that cross to and from the host.
@@ -150,6 +149,7 @@ public:
     void ffn_dense(int il) override;
     void moe_route(int il) override;
     void moe_experts(int il, bool into_x) override;
+    bool borrows_experts(int il) const override;
     void add_moe_out() override;
     void flush() override;
     std::vector<const void*> download(std::initializer_list<Act> acts, int il) override;
@@ -190,6 +190,8 @@ private:
     void allocate_f32_scratch();
     // Copies the routed experts a big step uses from RAM to `borrow_` (the step's ids are read back).
     void borrow_experts(int il, ExpertSet& gate, ExpertSet& up, ExpertSet& down);
+    // Whether this step runs layer il's shared expert fused into its routed experts.
+    bool fused(int il) const;
     int32_t* in(int which) const { return d_in_ + static_cast<size_t>(which) * U_; }
     int32_t* host_in(int which) const { return h_in_ + static_cast<size_t>(which) * U_; }
 
@@ -327,24 +329,22 @@ void CudaBackendImpl::lay_out(Arena& a) {
             l.up.routed = upload_weight(a, w.up_exps);
             l.down.routed = upload_weight(a, w.down_exps);
         }
-        l.borrows = !l.experts && l.ffn && lp.experts == Device::cpu;
+        l.borrows = !l.experts && l.ffn && lp.experts == Device::cpu && (!w.gate_shexp || l.shared);
         if (l.borrows)
             borrow_bytes = std::max(borrow_bytes, stack_bytes(w.gate_exps) + stack_bytes(w.up_exps) + stack_bytes(w.down_exps));
         if (l.shared) {
             const WeightView g = upload_weight(a, w.gate_shexp), u = upload_weight(a, w.up_shexp), d = upload_weight(a, w.down_shexp);
-            // Fused shared expert: expert n_expert, chosen for every token with weight 1 — beside
-            // routed experts computed here (held or borrowed), when it is as wide as they are.
-            l.fused = (l.experts || l.borrows) && w.gate_shexp.ne[1] == w.gate_exps.ne[1];
-            if (l.fused) {
+            // Fused shared expert: expert n_expert, chosen for every token with weight 1.
+            l.fusible = (l.experts || l.borrows) && w.gate_shexp.ne[1] == w.gate_exps.ne[1];
+            if (l.fusible) {
                 l.gate.shared = g;
                 l.up.shared = u;
                 l.down.shared = d;
-            } else {
-                l.sh_gate = single(g);
-                l.sh_up = single(u);
-                l.sh_down = single(d);
-                ff_max_ = std::max<int64_t>(ff_max_, w.gate_shexp.ne[1]);
             }
+            l.sh_gate = single(g);
+            l.sh_up = single(u);
+            l.sh_down = single(d);
+            ff_max_ = std::max<int64_t>(ff_max_, w.gate_shexp.ne[1]);
         }
         if (l.experts || l.borrows) ff_max_ = std::max<int64_t>(ff_max_, l.ff);
         slots_max_ = std::max<int64_t>(slots_max_, l.n_used + 1);
@@ -648,10 +648,10 @@ void CudaBackendImpl::allocate_f32_scratch() {
         need(0, w.gate_exps, l.experts || l.borrows);
         need(1, w.up_exps, l.experts || l.borrows);
         need(2, w.down_exps, l.experts || l.borrows);
-        for (const Weight* m : {&w.gate_shexp, &w.up_shexp, &w.down_shexp}) need(0, *m, l.shared && !l.fused);
-        need(3, w.gate_shexp, l.fused);
-        need(4, w.up_shexp, l.fused);
-        need(5, w.down_shexp, l.fused);
+        for (const Weight* m : {&w.gate_shexp, &w.up_shexp, &w.down_shexp}) need(0, *m, l.shared);
+        need(3, w.gate_shexp, l.fusible);
+        need(4, w.up_shexp, l.fusible);
+        need(5, w.down_shexp, l.fusible);
     }
     need(0, model_.output(), placement_.output == Device::gpu);
     for (int slot = 0; slot < 6; ++slot)
@@ -774,7 +774,7 @@ void CudaBackendImpl::moe_route(int il) {
     r.n_groups = hp_.n_expert_groups > 1 ? hp_.n_expert_groups : 1;
     r.n_group_used = hp_.n_expert_groups > 1 ? hp_.n_group_used : 1;
     r.norm = hp_.expert_weights_norm;
-    r.fuse_shared = l.fused;
+    r.fuse_shared = fused(il);
     r.scale = hp_.expert_weights_scale;
     cuda::moe_route(r, stream_);
 }
@@ -782,7 +782,8 @@ void CudaBackendImpl::moe_route(int il) {
 void CudaBackendImpl::routed_experts(const DevLayer& l, const ExpertSet& gate, const ExpertSet& up,
                                      const ExpertSet& down, float* out, bool acc) {
     const int64_t H = hp_.n_embd, F = l.ff;
-    const int S = l.n_slots();
+    const bool with_shared = static_cast<bool>(gate.shared);
+    const int S = l.n_used + (with_shared ? 1 : 0);
     if (p_.f32_activations) {
         // Exact f32: the experts dequantized, then the matrix-vector kernels (which read f32
         // weights without rounding the activations) over groups of at most kMaxMmvTokens tokens.
@@ -803,7 +804,7 @@ void CudaBackendImpl::routed_experts(const DevLayer& l, const ExpertSet& gate, c
         mmv_experts(down, act_, q8b_, true, moe_ids_, n_, S, moe_y_, stream_);
     } else {
         if (skip()) return;
-        moe_group(moe_ids_, n_, S, hp_.n_expert + (l.fused ? 1 : 0), moe_counts_, moe_offsets_, moe_src_, moe_dst_,
+        moe_group(moe_ids_, n_, S, hp_.n_expert + (with_shared ? 1 : 0), moe_counts_, moe_offsets_, moe_src_, moe_dst_,
                   stream_);
         mm_experts(gate, h_, moe_offsets_, moe_src_, moe_dst_, n_, g_, stream_);
         mm_experts(up, h_, moe_offsets_, moe_src_, moe_dst_, n_, u_, stream_);
@@ -818,7 +819,7 @@ void CudaBackendImpl::borrow_experts(int il, ExpertSet& gate, ExpertSet& up, Exp
     // Which experts the step uses: its routing, read back (big steps run eagerly).
     const DevLayer& l = layers_[il];
     const LayerWeights& w = model_.layer(il);
-    const int S = l.n_slots();
+    const int S = l.n_used + (fused(il) ? 1 : 0);
     std::vector<int32_t> ids(static_cast<size_t>(n_) * S);
     ck(cudaMemcpyAsync(ids.data(), moe_ids_, sizeof(int32_t) * ids.size(), cudaMemcpyDeviceToHost, stream_), "routing");
     ++counters_.device_to_host_copies;
@@ -847,18 +848,28 @@ void CudaBackendImpl::borrow_experts(int il, ExpertSet& gate, ExpertSet& up, Exp
     }
 }
 
+bool CudaBackendImpl::borrows_experts(int il) const {
+    return layers_[il].borrows && n_ >= kBorrowExpertsMinTokens;
+}
+
+bool CudaBackendImpl::fused(int il) const {
+    const DevLayer& l = layers_[il];
+    return l.fusible && (l.experts || borrows_experts(il));
+}
+
 void CudaBackendImpl::moe_experts(int il, bool into_x) {
     const DevLayer& l = layers_[il];
     float* out = into_x ? x_ : moe_out_;
     bool acc = into_x;
     ExpertSet gate = l.gate, up = l.up, down = l.down;
-    const bool borrow = l.borrows && n_ >= kBorrowExpertsMinTokens;
+    if (!fused(il)) gate.shared = up.shared = down.shared = WeightView{};
+    const bool borrow = borrows_experts(il);
     if (borrow) borrow_experts(il, gate, up, down);
     if (l.experts || borrow) {
         routed_experts(l, gate, up, down, out, acc);
         acc = true;
     }
-    if (l.sh_gate.routed) swiglu_ffn(l.sh_gate, l.sh_up, l.sh_down, out, acc);
+    if (l.shared && !fused(il)) swiglu_ffn(l.sh_gate, l.sh_up, l.sh_down, out, acc);
 }
 
 void CudaBackendImpl::add_moe_out() {
@@ -915,15 +926,16 @@ void CudaBackendImpl::upload(Act a, const void* host, int il) {
     }
     // Routing, n_used wide from the sender; the fused shared expert's slot (expert n_expert,
     // weight 1) is added here when this backend runs it with the routed ones.
-    const DevLayer& l = layers_[il];
-    const int k = l.n_used, S = l.n_slots();
+    const int k = layers_[il].n_used;
+    const bool with_shared = fused(il);
+    const int S = k + (with_shared ? 1 : 0);
     for (int t = 0; t < n_; ++t) {
         if (a == Act::route_ids) {
             std::memcpy(up_.route_ids + t * S, static_cast<const int32_t*>(host) + t * k, sizeof(int32_t) * k);
-            if (l.fused) up_.route_ids[t * S + k] = hp_.n_expert;
+            if (with_shared) up_.route_ids[t * S + k] = hp_.n_expert;
         } else {
             std::memcpy(up_.route_w + t * S, static_cast<const float*>(host) + t * k, sizeof(float) * k);
-            if (l.fused) up_.route_w[t * S + k] = 1.0f;
+            if (with_shared) up_.route_w[t * S + k] = 1.0f;
         }
     }
     if (a == Act::route_ids) copy_to_device(moe_ids_, up_.route_ids, sizeof(int32_t) * n_ * S);

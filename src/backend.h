@@ -95,6 +95,9 @@ public:
     virtual void moe_experts(int il, bool into_x) = 0;
     // x += moe_out.
     virtual void add_moe_out() = 0;
+    // Whether this step, this backend runs layer il's routed experts though they are placed on the
+    // other device (copying the ones the step uses: faster than sending a big step's tokens there).
+    virtual bool borrows_experts(int il) const { return false; }
 
     // Starts the work enqueued so far (a backend that holds it back, as a CUDA graph being captured,
     // launches it), so that it runs while the host does other work.

@@ -47,7 +47,7 @@ void glm4moe_forward(const Model& model, const Placement& placement, const Backe
             continue;
         }
         ffn.moe_route(il);
-        if (lp.experts == lp.ffn && lp.shared == lp.ffn) {
+        if ((lp.experts == lp.ffn || ffn.borrows_experts(il)) && lp.shared == lp.ffn) {
             ffn.moe_experts(il, /*into_x=*/true);
             continue;
         }

@@ -1,25 +1,28 @@
 #!/bin/bash
-# The GPU checks of a change, in one device call, from the repo root: starts llama.cpp's
-# llama-bench build and the Air-shaped 8-layer file in the background (for tools/hybrid_compare.sh
-# in a following call on the warm machine), builds glmoe (tools/device_setup.sh), runs the GPU
-# tests, then a short hybrid smoke run.   tools/device_check.sh LLAMA_CPP_SRC OUT_DIR
+# The GPU checks and benchmarks of a change, in one device call, from the repo root: builds
+# llama.cpp's llama-bench (background) and glmoe (tools/device_setup.sh), makes the Air-shaped
+# 8-layer file, runs the GPU tests, then tools/hybrid_compare.sh with the glmoe just built.
+#   tools/device_check.sh LLAMA_CPP_SRC OUT_DIR      (env: TEST_S, BENCH_TESTS, BUDGET_S)
 set -u
+t0=$SECONDS
 src=${1:?llama.cpp source}; out=${2:?output dir}
 mkdir -p "$out" build
 export PYTHONUNBUFFERED=1
 ( cmake -S "$src" -B build/hybrid-lcpp -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DCMAKE_BUILD_TYPE=Release && cmake --build build/hybrid-lcpp --target llama-bench -j8 ) > "$out/lcpp-build.log" 2>&1 &
+    -DCMAKE_BUILD_TYPE=Release && cmake --build build/hybrid-lcpp --target llama-bench -j10 ) > "$out/lcpp-build.log" 2>&1 &
+lcpp_job=$!
 . tools/device_setup.sh > "$out/setup.log" 2>&1 || { tail -30 "$out/setup.log"; exit 1; }
 tail -1 "$out/setup.log"
 [ -s build/air8.gguf ] || ( python3 tools/make_model.py build/air8.part.gguf --preset air-8layer && mv build/air8.part.gguf build/air8.gguf ) > "$out/make_model.log" 2>&1 &
 model_job=$!
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout "${TEST_S:-300}" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda_model.py tests/test_cuda_ops.py \
-    tests/test_cuda_reference.py ${PYTEST_ARGS:-} 2>&1 | tee "$out/pytest.log" | tail -n 30
-wait "$model_job"
-B=$(command -v llama-bench)
-for f in "-ot exps=CPU" "--n-cpu-moe 4"; do
-    timeout 90 "$B" -m build/air8.gguf -ngl 99 -fa 1 -t 16 -p 512 -n 32 -r 1 $f 2>&1 | tail -n 4
+for f in tests/test_cuda_model.py tests/test_cuda_reference.py; do
+    timeout "${TEST_S:-100}" python3 -m pytest -q -m cuda -p no:cacheprovider -rf --tb=short "$f" > "$out/$(basename "$f" .py).log" 2>&1
+    echo "$f: exit $?; $(tail -n 1 "$out/$(basename "$f" .py).log")"
+    grep -E "^FAILED|Fatal Python|^E  " "$out/$(basename "$f" .py).log" | head -n 12
 done
-wait
+wait "$model_job"; wait "$lcpp_job" || tail -5 "$out/lcpp-build.log"
+echo "ready for benchmarks at $((SECONDS - t0)) s"
+TESTS=${BENCH_TESTS:-a b c d e} BUDGET_S=${BUDGET_S:-$((570 - (SECONDS - t0)))} MODEL=build/air8.gguf \
+    tools/hybrid_compare.sh "$src" "$out/hybrid" "${GLMOE_SITE:-/tmp/site}/glmoe/bin"

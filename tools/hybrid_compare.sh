@@ -2,7 +2,7 @@
 # Hybrid expert offload beside llama.cpp, on the device machine (one H100, 16 cores), from the repo
 # root: builds llama.cpp's llama-bench from LLAMA_CPP_SRC and glmoe's (unless GLMOE_BENCH is given),
 # makes the Air-shaped 8-layer file, then runs both llama-bench binaries with the same flags:
-#   a) experts in host memory       -ngl 99 -fa 1 -ot exps=CPU -t 16 -p 512 -n 64 -d 0,16384
+#   a) experts in host memory       -ngl 99 -fa 1 -ot exps=CPU -t 16 -p 512 -n 64 -d $HYBRID_DEPTHS (0)
 #   b) the same, one 4096 batch     -ngl 99 -fa 1 -ot exps=CPU -t 16 -p 4096 -b 4096 -ub 4096 -n 0
 #   c) first 4 layers' experts CPU  -ngl 99 -fa 1 --n-cpu-moe 4 -t 16 -p 512 -n 64
 #   d) all on the GPU (regression)  -ngl 99 -fa 1 -p 512 -n 128 -d 0,16384
@@ -146,7 +146,7 @@ both() {
 m=(-m "$model")
 for t in $tests; do
     case $t in
-        a) both a-hybrid-ot-exps 150 "${m[@]}" -ngl 99 -fa 1 -ot exps=CPU -t "$threads" -p 512 -n 64 -d 0,16384 -r "$reps" ;;
+        a) both a-hybrid-ot-exps 150 "${m[@]}" -ngl 99 -fa 1 -ot exps=CPU -t "$threads" -p 512 -n 64 -d "${HYBRID_DEPTHS:-0}" -r "$reps" ;;
         b) both b-hybrid-pp4096 75 "${m[@]}" -ngl 99 -fa 1 -ot exps=CPU -t "$threads" -p 4096 -b 4096 -ub 4096 -n 0 -r "$reps" ;;
         c) both c-n-cpu-moe-4 60 "${m[@]}" -ngl 99 -fa 1 --n-cpu-moe 4 -t "$threads" -p 512 -n 64 -r "$reps" ;;
         d) both d-all-gpu 75 "${m[@]}" -ngl 99 -fa 1 -p 512 -n 128 -d 0,16384 -r "$reps_gpu" ;;
