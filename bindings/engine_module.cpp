@@ -116,6 +116,8 @@ void bind_engine(nb::module_& m) {
              "Waits up to timeout seconds for new tokens or the end; a finished request is then forgotten.")
         .def("cancel", &BatchEngine::cancel, nb::arg("request_id"), nb::call_guard<nb::gil_scoped_release>(),
              "Finishes the request and frees its slot and KV cells before returning; unknown ids are ignored.")
+        .def("placement_summary", &BatchEngine::placement_summary,
+             "Where the model's parts run and the buffer sizes per device, in llama.cpp's words.")
         .def("stats",
              [](const BatchEngine& e) {
                  const EngineStats s = e.stats();

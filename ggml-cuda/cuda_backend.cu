@@ -3,7 +3,6 @@
 // captured into CUDA graphs (one per stretch between host crossings) that later steps of the
 // same shape replay; bigger steps use the tensor-core kernels and run eagerly.
 #include <cuda_runtime.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,9 +29,6 @@ static_assert(CudaBackend::kInvariantBatch == kMaxMmvTokens, "the batch-invarian
 constexpr int kDecodeGroup = 64;  // most tokens one attention_decode launch takes
 constexpr int kPrefillRun = 9;    // a sequence run this long uses the prefill attention kernel
 constexpr int kLogitRows = 32;    // output-head rows per pass (bounds the logits buffer)
-// From this many tokens a step copies the routed experts it uses from RAM to the GPU instead of
-// sending its tokens to the CPU's experts (docs/PERFORMANCE.md: where hybrid prefill time goes).
-constexpr int kBorrowExpertsMinTokens = 32;
 
 // Device memory is laid out twice: a dry pass that only counts bytes (to refuse a model that
 // does not fit before touching the device), then the real pass that places and uploads.
@@ -218,7 +214,7 @@ private:
     int32_t *moe_ids_ = nullptr, *moe_counts_ = nullptr, *moe_offsets_ = nullptr, *moe_src_ = nullptr,
             *moe_dst_ = nullptr, *seq_cells_ = nullptr, *ids_ = nullptr;
     uint8_t* borrow_ = nullptr;  // room for one layer's routed experts copied from RAM
-    bool mapping_pinned_ = false;
+    int borrow_min_tokens_ = 0;
     // f32-activation mode only: weights dequantized for one op. Slots 0-2: a matrix, or the routed
     // gate/up/down stacks; 3-5: a fused shared expert's gate/up/down.
     float* f32_scratch_[6] = {};
@@ -389,7 +385,7 @@ void CudaBackendImpl::lay_out(Arena& a) {
                                                                                    hp_.layers[il].n_head_kv, hp_.head_dim_k, p_.n_ctx));
     attn_scratch_ = static_cast<float*>(a.reserve(scratch_bytes));
     d_in_ = a.array<int32_t>(static_cast<size_t>(kInputs) * n);
-    borrow_ = static_cast<uint8_t*>(a.reserve(borrow_bytes));
+    borrow_ = borrow_bytes ? static_cast<uint8_t*>(a.reserve(borrow_bytes)) : nullptr;
     memory_.compute = a.used() - compute_start;
 }
 
@@ -404,6 +400,13 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     if (!why_not.empty()) throw GpuError("the GPU backend does not support " + why_not);
     if (params.n_ctx <= 0 || params.n_ubatch <= 0) throw GpuError("n_ctx and n_ubatch must be positive");
     U_ = std::max(params.n_ubatch, kMaxMmvTokens);
+    // From this many tokens a step copies the routed experts it uses from RAM instead of sending
+    // its tokens to the CPU. Default: ik_llama.cpp's rule, 32 x experts / experts used per token
+    // (512 for GLM-4.5-Air), where a batch uses nearly every expert; not yet tuned by measurement here.
+    const int n_used_max = hp_.layers.empty() ? 1 : std::max(1, std::max_element(hp_.layers.begin(), hp_.layers.end(),
+        [](const LayerHParams& a, const LayerHParams& b) { return a.n_expert_used < b.n_expert_used; })->n_expert_used);
+    borrow_min_tokens_ = params.expert_borrow_min_tokens > 0 ? params.expert_borrow_min_tokens
+                                                               : std::max(kMaxMmvTokens + 1, 32 * hp_.n_expert / n_used_max);
 
     Arena dry(nullptr);
     lay_out(dry);
@@ -436,22 +439,11 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     if (params.f32_activations) allocate_f32_scratch();
     const std::vector<float> ones(U_, 1.0f);
     ck(cudaMemcpy(ones_, ones.data(), sizeof(float) * U_, cudaMemcpyHostToDevice), "uploading constants");
-    const GGUFFile& f = model.file();
-    const uint64_t ram = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-    if (borrow_ && f.file_size() <= ram / 2) {
-        // Pinning the mapped file (which reads it all into RAM) lets experts be copied at full
-        // PCIe speed; without it (a file too big for that, or not enough lockable memory) the
-        // copies still work, slower.
-        mapping_pinned_ = cudaHostRegister(const_cast<uint8_t*>(f.mapping()), f.file_size(),
-                                           cudaHostRegisterReadOnly) == cudaSuccess;
-        if (!mapping_pinned_) cudaGetLastError();
-    }
 }
 
 CudaBackendImpl::~CudaBackendImpl() {
     for (auto& kv : graphs_)
         if (kv.second) cudaGraphExecDestroy(kv.second);
-    if (mapping_pinned_) cudaHostUnregister(const_cast<uint8_t*>(model_.file().mapping()));
     for (float* f : f32_scratch_)
         if (f) cudaFree(f);
     for (HostActs* b : {&down_, &up_})
@@ -849,7 +841,7 @@ void CudaBackendImpl::borrow_experts(int il, ExpertSet& gate, ExpertSet& up, Exp
 }
 
 bool CudaBackendImpl::borrows_experts(int il) const {
-    return layers_[il].borrows && n_ >= kBorrowExpertsMinTokens;
+    return layers_[il].borrows && n_ >= borrow_min_tokens_;
 }
 
 bool CudaBackendImpl::fused(int il) const {

@@ -61,6 +61,7 @@ Context::Context(const Model& model, const ContextParams& params)
         gp.n_ubatch = n_ubatch_;
         gp.embeddings = params.embeddings;
         gp.f32_activations = params.f32_activations;
+        gp.expert_borrow_min_tokens = params.expert_borrow_min_tokens;
         gpu_ = CudaBackend::create(model, placement_, gp);
     }
 }
@@ -77,9 +78,11 @@ int Context::invariant_batch() const {
 
 std::string Context::placement_summary() const {
     const int n_layer = model_.hparams().n_layer;
-    std::string s = "offloaded " + std::to_string(n_gpu_layers()) + "/" + std::to_string(n_layer + 1) +
-                    " layers to GPU (attention and KV cache" +
-                    (placement_.output == Device::gpu ? ", with the output head" : "") + ")\n";
+    // llama.cpp counts the output head as one more layer.
+    const int offloaded = n_gpu_layers() + (placement_.output == Device::gpu ? 1 : 0);
+    std::string s = "offloaded " + std::to_string(offloaded) + "/" + std::to_string(n_layer + 1) +
+                    " layers to GPU (attention and KV cache of " + std::to_string(n_gpu_layers()) + " layers" +
+                    (placement_.output == Device::gpu ? ", the output head" : "") + ")\n";
     int cpu_experts = 0, moe_layers = 0;
     for (int il = 0; il < n_layer; ++il)
         if (model_.hparams().layers[il].is_moe) {

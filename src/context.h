@@ -29,6 +29,8 @@ struct ContextParams {
     int n_ubatch = 512;     // tokens per GPU forward (a bigger batch runs as several)
     // -ot/--override-tensor, --cpu-moe, --n-cpu-moe entries, in order (placement.h).
     std::vector<TensorOverride> tensor_overrides;
+    // GpuParams::expert_borrow_min_tokens (0: the default).
+    int expert_borrow_min_tokens = 0;
     // Tests without a GPU: the GPU's share of the placement runs on a second CPU backend, so that
     // every crossing between devices is exercised (with the CPU's kernels on both sides).
     bool cpu_as_gpu = false;

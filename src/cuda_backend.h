@@ -25,6 +25,9 @@ struct GpuParams {
     int n_ubatch = 512;  // most tokens of one step (Context splits bigger batches)
     bool embeddings = false;
     bool f32_activations = false;  // matrix products in f32 (dequantized weights): for accuracy checks
+    // Routed experts placed in RAM, router on the GPU: steps of at least this many tokens copy the
+    // experts they use to the GPU instead of running them on the CPU (0: the backend's default).
+    int expert_borrow_min_tokens = 0;
 };
 
 struct GpuCounters {

@@ -99,6 +99,8 @@ public:
     void cancel(int64_t id);
 
     EngineStats stats() const;
+    // Where the model's parts run and the buffer sizes per device (Context::placement_summary; fixed at load).
+    std::string placement_summary() const { return ctx_.placement_summary(); }
     std::vector<SlotInfo> slots() const;
 
     // Stops the engine thread, finishing every unfinished request as cancelled. Idempotent.

@@ -65,7 +65,6 @@ public:
     const GGUFTensorInfo* find_tensor(const std::string& name) const;  // nullptr if absent
     const uint8_t* tensor_data(const GGUFTensorInfo& t) const { return data_ + t.offset; }
     uint64_t file_size() const { return size_; }
-    const uint8_t* mapping() const { return map_; }  // the whole file
 
 private:
     GGUFFile() = default;

@@ -154,9 +154,15 @@ def case(request, tmp_path_factory):
     return c
 
 
+# Prompt chunks of CHUNKS' 40 tokens copy RAM-placed experts to the GPU (the big-batch path) rather
+# than send their tokens to the CPU; the smaller steps take the CPU's experts.
+BORROW_MIN_TOKENS = 32
+
+
 def gpu_context(model, **kw) -> _core.Context:
     """A context with a GPU part (n_gpu_layers=-1 unless given); fails if the GPU is not used."""
     kw.setdefault("n_gpu_layers", -1)
+    kw.setdefault("expert_borrow_min_tokens", BORROW_MIN_TOKENS)
     ctx = _core.Context(model, N_CTX, 2, **kw)
     assert ctx.gpu_counters(), f"no GPU backend with {kw}"
     return ctx

@@ -62,6 +62,8 @@ def _load(state: ServerState, settings: Settings) -> None:
         state.generator = Generator(engine, tokenizer, settings.n_parallel, settings.spec_suffix)
         print(f"llama-server: loaded {settings.model_path} ({model.description}); "
               f"{settings.n_parallel} slots of {state.generator.n_ctx_slot} tokens", file=sys.stderr)
+        for line in engine.placement_summary().splitlines():
+            print(f"llama-server: {line}", file=sys.stderr)
     except Exception as e:  # reported by /health and every other route
         state.load_error = f"{type(e).__name__}: {e}"
         print(f"llama-server: failed to load {settings.model_path}: {state.load_error}", file=sys.stderr)
