@@ -36,13 +36,7 @@ nb::object get_rows_py(uint32_t type, const U8In& table, int64_t cols, const I32
     const size_t n = ids.shape(0);
     DeviceArray<float> d_out(n * cols);
     d_out.fill_bytes(0xFF);
-    glmoe::cuda::WeightView w;
-    w.data = d_table.get();
-    w.type = type;
-    w.rows = static_cast<int64_t>(table.shape(0));
-    w.cols = cols;
-    w.row_bytes = table.shape(1);
-    w.matrix_bytes = table.size();
+    const glmoe::cuda::WeightView w = view(d_table, type, table.shape(0), cols, table.shape(1));
     glmoe::cuda::get_rows(w, d_ids.get(), static_cast<int>(n), d_out.get(), nullptr);
     return nb::cast(to_numpy(d_out, {n, static_cast<size_t>(cols)}));
 }
@@ -54,13 +48,7 @@ nb::object dequantize_matrix_py(uint32_t type, const U8In& matrix, int64_t cols,
     DeviceArray<uint8_t> d_matrix = upload<uint8_t>(matrix);
     DeviceArray<float> d_out(static_cast<size_t>(n_rows) * cols);
     d_out.fill_bytes(0xFF);
-    glmoe::cuda::WeightView w;
-    w.data = d_matrix.get();
-    w.type = type;
-    w.rows = static_cast<int64_t>(matrix.shape(0));
-    w.cols = cols;
-    w.row_bytes = matrix.shape(1);
-    w.matrix_bytes = matrix.size();
+    const glmoe::cuda::WeightView w = view(d_matrix, type, matrix.shape(0), cols, matrix.shape(1));
     glmoe::cuda::dequantize_matrix(w, first_row, n_rows, d_out.get(), nullptr);  // bad arguments: ValueError
     return nb::cast(to_numpy(d_out, {static_cast<size_t>(n_rows), static_cast<size_t>(cols)}));
 }

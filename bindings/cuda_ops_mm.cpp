@@ -23,16 +23,6 @@ using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
 using I32In = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using F32Out = nb::ndarray<nb::numpy, float>;
 
-cuda::WeightView view(const DeviceArray<uint8_t>& d, uint32_t type, size_t rows, int64_t cols, size_t row_bytes) {
-    cuda::WeightView w;
-    w.data = d.get();
-    w.type = type;
-    w.rows = static_cast<int64_t>(rows);
-    w.cols = cols;
-    w.row_bytes = row_bytes;
-    w.matrix_bytes = rows * row_bytes;
-    return w;
-}
 
 // weight: [rows, row_bytes] raw GGUF rows; x: [n, cols]. Returns y [n, rows] = x @ W.T, plus
 // accumulate_into when given (the accumulate mode). exact: the f32 kernel for float weights (mm_float).

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels.h"
+
 namespace glmoe::cuda_test {
 
 namespace nb = nanobind;
@@ -45,6 +47,18 @@ private:
     T* p_ = nullptr;
     size_t n_;
 };
+
+// A weight matrix of `rows` raw rows of `type` (row_bytes each, `cols` elements) on the device.
+inline cuda::WeightView view(const DeviceArray<uint8_t>& d, uint32_t type, size_t rows, int64_t cols, size_t row_bytes) {
+    cuda::WeightView w;
+    w.data = d.get();
+    w.type = type;
+    w.rows = static_cast<int64_t>(rows);
+    w.cols = cols;
+    w.row_bytes = row_bytes;
+    w.matrix_bytes = rows * row_bytes;
+    return w;
+}
 
 template <typename T, typename Arr>
 DeviceArray<T> upload(const Arr& a) {

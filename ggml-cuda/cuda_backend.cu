@@ -505,6 +505,13 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
     if (n <= 0 || n > U_)
         throw std::invalid_argument("GPU step of " + std::to_string(n) + " tokens (at most " + std::to_string(U_) + ")");
     const KVCache& kv = *step.kv;
+    if (stretch_state_ == Stretch::capturing) {
+        // A step that failed while its ops were being captured: drop the partial graph.
+        cudaGraph_t partial = nullptr;
+        if (cudaStreamEndCapture(stream_, &partial) == cudaSuccess && partial) cudaGraphDestroy(partial);
+        cudaGetLastError();
+        stretch_state_ = Stretch::fresh;
+    }
     n_ = n;
     h_q8_valid_ = false;
     ++counters_.steps;
