@@ -108,13 +108,8 @@ class Llama:
             if kwargs:
                 print(f"glmoe: ignoring llama-cpp-python options glmoe does not have: {', '.join(sorted(kwargs))}",
                       file=sys.stderr)
-            if hasattr(self._ctx, "placement_summary"):
-                summary = self._ctx.placement_summary().rstrip("\n")
-                if summary:
-                    print("\n".join("glmoe: " + line for line in summary.splitlines()), file=sys.stderr)
-            elif n_gpu_layers:
-                print(f"glmoe: n_gpu_layers = {n_gpu_layers}: {self._ctx.n_gpu_layers} layers on the GPU"
-                      + (" with the output head" if self._ctx.samples_on_gpu else ""), file=sys.stderr)
+            for line in self._ctx.placement_summary().splitlines():
+                print("glmoe: " + line, file=sys.stderr)
 
     # ---- sizes and vocabulary -------------------------------------------------------------
 
