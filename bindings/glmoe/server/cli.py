@@ -74,10 +74,9 @@ def check_overrides(ap: argparse.ArgumentParser, values) -> None:
     pattern matches a tensor of the model is checked when it loads)."""
     from .. import _core
 
-    parse = getattr(_core, "parse_tensor_overrides", None)
-    for value in values if parse else []:
+    for value in values:
         try:
-            parse(value)
+            _core.parse_tensor_overrides(value)
         except ValueError as e:
             ap.error(str(e))
 
