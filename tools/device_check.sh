@@ -2,7 +2,9 @@
 # The GPU checks and benchmarks of a change, in one device call, from the repo root: builds
 # llama.cpp's llama-bench (background) and glmoe (tools/device_setup.sh), makes the Air-shaped
 # 8-layer file, runs the GPU tests, then tools/hybrid_compare.sh with the glmoe just built.
-#   tools/device_check.sh LLAMA_CPP_SRC OUT_DIR      (env: TEST_S, BENCH_TESTS, BUDGET_S)
+#   tools/device_check.sh LLAMA_CPP_SRC OUT_DIR      (env: TEST_S, SKIP_TESTS, BENCH_TESTS, BUDGET_S)
+# One call takes about 6 min before the benchmarks start with the tests (H100, 2026-12-06): with
+# SKIP_TESTS=1 the benchmarks get the time the tests would take.
 set -u
 t0=$SECONDS
 src=${1:?llama.cpp source}; out=${2:?output dir}
@@ -17,7 +19,8 @@ tail -1 "$out/setup.log"
 [ -s build/air8.gguf ] || ( python3 tools/make_model.py build/air8.part.gguf --preset air-8layer && mv build/air8.part.gguf build/air8.gguf ) > "$out/make_model.log" 2>&1 &
 model_job=$!
 nvidia-smi --query-gpu=name --format=csv,noheader
-for f in tests/test_cuda_model.py tests/test_cuda_reference.py; do
+[ "${SKIP_TESTS:-0}" = 1 ] && test_files= || test_files="tests/test_cuda_model.py tests/test_cuda_reference.py"
+for f in $test_files; do
     timeout "${TEST_S:-100}" python3 -m pytest -q -m cuda -p no:cacheprovider -rf --tb=short "$f" > "$out/$(basename "$f" .py).log" 2>&1
     echo "$f: exit $?; $(tail -n 1 "$out/$(basename "$f" .py).log")"
     grep -E "^FAILED|Fatal Python|^E  " "$out/$(basename "$f" .py).log" | head -n 12
