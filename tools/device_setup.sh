@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Set up the device machine (no network, python3 without glmoe's dependencies) from the repo root:
 #   . tools/device_setup.sh
-# Installs the wheels carried in .whl/ (git-ignored; name it in the run's carry list) into
+# Installs the wheels carried in .whl/ (git-ignored, listed in tools/device_wheels.txt; carry it) into
 # $GLMOE_SITE (default /tmp/site), builds glmoe with CUDA and installs it there too, and exports
 # PYTHONPATH and PATH (its console scripts: llama-bench, llama-server, glmoe) for this shell.
 # Sourced, a failure returns 1 without ending the shell; it can also be run as a plain script to
