@@ -111,9 +111,11 @@ void CpuBackend::qkv_prepare(int il) {
     q_.resize(n_ * nq);
     k_new_.resize(n_ * nkv);
     v_new_.resize(n_ * nkv);
-    linear(l.wq, h_.data(), n_, q_.data(), nq);
-    linear(l.wk, h_.data(), n_, k_new_.data(), nkv);
-    linear(l.wv, h_.data(), n_, v_new_.data(), nkv);
+    const int64_t H = hp_.n_embd;
+    matmul_many(pool_, {{l.wq.type, l.wq.data, nq, H, h_.data(), H, n_, q_.data(), nq},
+                        {l.wk.type, l.wk.data, nkv, H, h_.data(), H, n_, k_new_.data(), nkv},
+                        {l.wv.type, l.wv.data, nkv, H, h_.data(), H, n_, v_new_.data(), nkv}},
+                f32_activations_);
     add_bias(q_.data(), l.q_bias, n_);
     add_bias(k_new_.data(), l.k_bias, n_);
     add_bias(v_new_.data(), l.v_bias, n_);
@@ -161,8 +163,9 @@ void CpuBackend::swiglu_ffn(const Weight& gate, const Weight& up, const Weight& 
     const int64_t H = gate.ne[0], F = gate.ne[1];
     gate_.resize(n * F);
     up_.resize(n * F);
-    matmul(pool_, gate.type, gate.matrix(index), F, H, in, H, n, gate_.data(), F, f32_activations_);
-    matmul(pool_, up.type, up.matrix(index), F, H, in, H, n, up_.data(), F, f32_activations_);
+    matmul_many(pool_, {{gate.type, gate.matrix(index), F, H, in, H, n, gate_.data(), F},
+                        {up.type, up.matrix(index), F, H, in, H, n, up_.data(), F}},
+                f32_activations_);
     for (int64_t i = 0; i < n * F; ++i) gate_[i] = silu(gate_[i]) * up_[i];
     matmul(pool_, down.type, down.matrix(index), H, F, gate_.data(), F, n, out, H, f32_activations_);
 }

@@ -127,53 +127,76 @@ void chunk_dequantized(const MatmulJob& job, int64_t r0, int64_t r1, int64_t t0,
 
 namespace {
 
-// The plan of one call: its kernel, and its activations in the kernel's format (in act_buf).
-Plan plan_call(ThreadPool& pool, const MatmulCall& c, bool f32_activations, std::vector<char>& act_buf) {
-    check_args(c.type, c.W, c.n_rows, c.k, c.x, c.ldx, c.n_tokens, c.y, c.ldy);
-    const int64_t k = c.k;
-    MatmulJob job{c.type, static_cast<const char*>(c.W), row_bytes(c.type, k), k, nullptr, 0, c.y, c.ldy};
+// What a kernel reads as activations: the f32 rows themselves, or 8-bit blocks of one of two layouts.
+enum class ActFormat { f32, q8x2, q8k, q8k_interleaved };
+
+ActFormat act_format(uint32_t type, bool f32_activations) {
 #if defined(__AVX2__) && defined(__FMA__)
-    if (!f32_activations) {
-    ChunkFn fn = nullptr;
-    switch (c.type) {
-        case GGML_TYPE_F32: fn = chunk_f32; break;
-        case GGML_TYPE_F16: fn = chunk_f16; break;
-        case GGML_TYPE_BF16: fn = chunk_bf16; break;
-        case GGML_TYPE_Q8_0: fn = chunk_q8_0; break;
-        case GGML_TYPE_Q4_0: fn = chunk_q4_0; break;
-        case GGML_TYPE_Q5_0: fn = chunk_q5_0; break;
-        case GGML_TYPE_Q4_K: fn = chunk_q4_k; break;
-        case GGML_TYPE_Q5_K: fn = chunk_q5_k; break;
-        case GGML_TYPE_Q6_K: fn = chunk_q6_k; break;
+    if (f32_activations) return ActFormat::f32;
+    switch (type) {
+        case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_0: case GGML_TYPE_Q5_0: return ActFormat::q8x2;
+        case GGML_TYPE_Q6_K: return ActFormat::q8k;
+        case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: return ActFormat::q8k_interleaved;
+        default: return ActFormat::f32;
     }
-    switch (c.type) {
-        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
+#else
+    (void)type;
+    (void)f32_activations;
+    return ActFormat::f32;
+#endif
+}
+
+ChunkFn chunk_fn(uint32_t type, bool f32_activations) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (!f32_activations) switch (type) {
+        case GGML_TYPE_F32: return chunk_f32;
+        case GGML_TYPE_F16: return chunk_f16;
+        case GGML_TYPE_BF16: return chunk_bf16;
+        case GGML_TYPE_Q8_0: return chunk_q8_0;
+        case GGML_TYPE_Q4_0: return chunk_q4_0;
+        case GGML_TYPE_Q5_0: return chunk_q5_0;
+        case GGML_TYPE_Q4_K: return chunk_q4_k;
+        case GGML_TYPE_Q5_K: return chunk_q5_k;
+        case GGML_TYPE_Q6_K: return chunk_q6_k;
+    }
+#else
+    (void)type;
+    (void)f32_activations;
+#endif
+    return chunk_dequantized;
+}
+
+// A call's activations in format f: its own rows, or quantized into buf. Sets job.act and
+// job.act_row_bytes.
+void prepare_activations(ThreadPool& pool, const MatmulCall& c, ActFormat f, std::vector<char>& buf, MatmulJob& job) {
+    const int64_t k = c.k;
+    switch (f) {
+        case ActFormat::f32:
             job.act = reinterpret_cast<const char*>(c.x);
             job.act_row_bytes = static_cast<size_t>(c.ldx) * sizeof(float);
-            break;
-        case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_0: case GGML_TYPE_Q5_0:
+            return;
+#if defined(__AVX2__) && defined(__FMA__)
+        case ActFormat::q8x2:
             job.act_row_bytes = (k / QK32 + 1) / 2 * sizeof(ActQ8x2);
             job.act = quantize_activations(pool, [k](const float* xr, char* out) {
                 quantize_act_q8x2(xr, reinterpret_cast<ActQ8x2*>(out), k);
-            }, job.act_row_bytes, c.x, c.ldx, c.n_tokens, act_buf);
-            break;
-        default: {
-            const bool interleaved = c.type != GGML_TYPE_Q6_K;
+            }, job.act_row_bytes, c.x, c.ldx, c.n_tokens, buf);
+            return;
+        case ActFormat::q8k:
+        case ActFormat::q8k_interleaved: {
+            const bool interleaved = f == ActFormat::q8k_interleaved;
             job.act_row_bytes = k / QK_K * sizeof(ActQ8K);
             job.act = quantize_activations(pool, [k, interleaved](const float* xr, char* out) {
                 quantize_act_q8k(xr, reinterpret_cast<ActQ8K*>(out), k, interleaved);
-            }, job.act_row_bytes, c.x, c.ldx, c.n_tokens, act_buf);
-            break;
+            }, job.act_row_bytes, c.x, c.ldx, c.n_tokens, buf);
+            return;
         }
-    }
-    return Plan(fn, job, c.n_rows, c.n_tokens, pool.size());
-    }
 #else
-    (void)act_buf;
+        default: break;
 #endif
-    job.act = reinterpret_cast<const char*>(c.x);
-    job.act_row_bytes = static_cast<size_t>(c.ldx) * sizeof(float);
-    return Plan(chunk_dequantized, job, c.n_rows, c.n_tokens, pool.size());
+    }
+    (void)pool;
+    (void)buf;
 }
 
 // Reused across calls on the same calling thread, so decode steps do not allocate.
@@ -189,14 +212,29 @@ void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int6
 void matmul_many(ThreadPool& pool, const std::vector<MatmulCall>& calls, bool f32_activations) {
     if (act_buffers.size() < calls.size()) act_buffers.resize(calls.size());
     std::vector<Plan> plans;
+    std::vector<std::pair<const MatmulCall*, ActFormat>> quantized;  // inputs quantized so far, by plan
     plans.reserve(calls.size());
     for (size_t i = 0; i < calls.size(); ++i) {
-        if (calls[i].n_rows == 0 || calls[i].n_tokens == 0) {
-            check_args(calls[i].type, calls[i].W, calls[i].n_rows, calls[i].k, calls[i].x, calls[i].ldx,
-                       calls[i].n_tokens, calls[i].y, calls[i].ldy);
-            continue;
+        const MatmulCall& c = calls[i];
+        check_args(c.type, c.W, c.n_rows, c.k, c.x, c.ldx, c.n_tokens, c.y, c.ldy);
+        if (c.n_rows == 0 || c.n_tokens == 0) continue;
+        MatmulJob job{c.type, static_cast<const char*>(c.W), row_bytes(c.type, c.k), c.k, nullptr, 0, c.y, c.ldy};
+        const ActFormat f = act_format(c.type, f32_activations);
+        // Calls reading the same rows in the same format (an expert's gate and up, or q, k and v)
+        // share one quantization of them.
+        size_t same = 0;
+        while (same < quantized.size() && !(quantized[same].second == f && quantized[same].first->x == c.x &&
+                                              quantized[same].first->ldx == c.ldx && quantized[same].first->k == c.k &&
+                                              quantized[same].first->n_tokens == c.n_tokens))
+            ++same;
+        if (f != ActFormat::f32 && same < quantized.size()) {
+            job.act = plans[same].job.act;
+            job.act_row_bytes = plans[same].job.act_row_bytes;
+        } else {
+            prepare_activations(pool, c, f, act_buffers[i], job);
         }
-        plans.push_back(plan_call(pool, calls[i], f32_activations, act_buffers[i]));
+        plans.emplace_back(chunk_fn(c.type, f32_activations), job, c.n_rows, c.n_tokens, pool.size());
+        quantized.emplace_back(&c, f);
     }
     if (!plans.empty()) run_plans(pool, plans);
 }
