@@ -67,6 +67,8 @@ def _load(state: ServerState, settings: Settings) -> None:
     except Exception as e:  # reported by /health and every other route
         state.load_error = f"{type(e).__name__}: {e}"
         print(f"llama-server: failed to load {settings.model_path}: {state.load_error}", file=sys.stderr)
+        if settings.on_load_failure is not None:
+            settings.on_load_failure(state.load_error)
 
 
 class Gate:
@@ -79,11 +81,11 @@ class Gate:
     def _refusal(self, scope) -> Optional[APIError]:
         path = scope["path"]
         headers = dict(scope["headers"])
-        key = self.settings.api_key
-        if key and path not in PUBLIC_PATHS:
+        keys = self.settings.all_api_keys
+        if keys and path not in PUBLIC_PATHS:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
-            if given != key:
+            if given not in keys:
                 return APIError(401, "Invalid API Key", code="invalid_api_key")
         if self.state.load_error:
             return APIError(500, f"the model failed to load: {self.state.load_error}")
@@ -215,10 +217,10 @@ def create_app(settings: Settings) -> FastAPI:
             tokens = list(prompt)
             prompt_text = state.tokenizer.detokenize(tokens, special=True).decode("utf-8", errors="replace")
         gen = state.generator
-        max_tokens = gen.check_prompt(tokens, req.max_tokens)
+        max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
-        run = gen.generate(tokens, max_tokens, req.sampling_kwargs(), req.stop_list(), special=False,
+        run = gen.generate(tokens, max_tokens, req.sampling_kwargs(settings.sampling_defaults), req.stop_list(), special=False,
                            client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
 
         def choice(text, reason):
@@ -259,18 +261,19 @@ def create_app(settings: Settings) -> FastAPI:
         tok = state.tokenizer
         try:
             prompt = render_chat(state.chat_template, messages, tools=tools, bos_token=token_piece(tok, tok.bos_id),
-                                 eos_token=token_piece(tok, tok.eos_id), **(req.chat_template_kwargs or {}))
+                                 eos_token=token_piece(tok, tok.eos_id),
+                                 **{**settings.chat_template_kwargs, **(req.chat_template_kwargs or {})})
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "messages") from e
         tokens = await tokenize_prompt(prompt, False)
         gen = state.generator
-        max_tokens = gen.check_prompt(tokens, req.max_completion_tokens or req.max_tokens)
+        max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": settings.model_name}
         # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
-        run = gen.generate(tokens, max_tokens, req.sampling_kwargs(), req.stop_list(), special=True,
+        run = gen.generate(tokens, max_tokens, req.sampling_kwargs(settings.sampling_defaults), req.stop_list(), special=True,
                            client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
-        reasoning = req.reasoning_format != "none"
+        reasoning = (req.reasoning_format or settings.reasoning_format) != "none"
 
         def reason_for(finish: Finish, n_calls: int) -> str:
             return "tool_calls" if n_calls and finish.reason == "stop" else finish.reason

@@ -1,13 +1,95 @@
 """`llama-server`: llama.cpp's server flags (where they overlap) into Settings, then uvicorn.
-Placement flags (-ngl, -ot, -cmoe, -ncmoe) mean what they mean in llama.cpp; -fa and -ub are
-accepted so llama.cpp command lines run unchanged, and reported as unused."""
+Placement flags (-ngl, -ot, -cmoe, -ncmoe) mean what they mean in llama.cpp (common/arg.cpp);
+flags that only tune speed there (-fa, -ub, -tb, --no-mmap, --mlock, ...) are accepted so
+llama.cpp command lines run unchanged, and reported once as unused; llama.cpp flags that would
+change results and that glmoe does not implement are usage errors that say so."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 from .settings import Settings
+
+
+class _Refused(argparse.Action):
+    """A llama.cpp flag glmoe does not implement and that would change results: a usage error
+    that says so (rather than argparse's "unrecognized arguments")."""
+
+    def __init__(self, option_strings, dest, reason: str, **kw):
+        self.reason = reason
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {self.reason}")
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"version: glmoe {glmoe_version()}", file=sys.stderr)  # llama.cpp prints its build to stderr
+        parser.exit(0)
+
+
+def glmoe_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("glmoe")
+    except Exception:  # not installed as a distribution (a source tree on sys.path)
+        return "unknown"
+
+
+# Sampling flags (llama.cpp common/arg.cpp) -> the request field they give the default of.
+SAMPLING_FLAGS = [  # (flags, request field, type, help)
+    (["--temp"], "temperature", float, "temperature (0: greedy)"),
+    (["--top-k"], "top_k", int, "top-k sampling (0: off)"),
+    (["--top-p"], "top_p", float, "top-p sampling (1.0: off)"),
+    (["--min-p"], "min_p", float, "min-p sampling (0.0: off)"),
+    (["--typical", "--typical-p"], "typical_p", float, "locally typical sampling, parameter p (1.0: off)"),
+    (["--repeat-penalty"], "repeat_penalty", float, "penalize repeated tokens (1.0: off)"),
+    (["--repeat-last-n"], "repeat_last_n", int, "last n tokens to penalize (0: off, -1: context size)"),
+    (["--presence-penalty"], "presence_penalty", float, "repeat alpha presence penalty (0.0: off)"),
+    (["--frequency-penalty"], "frequency_penalty", float, "repeat alpha frequency penalty (0.0: off)"),
+]
+
+# llama.cpp flags that change results and that glmoe does not implement: (flags, nargs, reason).
+NOT_SAMPLER = "glmoe's sampler has no such stage (it has temperature, top-k, top-p, min-p, typical-p and the " \
+              "repeat/presence/frequency penalties)"
+REFUSED_FLAGS = [
+    (["--no-jinja"], 0, "glmoe always renders the chat template with jinja (it has no other template path)"),
+    (["-nocb", "--no-cont-batching"], 0, "glmoe always batches requests continuously"),
+    (["--mirostat"], 1, NOT_SAMPLER), (["--mirostat-lr"], 1, NOT_SAMPLER), (["--mirostat-ent"], 1, NOT_SAMPLER),
+    (["--xtc-probability"], 1, NOT_SAMPLER), (["--xtc-threshold"], 1, NOT_SAMPLER),
+    (["--dry-multiplier"], 1, NOT_SAMPLER), (["--dry-base"], 1, NOT_SAMPLER),
+    (["--dry-allowed-length"], 1, NOT_SAMPLER), (["--dry-penalty-last-n"], 1, NOT_SAMPLER),
+    (["--dry-sequence-breaker"], 1, NOT_SAMPLER), (["--dynatemp-range"], 1, NOT_SAMPLER),
+    (["--dynatemp-exp"], 1, NOT_SAMPLER), (["--top-nsigma", "--top-n-sigma"], 1, NOT_SAMPLER),
+    (["--samplers"], 1, "glmoe's sampler order is fixed"), (["--sampling-seq", "--sampler-seq"], 1,
+                                                             "glmoe's sampler order is fixed"),
+    (["-l", "--logit-bias"], 1, "a server-wide logit bias is not supported yet"),
+    (["--grammar"], 1, "grammars are not supported yet"), (["--grammar-file"], 1, "grammars are not supported yet"),
+    (["-j", "--json-schema"], 1, "JSON schemas are not supported yet"),
+    (["--embedding", "--embeddings"], 0, "embeddings (/v1/embeddings) are not supported yet"),
+    (["--reranking", "--rerank"], 0, "reranking is not supported"),
+    (["--cache-reuse"], 1, "KV cache reuse by shifting is not supported yet"),
+    (["--slot-save-path"], 1, "saving and restoring slots is not supported yet"),
+    (["--props"], 0, "POST /props is not supported yet (glmoe has no /props endpoint)"),
+    (["--lora"], 1, "LoRA adapters are not supported"), (["--lora-scaled"], 2, "LoRA adapters are not supported"),
+    (["--rope-scaling"], 1, "RoPE scaling is not supported"), (["--rope-scale"], 1, "RoPE scaling is not supported"),
+    (["--rope-freq-base"], 1, "RoPE scaling is not supported"),
+    (["--rope-freq-scale"], 1, "RoPE scaling is not supported"),
+    (["--context-shift"], 0, "context shifting is not supported (a request stops when its slot is full)"),
+]
+
+# Flags that only tune speed or robustness in llama.cpp: accepted, reported once as unused.
+UNUSED_REASONS = {
+    "ubatch_size": "-ub", "flash_attn": "-fa", "threads_batch": "-tb",
+    "no_mmap": "--no-mmap", "mlock": "--mlock", "timeout": "--timeout",
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,8 +106,33 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--api-key", default=os.environ.get("LLAMA_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (also from $LLAMA_API_KEY)")
+    ap.add_argument("--api-key-file", metavar="FNAME",
+                    help="file of API keys, one per line (blank lines and lines starting with # skipped); "
+                         "any of them, or --api-key, is accepted")
+    ap.add_argument("--ssl-key-file", metavar="FNAME", help="PEM-encoded SSL private key (with --ssl-cert-file)")
+    ap.add_argument("--ssl-cert-file", metavar="FNAME", help="PEM-encoded SSL certificate (with --ssl-key-file)")
+    ap.add_argument("-v", "--verbose", "--log-verbose", dest="verbose", action="store_true",
+                    help="log every HTTP request (uvicorn's access log)")
+    ap.add_argument("--version", action=_Version, help="print glmoe's version and exit")
+    ap.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=int, default=-1, metavar="N",
+                    help="tokens to predict for a request that gives no max_tokens, and the most any request gets "
+                         "(-1: until the slot's context is full)")
+    ap.add_argument("-s", "--seed", type=int, default=None, metavar="SEED",
+                    help="sampling seed of requests that give none (-1, the default: a random seed each request)")
     ap.add_argument("--chat-template", help="jinja chat template source (default: the model's)")
     ap.add_argument("--chat-template-file", help="file holding the jinja chat template")
+    ap.add_argument("--jinja", action="store_true", help="(the default: templates are always rendered with jinja)")
+    ap.add_argument("--chat-template-kwargs", metavar="JSON",
+                    help="extra variables for the chat template, a JSON object, e.g. '{\"enable_thinking\": false}' "
+                         "(a request's chat_template_kwargs win)")
+    ap.add_argument("--reasoning-format", choices=["none", "deepseek", "auto"], default="auto",
+                    help="none: GLM's <think> text stays in content; deepseek / auto: it goes to reasoning_content "
+                         "(a request's reasoning_format wins)")
+    ap.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
+                    help="-1: unrestricted thinking; 0: no thinking (the template gets enable_thinking=false)")
+    sampling = ap.add_argument_group("sampling defaults (for the fields a request leaves unset)")
+    for flags, field, typ, text in SAMPLING_FLAGS:
+        sampling.add_argument(*flags, dest=field, type=typ, default=None, metavar="N", help=text)
     spec = ap.add_argument_group("suffix decoding (glmoe's own flags: llama.cpp has no model-free drafter)")
     spec.add_argument("--spec-suffix", action="store_true",
                       help="draft from text already seen (prompt, output, earlier outputs) and verify in the batch")
@@ -46,9 +153,33 @@ def parser() -> argparse.ArgumentParser:
     unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused")
     unused.add_argument("-ub", "--ubatch-size", type=int)
     unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
+    unused.add_argument("-tb", "--threads-batch", type=int, metavar="N", help="(-t sets all of glmoe's threads)")
+    unused.add_argument("--no-mmap", action="store_true", default=None)
+    unused.add_argument("--mlock", action="store_true", default=None)
+    unused.add_argument("-to", "--timeout", type=int, metavar="N",
+                        help="(no read/write timeout: an idle keep-alive connection closes after 5 s)")
     unused.add_argument("--metrics", action="store_true", help="(/metrics is always on)")
     unused.add_argument("--slots", action="store_true", help="(/slots is always on)")
+    unused.add_argument("-cb", "--cont-batching", action="store_true", help="(always on)")
+    unused.add_argument("--no-warmup", action="store_true", help="(glmoe runs no warm-up step)")
+    for flags, nargs, reason in REFUSED_FLAGS:
+        ap.add_argument(*flags, action=_Refused, nargs=nargs, reason=reason)
     return ap
+
+
+def read_api_keys(path: str):
+    """llama.cpp's --api-key-file: one key per line; empty lines and lines starting with # skipped."""
+    with open(path, encoding="utf-8") as f:
+        return [line for line in f.read().splitlines() if line and not line.startswith("#")]
+
+
+def template_kwargs(args: argparse.Namespace) -> dict:
+    """--chat-template-kwargs, with --reasoning-budget 0 as enable_thinking=false (as llama.cpp
+    does for templates that read enable_thinking, GLM's among them)."""
+    kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
+    if args.reasoning_budget == 0:
+        kwargs.setdefault("enable_thinking", False)
+    return kwargs
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -61,10 +192,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     else:
         from ..__main__ import default_model_path
         model = default_model_path()
+    sampling = {field: getattr(args, field) for _, field, _, _ in SAMPLING_FLAGS if getattr(args, field) is not None}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
                     n_batch=args.batch_size, n_gpu_layers=args.gpu_layers,
                     tensor_overrides=list(args.override_tensor), cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
                     alias=args.alias, api_key=args.api_key, chat_template=template,
+                    api_keys=read_api_keys(args.api_key_file) if args.api_key_file else [],
+                    n_predict=args.n_predict, sampling_defaults=sampling, reasoning_format=args.reasoning_format,
+                    chat_template_kwargs=template_kwargs(args),
                     spec_suffix=args.spec_suffix, spec_max_depth=args.spec_max_depth,
                     spec_max_spec_factor=args.spec_max_spec_factor, spec_min_token_prob=args.spec_min_token_prob)
 
@@ -81,9 +218,8 @@ def check_overrides(ap: argparse.ArgumentParser, values) -> None:
             ap.error(str(e))
 
 
-def main(argv=None) -> int:
-    ap = parser()
-    args = ap.parse_args(argv)
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The usage errors llama.cpp gives before it loads anything (and those of glmoe's limits)."""
     if args.parallel < 1 or args.ctx_size < 0 or args.batch_size < 1:
         ap.error("--parallel and --batch-size must be >= 1, --ctx-size >= 0")
     if args.spec_max_depth < 1 or not args.spec_max_spec_factor >= 0 or not 0 <= args.spec_min_token_prob <= 1:
@@ -92,18 +228,82 @@ def main(argv=None) -> int:
         ap.error("--n-cpu-moe must be >= 0")
     if args.model and not os.path.isfile(args.model):
         ap.error(f"no such model file: {args.model}")
+    if args.n_predict < -1 or args.n_predict == 0:
+        ap.error("--n-predict must be -1 (until the context is full) or >= 1")
+    if args.reasoning_budget not in (-1, 0):
+        ap.error("--reasoning-budget: only -1 (unrestricted) and 0 (no thinking) are supported")
+    if args.chat_template_kwargs is not None:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+        except ValueError as e:
+            ap.error(f"--chat-template-kwargs: not JSON: {e}")
+        if not isinstance(kwargs, dict):
+            ap.error("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    if bool(args.ssl_key_file) != bool(args.ssl_cert_file):
+        ap.error("--ssl-key-file and --ssl-cert-file go together")
+    for flag, path in [("--ssl-key-file", args.ssl_key_file), ("--ssl-cert-file", args.ssl_cert_file),
+                       ("--api-key-file", args.api_key_file), ("--chat-template-file", args.chat_template_file)]:
+        if path and not os.path.isfile(path):
+            ap.error(f"{flag}: no such file: {path}")
+    if args.api_key_file and not read_api_keys(args.api_key_file):
+        ap.error(f"--api-key-file: no key in {args.api_key_file}")
+    sampling = {field: getattr(args, field) for _, field, _, _ in SAMPLING_FLAGS if getattr(args, field) is not None}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    if sampling:
+        import pydantic
+
+        from .schemas import SamplingFields
+
+        try:
+            SamplingFields(**sampling)
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            flag = next(f[0] for f, field, _, _ in SAMPLING_FLAGS + [(["--seed"], "seed", int, "")]
+                        if field == err["loc"][0])
+            ap.error(f"{flag}: {err['msg']}")
     check_overrides(ap, args.override_tensor)
-    unused = {f: getattr(args, d) for f, d in [("-ub", "ubatch_size"), ("-fa", "flash_attn")]
-              if getattr(args, d) is not None}
+
+
+def unused_flags(args: argparse.Namespace) -> str:
+    """The llama.cpp flags given that only tune speed in llama.cpp and that glmoe does not use."""
+    parts = []
+    for dest, flag in UNUSED_REASONS.items():
+        value = getattr(args, dest)
+        if value is None or value is False:
+            continue
+        parts.append(flag if value is True else f"{flag} {value}")
+    return ", ".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    unused = unused_flags(args)
     if unused:
-        print("llama-server: not using " + ", ".join(f"{k} {v}" for k, v in unused.items()),
-              file=sys.stderr)
+        print(f"llama-server: not using {unused} (they only tune speed in llama.cpp)", file=sys.stderr)
     import uvicorn
 
     from .app import create_app
 
     settings = settings_from_args(args)
-    print(f"llama-server: listening on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    failed = []
+
+    def on_load_failure(message: str) -> None:  # llama.cpp exits when the model does not load
+        failed.append(message)
+        server.should_exit = True
+
+    settings.on_load_failure = on_load_failure
+    ssl = dict(ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file) if args.ssl_key_file else {}
+    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
+                            log_level="info" if args.verbose else "warning", access_log=args.verbose,
+                            timeout_graceful_shutdown=5, **ssl)
+    server = uvicorn.Server(config)
+    scheme = "https" if ssl else "http"
+    print(f"llama-server: listening on {scheme}://{args.host}:{args.port}", file=sys.stderr)
+    server.run()
+    if failed:
+        print(f"llama-server: exiting: the model failed to load: {failed[0]}", file=sys.stderr)
+        return 1
     return 0

@@ -24,6 +24,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
+                   "presence_penalty", "frequency_penalty", "seed")
+
+
 class SamplingFields(BaseModel):
     """Fields that /v1/completions and /v1/chat/completions share."""
 
@@ -49,14 +53,40 @@ class SamplingFields(BaseModel):
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request: the engine has no forking
     user: Optional[str] = None
 
-    def sampling_kwargs(self) -> Dict[str, Any]:
-        """The engine's submit() keywords."""
-        kw = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                  typical_p=self.typical_p, repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
-                  presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
-        if self.seed is not None and self.seed >= 0:
-            kw["seed"] = self.seed
-        return kw
+    # llama.cpp's name for max_tokens (-1: no limit)
+    n_predict: Optional[Union[Literal[-1], Annotated[int, Field(ge=1)]]] = None
+
+    def sampling_kwargs(self, defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The engine's submit() keywords. defaults (the server's --temp, --seed ...) replace the
+        fields this request left unset."""
+        given = self.model_fields_set
+        values = {name: getattr(self, name) for name in SAMPLING_FIELDS}
+        for name, value in (defaults or {}).items():
+            if name not in given or values[name] is None:
+                values[name] = value
+        seed = values.pop("seed")
+        if seed is not None and seed >= 0:
+            values["seed"] = seed
+        return values
+
+    def requested_max_tokens(self, n_predict: int = -1) -> Optional[int]:
+        """The request's token limit (None: until the slot's context is full), as llama.cpp's
+        server takes it: n_predict, else max_tokens (max_completion_tokens for chat), else the
+        server's -n; a server -n > 0 also caps what a request asks."""
+        given = self.model_fields_set
+        if "n_predict" in given and self.n_predict is not None:
+            want = self.n_predict
+        elif getattr(self, "max_completion_tokens", None) is not None:
+            want = self.max_completion_tokens
+        elif "max_tokens" in given or n_predict < 0:
+            want = self.max_tokens  # the field's default when the server has no -n
+        else:
+            want = n_predict
+        if want is None or want < 0:
+            want = None
+        if n_predict > 0:
+            want = n_predict if want is None else min(want, n_predict)
+        return want
 
     def stop_list(self) -> List[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -107,7 +137,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None
-    reasoning_format: Literal["auto", "deepseek", "none"] = "auto"  # llama.cpp's: "none" keeps <think> in content
+    # llama.cpp's: "none" keeps <think> in content; unset: the server's --reasoning-format
+    reasoning_format: Optional[Literal["auto", "deepseek", "none"]] = None
 
 
 class TokenizeRequest(BaseModel):

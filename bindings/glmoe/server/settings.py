@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 @dataclasses.dataclass
@@ -19,14 +19,28 @@ class Settings:
     n_cpu_moe: int = 0
     alias: Optional[str] = None
     api_key: Optional[str] = None
+    api_keys: List[str] = dataclasses.field(default_factory=list)  # more keys (--api-key-file), any one works
     chat_template: Optional[str] = None  # jinja source; None: the model's tokenizer.chat_template
     # Suffix decoding (speculative drafts from text already seen), verified inside the batch.
     spec_suffix: bool = False
     spec_max_depth: int = 64
     spec_max_spec_factor: float = 1.0
     spec_min_token_prob: float = 0.1
+    # llama.cpp's -n: the max_tokens of a request that gives none, and a cap on those that do (-1: none).
+    n_predict: int = -1
+    # Sampling defaults from the command line (--temp, --seed ...), under the request fields' names;
+    # they apply to the fields a request leaves unset.
+    sampling_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    reasoning_format: str = "auto"  # "none": GLM's <think> stays in content; "deepseek" / "auto": reasoning_content
+    chat_template_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)  # requests' own keys win
     # Called in the loading thread before the model loads (tests hold the server in "loading").
     before_load: Optional[Callable[[], None]] = None
+    # Called with the message when the model fails to load (llama-server exits; None: serve the error).
+    on_load_failure: Optional[Callable[[str], None]] = None
+
+    @property
+    def all_api_keys(self) -> List[str]:
+        return ([self.api_key] if self.api_key else []) + list(self.api_keys)
 
     @property
     def model_name(self) -> str:
