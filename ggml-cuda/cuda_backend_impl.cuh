@@ -1,0 +1,254 @@
+// Internal to the CUDA backend (cuda_backend.cu: construction, step, graphs, crossings, output;
+// cuda_backend_ops.cu: the layer's ops): the implementation class and its helpers.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cuda_backend.h"
+#include "ggml_types.h"
+#include "kernels.h"
+
+namespace glmoe {
+
+using namespace cuda;
+
+namespace cuda_impl {
+
+inline void ck(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) throw GpuError(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+static_assert(CudaBackend::kInvariantBatch == kMaxMmvTokens, "the batch-invariant step is the matrix-vector one");
+constexpr int kDecodeGroup = 64;  // most tokens one attention_decode launch takes
+constexpr int kPrefillRun = 9;    // a sequence run this long uses the prefill attention kernel
+constexpr int kLogitRows = 32;    // output-head rows per pass (bounds the logits buffer)
+
+// Device memory is laid out twice: a dry pass that only counts bytes (to refuse a model that
+// does not fit before touching the device), then the real pass that places and uploads.
+class Arena {
+public:
+    explicit Arena(uint8_t* base) : base_(base) {}
+    void* reserve(size_t bytes) {
+        const size_t off = (used_ + 255) & ~size_t{255};
+        used_ = off + bytes;
+        return base_ ? base_ + off : nullptr;
+    }
+    template <typename T>
+    T* array(size_t n) {
+        return static_cast<T*>(reserve(n * sizeof(T)));
+    }
+    // Uploads the pieces back to back (e.g. q, k and v weights as one matrix).
+    void* put(std::initializer_list<std::pair<const void*, size_t>> pieces) {
+        size_t total = 0;
+        for (const auto& p : pieces) total += p.second;
+        weights_ += total;
+        uint8_t* dst = static_cast<uint8_t*>(reserve(total));
+        if (!dst) return nullptr;
+        for (const auto& p : pieces) {
+            ck(cudaMemcpy(dst, p.first, p.second, cudaMemcpyHostToDevice), "uploading weights");
+            dst += p.second;
+        }
+        return dst - total;
+    }
+    const float* put_floats(const std::vector<float>& v) {
+        if (v.empty()) return nullptr;
+        return static_cast<const float*>(put({{v.data(), v.size() * sizeof(float)}}));
+    }
+    size_t used() const { return used_; }
+    size_t weights() const { return weights_; }
+
+private:
+    uint8_t* base_;
+    size_t used_ = 0, weights_ = 0;
+};
+
+inline WeightView view_of(const Weight& w, const void* dev, int64_t rows) {
+    WeightView v;
+    v.data = dev;
+    v.type = w.type;
+    v.rows = rows;
+    v.cols = w.ne[0];
+    v.row_bytes = w.row_bytes;
+    v.matrix_bytes = w.matrix_bytes;
+    return v;
+}
+
+inline size_t stack_bytes(const Weight& w) { return w.matrix_bytes * static_cast<size_t>(w.ne[2]); }
+
+inline WeightView upload_weight(Arena& a, const Weight& w) { return view_of(w, a.put({{w.data, stack_bytes(w)}}), w.ne[1]); }
+
+inline bool wants_q8(const ExpertSet& s) {
+    return (s.routed && mmv_wants_q8(s.routed.type)) || (s.shared && mmv_wants_q8(s.shared.type));
+}
+
+inline ExpertSet single(const WeightView& w) {
+    ExpertSet s;
+    s.routed = w;
+    s.n_routed = 1;
+    return s;
+}
+
+struct QKVPart {
+    WeightView w;
+    int64_t col;  // first output column in the qkv row
+};
+
+// One layer's weights and cache on the GPU: only the parts the placement puts here.
+struct DevLayer {
+    bool attn = false, ffn = false, experts = false, shared = false;
+    // Attention.
+    const float *qkv_bias = nullptr, *q_norm = nullptr, *k_norm = nullptr;
+    std::vector<QKVPart> qkv;
+    WeightView wo;
+    half *k_cache = nullptr, *v_cache = nullptr;
+    int n_head = 0, n_head_kv = 0;
+    // FFN side: router and dense FFN.
+    const float* probs_bias = nullptr;
+    WeightView router;
+    bool moe = false;
+    ExpertSet dense_gate, dense_up, dense_down;
+    // Experts: routed ones here (experts) or borrowed from RAM for a big step (borrows: router and
+    // shared expert here, routed experts in RAM). The shared expert runs fused into them as expert
+    // n_expert when they run here and it is as wide (fusible), else on its own (sh_*).
+    ExpertSet gate, up, down;
+    ExpertSet sh_gate, sh_up, sh_down;
+    bool fusible = false, borrows = false;
+    int n_used = 0, ff = 0;
+};
+
+// Pinned host buffers for the activations that cross to and from the host.
+struct HostActs {
+    float *x = nullptr, *h = nullptr, *route_w = nullptr, *moe_out = nullptr;
+    int32_t* route_ids = nullptr;
+};
+
+}  // namespace cuda_impl
+
+using namespace cuda_impl;
+
+class CudaBackendImpl final : public CudaBackend {
+public:
+    CudaBackendImpl(const Model& model, const Placement& placement, const GpuParams& params);
+    ~CudaBackendImpl() override;
+
+    void begin_step(const Step& step, const StepOutput& out) override;
+    void embed(const Weight& table) override;
+    void rms_norm(const std::vector<float>& w, int il, Part part) override;
+    void qkv_prepare(int il) override;
+    void attention(int il) override;
+    void attn_output(int il) override;
+    void ffn_dense(int il) override;
+    void moe_route(int il) override;
+    void moe_experts(int il, bool into_x) override;
+    bool borrows_experts(int il) const override;
+    void add_moe_out() override;
+    void flush() override;
+    std::vector<const void*> download(std::initializer_list<Act> acts, int il) override;
+    void upload(Act act, const void* host, int il) override;
+    void output(const StepOutput& out) override;
+    const GpuCounters& counters() const override { return counters_; }
+    GpuMemory memory() const override { return memory_; }
+
+private:
+    void lay_out(Arena& a);
+    // Graph capture and replay (see the file comment). Every op calls skip() before enqueueing:
+    // true while replaying, when the enqueued work is already in a graph.
+    bool skip();
+    // Ends the current stretch: launches its graph (captured now, or earlier).
+    void end_stretch();
+    void wait() {
+        ck(cudaStreamSynchronize(stream_), "GPU step");
+        ++counters_.host_syncs;
+    }
+    void copy_to_host(void* dst, const void* src, size_t bytes) {
+        ++counters_.device_to_host_copies;
+        if (skip()) return;
+        ck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
+    }
+    void copy_to_device(void* dst, const void* src, size_t bytes) {
+        if (skip()) return;
+        ck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "copy to GPU");
+    }
+    // h quantized for the matrix-vector kernels, unless the norm already did it.
+    const BlockQ8* h_q8(bool needed);
+    void linear(const WeightView& w, const float* xin, const BlockQ8* xq, int n, float* y, int64_t y_stride, bool acc);
+    void swiglu_ffn(const ExpertSet& gate, const ExpertSet& up, const ExpertSet& down, float* out, bool acc);
+    void routed_experts(const DevLayer& l, const ExpertSet& gate, const ExpertSet& up, const ExpertSet& down,
+                        float* out, bool acc);
+    // The f32-activation mode: a matrix (or stack) dequantized to f32 in scratch slot `slot`.
+    WeightView dequantized(const WeightView& w, int64_t n_matrices, int slot);
+    ExpertSet dequantized(const ExpertSet& s, int slot);
+    void allocate_f32_scratch();
+    // Copies the routed experts a big step uses from RAM to `borrow_` (the step's ids are read back).
+    void borrow_experts(int il, ExpertSet& gate, ExpertSet& up, ExpertSet& down);
+    // Whether this step runs layer il's shared expert fused into its routed experts.
+    bool fused(int il) const;
+    int32_t* in(int which) const { return d_in_ + static_cast<size_t>(which) * U_; }
+    int32_t* host_in(int which) const { return h_in_ + static_cast<size_t>(which) * U_; }
+
+    const Model& model_;
+    const HParams& hp_;
+    const Placement& placement_;
+    GpuParams p_;
+    int U_ = 0;  // most tokens of a step
+    cudaStream_t stream_ = nullptr;
+    uint8_t* arena_ = nullptr;
+    GpuMemory memory_;
+
+    std::vector<DevLayer> layers_;
+    WeightView embd_, output_;
+    const float* output_norm_ = nullptr;
+    std::vector<const float*> attn_norm_, post_norm_;
+
+    // Activations and scratch.
+    int64_t qkv_width_ = 0, nq_max_ = 0, ff_max_ = 0, slots_max_ = 1, k_max_ = 0;
+    float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr, *attn_ = nullptr, *g_ = nullptr, *u_ = nullptr,
+          *act_ = nullptr, *router_ = nullptr, *moe_w_ = nullptr, *moe_y_ = nullptr, *moe_out_ = nullptr,
+          *ones_ = nullptr, *logits_ = nullptr, *attn_scratch_ = nullptr;
+    BlockQ8 *q8_ = nullptr, *q8b_ = nullptr;
+    int32_t *moe_ids_ = nullptr, *moe_counts_ = nullptr, *moe_offsets_ = nullptr, *moe_src_ = nullptr,
+            *moe_dst_ = nullptr, *seq_cells_ = nullptr, *ids_ = nullptr;
+    uint8_t* borrow_ = nullptr;  // room for one layer's routed experts copied from RAM
+    int borrow_min_tokens_ = 0;
+    // f32-activation mode only: weights dequantized for one op. Slots 0-2: a matrix, or the routed
+    // gate/up/down stacks; 3-5: a fused shared expert's gate/up/down.
+    float* f32_scratch_[6] = {};
+    size_t f32_scratch_floats_[6] = {};
+
+    // Step inputs: kInputs int32 arrays of U entries, pinned on the host and mirrored on the device.
+    enum { IN_TOKEN, IN_POS, IN_CELL, IN_START, IN_NVIS, IN_ROWS, IN_U, kInputs };
+    int32_t* h_in_ = nullptr;
+    int32_t* d_in_ = nullptr;
+    float* h_out_ = nullptr;    // pinned: kLogitRows x max(n_vocab, n_embd)
+    int32_t* h_ids_ = nullptr;  // pinned: U
+    HostActs down_, up_;        // pinned landing and staging buffers of crossing activations
+
+    struct Mirror {
+        uint64_t epoch = ~uint64_t{0};
+        size_t n = 0;
+    };
+    std::vector<Mirror> mirrors_ = std::vector<Mirror>(KVCache::kMaxSeq);
+
+    // This step.
+    int n_ = 0, bucket_ = 0;
+    std::vector<std::pair<int, int>> attn_groups_;
+    bool h_q8_valid_ = false;
+    bool graphs_on_ = false;  // this step is captured / replayed (a decode step)
+    enum class Stretch { fresh, capturing, replaying } stretch_state_ = Stretch::fresh;
+    int stretch_ = 0;
+    // Graphs by (tokens, KV bucket, stretch, output rows, output kind, sampling): what decides
+    // the course of a step's ops.
+    using GraphKey = std::tuple<int, int, int, int, int, float, int, float, float>;
+    GraphKey key_;
+    std::map<GraphKey, cudaGraphExec_t> graphs_;
+    GpuCounters counters_;
+};
+
+}  // namespace glmoe

@@ -1,0 +1,272 @@
+// The CUDA backend's layer ops (src/backend.h): each only enqueues work on the backend's stream,
+// unless a replayed graph already holds it (skip()).
+#include "cuda_backend_impl.cuh"
+
+namespace glmoe {
+
+const BlockQ8* CudaBackendImpl::h_q8(bool needed) {
+    if (!needed) return nullptr;
+    if (!h_q8_valid_) {
+        h_q8_valid_ = true;
+        if (!skip()) quantize_q8(h_, n_, hp_.n_embd, hp_.n_embd, q8_, stream_);
+    }
+    return q8_;
+}
+
+void CudaBackendImpl::linear(const WeightView& w, const float* xin, const BlockQ8* xq, int n, float* y,
+                             int64_t y_stride, bool acc) {
+    if (skip()) return;
+    if (p_.f32_activations) {
+        mm_float(dequantized(w, 1, 0), xin, n, y, y_stride, acc, stream_);
+    } else if (n <= kMaxMmvTokens) {
+        if (!xq && mmv_wants_q8(w.type)) {
+            quantize_q8(xin, n, w.cols, w.cols, q8b_, stream_);
+            xq = q8b_;
+        }
+        mmv(w, xin, xq, n, y, y_stride, acc, stream_);
+    } else {
+        mm(w, xin, n, y, y_stride, acc, stream_);
+    }
+}
+
+WeightView CudaBackendImpl::dequantized(const WeightView& w, int64_t n_matrices, int slot) {
+    if (!w) return w;
+    const size_t floats = static_cast<size_t>(w.rows) * n_matrices * w.cols;
+    if (f32_scratch_floats_[slot] < floats) throw std::logic_error("f32 scratch sized too small");
+    WeightView all = w;
+    all.rows = w.rows * n_matrices;
+    dequantize_matrix(all, 0, all.rows, f32_scratch_[slot], stream_);
+    WeightView out = w;
+    out.data = f32_scratch_[slot];
+    out.type = GGML_TYPE_F32;
+    out.row_bytes = sizeof(float) * w.cols;
+    out.matrix_bytes = out.row_bytes * w.rows;
+    return out;
+}
+
+ExpertSet CudaBackendImpl::dequantized(const ExpertSet& s, int slot) {
+    ExpertSet out = s;
+    out.routed = dequantized(s.routed, s.n_routed, slot);
+    out.shared = dequantized(s.shared, 1, slot + 3);
+    return out;
+}
+
+void CudaBackendImpl::embed(const Weight&) {
+    if (skip()) return;
+    get_rows(embd_, in(IN_TOKEN), n_, x_, stream_);
+}
+
+void CudaBackendImpl::rms_norm(const std::vector<float>&, int il, Part part) {
+    const DevLayer& l = layers_[il];
+    const bool small = n_ <= kMaxMmvTokens && !p_.f32_activations;
+    bool quantize = false;
+    if (part == Part::attention) {
+        quantize = small && std::any_of(l.qkv.begin(), l.qkv.end(), [](const QKVPart& q) { return mmv_wants_q8(q.w.type); });
+    } else if (!l.moe) {
+        quantize = small && wants_q8(l.dense_gate);
+    } else {
+        quantize = small && ((l.experts && wants_q8(l.gate)) || (l.shared && (wants_q8(l.gate) || wants_q8(l.sh_gate))));
+    }
+    h_q8_valid_ = quantize;
+    if (skip()) return;
+    const float* w = part == Part::attention ? attn_norm_[il] : post_norm_[il];
+    cuda::rms_norm_q8(x_, w, n_, hp_.n_embd, hp_.rms_eps, h_, quantize ? q8_ : nullptr, stream_);
+}
+
+void CudaBackendImpl::qkv_prepare(int il) {
+    const DevLayer& l = layers_[il];
+    const int64_t D = hp_.head_dim_k, width = l.n_head * D + 2 * l.n_head_kv * D;
+    const BlockQ8* xq = n_ <= kMaxMmvTokens && h_q8_valid_ ? q8_ : nullptr;
+    for (const QKVPart& part : l.qkv) linear(part.w, h_, xq, n_, qkv_ + part.col, width, false);
+    if (skip()) return;
+    QKVArgs qa;
+    qa.qkv = qkv_;
+    qa.bias = l.qkv_bias;
+    qa.q_norm = l.q_norm;
+    qa.k_norm = l.k_norm;
+    qa.pos = in(IN_POS);
+    qa.cells = in(IN_CELL);
+    qa.k_cache = l.k_cache;
+    qa.v_cache = l.v_cache;
+    qa.n = n_;
+    qa.n_head = l.n_head;
+    qa.n_head_kv = l.n_head_kv;
+    qa.head_dim = static_cast<int>(D);
+    qa.n_rot = hp_.n_rot;
+    qa.eps = hp_.rms_eps;
+    qa.freq_base = hp_.rope_freq_base;
+    cuda::qkv_prepare(qa, stream_);
+}
+
+void CudaBackendImpl::attention(int il) {
+    if (skip()) return;
+    const DevLayer& l = layers_[il];
+    const int64_t D = hp_.head_dim_k, nq = l.n_head * D, width = nq + 2 * l.n_head_kv * D;
+    for (const auto& [t0, len] : attn_groups_) {
+        AttentionArgs a;
+        a.q = qkv_ + t0 * width;  // the q part of the fused qkv rows, roped in place
+        a.q_stride = width;
+        a.k_cache = l.k_cache;
+        a.v_cache = l.v_cache;
+        a.cells = seq_cells_;
+        a.cell_start = in(IN_START) + t0;
+        a.n_visible = in(IN_NVIS) + t0;
+        a.out = attn_ + t0 * nq;
+        a.n_tok = std::abs(len);
+        a.n_head = l.n_head;
+        a.n_head_kv = l.n_head_kv;
+        a.head_dim = static_cast<int>(D);
+        a.max_visible = bucket_;
+        a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+        if (len < 0)
+            attention_prefill(a, stream_);  // negative length marks one sequence's long run
+        else
+            attention_decode(a, attn_scratch_, stream_);
+    }
+}
+
+void CudaBackendImpl::attn_output(int il) { linear(layers_[il].wo, attn_, nullptr, n_, x_, hp_.n_embd, true); }
+
+void CudaBackendImpl::swiglu_ffn(const ExpertSet& gate, const ExpertSet& up, const ExpertSet& down, float* out,
+                                 bool acc) {
+    const int64_t F = gate.routed.rows, H = hp_.n_embd;
+    if (n_ <= kMaxMmvTokens && !p_.f32_activations) {
+        const BlockQ8* xq = h_q8(wants_q8(gate));
+        if (skip()) return;
+        mmv_swiglu(gate, up, h_, xq, nullptr, n_, 1, act_, stream_);
+        linear(down.routed, act_, nullptr, n_, out, H, acc);
+    } else {
+        linear(gate.routed, h_, nullptr, n_, g_, F, false);
+        linear(up.routed, h_, nullptr, n_, u_, F, false);
+        if (skip()) return;
+        swiglu(g_, u_, static_cast<int64_t>(n_) * F, act_, stream_);
+        linear(down.routed, act_, nullptr, n_, out, H, acc);
+    }
+}
+
+void CudaBackendImpl::ffn_dense(int il) {
+    const DevLayer& l = layers_[il];
+    swiglu_ffn(l.dense_gate, l.dense_up, l.dense_down, x_, true);
+}
+
+void CudaBackendImpl::moe_route(int il) {
+    if (skip()) return;
+    const DevLayer& l = layers_[il];
+    // The router stays in f32 at every batch size: a bf16 router could flip near-tied experts.
+    if (n_ <= kMaxMmvTokens) mmv(l.router, h_, nullptr, n_, router_, hp_.n_expert, false, stream_);
+    else mm_float(l.router, h_, n_, router_, hp_.n_expert, false, stream_);
+    RouteArgs r;
+    r.logits = router_;
+    r.bias = l.probs_bias;
+    r.ids = moe_ids_;
+    r.weights = moe_w_;
+    r.n = n_;
+    r.n_expert = hp_.n_expert;
+    r.n_used = l.n_used;
+    r.n_groups = hp_.n_expert_groups > 1 ? hp_.n_expert_groups : 1;
+    r.n_group_used = hp_.n_expert_groups > 1 ? hp_.n_group_used : 1;
+    r.norm = hp_.expert_weights_norm;
+    r.fuse_shared = fused(il);
+    r.scale = hp_.expert_weights_scale;
+    cuda::moe_route(r, stream_);
+}
+
+void CudaBackendImpl::routed_experts(const DevLayer& l, const ExpertSet& gate, const ExpertSet& up,
+                                     const ExpertSet& down, float* out, bool acc) {
+    const int64_t H = hp_.n_embd, F = l.ff;
+    const bool with_shared = static_cast<bool>(gate.shared);
+    const int S = l.n_used + (with_shared ? 1 : 0);
+    if (p_.f32_activations) {
+        // Exact f32: the experts dequantized, then the matrix-vector kernels (which read f32
+        // weights without rounding the activations) over groups of at most kMaxMmvTokens tokens.
+        if (skip()) return;
+        const ExpertSet g = dequantized(gate, 0), u = dequantized(up, 1), d = dequantized(down, 2);
+        for (int t0 = 0; t0 < n_; t0 += kMaxMmvTokens) {
+            const int nt = std::min(kMaxMmvTokens, n_ - t0);
+            mmv_swiglu(g, u, h_ + t0 * H, nullptr, moe_ids_ + t0 * S, nt, S, act_ + static_cast<int64_t>(t0) * S * F,
+                       stream_);
+            mmv_experts(d, act_ + static_cast<int64_t>(t0) * S * F, nullptr, true, moe_ids_ + t0 * S, nt, S,
+                        moe_y_ + static_cast<int64_t>(t0) * S * H, stream_);
+        }
+    } else if (n_ <= kMaxMmvTokens) {
+        const BlockQ8* xq = h_q8(wants_q8(gate));
+        if (skip()) return;
+        mmv_swiglu(gate, up, h_, xq, moe_ids_, n_, S, act_, stream_);
+        if (wants_q8(down)) quantize_q8(act_, static_cast<int64_t>(n_) * S, F, F, q8b_, stream_);
+        mmv_experts(down, act_, q8b_, true, moe_ids_, n_, S, moe_y_, stream_);
+    } else {
+        if (skip()) return;
+        moe_group(moe_ids_, n_, S, hp_.n_expert + (with_shared ? 1 : 0), moe_counts_, moe_offsets_, moe_src_, moe_dst_,
+                  stream_);
+        mm_experts(gate, h_, moe_offsets_, moe_src_, moe_dst_, n_, g_, stream_);
+        mm_experts(up, h_, moe_offsets_, moe_src_, moe_dst_, n_, u_, stream_);
+        swiglu(g_, u_, static_cast<int64_t>(n_) * S * F, act_, stream_);
+        mm_experts(down, act_, moe_offsets_, moe_dst_, moe_dst_, n_, moe_y_, stream_);
+    }
+    if (skip()) return;
+    moe_combine(moe_y_, moe_w_, n_, S, H, out, acc, stream_);
+}
+
+void CudaBackendImpl::borrow_experts(int il, ExpertSet& gate, ExpertSet& up, ExpertSet& down) {
+    // Which experts the step uses: its routing, read back (big steps run eagerly).
+    const DevLayer& l = layers_[il];
+    const LayerWeights& w = model_.layer(il);
+    const int S = l.n_used + (fused(il) ? 1 : 0);
+    std::vector<int32_t> ids(static_cast<size_t>(n_) * S);
+    ck(cudaMemcpyAsync(ids.data(), moe_ids_, sizeof(int32_t) * ids.size(), cudaMemcpyDeviceToHost, stream_), "routing");
+    ++counters_.device_to_host_copies;
+    wait();
+    std::vector<bool> used(hp_.n_expert, false);
+    for (int32_t e : ids)
+        if (e >= 0 && e < hp_.n_expert) used[e] = true;
+    uint8_t* dst = borrow_;
+    for (const auto& [src, set] : {std::pair<const Weight*, ExpertSet*>{&w.gate_exps, &gate}, {&w.up_exps, &up},
+                                   {&w.down_exps, &down}}) {
+        // Each used expert goes to its own slot of the stack, so expert ids need no remapping.
+        for (int e = 0; e < hp_.n_expert;) {
+            if (!used[e]) {
+                ++e;
+                continue;
+            }
+            int end = e + 1;
+            while (end < hp_.n_expert && used[end]) ++end;
+            ck(cudaMemcpyAsync(dst + e * src->matrix_bytes, src->matrix(e), (end - e) * src->matrix_bytes,
+                               cudaMemcpyHostToDevice, stream_),
+               "copying experts");
+            e = end;
+        }
+        set->routed = view_of(*src, dst, src->ne[1]);
+        dst += stack_bytes(*src);
+    }
+}
+
+bool CudaBackendImpl::borrows_experts(int il) const {
+    return layers_[il].borrows && n_ >= borrow_min_tokens_;
+}
+
+bool CudaBackendImpl::fused(int il) const {
+    const DevLayer& l = layers_[il];
+    return l.fusible && (l.experts || borrows_experts(il));
+}
+
+void CudaBackendImpl::moe_experts(int il, bool into_x) {
+    const DevLayer& l = layers_[il];
+    float* out = into_x ? x_ : moe_out_;
+    bool acc = into_x;
+    ExpertSet gate = l.gate, up = l.up, down = l.down;
+    if (!fused(il)) gate.shared = up.shared = down.shared = WeightView{};
+    const bool borrow = borrows_experts(il);
+    if (borrow) borrow_experts(il, gate, up, down);
+    if (l.experts || borrow) {
+        routed_experts(l, gate, up, down, out, acc);
+        acc = true;
+    }
+    if (l.shared && !fused(il)) swiglu_ffn(l.sh_gate, l.sh_up, l.sh_down, out, acc);
+}
+
+void CudaBackendImpl::add_moe_out() {
+    if (skip()) return;
+    moe_combine(moe_out_, ones_, n_, 1, hp_.n_embd, x_, true, stream_);
+}
+
+}  // namespace glmoe
