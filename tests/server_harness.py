@@ -28,9 +28,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_path: str, *extra: str):
+    def __init__(self, model_path: str, *extra: str, scheme: str = "http"):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         args = ["-m", model_path, "--host", "127.0.0.1", "--port", str(self.port), "-c", str(N_CTX),
                 "-np", str(N_PARALLEL), "-t", "1", "--api-key", API_KEY, "-a", "tiny", *extra]
         self.proc = subprocess.Popen([sys.executable, "-m", "glmoe.server", *args],
@@ -43,7 +43,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1.0, verify=False).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

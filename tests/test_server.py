@@ -317,3 +317,187 @@ def test_stream_parser_deltas_add_up(step):
     assert [c["index"] for c in calls] == [0, 1]
     assert [c["function"] for c in calls] == whole.tool_calls
     assert all("<" not in d.get("content", "") for d in deltas)  # no markup leaks into content
+
+
+# ---- llama.cpp's server flags (issue 18, point 2) -----------------------------------------
+
+def _parse(*argv):
+    from glmoe.server.cli import parser, settings_from_args
+
+    return settings_from_args(parser().parse_args(["-m", "x.gguf", *argv]))
+
+
+def test_cli_llama_flags_reach_the_settings(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# a comment\n\nkey-one\nkey-two\n")
+    s = _parse("--jinja", "-n", "64", "-s", "42", "--temp", "0.6", "--top-k", "20", "--top-p", "0.9", "--min-p",
+               "0.1", "--typical", "0.95", "--repeat-penalty", "1.1", "--repeat-last-n", "32", "--presence-penalty",
+               "0.5", "--frequency-penalty", "0.25", "--reasoning-format", "none", "--reasoning-budget", "0",
+               "--chat-template-kwargs", '{"foo": 1}', "--api-key", "k0", "--api-key-file", str(keys))
+    assert s.n_predict == 64 and s.reasoning_format == "none"
+    assert s.sampling_defaults == dict(seed=42, temperature=0.6, top_k=20, top_p=0.9, min_p=0.1, typical_p=0.95,
+                                       repeat_penalty=1.1, repeat_last_n=32, presence_penalty=0.5,
+                                       frequency_penalty=0.25)
+    assert s.chat_template_kwargs == {"foo": 1, "enable_thinking": False}  # --reasoning-budget 0
+    assert s.all_api_keys == ["k0", "key-one", "key-two"]
+    assert _parse("--typical-p", "0.5", "--n-predict", "3", "--seed", "-1").sampling_defaults == \
+        {"typical_p": 0.5, "seed": -1}
+    s = _parse()  # no flag: the requests' own defaults, llama.cpp's -n -1, today's reasoning split
+    assert (s.n_predict, s.sampling_defaults, s.reasoning_format, s.chat_template_kwargs) == (-1, {}, "auto", {})
+    # The template's own enable_thinking given explicitly wins over --reasoning-budget 0.
+    assert _parse("--reasoning-budget", "0", "--chat-template-kwargs", '{"enable_thinking": true}') \
+        .chat_template_kwargs == {"enable_thinking": True}
+
+
+def test_cli_speed_only_flags_are_accepted_and_reported():
+    from glmoe.server.cli import parser, unused_flags
+
+    args = parser().parse_args(["-cb", "--cont-batching", "--no-warmup", "--no-mmap", "--mlock", "-tb", "4",
+                                "--timeout", "30", "-fa", "-ub", "256", "-v", "--metrics"])
+    assert unused_flags(args) == "-ub 256, -fa on, -tb 4, --no-mmap, --mlock, --timeout 30"
+    assert args.verbose and unused_flags(parser().parse_args([])) == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no-jinja"], "always renders the chat template with jinja"),
+    (["-nocb"], "always batches"), (["--no-cont-batching"], "always batches"),
+    (["--mirostat", "2"], "no such stage"), (["--xtc-probability", "0.5"], "no such stage"),
+    (["--dry-multiplier", "0.8"], "no such stage"), (["--samplers", "top_k"], "order is fixed"),
+    (["--embedding"], "not supported yet"), (["--embeddings"], "not supported yet"),
+    (["--cache-reuse", "256"], "not supported yet"), (["--slot-save-path", "/tmp"], "not supported yet"),
+    (["--props"], "/props"), (["--grammar-file", "g.gbnf"], "not supported yet"),
+    (["--reasoning-budget", "512"], "only -1 (unrestricted) and 0"),
+    (["--reasoning-format", "deepseek-legacy"], "invalid choice"),
+    (["--chat-template-kwargs", "[1, 2]"], "must be a JSON object"),
+    (["--chat-template-kwargs", "{nope"], "not JSON"),
+    (["-n", "0"], "--n-predict must be"), (["-n", "-2"], "--n-predict must be"),
+    (["--temp", "nan"], "--temp"), (["--top-p", "1.5"], "--top-p"), (["--seed", "-5"], "--seed"),
+    (["--ssl-key-file", "key.pem"], "go together"),
+    (["--api-key-file", "/no/such/keys"], "no such file"),
+])
+def test_cli_refused_llama_flags_are_usage_errors(model_path, args, message, capsys):
+    from glmoe.server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["-m", model_path, *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_version_exits_0(capsys):
+    from glmoe.server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "glmoe" in capsys.readouterr().err
+
+
+def test_model_failing_to_load_exits_the_server(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    proc = subprocess.run([sys.executable, "-m", "glmoe.server", "-m", str(bad), "--port", str(harness.free_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "failed to load" in proc.stderr and "not a GGUF file" in proc.stderr
+
+
+FLAG_SEED, FLAG_TEMP, FLAG_TOP_K, FLAG_N_PREDICT = 7, 0.9, 20, 5
+
+
+@pytest.fixture(scope="module")
+def flags_server(model_path, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text("# not a key\n\nfile-key\n")
+    srv = harness.ServerProcess(model_path, "--jinja", "-n", str(FLAG_N_PREDICT), "-s", str(FLAG_SEED),
+                                "--temp", str(FLAG_TEMP), "--top-k", str(FLAG_TOP_K), "--reasoning-budget", "0",
+                                "--reasoning-format", "none", "--api-key-file", str(keys), "-cb", "--no-warmup",
+                                "--no-mmap", "--mlock", "-tb", "2", "--timeout", "30")
+    yield srv
+    srv.stop()
+
+
+def _post(srv, path, body, key=harness.API_KEY):
+    r = httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_n_predict_is_the_default_and_the_cap(flags_server):
+    body = {"prompt": "Once upon a time", "ignore_eos": True, "temperature": 0}
+    usage = lambda **kw: _post(flags_server, "/v1/completions", dict(body, **kw))["usage"]["completion_tokens"]
+    assert usage() == FLAG_N_PREDICT  # no max_tokens: -n
+    assert usage(max_tokens=3) == 3  # the request's own wins
+    assert usage(n_predict=2) == 2  # llama.cpp's field name too
+    assert usage(max_tokens=50) == FLAG_N_PREDICT  # capped at -n, as llama.cpp does
+    chat = _post(flags_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                        "ignore_eos": True, "temperature": 0})
+    assert chat["usage"]["completion_tokens"] == FLAG_N_PREDICT
+
+
+def test_seed_and_sampling_defaults_apply_to_unset_fields(server, flags_server):
+    body = {"prompt": "The weather today is", "max_tokens": 5, "ignore_eos": True}
+    got = _post(flags_server, "/v1/completions", body)["choices"][0]["text"]
+    assert got == _post(flags_server, "/v1/completions", body)["choices"][0]["text"]  # -s: the same each time
+    explicit = dict(body, temperature=FLAG_TEMP, top_k=FLAG_TOP_K, seed=FLAG_SEED)
+    assert got == _post(server, "/v1/completions", explicit)["choices"][0]["text"]
+    # A request's own values win: greedy here equals greedy on the server without the flags.
+    greedy = dict(body, temperature=0)
+    assert _post(flags_server, "/v1/completions", greedy)["choices"][0]["text"] == \
+        _post(server, "/v1/completions", greedy)["choices"][0]["text"]
+    assert _post(flags_server, "/v1/completions", dict(explicit, seed=FLAG_SEED + 1, temperature=FLAG_TEMP)) \
+        ["choices"][0]["text"] == _post(server, "/v1/completions", dict(explicit, seed=FLAG_SEED + 1))["choices"][0]["text"]
+
+
+def test_reasoning_budget_0_disables_thinking_in_the_template(server, flags_server):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+    plain = _post(server, "/v1/chat/completions", chat)["usage"]["prompt_tokens"]
+    no_think = _post(flags_server, "/v1/chat/completions", chat)["usage"]["prompt_tokens"]
+    assert no_think > plain  # GLM's template adds "/nothink" and an empty <think></think>
+    # The request's chat_template_kwargs win over the server's.
+    thinking = dict(chat, chat_template_kwargs={"enable_thinking": True})
+    assert _post(flags_server, "/v1/chat/completions", thinking)["usage"]["prompt_tokens"] == plain
+    assert _post(server, "/v1/chat/completions", dict(chat, chat_template_kwargs={"enable_thinking": False})) \
+        ["usage"]["prompt_tokens"] == no_think
+
+
+def test_reasoning_format_none_keeps_reasoning_in_content(flags_server):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "temperature": 0, "tools": tools,
+            "chat_template_kwargs": {"enable_thinking": True}}
+    raw = _post(flags_server, "/v1/chat/completions", chat)["choices"][0]["message"]
+    assert "reasoning_content" not in raw  # the server's --reasoning-format none
+    assert _post(flags_server, "/v1/chat/completions", dict(chat, reasoning_format="none"))["choices"][0]["message"] \
+        == raw
+    split = _post(flags_server, "/v1/chat/completions", dict(chat, reasoning_format="auto"))["choices"][0]["message"]
+    parsed = parse(raw["content"] or "", tools)
+    assert (split["content"] or "") == parsed.content and split.get("reasoning_content") == (parsed.reasoning or None)
+
+
+def test_api_key_file_keys_and_api_key_both_work(flags_server):
+    body = {"prompt": "x", "max_tokens": 1}
+    for key in (harness.API_KEY, "file-key"):
+        assert _post(flags_server, "/v1/completions", body, key=key)["usage"]["completion_tokens"] == 1
+    for key in ("# not a key", "wrong"):
+        r = httpx.post(flags_server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 401
+
+
+def test_ssl_key_and_cert_serve_https(model_path, tmp_path):
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    srv = harness.ServerProcess(model_path, "--ssl-key-file", str(key), "--ssl-cert-file", str(cert), scheme="https")
+    try:
+        r = httpx.get(srv.url + "/v1/models", headers=srv.headers(), verify=False)
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(srv.url.replace("https", "http") + "/health", timeout=5)
+    finally:
+        srv.stop()
