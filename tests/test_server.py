@@ -349,6 +349,19 @@ def test_cli_llama_flags_reach_the_settings(tmp_path):
         .chat_template_kwargs == {"enable_thinking": True}
 
 
+def test_cli_llama_cpp_python_spellings_are_aliases():
+    from glmoe.server.cli import parser, unused_flags
+
+    s = _parse("--n_ctx", "1024", "--n_batch", "64", "--n_threads", "3", "--n_gpu_layers", "-1", "--model_alias",
+               "foo", "--api_key", "k", "--ssl_keyfile", "a.pem", "--ssl_certfile", "b.pem", "--seed", "3",
+               "--last_n_tokens_size", "16")
+    assert (s.n_ctx, s.n_batch, s.n_threads, s.n_gpu_layers, s.alias, s.api_key) == (1024, 64, 3, -1, "foo", "k")
+    assert s.sampling_defaults == {"repeat_last_n": 16, "seed": 3}
+    args = parser().parse_args(["--use_mmap", "False", "--use_mlock", "true", "--flash_attn", "1",
+                                "--n_threads_batch", "4", "--cache", "no"])
+    assert unused_flags(args) == "-tb 4, --use_mmap False, --use_mlock True, --flash_attn True, --cache False"
+
+
 def test_cli_speed_only_flags_are_accepted_and_reported():
     from glmoe.server.cli import parser, unused_flags
 
@@ -372,7 +385,8 @@ def test_cli_speed_only_flags_are_accepted_and_reported():
     (["--chat-template-kwargs", "{nope"], "not JSON"),
     (["-n", "0"], "--n-predict must be"), (["-n", "-2"], "--n-predict must be"),
     (["--temp", "nan"], "--temp"), (["--top-p", "1.5"], "--top-p"), (["--seed", "-5"], "--seed"),
-    (["--ssl-key-file", "key.pem"], "go together"),
+    (["--ssl-key-file", "key.pem"], "go together"), (["--chat_format", "chatml"], "jinja template"),
+    (["--use_mmap", "maybe"], "not a boolean"),
     (["--api-key-file", "/no/such/keys"], "no such file"),
 ])
 def test_cli_refused_llama_flags_are_usage_errors(model_path, args, message, capsys):
