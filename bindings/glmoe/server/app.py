@@ -220,7 +220,8 @@ def create_app(settings: Settings) -> FastAPI:
         max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
-        run = gen.generate(tokens, max_tokens, req.sampling_kwargs(settings.sampling_defaults), req.stop_list(), special=False,
+        sampling = req.sampling_kwargs(settings.sampling_defaults)
+        run = gen.generate(tokens, max_tokens, sampling, req.stop_list(), special=False,
                            client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
 
         def choice(text, reason):
@@ -271,7 +272,8 @@ def create_app(settings: Settings) -> FastAPI:
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": settings.model_name}
         # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
-        run = gen.generate(tokens, max_tokens, req.sampling_kwargs(settings.sampling_defaults), req.stop_list(), special=True,
+        sampling = req.sampling_kwargs(settings.sampling_defaults)
+        run = gen.generate(tokens, max_tokens, sampling, req.stop_list(), special=True,
                            client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
         reasoning = (req.reasoning_format or settings.reasoning_format) != "none"
 

@@ -51,7 +51,8 @@ SAMPLING_FLAGS = [  # (flags, request field, type, help)
     (["--min-p"], "min_p", float, "min-p sampling (0.0: off)"),
     (["--typical", "--typical-p"], "typical_p", float, "locally typical sampling, parameter p (1.0: off)"),
     (["--repeat-penalty"], "repeat_penalty", float, "penalize repeated tokens (1.0: off)"),
-    (["--repeat-last-n", "--last_n_tokens_size"], "repeat_last_n", int, "last n tokens to penalize (0: off, -1: context size)"),
+    (["--repeat-last-n", "--last_n_tokens_size"], "repeat_last_n", int,
+     "last n tokens to penalize (0: off, -1: context size)"),
     (["--presence-penalty"], "presence_penalty", float, "repeat alpha presence penalty (0.0: off)"),
     (["--frequency-penalty"], "frequency_penalty", float, "repeat alpha frequency penalty (0.0: off)"),
 ]
@@ -109,12 +110,15 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llama-server", allow_abbrev=False,
                                  description="OpenAI-compatible server for GLM4-MoE GGUF models")
     ap.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny trained model)")
-    ap.add_argument("-a", "--alias", "--model_alias", dest="alias", help="model name reported by /v1/models and in responses")
+    ap.add_argument("-a", "--alias", "--model_alias", dest="alias",
+                    help="model name reported by /v1/models and in responses")
     ap.add_argument("-c", "--ctx-size", "--n_ctx", dest="ctx_size", type=int, default=4096,
                     help="KV cache size in tokens, shared by the slots (0: the model's training context)")
     ap.add_argument("-np", "--parallel", type=int, default=4, help="slots: requests decoded together")
-    ap.add_argument("-t", "--threads", "--n_threads", dest="threads", type=int, default=0, help="CPU threads (0: all)")
-    ap.add_argument("-b", "--batch-size", "--n_batch", dest="batch_size", type=int, default=512, help="prompt tokens per decode step")
+    ap.add_argument("-t", "--threads", "--n_threads", dest="threads", type=int, default=0,
+                    help="CPU threads (0: all)")
+    ap.add_argument("-b", "--batch-size", "--n_batch", dest="batch_size", type=int, default=512,
+                    help="prompt tokens per decode step")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("LLAMA_API_KEY"),
@@ -122,8 +126,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key-file", metavar="FNAME",
                     help="file of API keys, one per line (blank lines and lines starting with # skipped); "
                          "any of them, or --api-key, is accepted")
-    ap.add_argument("--ssl-key-file", "--ssl_keyfile", dest="ssl_key_file", metavar="FNAME", help="PEM-encoded SSL private key (with --ssl-cert-file)")
-    ap.add_argument("--ssl-cert-file", "--ssl_certfile", dest="ssl_cert_file", metavar="FNAME", help="PEM-encoded SSL certificate (with --ssl-key-file)")
+    ap.add_argument("--ssl-key-file", "--ssl_keyfile", dest="ssl_key_file", metavar="FNAME",
+                    help="PEM-encoded SSL private key (with --ssl-cert-file)")
+    ap.add_argument("--ssl-cert-file", "--ssl_certfile", dest="ssl_cert_file", metavar="FNAME",
+                    help="PEM-encoded SSL certificate (with --ssl-key-file)")
     ap.add_argument("-v", "--verbose", "--log-verbose", dest="verbose", action="store_true",
                     help="log every HTTP request (uvicorn's access log)")
     ap.add_argument("--version", action=_Version, help="print glmoe's version and exit")
@@ -155,7 +161,8 @@ def parser() -> argparse.ArgumentParser:
     spec.add_argument("--spec-min-token-prob", type=float, default=0.1,
                       help="stop a draft where its empirical path probability falls below this")
     gpu = ap.add_argument_group("placement (as llama.cpp)")
-    gpu.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", "--n_gpu_layers", dest="gpu_layers", type=int, default=0, metavar="N",
+    gpu.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", "--n_gpu_layers", dest="gpu_layers", type=int, default=0,
+                     metavar="N",
                      help="on the GPU: the output head and the last N-1 layers (-1, or more than the model has: all)")
     gpu.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="PATTERN=BUFFER[,...]",
                      help="tensors whose name matches the regex go to BUFFER (CPU or CUDA0), before -ngl; "
@@ -166,7 +173,8 @@ def parser() -> argparse.ArgumentParser:
     unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused")
     unused.add_argument("-ub", "--ubatch-size", type=int)
     unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
-    unused.add_argument("-tb", "--threads-batch", "--n_threads_batch", dest="threads_batch", type=int, metavar="N", help="(-t sets all of glmoe's threads)")
+    unused.add_argument("-tb", "--threads-batch", "--n_threads_batch", dest="threads_batch", type=int, metavar="N",
+                        help="(-t sets all of glmoe's threads)")
     unused.add_argument("--no-mmap", action="store_true", default=None)
     unused.add_argument("--mlock", action="store_true", default=None)
     unused.add_argument("-to", "--timeout", type=int, metavar="N",
