@@ -2,9 +2,11 @@
 server answers (503 "Loading model") from the first moment, as llama.cpp's does."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
+import traceback
 import threading
 import time
 import uuid
@@ -17,9 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import _core
-from ..chat import render_chat, token_piece
+from ..chat import token_piece
 from ..tokenizer import GGUFTokenizer
-from . import metrics
+from . import limits, metrics
 from .errors import APIError, bad_request, error_body
 from .generation import Finish, Generator
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -29,7 +31,8 @@ from .tool_parsing import StreamParser, openai_tool_calls, parse
 PUBLIC_PATHS = {"/health", "/v1/health"}  # answered without the API key, as llama.cpp does
 ROUTES = {"/health", "/v1/health", "/models", "/v1/models", "/completions", "/v1/completions",
           "/chat/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics", "/slots"}
-MAX_BODY_BYTES = 32 << 20
+MAX_BODY_BYTES = limits.MAX_BODY_CEILING
+TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
 
 class ServerState:
@@ -40,6 +43,8 @@ class ServerState:
         self.chat_template: Optional[str] = None
         self.load_error: Optional[str] = None
         self.created = int(time.time())
+        self.max_prompt_bytes = 0  # no text over this many UTF-8 bytes fits a slot (limits.py)
+        self.max_body_bytes = MAX_BODY_BYTES
         self.http = metrics.HTTPCounters()
 
 
@@ -59,9 +64,13 @@ def _load(state: ServerState, settings: Settings) -> None:
                                    cpu_moe=settings.cpu_moe)
         state.chat_template = settings.chat_template or model.metadata().get("tokenizer.chat_template")
         state.model, state.tokenizer = model, tokenizer
-        state.generator = Generator(engine, tokenizer, settings.n_parallel, settings.spec_suffix)
+        generator = Generator(engine, tokenizer, settings.n_parallel, settings.spec_suffix)
+        state.max_prompt_bytes = generator.n_ctx_slot * limits.longest_piece(tokenizer)
+        state.max_body_bytes = limits.max_body_bytes(state.max_prompt_bytes)
+        state.generator = generator
         print(f"llama-server: loaded {settings.model_path} ({model.description}); "
-              f"{settings.n_parallel} slots of {state.generator.n_ctx_slot} tokens", file=sys.stderr)
+              f"{settings.n_parallel} slots of {state.generator.n_ctx_slot} tokens; bodies up to "
+              f"{state.max_body_bytes} bytes", file=sys.stderr)
         for line in engine.placement_summary().splitlines():
             print(f"llama-server: {line}", file=sys.stderr)
     except Exception as e:  # reported by /health and every other route
@@ -72,8 +81,9 @@ def _load(state: ServerState, settings: Settings) -> None:
 
 
 class Gate:
-    """Pure ASGI middleware (streams pass through untouched): API key, loading state, body size,
-    and the per-route request counter."""
+    """Pure ASGI middleware (responses pass through untouched): API key, loading state, body size
+    (Content-Length, then the bytes as they arrive, so chunked bodies too), lone surrogates, and the
+    per-route request counter. A body is read whole before the app sees it."""
 
     def __init__(self, app, state: ServerState, settings: Settings):
         self.app, self.state, self.settings = app, state, settings
@@ -92,11 +102,42 @@ class Gate:
         if self.state.generator is None:
             return APIError(503, "Loading model")
         try:
-            if int(headers.get(b"content-length", b"0")) > MAX_BODY_BYTES:
-                return APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+            if int(headers.get(b"content-length", b"0")) > self.state.max_body_bytes:
+                return self._too_large()
         except ValueError:
             return bad_request("bad Content-Length")
         return None
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is over {self.state.max_body_bytes} bytes (the most that can "
+                             f"fit a slot's context)", code="request_too_large")
+
+    async def _buffered(self, receive):
+        """(receive for the app, None) with the body read and checked, or (None, refusal); (None, None)
+        when the client left."""
+        try:
+            body = await limits.read_body(receive, self.state.max_body_bytes)
+        except limits.BodyTooLarge:
+            return None, self._too_large()
+        except asyncio.TimeoutError:
+            return None, APIError(408, f"the request body did not arrive within {limits.BODY_READ_TIMEOUT_S:g} s")
+        if body is None:
+            return None, None
+        if len(body) > 4096:
+            path = await run_in_threadpool(limits.lone_surrogate_path, body)
+        else:
+            path = limits.lone_surrogate_path(body)
+        if path is not None:
+            return None, bad_request(f"{path}: a lone UTF-16 surrogate (\\ud800-\\udfff) is not text", path)
+        sent = [False]
+
+        async def replay():
+            if sent[0]:
+                return await receive()  # after the body: disconnect notices
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay, None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,8 +151,18 @@ class Gate:
 
         try:
             refusal = self._refusal(scope)
+            if refusal is None and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+                receive_app, refusal = await self._buffered(receive)
+                if receive_app is None and refusal is None:
+                    status[0] = 499
+                    return
+                receive = receive_app or receive
             if refusal is not None:
-                await refusal.response()(scope, receive, counting_send)
+                headers = {"Connection": "close"} if refusal.status in (408, 413) else None
+                response = refusal.response()
+                if headers:
+                    response.headers.update(headers)
+                await response(scope, receive, counting_send)
             else:
                 await self.app(scope, receive, counting_send)
         finally:
@@ -174,11 +225,47 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):
-        return JSONResponse(error_body(500, f"{type(exc).__name__}: {exc}"), status_code=500)
+        # A bug: the traceback goes to the log, the client gets no internals.
+        traceback.print_exception(exc, file=sys.stderr)
+        return JSONResponse(error_body(500, f"internal server error ({type(exc).__name__})"), status_code=500)
 
-    async def tokenize_prompt(text: str, add_bos: bool):
-        # In a thread: a prompt of megabytes must not hold up every other client's stream.
-        return await run_in_threadpool(state.tokenizer.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True)
+    def check_length(text: str, param: str, limit: Optional[int] = None) -> bytes:
+        """text as UTF-8, after a 400 when it is too long to fit a slot whatever its tokens."""
+        limit = state.max_prompt_bytes if limit is None else limit
+        if len(text) > limit:  # characters <= bytes: no need to encode
+            raise limits.too_long(len(text), limit, state.generator.n_ctx_slot, param)
+        data = text.encode("utf-8")
+        if len(data) > limit:
+            raise limits.too_long(len(data), limit, state.generator.n_ctx_slot, param)
+        return data
+
+    async def tokenize_prompt(text: str, add_bos: bool, param: str = "prompt"):
+        # Bounded first (the tokenizer holds the GIL), then in a thread: a prompt of megabytes must not
+        # hold up every other client's stream or /health.
+        data = check_length(text, param)
+        return await run_in_threadpool(state.tokenizer.tokenize, data, add_bos=add_bos, special=True)
+
+    def logit_bias(req) -> dict:
+        """OpenAI's {"token id as a string": bias} as the engine's {id: bias}; a 400 for a key that is
+        not a token id of this vocabulary."""
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias: {key!r} is not a token id", "logit_bias") from None
+            if not 0 <= token < state.tokenizer.n_vocab:
+                raise bad_request(f"logit_bias: token id {token} out of range [0, {state.tokenizer.n_vocab})",
+                                  "logit_bias")
+            bias[token] = float(value)
+        return bias
+
+    def sampling_of(req) -> dict:
+        sampling = req.sampling_kwargs(settings.sampling_defaults)
+        bias = logit_bias(req)
+        if bias:
+            sampling["logit_bias"] = bias
+        return sampling
 
     def check_ids(ids, param: str):
         bad = [t for t in ids if t >= state.tokenizer.n_vocab]
@@ -210,17 +297,18 @@ def create_app(settings: Settings) -> FastAPI:
             raise bad_request("logprobs is not supported", "logprobs")
         prompt = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
             else req.prompt
+        sampling = sampling_of(req)
         if isinstance(prompt, str):
             tokens, prompt_text = await tokenize_prompt(prompt, True), prompt
         else:
             check_ids(prompt, "prompt")
             tokens = list(prompt)
-            prompt_text = state.tokenizer.detokenize(tokens, special=True).decode("utf-8", errors="replace")
         gen = state.generator
         max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
+        if not isinstance(prompt, str):
+            prompt_text = state.tokenizer.detokenize(tokens, special=True).decode("utf-8", errors="replace")
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
-        sampling = req.sampling_kwargs(settings.sampling_defaults)
         run = gen.generate(tokens, max_tokens, sampling, req.stop_list(), special=False,
                            client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
 
@@ -259,20 +347,23 @@ def create_app(settings: Settings) -> FastAPI:
         tools = None if req.tool_choice == "none" or not req.tools else [t.model_dump(exclude_none=True)
                                                                          for t in req.tools]
         messages = [_template_message(m.model_dump(exclude_none=True), i) for i, m in enumerate(req.messages)]
+        sampling = sampling_of(req)
+        reserved = sorted(set(req.chat_template_kwargs or {}) & set(TEMPLATE_VARIABLES))
+        if reserved:
+            raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the server", "chat_template_kwargs")
         tok = state.tokenizer
-        try:
-            prompt = render_chat(state.chat_template, messages, tools=tools, bos_token=token_piece(tok, tok.bos_id),
-                                 eos_token=token_piece(tok, tok.eos_id),
-                                 **{**settings.chat_template_kwargs, **(req.chat_template_kwargs or {})})
-        except (ValueError, TypeError) as e:
-            raise bad_request(str(e), "messages") from e
-        tokens = await tokenize_prompt(prompt, False)
+        # In a thread of its own with a time limit; output over what can fit a slot is refused as it grows.
+        prompt = await limits.render_bounded(
+            state.chat_template, state.max_prompt_bytes,
+            **{**settings.chat_template_kwargs, **(req.chat_template_kwargs or {})},
+            messages=messages, tools=tools, add_generation_prompt=True,
+            bos_token=token_piece(tok, tok.bos_id), eos_token=token_piece(tok, tok.eos_id))
+        tokens = await tokenize_prompt(prompt, False, "messages")
         gen = state.generator
         max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": settings.model_name}
         # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
-        sampling = req.sampling_kwargs(settings.sampling_defaults)
         run = gen.generate(tokens, max_tokens, sampling, req.stop_list(), special=True,
                            client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
         reasoning = (req.reasoning_format or settings.reasoning_format) != "none"
@@ -318,7 +409,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        ids = await tokenize_prompt(req.content, req.add_special)
+        # Any length the body limit lets through (llama.cpp tokenizes what it is given), off the loop.
+        data = check_length(req.content, "content", state.max_body_bytes)
+        ids = await run_in_threadpool(state.tokenizer.tokenize, data, add_bos=req.add_special, special=True)
         if not req.with_pieces:
             return {"tokens": ids}
         tok = state.tokenizer
@@ -358,8 +451,10 @@ def _template_message(m: dict, index: int) -> dict:
     OpenAI's JSON string, and "developer" as "system"."""
     if m["role"] == "developer":
         m["role"] = "system"
-    for call in m.get("tool_calls") or []:
+    for j, call in enumerate(m.get("tool_calls") or []):
         fn = call.get("function", call)
+        if not isinstance(fn, dict):
+            raise bad_request("a tool call's function must be an object", f"messages.{index}.tool_calls.{j}.function")
         if isinstance(fn.get("arguments"), str):
             try:
                 fn["arguments"] = json.loads(fn["arguments"] or "{}")

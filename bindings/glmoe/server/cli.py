@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 
 from .settings import Settings
@@ -251,6 +252,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--spec-max-depth must be >= 1, --spec-max-spec-factor >= 0, --spec-min-token-prob in [0, 1]")
     if args.n_cpu_moe < 0:
         ap.error("--n-cpu-moe must be >= 0")
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port {args.port}: a port is 0 to 65535")
     if args.model and not os.path.isfile(args.model):
         ap.error(f"no such model file: {args.model}")
     if args.n_predict < -1 or args.n_predict == 0:
@@ -301,6 +304,38 @@ def unused_flags(args: argparse.Namespace) -> str:
     return ", ".join(parts)
 
 
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long
+
+
+def connection_limit() -> int:
+    """uvicorn's limit_concurrency: connections and requests in flight past it get a 503, well before
+    the process runs out of file descriptors (which would fail every accept() and flood the log)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY or soft <= 0:
+            soft = 1 << 16
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(32, min(4096, soft // 2))
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The bound socket uvicorn serves on (as uvicorn's Config.bind_socket, without its sys.exit):
+    bound before the model loads, so that a busy port is a clean error at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv=None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
@@ -312,6 +347,11 @@ def main(argv=None) -> int:
 
     from .app import create_app
 
+    try:
+        sock = listen_socket(args.host, args.port)
+    except OSError as e:  # busy port, unknown host, no permission
+        print(f"llama-server: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
     settings = settings_from_args(args)
     failed = []
 
@@ -323,11 +363,12 @@ def main(argv=None) -> int:
     ssl = dict(ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file) if args.ssl_key_file else {}
     config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
                             log_level="info" if args.verbose else "warning", access_log=args.verbose,
-                            timeout_graceful_shutdown=5, **ssl)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
+                            limit_concurrency=connection_limit(), **ssl)
     server = uvicorn.Server(config)
     scheme = "https" if ssl else "http"
     print(f"llama-server: listening on {scheme}://{args.host}:{args.port}", file=sys.stderr)
-    server.run()
+    server.run(sockets=[sock])
     if failed:
         print(f"llama-server: exiting: the model failed to load: {failed[0]}", file=sys.stderr)
         return 1

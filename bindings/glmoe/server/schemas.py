@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -114,12 +114,45 @@ class ChatMessage(BaseModel):
     tool_calls: Optional[List[Dict[str, Any]]] = None
 
 
+def _check_schema(schema: Any, where: str, depth: int = 0) -> None:
+    """The parts of a JSON Schema that the template and the tool-call parser read: an object, "type" a
+    string or a list of strings, "properties" an object of schemas, "required" a list of strings."""
+    if depth > 64:
+        raise ValueError(f"{where}: nested too deep")
+    if not isinstance(schema, dict):
+        if isinstance(schema, bool):  # JSON Schema's true / false
+            return
+        raise ValueError(f"{where}: a JSON Schema is an object")
+    kind = schema.get("type")
+    if kind is not None and not (isinstance(kind, str) or (isinstance(kind, list)
+                                                           and all(isinstance(k, str) for k in kind))):
+        raise ValueError(f"{where}.type: a string or a list of strings")
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, dict):
+            raise ValueError(f"{where}.properties: an object of schemas")
+        for key, sub in props.items():
+            _check_schema(sub, f"{where}.properties.{key}", depth + 1)
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        raise ValueError(f"{where}.required: a list of strings")
+    if "items" in schema:
+        _check_schema(schema["items"], f"{where}.items", depth + 1)
+
+
 class FunctionDef(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: Annotated[str, Field(min_length=1)]
     description: Optional[str] = None
     parameters: Optional[Dict[str, Any]] = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, value):
+        if value is not None:
+            _check_schema(value, "parameters")
+        return value
 
 
 class Tool(BaseModel):

@@ -33,8 +33,11 @@ def _string_params(tools: Optional[List[dict]]) -> Dict[str, set]:
     out = {}
     for tool in tools or []:
         fn = tool.get("function", tool)
-        props = ((fn.get("parameters") or {}).get("properties") or {})
-        out[fn.get("name")] = {k for k, v in props.items() if isinstance(v, dict) and v.get("type") == "string"}
+        params = fn.get("parameters") if isinstance(fn, dict) else None
+        props = params.get("properties") if isinstance(params, dict) else None
+        if not isinstance(props, dict):  # schemas.py refuses such tools; a Python caller may not
+            props = {}
+        out[fn.get("name") if isinstance(fn, dict) else None] = {k for k, v in props.items() if isinstance(v, dict) and v.get("type") == "string"}
     return out
 
 
