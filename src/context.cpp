@@ -30,7 +30,12 @@ Placement place(const Model& model, const ContextParams& p) {
     return pl;
 }
 
+// n_threads: 0 or -1 (llama.cpp's "default") mean every hardware thread; other values must be
+// in [1, kMaxThreads].
 int default_threads(int n) {
+    if (n < -1 || n > kMaxThreads)
+        throw std::invalid_argument("n_threads " + std::to_string(n) + " is out of range (0 or -1 for the default, or 1 to " +
+                                    std::to_string(kMaxThreads) + ")");
     if (n > 0) return n;
     return std::max(1u, std::thread::hardware_concurrency());
 }

@@ -22,7 +22,7 @@ namespace glmoe {
 
 struct ContextParams {
     int n_ctx = 4096;
-    int n_threads = 0;  // 0: every hardware thread
+    int n_threads = 0;  // 0 or -1: every hardware thread; else 1..kMaxThreads (more is refused)
     bool embeddings = false;  // decode() returns final hidden states (after output_norm), not logits
     bool f32_activations = false;  // no 8-bit rounding of activations (see matmul): for accuracy checks
     int n_gpu_layers = 0;   // as llama.cpp's -ngl (placement.h): the output head first, then blocks from the last; < 0: all

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <stdexcept>
+#include <string>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -19,7 +21,16 @@ constexpr auto kSpinTime = std::chrono::microseconds(200);
 constexpr int kSpinsBeforeYield = 1000;
 }  // namespace
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
+namespace {
+int checked_threads(int n) {
+    if (n < 0 || n > kMaxThreads)
+        throw std::invalid_argument("n_threads " + std::to_string(n) + " is out of range [0, " +
+                                    std::to_string(kMaxThreads) + "]");
+    return std::max(1, n);
+}
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads) : n_threads_(checked_threads(n_threads)) {
     for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
 

@@ -13,8 +13,12 @@
 
 namespace glmoe {
 
+// More threads than any machine glmoe runs on has: a larger count is a mistake, refused.
+constexpr int kMaxThreads = 4096;
+
 class ThreadPool {
 public:
+    // n_threads 0 means 1; negative or above kMaxThreads throws std::invalid_argument.
     explicit ThreadPool(int n_threads);
     ~ThreadPool();
     ThreadPool(const ThreadPool&) = delete;

@@ -114,6 +114,15 @@ def _chat_response(completion: dict) -> dict:
 
 
 def _chat_chunks(chunks):
+    try:
+        yield from _chat_chunks_of(chunks)
+    finally:  # closing the chat stream closes the completion stream (and releases its lock)
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _chat_chunks_of(chunks):
     first = True
     for chunk in chunks:
         choice = chunk["choices"][0]

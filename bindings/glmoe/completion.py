@@ -149,24 +149,26 @@ class _Run:
         if self.max_tokens == 0:
             self.finish_reason = "length"
             return
-        for token in self.tokens_iter:
-            if self.t_first_token is None:
-                self.t_first_token = time.perf_counter()
-            if token in self.eog:
-                self.finish_reason = "stop"
-                break
-            self.completion_tokens.append(token)
-            self.text = self.llm.detokenize(self.completion_tokens, prev_tokens=self.prompt_tokens)
-            hits = [self.text.index(s) for s in self.stops if s in self.text]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.finish_reason = "stop"
-                break
-            if len(self.completion_tokens) >= self.max_tokens:
-                self.finish_reason = "length"
-                break
-            yield
-        self.tokens_iter.close()
+        try:
+            for token in self.tokens_iter:
+                if self.t_first_token is None:
+                    self.t_first_token = time.perf_counter()
+                if token in self.eog:
+                    self.finish_reason = "stop"
+                    break
+                self.completion_tokens.append(token)
+                self.text = self.llm.detokenize(self.completion_tokens, prev_tokens=self.prompt_tokens)
+                hits = [self.text.index(s) for s in self.stops if s in self.text]
+                if hits:
+                    self.text = self.text[: min(hits)]
+                    self.finish_reason = "stop"
+                    break
+                if len(self.completion_tokens) >= self.max_tokens:
+                    self.finish_reason = "length"
+                    break
+                yield
+        finally:  # also when the caller closes the stream early: the generator's lock goes now
+            self.tokens_iter.close()
         self.t_end = time.perf_counter()
         if self.llm.verbose:
             dt = time.perf_counter() - self.t_start
@@ -237,17 +239,22 @@ class _Run:
         sent = 0  # bytes of self.text already yielded
         sent_tokens = 0
         context = lambda: self.prompt_tokens + self.completion_tokens  # noqa: E731
-        if self.echo:
-            yield self._chunk(self.prompt_text, None, None)
-        for _ in self._steps():
-            # Hold back what could still become a stop string, and any incomplete UTF-8 character.
-            safe = len(self.text) - held_back_for_stop(self.text, self.stops)
-            safe = _utf8_complete_prefix(self.text[:safe])
-            if safe > sent:
-                lp = self._stream_logprobs(sent_tokens, self._tokens_within(safe), sent, context())
-                yield self._chunk(self.text[sent:safe].decode("utf-8", errors="ignore"), lp, None)
-                sent_tokens = self._tokens_within(safe)
-                sent = safe
+        steps = self._steps()
+        try:
+            if self.echo:
+                yield self._chunk(self.prompt_text, None, None)
+            for _ in steps:
+                # Hold back what could still become a stop string, and any incomplete UTF-8 character.
+                safe = len(self.text) - held_back_for_stop(self.text, self.stops)
+                safe = _utf8_complete_prefix(self.text[:safe])
+                if safe > sent:
+                    lp = self._stream_logprobs(sent_tokens, self._tokens_within(safe), sent, context())
+                    yield self._chunk(self.text[sent:safe].decode("utf-8", errors="ignore"), lp, None)
+                    sent_tokens = self._tokens_within(safe)
+                    sent = safe
+        finally:
+            steps.close()
+            self.tokens_iter.close()  # also when the stream is closed before its first step
         if len(self.text) > sent:
             lp = self._stream_logprobs(sent_tokens, self._tokens_within(len(self.text)), sent, context())
             yield self._chunk(self.text[sent:].decode("utf-8", errors="ignore"), lp, None)

@@ -1,13 +1,15 @@
 """`Llama`: llama-cpp-python's class, on the glmoe engine."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -15,6 +17,49 @@ from . import _core
 from .tokenizer import GGUFTokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+MAX_THREADS = 4096  # the engine's limit (kMaxThreads in src/thread_pool.h)
+
+
+class _LlamaLock:
+    """The reentrant lock of one Llama, held by a thread or by an open stream.
+
+    Unlike threading.RLock it may be released by any thread and a stream carries its hold from
+    thread to thread (adopt()): a stream may be stepped by a thread pool, and one that is closed
+    or garbage-collected in another thread must still release it."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: Optional[int] = None
+        self._depth = 0
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            while self._depth and self._owner != me:
+                self._cond.wait()
+            self._owner = me
+            self._depth += 1
+
+    def release(self) -> None:
+        with self._cond:
+            if self._depth == 0:
+                raise RuntimeError("Llama lock released more often than acquired")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def adopt(self) -> None:
+        """Makes the calling thread the owner: only for a stream that holds the lock."""
+        with self._cond:
+            self._owner = threading.get_ident()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 @dataclass
@@ -29,7 +74,17 @@ class LlamaState:
 
 
 class Llama:
-    """A GLM4-MoE GGUF model with its context, shaped like llama_cpp.Llama."""
+    """A GLM4-MoE GGUF model with its context, shaped like llama_cpp.Llama.
+
+    One Llama may be shared between threads: every call that touches the context or its state
+    (eval, generate, sample, create_completion / __call__, create_chat_completion, embed,
+    save_state / load_state, reset) takes the object's lock, so concurrent calls run one after
+    the other and each gets what it would get alone. A stream (generate(), or stream=True) holds
+    the lock from its first step until it ends, is closed, or is garbage-collected: while a
+    stream is open, other threads' calls wait, so exhaust or close() streams you abandon. Within
+    one thread, interleaving an open stream with other calls is not isolated (as before).
+    After close() every method raises ValueError("Llama is closed").
+    """
 
     def __init__(
         self,
@@ -50,6 +105,9 @@ class Llama:
         verbose: bool = True,
         **kwargs,
     ):
+        self._lock = _LlamaLock()
+        self._closed = False
+        self._ctx = self._model = None
         unknown = sorted(set(kwargs) - _IGNORED_INIT_ARGS)
         if unknown:
             raise TypeError(f"unexpected keyword argument '{unknown[0]}'")
@@ -67,8 +125,10 @@ class Llama:
         self.draft_model = draft_model
         # Of the last generate() with a draft model: steps (forwards after the prompt), drafted, accepted.
         self.last_draft_stats: Optional[Dict[str, int]] = None
-        if n_threads is None:
+        if n_threads is None or n_threads == -1:
             n_threads = max((os.cpu_count() or 1) // 2, 1)  # llama-cpp-python's default: physical cores
+        if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 0 <= n_threads <= MAX_THREADS:
+            raise ValueError(f"n_threads must be None, -1 or 0 (the default), or 1 to {MAX_THREADS}; got {n_threads!r}")
         self.n_threads = n_threads
 
         t0 = time.perf_counter()
@@ -113,27 +173,78 @@ class Llama:
 
     # ---- sizes and vocabulary -------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("Llama is closed")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Holds the lock for a with-block; raises ValueError if the Llama is closed."""
+        self._lock.acquire()
+        try:
+            self._check_open()
+            yield
+        finally:
+            self._lock.release()
+
+    def _held_stream(self, make: Callable[[], Iterator]) -> Iterator:
+        """A generator over make()'s items that holds the lock from its first step to its end
+        (or close / garbage collection), carrying it to whichever thread steps it."""
+        lock = self._lock
+
+        def steps():
+            lock.acquire()
+            try:
+                self._check_open()
+                it = make()
+                try:
+                    while True:
+                        lock.adopt()
+                        self._check_open()
+                        try:
+                            item = next(it)
+                        except StopIteration:
+                            return
+                        yield item
+                finally:
+                    close = getattr(it, "close", None)
+                    if close is not None:
+                        close()
+            finally:
+                lock.release()
+
+        return steps()
+
     def n_ctx(self) -> int:
+        self._check_open()
         return self._n_ctx
 
     def n_vocab(self) -> int:
+        self._check_open()
         return self._n_vocab
 
     def n_embd(self) -> int:
+        self._check_open()
         return self._model.n_embd
 
     def token_bos(self) -> int:
+        self._check_open()
         return self.tokenizer_.bos_id
 
     def token_eos(self) -> int:
+        self._check_open()
         return self.tokenizer_.eos_id
 
     def token_nl(self) -> int:
         return self.tokenize(b"\n", add_bos=False)[0]
 
     def close(self) -> None:
-        """Frees the context and the model (the object is unusable afterwards)."""
-        self._ctx = self._model = None
+        """Frees the context and the model (the object is unusable afterwards: every method
+        raises ValueError("Llama is closed")). Waits for a running call or open stream of another
+        thread; closing twice is fine."""
+        with self._lock:
+            self._closed = True
+            self._ctx = self._model = None
 
     @staticmethod
     def logits_to_logprobs(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -152,12 +263,16 @@ class Llama:
         return n
 
     def tokenizer(self) -> GGUFTokenizer:
+        self._check_open()
         return self.tokenizer_
 
+    # The tokenizer has its own lock: these need not wait for the context.
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+        self._check_open()
         return self.tokenizer_.tokenize(text, add_bos, special)
 
     def detokenize(self, tokens: List[int], prev_tokens: Optional[List[int]] = None, special: bool = False) -> bytes:
+        self._check_open()
         return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
 
     # ---- evaluation ----------------------------------------------------------------------
@@ -179,11 +294,13 @@ class Llama:
         return deque(self.scores[: self.n_tokens, :].tolist(), maxlen=self._n_ctx if self._logits_all else 1)
 
     def set_seed(self, seed: int):
-        self._seed = seed
+        with self._locked():
+            self._seed = seed
 
     def reset(self):
         """Forget the evaluated tokens; the next eval() starts at position 0."""
-        self.n_tokens = 0
+        with self._locked():
+            self.n_tokens = 0
 
     def eval(self, tokens: Sequence[int]):
         """Evaluate tokens after the n_tokens already evaluated, in chunks of n_batch.
@@ -191,6 +308,10 @@ class Llama:
         With logits_all every position's logits land in scores; otherwise only the last one's.
         Too many tokens for the context raise ValueError before anything is evaluated.
         """
+        with self._locked():
+            self._eval(tokens)
+
+    def _eval(self, tokens: Sequence[int]):
         if self._embedding:
             raise ValueError("eval() needs logits: this Llama was created with embedding=True")
         tokens = self._checked_tokens(tokens)
@@ -250,6 +371,13 @@ class Llama:
         **unsupported,
     ) -> int:
         """Sample the next token from the logits of position idx (default: the last one)."""
+        with self._locked():
+            return self._sample(top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp,
+                                repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                                presence_penalty=presence_penalty, logit_bias=logit_bias, idx=idx, **unsupported)
+
+    def _sample(self, *, top_k, top_p, min_p, typical_p, temp, repeat_penalty, frequency_penalty, presence_penalty,
+                logit_bias, idx, **unsupported) -> int:
         _reject_unsupported(unsupported)
         if self.n_tokens == 0:
             raise ValueError("sample() needs at least one evaluated token")
@@ -288,7 +416,15 @@ class Llama:
         """Yields sampled tokens after the prompt, forever; the caller stops iterating.
 
         With reset (the default) the evaluated tokens that start the prompt are kept in the KV
-        cache and only the rest is evaluated (llama-cpp-python's prefix reuse)."""
+        cache and only the rest is evaluated (llama-cpp-python's prefix reuse). The generator
+        holds this Llama's lock from its first step until it is exhausted or closed."""
+        return self._held_stream(lambda: self._generate(
+            tokens, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp,
+            repeat_penalty=repeat_penalty, reset=reset, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, logit_bias=logit_bias, seed=seed, **unsupported))
+
+    def _generate(self, tokens, *, top_k, top_p, min_p, typical_p, temp, repeat_penalty, reset, frequency_penalty,
+                  presence_penalty, logit_bias, seed, **unsupported) -> Iterator[int]:
         _reject_unsupported(unsupported)
         tokens = [int(t) for t in tokens]
         if not tokens:
@@ -302,7 +438,7 @@ class Llama:
             return
         self.last_draft_stats = None
         while True:
-            self.eval(todo)
+            self._eval(todo)
             history = self.input_ids[: self.n_tokens].astype(np.int32, copy=False)
             token = sampler.sample(self.scores[self.n_tokens - 1], history)
             yield token
@@ -315,7 +451,7 @@ class Llama:
         greedy output is identical) and rolls the KV cache back past the rest."""
         from .draft import SuffixDecoding
 
-        self.eval(todo)
+        self._eval(todo)
         n_prompt = self.n_tokens
         drafter = self.draft_model.drafter() if isinstance(self.draft_model, SuffixDecoding) else None
         if drafter is not None:
@@ -342,7 +478,7 @@ class Llama:
                     context = np.append(self.input_ids[:n], token).astype(np.intc)
                     draft = np.asarray(self.draft_model(context), dtype=np.int32).reshape(-1)[: max(room, 0)]
                 if len(draft) == 0:  # nothing to verify (e.g. drafting paused): a plain step
-                    self.eval([token])
+                    self._eval([token])
                     token = sampler.sample(self.scores[n], self.input_ids[: n + 1].astype(np.int32, copy=False))
                     stats["steps"] += 1
                     continue
@@ -390,7 +526,9 @@ class Llama:
         iterator of chunks."""
         from .completion import create_completion
 
-        return create_completion(self, prompt, **kwargs)
+        with self._locked():
+            result = create_completion(self, prompt, **kwargs)
+        return self._held_stream(lambda: result) if kwargs.get("stream") else result
 
     def __call__(self, prompt: Union[str, List[int]], **kwargs):
         return self.create_completion(prompt, **kwargs)
@@ -398,11 +536,17 @@ class Llama:
     def create_chat_completion(self, messages: List[dict], **kwargs):
         from .chat import create_chat_completion
 
-        return create_chat_completion(self, messages, **kwargs)
+        with self._locked():
+            result = create_chat_completion(self, messages, **kwargs)
+        return self._held_stream(lambda: result) if kwargs.get("stream") else result
 
     # ---- state ---------------------------------------------------------------------------
 
     def save_state(self) -> LlamaState:
+        with self._locked():
+            return self._save_state()
+
+    def _save_state(self) -> LlamaState:
         return LlamaState(
             input_ids=self.input_ids[: self.n_tokens].copy(),
             scores=self.scores[: self.n_tokens].copy(),
@@ -412,6 +556,10 @@ class Llama:
         )
 
     def load_state(self, state: LlamaState) -> None:
+        with self._locked():
+            self._load_state(state)
+
+    def _load_state(self, state: LlamaState) -> None:
         self._ctx.kv_load_state(state.kv_state)  # validates before changing anything
         self.input_ids[: state.n_tokens] = state.input_ids
         self.scores[: state.n_tokens] = state.scores
@@ -429,6 +577,10 @@ class Llama:
     ):
         """Per-token final hidden states (after output_norm) of each input, as llama.cpp gives
         for a causal model without pooling: a list of [n_tokens][n_embd] per input."""
+        with self._locked():
+            return self._embed(input, normalize=normalize, truncate=truncate, return_count=return_count)
+
+    def _embed(self, input, *, normalize: bool, truncate: bool, return_count: bool):
         if not self._embedding:
             raise RuntimeError("Llama model must be created with embedding=True to call this method")
         inputs = [input] if isinstance(input, str) else list(input)
@@ -456,6 +608,7 @@ class Llama:
         return (result, total) if return_count else result
 
     def create_embedding(self, input: Union[str, List[str]], model: Optional[str] = None):
+        self._check_open()
         embeds, n = self.embed(input, return_count=True)
         if isinstance(input, str):
             embeds = [embeds]
