@@ -331,7 +331,9 @@ std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path) {
     std::unique_ptr<GGUFFile> f(new GGUFFile());
     f->path_ = path;
 
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO (or a device) for reading would otherwise wait for a writer;
+    // fstat below refuses anything that is not a regular file. It changes nothing for mmap.
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw std::system_error(errno, std::generic_category(), "cannot open " + path);
     struct stat st;
     if (::fstat(fd, &st) != 0) {

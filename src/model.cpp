@@ -93,9 +93,15 @@ private:
         if (n_block < 1 || hp.n_nextn_layer >= n_block) throw ModelError("block_count must exceed nextn_predict_layers");
         hp.n_layer = n_block - hp.n_nextn_layer;
         hp.n_ctx_train = u32("context_length", false, 4096);
+        if (hp.n_ctx_train < 1)
+            throw ModelError("metadata " + arch_ + ".context_length is " + std::to_string(hp.n_ctx_train) + ", must be at least 1");
         hp.n_embd = u32("embedding_length", true);
         hp.rms_eps = f32("attention.layer_norm_rms_epsilon", 1e-5f);
         hp.rope_freq_base = f32("rope.freq_base", 10000.0f);
+        if (!std::isfinite(hp.rope_freq_base) || hp.rope_freq_base <= 0.0f)
+            throw ModelError("metadata " + arch_ + ".rope.freq_base must be a finite number > 0");
+        if (!std::isfinite(hp.rms_eps) || hp.rms_eps < 0.0f)
+            throw ModelError("metadata " + arch_ + ".attention.layer_norm_rms_epsilon must be a finite number >= 0");
         hp.n_expert = u32("expert_count", true);
         hp.n_expert_shared = u32("expert_shared_count", false, 0);
         hp.n_ff_expert = u32("expert_feed_forward_length", true);
@@ -183,6 +189,29 @@ private:
         return out;
     }
 
+    // The tokenizer's vocabulary must match the embedding rows, and the special token ids
+    // (tokenizer.ggml.*_token_id) must name tokens of it.
+    void check_vocabulary(int n_vocab) const {
+        if (const GGUFValue* t = f_.find("tokenizer.ggml.tokens")) {
+            if (t->type != GGUFValueType::ARRAY || t->elem_type != GGUFValueType::STRING)
+                throw ModelError("metadata tokenizer.ggml.tokens is not an array of strings");
+            if (t->arr.size() != static_cast<size_t>(n_vocab))
+                throw ModelError("metadata tokenizer.ggml.tokens has " + std::to_string(t->arr.size()) +
+                                 " tokens but token_embd.weight has " + std::to_string(n_vocab) + " rows");
+        }
+        static const std::string prefix = "tokenizer.ggml.", suffix = "_token_id";
+        for (const auto& [name, v] : f_.metadata()) {
+            if (name.size() <= prefix.size() + suffix.size() || name.compare(0, prefix.size(), prefix) != 0 ||
+                name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+                continue;
+            if (!v.is_integer()) throw ModelError("metadata " + name + " is not an integer");
+            const bool neg = v.type != GGUFValueType::UINT64 && v.i < 0;  // else v.u holds the value
+            if (neg || v.u >= static_cast<uint64_t>(n_vocab))
+                throw ModelError("metadata " + name + " = " + (neg ? std::to_string(v.i) : std::to_string(v.u)) +
+                                 " is not a token id of the vocabulary (" + std::to_string(n_vocab) + " tokens)");
+        }
+    }
+
     void bind_tensors() {
         HParams& hp = m_.hp_;
         const int64_t H = hp.n_embd, D = hp.head_dim_k, E = hp.n_expert, Fe = hp.n_ff_expert;
@@ -194,6 +223,7 @@ private:
         m_.output_norm_ = vector("output_norm.weight", H);
         m_.output_ = weight("output.weight", {H, hp.n_vocab}, false);
         if (!m_.output_) m_.output_ = m_.token_embd_;
+        check_vocabulary(hp.n_vocab);
 
         m_.layers_.resize(hp.n_layer);
         for (int il = 0; il < hp.n_layer; ++il) {

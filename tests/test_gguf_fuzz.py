@@ -257,3 +257,203 @@ def test_mutated_files_parse_or_raise_gguf_error(tmp_path):
     assert counts["parsed"] + counts["rejected"] >= FUZZ_CASES
     # Both outcomes must occur, or the mutations are not exercising the reader.
     assert counts["parsed"] > 50 and counts["rejected"] > 1000, counts
+
+
+# ---------------------------------------------------------------- hostile models (issue 19.5)
+# Valid GGUF files whose model or tokenizer metadata is wrong: loading fails at once with a
+# ValueError that names the key, whichever front loads it (Llama; the server and the engine load
+# through _core.Model and GGUFTokenizer.from_gguf, both covered here).
+
+from gguf_edit import copy_gguf  # noqa: E402
+from glmoe.__main__ import default_model_path  # noqa: E402
+from glmoe.tokenizer import GGUFTokenizer, read_tokenizer_metadata  # noqa: E402
+
+KJV = default_model_path()
+_KJV_TOK = read_tokenizer_metadata(KJV)
+_TOKENS = _KJV_TOK["tokenizer.ggml.tokens"]
+_TYPES = _KJV_TOK["tokenizer.ggml.token_type"]
+_MERGES = _KJV_TOK["tokenizer.ggml.merges"]
+
+
+def _keys(**kv):
+    return {"set_keys": kv}
+
+
+def _merges(*first):
+    return _keys(**{"tokenizer.ggml.merges": (list(first) + _MERGES, VT.ARRAY)})
+
+
+MODEL_HOSTILE = {
+    # vocabulary vs embeddings
+    "one token too many": (_keys(**{"tokenizer.ggml.tokens": (_TOKENS + ["<extra>"], VT.ARRAY),
+                                    "tokenizer.ggml.token_type": (_TYPES + [1], VT.ARRAY)}),
+                           "tokenizer.ggml.tokens has 2049 tokens but token_embd.weight has 2048 rows"),
+    "one token too few": (_keys(**{"tokenizer.ggml.tokens": (_TOKENS[:-1], VT.ARRAY),
+                                   "tokenizer.ggml.token_type": (_TYPES[:-1], VT.ARRAY)}),
+                          "tokenizer.ggml.tokens has 2047 tokens but token_embd.weight has 2048 rows"),
+    "tokens not strings": (_keys(**{"tokenizer.ggml.tokens": (list(range(2048)), VT.ARRAY)}),
+                           "tokenizer.ggml.tokens is not an array of strings"),
+    # special token ids
+    "eos id = vocab size": (_keys(**{"tokenizer.ggml.eos_token_id": (2048, VT.UINT32)}),
+                            "tokenizer.ggml.eos_token_id = 2048 is not a token id of the vocabulary (2048 tokens)"),
+    "bos id u32 max": (_keys(**{"tokenizer.ggml.bos_token_id": (2**32 - 1, VT.UINT32)}),
+                       "tokenizer.ggml.bos_token_id = 4294967295"),
+    "pad id negative": (_keys(**{"tokenizer.ggml.padding_token_id": (-1, VT.INT32)}),
+                        "tokenizer.ggml.padding_token_id = -1"),
+    "eot id u64 huge": (_keys(**{"tokenizer.ggml.eot_token_id": (2**64 - 1, VT.UINT64)}),
+                        "tokenizer.ggml.eot_token_id = 18446744073709551615"),
+    "sep id (any *_token_id)": (_keys(**{"tokenizer.ggml.seperator_token_id": (99999, VT.UINT32)}),
+                                "tokenizer.ggml.seperator_token_id = 99999"),
+    "eos id a string": (_keys(**{"tokenizer.ggml.eos_token_id": ("2", VT.STRING)}),
+                        "tokenizer.ggml.eos_token_id is not an integer"),
+    "eos id a float": (_keys(**{"tokenizer.ggml.eos_token_id": (2.0, VT.FLOAT32)}),
+                       "tokenizer.ggml.eos_token_id is not an integer"),
+    # hyperparameters
+    "context_length 0": (_keys(**{"glm4moe.context_length": (0, VT.UINT32)}),
+                         "glm4moe.context_length is 0, must be at least 1"),
+    "rope.freq_base 0": (_keys(**{"glm4moe.rope.freq_base": (0.0, VT.FLOAT32)}), "glm4moe.rope.freq_base must be"),
+    "rope.freq_base negative": (_keys(**{"glm4moe.rope.freq_base": (-10000.0, VT.FLOAT32)}),
+                                "glm4moe.rope.freq_base must be"),
+    "rope.freq_base nan": (_keys(**{"glm4moe.rope.freq_base": (float("nan"), VT.FLOAT32)}),
+                           "glm4moe.rope.freq_base must be"),
+    "rope.freq_base inf": (_keys(**{"glm4moe.rope.freq_base": (float("inf"), VT.FLOAT32)}),
+                           "glm4moe.rope.freq_base must be"),
+    "rope.freq_base f64 overflowing f32": (_keys(**{"glm4moe.rope.freq_base": (1e300, VT.FLOAT64)}),
+                                           "glm4moe.rope.freq_base must be"),
+    "rms epsilon nan": (_keys(**{"glm4moe.attention.layer_norm_rms_epsilon": (float("nan"), VT.FLOAT32)}),
+                        "layer_norm_rms_epsilon must be"),
+    # tokenizer metadata (the C++ loader accepts these; the tokenizer names the key)
+    "merge of a pair that is no token": (_merges("Ġwoman Ġknowledge"),
+                                         "tokenizer.ggml.merges[0] = 'Ġwoman Ġknowledge': 'ĠwomanĠknowledge' is not in"),
+    "merge of an unknown token": (_merges("zzzq qqqz"), "tokenizer.ggml.merges[0] = 'zzzq qqqz': 'zzzq' is not in"),
+    "merge without a space": (_merges("ab"), "tokenizer.ggml.merges[0] = 'ab' is not two tokens"),
+    "merge empty": (_merges(""), "tokenizer.ggml.merges[0] = '' is not two tokens"),
+    "merges not strings": (_keys(**{"tokenizer.ggml.merges": ([1, 2, 3], VT.ARRAY)}),
+                           "tokenizer.ggml.merges[0] is a int, not a string"),
+    "token_type short": (_keys(**{"tokenizer.ggml.token_type": (_TYPES[:-1], VT.ARRAY)}),
+                         "tokenizer.ggml.token_type has 2047 entries, expected one per token (2048)"),
+    "token_type 99": (_keys(**{"tokenizer.ggml.token_type": ([99] + _TYPES[1:], VT.ARRAY)}),
+                      "tokenizer.ggml.token_type[0] = 99 is not a token type"),
+    "token_type strings": (_keys(**{"tokenizer.ggml.token_type": (["x"] * 2048, VT.ARRAY)}),
+                           "tokenizer.ggml.token_type[0] = 'x' is not a token type"),
+    "tokenizer model llama": (_keys(**{"tokenizer.ggml.model": ("llama", VT.STRING)}),
+                              "unsupported tokenizer.ggml.model 'llama'"),
+    "tokenizer pre an int": (_keys(**{"tokenizer.ggml.pre": (7, VT.UINT32)}), "tokenizer.ggml.pre = 7 is not a string"),
+}
+
+
+def _patch_string(data: bytes, old: str, new: bytes) -> bytes:
+    """data with the GGUF string `old` (length-prefixed) replaced by the same-length bytes `new`."""
+    enc = old.encode()
+    assert len(new) == len(enc)
+    needle = struct.pack("<Q", len(enc)) + enc
+    assert data.count(needle) >= 1
+    return data.replace(needle, struct.pack("<Q", len(new)) + new, 1)
+
+
+# Strings that are not UTF-8 (gguf-py cannot write them: the bytes are patched in).
+RAW_HOSTILE = {
+    "token not utf-8": ("host", b"\xff\xfe\xfd\xfc", "cannot read metadata key 'tokenizer.ggml.tokens': UnicodeDecodeError"),
+    "token with a surrogate": ("host", b"a\xed\xa0\x80", "cannot read metadata key 'tokenizer.ggml.tokens'"),
+    "merge not utf-8": ("Ġlif e", b"\xc3\x28 \xff\xfe\xfd\xfc", "cannot read metadata key 'tokenizer.ggml.merges'"),
+}
+
+
+def _load_error(path):
+    """The error loading path as Llama does, or None; never anything but a ValueError."""
+    try:
+        glmoe.Llama(str(path), n_ctx=32, n_threads=1, verbose=False).close()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+import glmoe  # noqa: E402
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_HOSTILE))
+def test_hostile_model_metadata(tmp_path, case):
+    edits, message = MODEL_HOSTILE[case]
+    path = tmp_path / "hostile.gguf"
+    copy_gguf(KJV, str(path), **edits)
+    err = _load_error(path)
+    assert err is not None and message in err, err
+
+
+@pytest.mark.parametrize("case", sorted(RAW_HOSTILE))
+def test_hostile_tokenizer_strings(tmp_path, case):
+    old, new, message = RAW_HOSTILE[case]
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(_patch_string(open(KJV, "rb").read(), old, new))
+    err = _load_error(path)
+    if message is None:
+        assert err is None
+    else:
+        assert err is not None and message in err, err
+
+
+def test_tokenizer_panic_becomes_value_error(monkeypatch):
+    """Whatever the Rust side raises while building, a PanicException (a BaseException) included,
+    comes out as a ValueError naming the keys."""
+    import glmoe.tokenizer as tk
+
+    class PanicException(BaseException):  # pyo3_runtime.PanicException's base
+        pass
+
+    def panic(*a, **k):
+        raise PanicException("range end index 18 out of range for slice of length 15")
+
+    monkeypatch.setattr(tk.models, "BPE", panic)
+    with pytest.raises(ValueError, match="tokenizer.ggml.tokens / merges / token_type cannot be built: "
+                                         "PanicException: range end"):
+        GGUFTokenizer.from_metadata(_KJV_TOK)
+
+
+def test_tokenizer_metadata_of_truncated_file(tmp_path):
+    data = open(KJV, "rb").read()
+    cut = data.index("tokenizer.ggml.tokens".encode()) + 40
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match="tokenizer.ggml.tokens"):
+        GGUFTokenizer.from_gguf(str(path))
+
+
+def _returns_promptly(fn, timeout=10.0):
+    """fn()'s exception (it must raise), failing rather than hanging if fn blocks."""
+    import threading
+
+    out = []
+
+    def body():
+        try:
+            fn()
+            out.append(None)
+        except BaseException as e:  # noqa: BLE001
+            out.append(e)
+
+    t = threading.Thread(target=body, daemon=True)  # a daemon: a hang must not keep pytest alive
+    t.start()
+    t.join(timeout)
+    assert out, f"{fn} blocked for {timeout} s"
+    return out[0]
+
+
+@pytest.mark.parametrize("loader", ["gguf_summary", "Model", "Llama", "tokenizer", "BatchEngine"])
+def test_fifo_is_refused_at_once(tmp_path, loader):
+    path = str(tmp_path / "model.gguf")
+    os.mkfifo(path)
+    fn = {
+        "gguf_summary": lambda: _core.gguf_summary(path),
+        "Model": lambda: _core.Model(path),
+        "Llama": lambda: glmoe.Llama(path, verbose=True),
+        "tokenizer": lambda: GGUFTokenizer.from_gguf(path),
+        "BatchEngine": lambda: _core.BatchEngine(_core.Model(path), 64),
+    }[loader]
+    e = _returns_promptly(fn)
+    assert isinstance(e, ValueError) and "is not a regular file" in str(e), repr(e)
+
+
+def test_directory_is_refused(tmp_path):
+    for fn in (lambda: _core.Model(str(tmp_path)), lambda: GGUFTokenizer.from_gguf(str(tmp_path))):
+        e = _returns_promptly(fn)
+        assert isinstance(e, ValueError) and "is not a regular file" in str(e), repr(e)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import codecs
 import mmap
+import os
+import stat
 import struct
 import threading
 from typing import Any, Mapping, Optional, Sequence
@@ -107,46 +109,89 @@ def read_tokenizer_metadata(path: str) -> dict[str, Any]:
     """The tokenizer.ggml.* keys of a little-endian GGUF. gguf.GGUFReader builds numpy views of
     every string of a 150k-token, 300k-merge vocabulary and takes seconds; this walks only the
     key-value section and decodes just the tokenizer keys."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF" or struct.unpack_from("<I", mm, 4)[0] not in (2, 3):
-            # Not a little-endian GGUF v2/v3: leave the diagnosis (or big-endian) to gguf-py.
-            return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()
-                    if name.startswith("tokenizer.ggml.")}
-        n_kv = struct.unpack_from("<Q", mm, 16)[0]
-        pos, out = 24, {}
+    current = ["(header)"]  # the key being read, for error messages
+    try:
+        return _read_tokenizer_metadata(path, current)
+    except (struct.error, IndexError, OverflowError, UnicodeDecodeError, MemoryError) as e:
+        raise ValueError(f"{path}: cannot read metadata key {current[0]}: {type(e).__name__}: {e}") from None
 
-        def string(at: int, keep: bool) -> tuple[Any, int]:
-            n = struct.unpack_from("<Q", mm, at)[0]
-            return (mm[at + 8:at + 8 + n].decode("utf-8") if keep else None), at + 8 + n
 
-        def value(kind: int, at: int, keep: bool) -> tuple[Any, int]:
-            if kind == _GGUF_STRING:
-                return string(at, keep)
-            if kind in _GGUF_SCALAR:
-                fmt = "<" + _GGUF_SCALAR[kind]
-                return struct.unpack_from(fmt, mm, at)[0], at + struct.calcsize(fmt)
-            if kind != _GGUF_ARRAY:
-                raise ValueError(f"{path}: unknown GGUF value type {kind}")
-            item, n = struct.unpack_from("<IQ", mm, at)
-            at += 12
-            if item in _GGUF_SCALAR:
-                size = struct.calcsize(_GGUF_SCALAR[item])
-                items = (list(struct.unpack_from(f"<{n}{_GGUF_SCALAR[item]}", mm, at)) if keep else None)
-                return items, at + n * size
-            items = []
-            for _ in range(n):
-                v, at = value(item, at, keep)
-                items.append(v)
-            return (items if keep else None), at
+def _read_tokenizer_metadata(path: str, current: list) -> dict[str, Any]:
+    # O_NONBLOCK: opening a FIFO would wait for a writer; anything but a regular file is refused.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file" if not stat.S_ISREG(st.st_mode)
+                         else f"{path}: file is too small to be GGUF (0 bytes)")
+    with os.fdopen(fd, "rb") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _parse_tokenizer_metadata(path, mm, current)
 
-        for _ in range(n_kv):
-            key, pos = string(pos, True)
-            kind = struct.unpack_from("<I", mm, pos)[0]
-            keep = key.startswith("tokenizer.ggml.")
-            v, pos = value(kind, pos + 4, keep)
-            if keep:
-                out[key] = v
-        return out
+
+def _parse_tokenizer_metadata(path: str, mm, current: list) -> dict[str, Any]:
+    if mm[:4] != b"GGUF" or struct.unpack_from("<I", mm, 4)[0] not in (2, 3):
+        # Not a little-endian GGUF v2/v3: leave the diagnosis (or big-endian) to gguf-py.
+        return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()
+                if name.startswith("tokenizer.ggml.")}
+    n_kv = struct.unpack_from("<Q", mm, 16)[0]
+    pos, out = 24, {}
+
+    def string(at: int, keep: bool) -> tuple[Any, int]:
+        n = struct.unpack_from("<Q", mm, at)[0]
+        if at + 8 + n > len(mm):
+            raise ValueError(f"{path}: metadata key {current[0]}: string of {n} bytes runs past the end of the file")
+        return (mm[at + 8:at + 8 + n].decode("utf-8") if keep else None), at + 8 + n
+
+    def value(kind: int, at: int, keep: bool) -> tuple[Any, int]:
+        if kind == _GGUF_STRING:
+            return string(at, keep)
+        if kind in _GGUF_SCALAR:
+            fmt = "<" + _GGUF_SCALAR[kind]
+            return struct.unpack_from(fmt, mm, at)[0], at + struct.calcsize(fmt)
+        if kind != _GGUF_ARRAY:
+            raise ValueError(f"{path}: unknown GGUF value type {kind}")
+        item, n = struct.unpack_from("<IQ", mm, at)
+        at += 12
+        if item in _GGUF_SCALAR:
+            size = struct.calcsize(_GGUF_SCALAR[item])
+            items = (list(struct.unpack_from(f"<{n}{_GGUF_SCALAR[item]}", mm, at)) if keep else None)
+            return items, at + n * size
+        items = []
+        for _ in range(n):
+            v, at = value(item, at, keep)
+            items.append(v)
+        return (items if keep else None), at
+
+    for _ in range(n_kv):
+        n = struct.unpack_from("<Q", mm, pos)[0]
+        current[0] = repr(mm[pos + 8:pos + 8 + min(n, 200)].decode("utf-8", errors="replace"))
+        key, pos = string(pos, True)
+        current[0] = repr(key)
+        kind = struct.unpack_from("<I", mm, pos)[0]
+        keep = key.startswith("tokenizer.ggml.")
+        v, pos = value(kind, pos + 4, keep)
+        if keep:
+            out[key] = v
+    return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _checked_strings(values: Any, key: str) -> list:
+    """values, if it is a list of strings that are valid Unicode (no lone surrogates)."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"tokenizer.ggml.{key} is a {type(values).__name__}, not an array of strings")
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise ValueError(f"tokenizer.ggml.{key}[{i}] is a {type(v).__name__}, not a string")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"tokenizer.ggml.{key}[{i}] is not valid UTF-8") from None
+    return list(values)
 
 
 class GGUFTokenizer:
@@ -230,18 +275,50 @@ class GGUFTokenizer:
         tokens = value("tokens")
         if tokens is None:
             raise ValueError("the GGUF has no tokenizer.ggml.tokens")
-        return cls(
-            tokens, value("token_type", [TOKEN_NORMAL] * len(tokens)), value("merges", []),
-            bos_id=value("bos_token_id", NO_TOKEN),
-            eos_id=value("eos_token_id", NO_TOKEN),
-            eot_id=value("eot_token_id", NO_TOKEN),
-            eom_id=value("eom_token_id", NO_TOKEN),
-            unk_id=value("unknown_token_id", NO_TOKEN),
-            pad_id=value("padding_token_id", NO_TOKEN),
-            add_bos=bool(value("add_bos_token", False)),
-            add_eos=bool(value("add_eos_token", False)),
-            pre=value("pre", "glm4"),
-        )
+        tokens = _checked_strings(tokens, "tokens")
+        if not tokens:
+            raise ValueError("tokenizer.ggml.tokens is empty")
+        token_types = value("token_type", [TOKEN_NORMAL] * len(tokens))
+        if not isinstance(token_types, (list, tuple)) or len(token_types) != len(tokens):
+            n = len(token_types) if isinstance(token_types, (list, tuple)) else type(token_types).__name__
+            raise ValueError(f"tokenizer.ggml.token_type has {n} entries, expected one per token ({len(tokens)})")
+        for i, t in enumerate(token_types):
+            if not _is_int(t) or not 0 <= t <= TOKEN_BYTE:
+                raise ValueError(f"tokenizer.ggml.token_type[{i}] = {t!r} is not a token type (0..{TOKEN_BYTE})")
+        merges = _checked_strings(value("merges", []), "merges")
+        vocab = set(tokens)
+        for i, m in enumerate(merges):
+            a, sep, b = m.partition(" ")
+            if not sep or not a or not b:
+                raise ValueError(f"tokenizer.ggml.merges[{i}] = {m[:80]!r} is not two tokens separated by a space")
+            for part in (a, b, a + b):
+                if part not in vocab:
+                    raise ValueError(f"tokenizer.ggml.merges[{i}] = {m[:80]!r}: {part[:80]!r} is not in tokenizer.ggml.tokens")
+        ids = {}
+        for name in ("bos", "eos", "eot", "eom", "unknown", "padding"):
+            v = value(name + "_token_id", NO_TOKEN)
+            if not _is_int(v):
+                raise ValueError(f"tokenizer.ggml.{name}_token_id = {v!r} is not an integer")
+            ids[name] = int(v)
+        for name in ("pre",):
+            if not isinstance(value(name, "glm4"), str):
+                raise ValueError(f"tokenizer.ggml.{name} = {value(name)!r} is not a string")
+        try:
+            return cls(
+                tokens, token_types, merges,
+                bos_id=ids["bos"], eos_id=ids["eos"], eot_id=ids["eot"], eom_id=ids["eom"],
+                unk_id=ids["unknown"], pad_id=ids["padding"],
+                add_bos=bool(value("add_bos_token", False)),
+                add_eos=bool(value("add_eos_token", False)),
+                pre=value("pre", "glm4"),
+            )
+        except ValueError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a pyo3 PanicException derives from BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise ValueError("the tokenizer of tokenizer.ggml.tokens / merges / token_type cannot be built: "
+                             f"{type(e).__name__}: {str(e)[:300]}") from None
 
     @classmethod
     def from_reader(cls, reader: gguf.GGUFReader) -> "GGUFTokenizer":
