@@ -324,7 +324,8 @@ MODEL_HOSTILE = {
                         "layer_norm_rms_epsilon must be"),
     # tokenizer metadata (the C++ loader accepts these; the tokenizer names the key)
     "merge of a pair that is no token": (_merges("Ġwoman Ġknowledge"),
-                                         "tokenizer.ggml.merges[0] = 'Ġwoman Ġknowledge': 'ĠwomanĠknowledge' is not in"),
+                                         "tokenizer.ggml.merges[0] = 'Ġwoman Ġknowledge': "
+                                         "'ĠwomanĠknowledge' is not in"),
     "merge of an unknown token": (_merges("zzzq qqqz"), "tokenizer.ggml.merges[0] = 'zzzq qqqz': 'zzzq' is not in"),
     "merge without a space": (_merges("ab"), "tokenizer.ggml.merges[0] = 'ab' is not two tokens"),
     "merge empty": (_merges(""), "tokenizer.ggml.merges[0] = '' is not two tokens"),
@@ -353,7 +354,8 @@ def _patch_string(data: bytes, old: str, new: bytes) -> bytes:
 
 # Strings that are not UTF-8 (gguf-py cannot write them: the bytes are patched in).
 RAW_HOSTILE = {
-    "token not utf-8": ("host", b"\xff\xfe\xfd\xfc", "cannot read metadata key 'tokenizer.ggml.tokens': UnicodeDecodeError"),
+    "token not utf-8": ("host", b"\xff\xfe\xfd\xfc",
+                        "cannot read metadata key 'tokenizer.ggml.tokens': UnicodeDecodeError"),
     "token with a surrogate": ("host", b"a\xed\xa0\x80", "cannot read metadata key 'tokenizer.ggml.tokens'"),
     "merge not utf-8": ("Ġlif e", b"\xc3\x28 \xff\xfe\xfd\xfc", "cannot read metadata key 'tokenizer.ggml.merges'"),
 }

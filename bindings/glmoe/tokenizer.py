@@ -293,7 +293,8 @@ class GGUFTokenizer:
                 raise ValueError(f"tokenizer.ggml.merges[{i}] = {m[:80]!r} is not two tokens separated by a space")
             for part in (a, b, a + b):
                 if part not in vocab:
-                    raise ValueError(f"tokenizer.ggml.merges[{i}] = {m[:80]!r}: {part[:80]!r} is not in tokenizer.ggml.tokens")
+                    raise ValueError(f"tokenizer.ggml.merges[{i}] = {m[:80]!r}: {part[:80]!r} "
+                                     "is not in tokenizer.ggml.tokens")
         ids = {}
         for name in ("bos", "eos", "eot", "eom", "unknown", "padding"):
             v = value(name + "_token_id", NO_TOKEN)
