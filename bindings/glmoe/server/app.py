@@ -103,22 +103,26 @@ class Gate:
             return APIError(503, "Loading model")
         try:
             if int(headers.get(b"content-length", b"0")) > self.state.max_body_bytes:
-                return self._too_large()
+                return self._too_large(body_read=False)
         except ValueError:
             return bad_request("bad Content-Length")
         return None
 
-    def _too_large(self) -> APIError:
-        return APIError(413, f"the request body is over {self.state.max_body_bytes} bytes (the most that can "
-                             f"fit a slot's context)", code="request_too_large")
+    def _too_large(self, body_read: bool) -> APIError:
+        """body_read: the refused body was read to its end, so the connection can stay open."""
+        err = APIError(413, f"the request body is over {self.state.max_body_bytes} bytes (the most that can "
+                            f"fit a slot's context)", code="request_too_large")
+        err.close_connection = not body_read
+        return err
 
     async def _buffered(self, receive):
         """(receive for the app, None) with the body read and checked, or (None, refusal); (None, None)
         when the client left."""
         try:
             body = await limits.read_body(receive, self.state.max_body_bytes)
-        except limits.BodyTooLarge:
-            return None, self._too_large()
+        except limits.BodyTooLarge as e:
+            # Read to its end (while it keeps coming), so that the refusal is not lost to a reset.
+            return None, self._too_large(body_read=e.ended or await limits.drain(receive))
         except asyncio.TimeoutError:
             return None, APIError(408, f"the request body did not arrive within {limits.BODY_READ_TIMEOUT_S:g} s")
         if body is None:
@@ -158,10 +162,11 @@ class Gate:
                     return
                 receive = receive_app or receive
             if refusal is not None:
-                headers = {"Connection": "close"} if refusal.status in (408, 413) else None
+                if refusal.status == 413 and refusal.close_connection:  # refused by its Content-Length
+                    refusal.close_connection = not await limits.drain(receive)
                 response = refusal.response()
-                if headers:
-                    response.headers.update(headers)
+                if refusal.status == 408 or refusal.close_connection:
+                    response.headers.update({"Connection": "close"})
                 await response(scope, receive, counting_send)
             else:
                 await self.app(scope, receive, counting_send)

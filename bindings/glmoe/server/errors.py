@@ -15,6 +15,7 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.close_connection = False  # the middleware answers with Connection: close
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)

@@ -48,7 +48,9 @@ def too_long(n_bytes: int, max_prompt_bytes: int, n_ctx_slot: int, param: str) -
 
 
 class BodyTooLarge(Exception):
-    pass
+    def __init__(self, ended: bool):
+        super().__init__()
+        self.ended = ended  # the body's last bytes were read too
 
 
 async def read_body(receive, limit: int) -> Optional[bytes]:
@@ -64,12 +66,35 @@ async def read_body(receive, limit: int) -> Optional[bytes]:
             body = message.get("body", b"")
             size += len(body)
             if size > limit:
-                raise BodyTooLarge()
+                raise BodyTooLarge(ended=not message.get("more_body", False))
             chunks.append(body)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
     return await asyncio.wait_for(read(), BODY_READ_TIMEOUT_S)
+
+
+DRAIN_MAX_BYTES = 64 << 20  # what is read and dropped of a refused body, at most
+DRAIN_IDLE_S = 1.0          # ... while it keeps coming
+
+
+async def drain(receive) -> bool:
+    """Reads and drops the rest of a refused request's body while it keeps coming (up to
+    DRAIN_MAX_BYTES), so that the refusal reaches the client: a server that closes a connection with
+    unread bytes resets it, and the client loses the response. False: the body did not end (the
+    connection must close)."""
+    size = 0
+    while size <= DRAIN_MAX_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), DRAIN_IDLE_S)
+        except asyncio.TimeoutError:
+            return False
+        if message["type"] != "http.request":
+            return False
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
