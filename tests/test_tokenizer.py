@@ -325,3 +325,30 @@ def test_rejects_other_tokenizers(trained):
         GGUFTokenizer(tokens, types, merges, pre="llama-bpe")
     with pytest.raises(ValueError, match="types"):
         GGUFTokenizer(tokens, types[:-1], merges)
+
+
+def test_other_threads_run_while_a_long_text_is_tokenized(tok):
+    """Tokenizing lets go of the GIL (a server's event loop keeps answering meanwhile): a thread
+    that counts while a long text is tokenized gets to count. (HF tokenizers' encode holds the GIL
+    throughout: the counter then stays near 0.)"""
+    import threading
+    import time
+
+    text = ("In the beginning God created the heaven and the earth. " * 20_000).encode()
+    ticks, done = [0], threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    t0 = time.monotonic()
+    ids = tok.tokenize(text, add_bos=False)
+    seconds = time.monotonic() - t0
+    done.set()
+    counter.join()
+    assert len(ids) > 100_000
+    # At 1 ms a tick, a free thread counts ~1000 a second; allow for a loaded machine.
+    assert ticks[0] >= max(5, 50 * seconds), (ticks[0], seconds)

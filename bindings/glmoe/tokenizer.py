@@ -382,7 +382,9 @@ class GGUFTokenizer:
         decoded = decode_input_like_llama(bytes(text))
         with self._hf_lock:
             self._hf.encode_special_tokens = not special
-            ids = self._hf.encode(decoded, add_special_tokens=False).ids
+            # encode_batch lets other threads run meanwhile (encode holds the GIL throughout), so
+            # a long text does not stall a server's event loop.
+            ids = self._hf.encode_batch([decoded], add_special_tokens=False)[0].ids
         if add_bos and self._add_bos:
             ids.insert(0, self._ids["bos"])
         if add_bos and self._add_eos:
