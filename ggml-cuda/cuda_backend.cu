@@ -7,8 +7,8 @@
 namespace glmoe {
 
 std::unique_ptr<CudaBackend> CudaBackend::create(const Model& model, const Placement& placement,
-                                                 const GpuParams& params) {
-    return std::make_unique<CudaBackendImpl>(model, placement, params);
+                                                 const GpuParams& params, ThreadPool& pool) {
+    return std::make_unique<CudaBackendImpl>(model, placement, params, pool);
 }
 
 void CudaBackendImpl::lay_out(Arena& a) {
@@ -142,12 +142,13 @@ void CudaBackendImpl::lay_out(Arena& a) {
                                                                                    hp_.layers[il].n_head_kv, hp_.head_dim_k, p_.n_ctx));
     attn_scratch_ = static_cast<float*>(a.reserve(scratch_bytes));
     d_in_ = a.array<int32_t>(static_cast<size_t>(kInputs) * n);
-    borrow_ = borrow_bytes ? static_cast<uint8_t*>(a.reserve(borrow_bytes)) : nullptr;
+    for (uint8_t*& slot : borrow_slots_) slot = borrow_bytes ? static_cast<uint8_t*>(a.reserve(borrow_bytes)) : nullptr;
     memory_.compute = a.used() - compute_start;
 }
 
-CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement, const GpuParams& params)
-    : model_(model), hp_(model.hparams()), placement_(placement), p_(params) {
+CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement, const GpuParams& params,
+                                 ThreadPool& pool)
+    : model_(model), hp_(model.hparams()), placement_(placement), p_(params), pool_(pool) {
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
         cudaGetLastError();
@@ -157,13 +158,15 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     if (!why_not.empty()) throw GpuError("the GPU backend does not support " + why_not);
     if (params.n_ctx <= 0 || params.n_ubatch <= 0) throw GpuError("n_ctx and n_ubatch must be positive");
     U_ = std::max(params.n_ubatch, kMaxMmvTokens);
-    // From this many tokens a step copies the routed experts it uses from RAM instead of sending
-    // its tokens to the CPU. Default: ik_llama.cpp's rule, 32 x experts / experts used per token
-    // (512 for GLM-4.5-Air), where a batch uses nearly every expert; not yet tuned by measurement here.
+    // From this many tokens a step copies a layer's routed experts from RAM instead of sending its
+    // tokens to the CPU. Default: ik_llama.cpp's rule, 32 x experts / experts used per token (512
+    // for GLM-4.5-Air), where a batch uses nearly every expert; not yet tuned by measurement here.
+    // Never a graph-captured step: the copies run on a stream of their own, ordered by events.
     const int n_used_max = hp_.layers.empty() ? 1 : std::max(1, std::max_element(hp_.layers.begin(), hp_.layers.end(),
         [](const LayerHParams& a, const LayerHParams& b) { return a.n_expert_used < b.n_expert_used; })->n_expert_used);
-    borrow_min_tokens_ = params.expert_borrow_min_tokens > 0 ? params.expert_borrow_min_tokens
-                                                               : std::max(kMaxMmvTokens + 1, 32 * hp_.n_expert / n_used_max);
+    borrow_min_tokens_ = std::max(kMaxMmvTokens + 1, params.expert_borrow_min_tokens > 0
+                                                         ? params.expert_borrow_min_tokens
+                                                         : 32 * hp_.n_expert / n_used_max);
 
     Arena dry(nullptr);
     lay_out(dry);
@@ -193,12 +196,14 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
         ck(cudaMallocHost(&b->route_w, sizeof(float) * rows * slots_max_), "allocating pinned memory");
         ck(cudaMallocHost(&b->route_ids, sizeof(int32_t) * rows * slots_max_), "allocating pinned memory");
     }
+    if (borrow_slots_[0]) stager_ = std::make_unique<ExpertStager>(borrow_slots_, pool_);
     if (params.f32_activations) allocate_f32_scratch();
     const std::vector<float> ones(U_, 1.0f);
     ck(cudaMemcpy(ones_, ones.data(), sizeof(float) * U_, cudaMemcpyHostToDevice), "uploading constants");
 }
 
 CudaBackendImpl::~CudaBackendImpl() {
+    stager_.reset();  // its copies land in the arena
     for (auto& kv : graphs_)
         if (kv.second) cudaGraphExecDestroy(kv.second);
     for (float* f : f32_scratch_)

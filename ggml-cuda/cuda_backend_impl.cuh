@@ -7,11 +7,13 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "cuda_backend.h"
+#include "expert_stager.cuh"
 #include "ggml_types.h"
 #include "kernels.h"
 
@@ -135,7 +137,7 @@ using namespace cuda_impl;
 
 class CudaBackendImpl final : public CudaBackend {
 public:
-    CudaBackendImpl(const Model& model, const Placement& placement, const GpuParams& params);
+    CudaBackendImpl(const Model& model, const Placement& placement, const GpuParams& params, ThreadPool& pool);
     ~CudaBackendImpl() override;
 
     void begin_step(const Step& step, const StepOutput& out) override;
@@ -186,8 +188,9 @@ private:
     WeightView dequantized(const WeightView& w, int64_t n_matrices, int slot);
     ExpertSet dequantized(const ExpertSet& s, int slot);
     void allocate_f32_scratch();
-    // Copies the routed experts a big step uses from RAM to `borrow_` (the step's ids are read back).
-    void borrow_experts(int il, ExpertSet& gate, ExpertSet& up, ExpertSet& down);
+    // Layer il's routed experts, staged from RAM into a device slot (stager_), as views there.
+    void borrow_experts(int il, ExpertSet& gate, ExpertSet& up, ExpertSet& down, int* slot);
+    std::vector<ExpertStager::Piece> expert_pieces(int il) const;
     // Whether this step runs layer il's shared expert fused into its routed experts.
     bool fused(int il) const;
     int32_t* in(int which) const { return d_in_ + static_cast<size_t>(which) * U_; }
@@ -215,7 +218,9 @@ private:
     BlockQ8 *q8_ = nullptr, *q8b_ = nullptr;
     int32_t *moe_ids_ = nullptr, *moe_counts_ = nullptr, *moe_offsets_ = nullptr, *moe_src_ = nullptr,
             *moe_dst_ = nullptr, *seq_cells_ = nullptr, *ids_ = nullptr;
-    uint8_t* borrow_ = nullptr;  // room for one layer's routed experts copied from RAM
+    uint8_t* borrow_slots_[ExpertStager::kSlots] = {};  // each holds one layer's routed experts
+    std::unique_ptr<ExpertStager> stager_;
+    ThreadPool& pool_;  // the context's: its threads fill the pinned staging chunks
     int borrow_min_tokens_ = 0;
     // f32-activation mode only: weights dequantized for one op. Slots 0-2: a matrix, or the routed
     // gate/up/down stacks; 3-5: a fused shared expert's gate/up/down.

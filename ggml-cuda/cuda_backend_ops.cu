@@ -207,34 +207,20 @@ void CudaBackendImpl::routed_experts(const DevLayer& l, const ExpertSet& gate, c
     moe_combine(moe_y_, moe_w_, n_, S, H, out, acc, stream_);
 }
 
-void CudaBackendImpl::borrow_experts(int il, ExpertSet& gate, ExpertSet& up, ExpertSet& down) {
-    // Which experts the step uses: its routing, read back (big steps run eagerly).
-    const DevLayer& l = layers_[il];
+std::vector<ExpertStager::Piece> CudaBackendImpl::expert_pieces(int il) const {
     const LayerWeights& w = model_.layer(il);
-    const int S = l.n_used + (fused(il) ? 1 : 0);
-    std::vector<int32_t> ids(static_cast<size_t>(n_) * S);
-    ck(cudaMemcpyAsync(ids.data(), moe_ids_, sizeof(int32_t) * ids.size(), cudaMemcpyDeviceToHost, stream_), "routing");
-    ++counters_.device_to_host_copies;
-    wait();
-    std::vector<bool> used(hp_.n_expert, false);
-    for (int32_t e : ids)
-        if (e >= 0 && e < hp_.n_expert) used[e] = true;
-    uint8_t* dst = borrow_;
+    return {{w.gate_exps.data, stack_bytes(w.gate_exps)}, {w.up_exps.data, stack_bytes(w.up_exps)},
+            {w.down_exps.data, stack_bytes(w.down_exps)}};
+}
+
+void CudaBackendImpl::borrow_experts(int il, ExpertSet& gate, ExpertSet& up, ExpertSet& down, int* slot) {
+    // The whole layer, whichever experts this step routes to: a step this big uses nearly all of
+    // them, and a copy that needs no routing can start a layer ahead (moe_experts).
+    const LayerWeights& w = model_.layer(il);
+    *slot = stager_->stage(il, expert_pieces(il));
+    const uint8_t* dst = stager_->use(*slot, stream_);
     for (const auto& [src, set] : {std::pair<const Weight*, ExpertSet*>{&w.gate_exps, &gate}, {&w.up_exps, &up},
                                    {&w.down_exps, &down}}) {
-        // Each used expert goes to its own slot of the stack, so expert ids need no remapping.
-        for (int e = 0; e < hp_.n_expert;) {
-            if (!used[e]) {
-                ++e;
-                continue;
-            }
-            int end = e + 1;
-            while (end < hp_.n_expert && used[end]) ++end;
-            ck(cudaMemcpyAsync(dst + e * src->matrix_bytes, src->matrix(e), (end - e) * src->matrix_bytes,
-                               cudaMemcpyHostToDevice, stream_),
-               "copying experts");
-            e = end;
-        }
         set->routed = view_of(*src, dst, src->ne[1]);
         dst += stack_bytes(*src);
     }
@@ -256,10 +242,20 @@ void CudaBackendImpl::moe_experts(int il, bool into_x) {
     ExpertSet gate = l.gate, up = l.up, down = l.down;
     if (!fused(il)) gate.shared = up.shared = down.shared = WeightView{};
     const bool borrow = borrows_experts(il);
-    if (borrow) borrow_experts(il, gate, up, down);
+    int slot = -1;
+    if (borrow) borrow_experts(il, gate, up, down, &slot);
     if (l.experts || borrow) {
         routed_experts(l, gate, up, down, out, acc);
         acc = true;
+    }
+    if (borrow) {
+        stager_->release(slot, stream_);
+        // The next borrowing layer's copy runs while this layer's experts and the next attention do.
+        for (int next = il + 1; next < hp_.n_layer; ++next)
+            if (layers_[next].borrows) {
+                stager_->stage(next, expert_pieces(next));
+                break;
+            }
     }
     if (l.shared && !fused(il)) swiglu_ffn(l.sh_gate, l.sh_up, l.sh_down, out, acc);
 }

@@ -67,7 +67,7 @@ Context::Context(const Model& model, const ContextParams& params)
         gp.embeddings = params.embeddings;
         gp.f32_activations = params.f32_activations;
         gp.expert_borrow_min_tokens = params.expert_borrow_min_tokens;
-        gpu_ = CudaBackend::create(model, placement_, gp);
+        gpu_ = CudaBackend::create(model, placement_, gp, pool_);
     }
 }
 

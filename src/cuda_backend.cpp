@@ -24,7 +24,7 @@ std::string CudaBackend::unsupported(const Model& model) {
 }
 
 #ifndef GLMOE_CUDA
-std::unique_ptr<CudaBackend> CudaBackend::create(const Model&, const Placement&, const GpuParams&) {
+std::unique_ptr<CudaBackend> CudaBackend::create(const Model&, const Placement&, const GpuParams&, ThreadPool&) {
     throw GpuError("this build of glmoe has no CUDA backend");
 }
 #endif

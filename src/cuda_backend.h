@@ -15,6 +15,8 @@
 
 namespace glmoe {
 
+class ThreadPool;
+
 // Not enough GPU memory, or no usable GPU: raised before anything is allocated on the device.
 struct GpuError : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -53,7 +55,10 @@ public:
     // Why the GPU backend cannot run this model ("" when it can), e.g. an unsupported head size.
     static std::string unsupported(const Model& model);
     // Throws GpuError when there is no GPU or the weights, cache and buffers do not fit.
-    static std::unique_ptr<CudaBackend> create(const Model& model, const Placement& placement, const GpuParams& params);
+    // The pool's threads copy RAM-placed experts into pinned memory for big steps (from the
+    // forward's thread, while the CPU backend is idle).
+    static std::unique_ptr<CudaBackend> create(const Model& model, const Placement& placement, const GpuParams& params,
+                                               ThreadPool& pool);
 
     Device device() const override { return Device::gpu; }
     virtual const GpuCounters& counters() const = 0;

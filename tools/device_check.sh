@@ -2,7 +2,9 @@
 # The GPU checks and benchmarks of a change, in one device call, from the repo root: builds
 # llama.cpp's llama-bench (background) and glmoe (tools/device_setup.sh), makes the Air-shaped
 # 8-layer file, runs the GPU tests, then tools/hybrid_compare.sh with the glmoe just built.
-#   tools/device_check.sh LLAMA_CPP_SRC OUT_DIR      (env: TEST_S, SKIP_TESTS, BENCH_TESTS, BUDGET_S)
+#   tools/device_check.sh LLAMA_CPP_SRC OUT_DIR
+# env: TEST_S, SKIP_TESTS, BENCH_TESTS, BUDGET_S; BORROW_SWEEP=1 adds tools/borrow_crossover.py
+# (BORROW_TOKENS) before the benchmarks.
 # One call takes about 6 min before the benchmarks start with the tests (H100, 2026-12-06): with
 # SKIP_TESTS=1 the benchmarks get the time the tests would take.
 set -u
@@ -27,5 +29,9 @@ for f in $test_files; do
 done
 wait "$model_job"; wait "$lcpp_job" || tail -5 "$out/lcpp-build.log"
 echo "ready for benchmarks at $((SECONDS - t0)) s"
+if [ "${BORROW_SWEEP:-0}" = 1 ]; then
+    timeout 120 python3 tools/borrow_crossover.py build/air8.gguf -t 16 -n "${BORROW_TOKENS:-32,64,128,256,512}" -r 2 \
+        2>&1 | tee "$out/borrow_crossover.md"
+fi
 TESTS=${BENCH_TESTS:-a b c d e} BUDGET_S=${BUDGET_S:-$((570 - (SECONDS - t0)))} MODEL=build/air8.gguf \
     tools/hybrid_compare.sh "$src" "$out/hybrid" "${GLMOE_SITE:-/tmp/site}/glmoe/bin"

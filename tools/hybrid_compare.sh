@@ -127,12 +127,36 @@ bench() {
     fi
     echo "--- $name, $tag: llama-bench $* (timeout ${cap} s)"
     LD_LIBRARY_PATH=$lcpp/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
-        timeout -k 10 "$cap" "$bin" "$@" > "$out/$name.$tag.md" 2> "$out/$name.$tag.err"
-    rc=$?
+        "$bin" "$@" --progress > "$out/$name.$tag.md" 2> "$out/$name.$tag.err" &
+    local pid=$! waited=0
+    while kill -0 "$pid" 2> /dev/null && [ "$waited" -lt "$cap" ]; do sleep 1; waited=$((waited + 1)); done
+    if kill -0 "$pid" 2> /dev/null; then
+        # Where a run hangs is worth the seconds: its threads' stacks go to the .err file.
+        stacks "$pid" >> "$out/$name.$tag.err" 2>&1
+        kill "$pid"; sleep 2; kill -9 "$pid" 2> /dev/null
+        wait "$pid"; rc=124
+    else
+        wait "$pid"; rc=$?
+    fi
     cat "$out/$name.$tag.md"
     if [ "$rc" -ne 0 ]; then
         grep -i -m 3 -E 'error|unknown|invalid|fail' "$out/$name.$tag.err" || tail -n 5 "$out/$name.$tag.err"
-        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "($tag: $name timed out after ${cap} s)"; else echo "($tag: $name exit $rc)"; fi
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            echo "($tag: $name timed out after ${cap} s, at: $(grep 'llama-bench: test' "$out/$name.$tag.err" | tail -n 1))"
+            grep -E '^Thread|glmoe::' "$out/$name.$tag.err" | cut -c1-160 | head -n 40
+        else
+            echo "($tag: $name exit $rc)"
+        fi
+    fi
+}
+
+# stacks PID: every thread's call stack (gdb when there is one, else the kernel's view).
+stacks() {
+    echo "=== stacks of $1 after the timeout"
+    if command -v gdb > /dev/null 2>&1; then
+        timeout 20 gdb -batch -p "$1" -ex 'thread apply all bt 12' 2>&1 | grep -E '^#|^Thread' | head -n 200
+    else
+        for t in /proc/"$1"/task/*; do echo "${t##*/} $(cut -d' ' -f3 "$t/stat") $(cat "$t/wchan" 2> /dev/null)"; cat "$t/stack" 2> /dev/null | head -n 6; done
     fi
 }
 
