@@ -236,7 +236,7 @@ def test_api_key_and_404(server):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        bad.models.list()
+        bad.completions.create(model="tiny", prompt="x", max_tokens=1)
     r = httpx.get(server.url + "/v1/nothing-here", headers=server.headers())
     assert r.status_code == 404 and set(r.json()["error"]) >= {"message", "type", "param", "code"}
 
@@ -376,7 +376,7 @@ def test_cli_speed_only_flags_are_accepted_and_reported():
     (["-nocb"], "always batches"), (["--no-cont-batching"], "always batches"),
     (["--mirostat", "2"], "no such stage"), (["--xtc-probability", "0.5"], "no such stage"),
     (["--dry-multiplier", "0.8"], "no such stage"), (["--samplers", "top_k"], "order is fixed"),
-    (["--embedding"], "not supported yet"), (["--embeddings"], "not supported yet"),
+    (["--pooling", "rank"], "reranking is not supported"),
     (["--cache-reuse", "256"], "not supported yet"), (["--slot-save-path", "/tmp"], "not supported yet"),
     (["--props"], "/props"), (["--grammar-file", "g.gbnf"], "not supported yet"),
     (["--reasoning-budget", "512"], "only -1 (unrestricted) and 0"),

@@ -21,16 +21,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import _core
 from ..chat import token_piece
 from ..tokenizer import GGUFTokenizer
-from . import limits, metrics
+from . import limits, metrics, native
 from .errors import APIError, bad_request, error_body
 from .generation import Finish, Generator
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .settings import Settings
 from .tool_parsing import StreamParser, openai_tool_calls, parse
 
-PUBLIC_PATHS = {"/health", "/v1/health"}  # answered without the API key, as llama.cpp does
+# Answered without the API key, as llama.cpp does (its security tests read /models without one).
+PUBLIC_PATHS = {"/health", "/v1/health", "/models", "/v1/models"}
 ROUTES = {"/health", "/v1/health", "/models", "/v1/models", "/completions", "/v1/completions",
-          "/chat/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics", "/slots"}
+          "/chat/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics",
+          "/slots"} | native.ROUTES
 MAX_BODY_BYTES = limits.MAX_BODY_CEILING
 TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
@@ -340,19 +342,13 @@ def create_app(settings: Settings) -> FastAPI:
 
         return _stream(events())
 
-    @app.post("/chat/completions")
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        if req.logprobs:
-            raise bad_request("logprobs is not supported", "logprobs")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request("response_format other than text is not supported", "response_format")
+    async def chat_prompt(req: ChatCompletionRequest):
+        """The chat template's text for req's messages, tools and template kwargs, and the tools."""
         if state.chat_template is None:
             raise bad_request("the model has no chat template (start the server with --chat-template)")
         tools = None if req.tool_choice == "none" or not req.tools else [t.model_dump(exclude_none=True)
                                                                          for t in req.tools]
         messages = [_template_message(m.model_dump(exclude_none=True), i) for i, m in enumerate(req.messages)]
-        sampling = sampling_of(req)
         reserved = sorted(set(req.chat_template_kwargs or {}) & set(TEMPLATE_VARIABLES))
         if reserved:
             raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the server", "chat_template_kwargs")
@@ -363,6 +359,17 @@ def create_app(settings: Settings) -> FastAPI:
             **{**settings.chat_template_kwargs, **(req.chat_template_kwargs or {})},
             messages=messages, tools=tools, add_generation_prompt=True,
             bos_token=token_piece(tok, tok.bos_id), eos_token=token_piece(tok, tok.eos_id))
+        return prompt, tools
+
+    @app.post("/chat/completions")
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        if req.logprobs:
+            raise bad_request("logprobs is not supported", "logprobs")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request("response_format other than text is not supported", "response_format")
+        sampling = sampling_of(req)
+        prompt, tools = await chat_prompt(req)
         tokens = await tokenize_prompt(prompt, False, "messages")
         gen = state.generator
         max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
@@ -436,6 +443,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/slots")
     async def slots():
         return state.generator.engine.slots()
+
+    native.register(app, state, settings, tokenize_prompt, chat_prompt, client_gone)
 
     return app
 

@@ -75,11 +75,10 @@ REFUSED_FLAGS = [
     (["-l", "--logit-bias"], 1, "a server-wide logit bias is not supported yet"),
     (["--grammar"], 1, "grammars are not supported yet"), (["--grammar-file"], 1, "grammars are not supported yet"),
     (["-j", "--json-schema"], 1, "JSON schemas are not supported yet"),
-    (["--embedding", "--embeddings"], 0, "embeddings (/v1/embeddings) are not supported yet"),
     (["--reranking", "--rerank"], 0, "reranking is not supported"),
     (["--cache-reuse"], 1, "KV cache reuse by shifting is not supported yet"),
     (["--slot-save-path"], 1, "saving and restoring slots is not supported yet"),
-    (["--props"], 0, "POST /props is not supported yet (glmoe has no /props endpoint)"),
+    (["--props"], 0, "changing global properties through POST /props is not supported (GET /props is served)"),
     (["--lora"], 1, "LoRA adapters are not supported"), (["--lora-scaled"], 2, "LoRA adapters are not supported"),
     (["--rope-scaling"], 1, "RoPE scaling is not supported"), (["--rope-scale"], 1, "RoPE scaling is not supported"),
     (["--rope-freq-base"], 1, "RoPE scaling is not supported"),
@@ -153,6 +152,13 @@ def parser() -> argparse.ArgumentParser:
     sampling = ap.add_argument_group("sampling defaults (for the fields a request leaves unset)")
     for flags, field, typ, text in SAMPLING_FLAGS:
         sampling.add_argument(*flags, dest=field, type=typ, default=None, metavar="N", help=text)
+    embed = ap.add_argument_group("embeddings (as llama.cpp)")
+    embed.add_argument("--embedding", "--embeddings", dest="embedding", action="store_true",
+                       help="serve /embedding, /embeddings and /v1/embeddings (from a second context, made on "
+                            "first use; completions are served too)")
+    embed.add_argument("--pooling", choices=["none", "mean", "cls", "last", "rank"],
+                       help="how an input's token embeddings become one: none (each token's; /v1/embeddings "
+                            "refuses it), mean, cls (first token), last (default: the model's, none for GLM)")
     spec = ap.add_argument_group("suffix decoding (glmoe's own flags: llama.cpp has no model-free drafter)")
     spec.add_argument("--spec-suffix", action="store_true",
                       help="draft from text already seen (prompt, output, earlier outputs) and verify in the batch")
@@ -227,7 +233,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     alias=args.alias, api_key=args.api_key, chat_template=template,
                     api_keys=read_api_keys(args.api_key_file) if args.api_key_file else [],
                     n_predict=args.n_predict, sampling_defaults=sampling, reasoning_format=args.reasoning_format,
-                    chat_template_kwargs=template_kwargs(args),
+                    chat_template_kwargs=template_kwargs(args), embedding=args.embedding, pooling=args.pooling,
                     spec_suffix=args.spec_suffix, spec_max_depth=args.spec_max_depth,
                     spec_max_spec_factor=args.spec_max_spec_factor, spec_min_token_prob=args.spec_min_token_prob)
 
@@ -258,6 +264,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"no such model file: {args.model}")
     if args.n_predict < -1 or args.n_predict == 0:
         ap.error("--n-predict must be -1 (until the context is full) or >= 1")
+    if args.pooling == "rank":
+        ap.error("--pooling rank: reranking is not supported")
     if args.reasoning_budget not in (-1, 0):
         ap.error("--reasoning-budget: only -1 (unrestricted) and 0 (no thinking) are supported")
     if args.chat_template_kwargs is not None:

@@ -20,6 +20,7 @@ class Finish:
     n_prompt: int
     n_generated: int
     timings: Dict[str, float] = dataclasses.field(default_factory=dict)  # llama.cpp's "timings"
+    stop_word: str = ""  # the stop string that ended the text ("" for an end-of-generation token or the limit)
 
     def usage(self) -> Dict[str, int]:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_generated,
@@ -58,9 +59,11 @@ class Generator:
     async def generate(
         self, tokens: List[int], max_tokens: int, sampling: dict, stops: List[str], special: bool,
         client_gone: Optional[Callable[[], Awaitable[bool]]] = None, ignore_eos: bool = False,
+        on_tokens: Optional[Callable[[List[int]], None]] = None,
     ) -> AsyncIterator[Union[str, Finish]]:
         """Yields text pieces, then one Finish. A stop string ends the text before it.
-        max_tokens is check_prompt()'s answer (checked before a stream's headers go out)."""
+        max_tokens is check_prompt()'s answer (checked before a stream's headers go out).
+        on_tokens gets the ids of each batch of generated tokens before their text is yielded."""
         loop = asyncio.get_running_loop()
         self.waiting_here += 1
         try:
@@ -73,11 +76,13 @@ class Generator:
             self._admitted.release()
             raise bad_request(str(e)) from e
         decoder = self.tokenizer.stream_decoder(special)
-        text, sent, n_generated, done = "", 0, 0, False
+        text, sent, n_generated, done, stop_word = "", 0, 0, False, ""
         try:
             while True:
                 ev = await loop.run_in_executor(self._pool, self.engine.poll, rid, POLL_TIMEOUT_S)
                 n_generated += len(ev["tokens"])
+                if on_tokens is not None and ev["tokens"]:
+                    on_tokens(ev["tokens"])
                 text += "".join(decoder.feed(t) for t in ev["tokens"] if t not in self.eog)
                 reason = ev["finish_reason"] if ev["finished"] else None
                 done = ev["finished"]
@@ -85,9 +90,10 @@ class Generator:
                     raise APIError(500, f"generation failed: {ev.get('error', 'unknown error')}")
                 if done:
                     text += decoder.flush()
-                hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+                hits = [(i, s) for i, s in ((text.find(s), s) for s in stops) if i >= 0]
                 if hits:
-                    text, reason = text[: min(hits)], "stop"
+                    cut, stop_word = min(hits, key=lambda hit: hit[0])
+                    text, reason = text[:cut], "stop"
                 safe = len(text) if reason else len(text) - held_back_for_stop(text, stops)
                 if safe > sent:
                     yield text[sent:safe]
@@ -95,7 +101,7 @@ class Generator:
                 if reason:
                     n_out = ev.get("n_generated", n_generated) if done else n_generated
                     yield Finish("stop" if reason == "cancelled" else reason, len(tokens), n_out,
-                                 self._timings(ev, len(tokens), n_out))
+                                 self._timings(ev, len(tokens), n_out), stop_word)
                     return
                 if client_gone is not None and await client_gone():
                     return

@@ -33,6 +33,10 @@ class Settings:
     sampling_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
     reasoning_format: str = "auto"  # "none": GLM's <think> stays in content; "deepseek" / "auto": reasoning_content
     chat_template_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)  # requests' own keys win
+    # llama.cpp's --embedding: serve /embedding, /embeddings and /v1/embeddings (from a second context,
+    # made on first use); pooling as its --pooling (None: the model's, which is "none" for GLM's files).
+    embedding: bool = False
+    pooling: Optional[str] = None
     # Called in the loading thread before the model loads (tests hold the server in "loading").
     before_load: Optional[Callable[[], None]] = None
     # Called with the message when the model fails to load (llama-server exits; None: serve the error).
