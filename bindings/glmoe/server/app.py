@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import _core
 from ..chat import token_piece
 from ..tokenizer import GGUFTokenizer
-from . import limits, metrics, native
+from . import anthropic, limits, metrics, native
 from .errors import APIError, bad_request, error_body
 from .generation import Finish, Generator
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -32,7 +32,7 @@ from .tool_parsing import StreamParser, openai_tool_calls, parse
 PUBLIC_PATHS = {"/health", "/v1/health", "/models", "/v1/models"}
 ROUTES = {"/health", "/v1/health", "/models", "/v1/models", "/completions", "/v1/completions",
           "/chat/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics",
-          "/slots"} | native.ROUTES
+          "/slots"} | native.ROUTES | anthropic.PATHS
 MAX_BODY_BYTES = limits.MAX_BODY_CEILING
 TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
@@ -166,7 +166,8 @@ class Gate:
             if refusal is not None:
                 if refusal.status == 413 and refusal.close_connection:  # refused by its Content-Length
                     refusal.close_connection = not await limits.drain(receive)
-                response = refusal.response()
+                response = anthropic.error_response(refusal) if scope["path"] in anthropic.PATHS \
+                    else refusal.response()
                 if refusal.status == 408 or refusal.close_connection:
                     response.headers.update({"Connection": "close"})
                 await response(scope, receive, counting_send)
@@ -445,6 +446,7 @@ def create_app(settings: Settings) -> FastAPI:
         return state.generator.engine.slots()
 
     native.register(app, state, settings, tokenize_prompt, chat_prompt, client_gone)
+    anthropic.register(app, state, settings, tokenize_prompt, chat_prompt)
 
     return app
 
