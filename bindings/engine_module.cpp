@@ -18,6 +18,11 @@ using namespace glmoe;
 namespace {
 
 using I32Tokens = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using TokenMask = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+std::vector<uint32_t> mask_vector(const TokenMask& mask) {
+    return std::vector<uint32_t>(mask.data(), mask.data() + mask.shape(0));
+}
 
 // A list of ints or an int32 array. Ids beyond int32 are reported like any out-of-range id.
 std::vector<int32_t> token_vector(nb::handle tokens) {
@@ -90,18 +95,33 @@ void bind_engine(nb::module_& m) {
              [](BatchEngine& e, nb::handle tokens, int max_tokens, std::vector<int32_t> eog_ids,
                 float temperature, int top_k, float top_p, float min_p, float typical_p,
                 float repeat_penalty, int repeat_last_n, float presence_penalty, float frequency_penalty,
-                std::optional<std::map<int32_t, float>> logit_bias, std::optional<int64_t> seed, bool draft) {
+                std::optional<std::map<int32_t, float>> logit_bias, std::optional<int64_t> seed, bool draft,
+                std::optional<TokenMask> token_mask) {
                  const SamplingParams sp = make_sampling_params(
                      temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
                      presence_penalty, frequency_penalty, logit_bias, seed);
                  std::vector<int32_t> prompt = token_vector(tokens);
+                 std::vector<uint32_t> mask = token_mask ? mask_vector(*token_mask) : std::vector<uint32_t>();
+                 if (token_mask && mask.empty()) throw nb::value_error("token_mask is empty");
                  nb::gil_scoped_release release;
-                 return e.submit(std::move(prompt), max_tokens, std::move(eog_ids), sp, draft);
+                 return e.submit(std::move(prompt), max_tokens, std::move(eog_ids), sp, draft, std::move(mask));
              },
              nb::arg("tokens"), nb::arg("max_tokens") = 0, nb::arg("eog_ids") = std::vector<int32_t>(),
-             GLMOE_SAMPLING_KWARGS, nb::arg("draft") = true,
+             GLMOE_SAMPLING_KWARGS, nb::arg("draft") = true, nb::arg("token_mask") = nb::none(),
              "Queues a request; returns its id. max_tokens <= 0: up to the slot context. draft=False: no"
-             " speculative drafts for this request.")
+             " speculative drafts for this request. token_mask (uint32 array of mask_words, bit t % 32 of"
+             " word t // 32 allows token t): a constrained request, this being its first token's mask; each"
+             " later token waits for set_token_mask.")
+        .def("set_token_mask",
+             [](BatchEngine& e, int64_t id, int index, const TokenMask& mask) {
+                 std::vector<uint32_t> words = mask_vector(mask);
+                 nb::gil_scoped_release release;
+                 return e.set_token_mask(id, index, std::move(words));
+             },
+             nb::arg("request_id"), nb::arg("index"), nb::arg("token_mask"),
+             "The allowed tokens of a constrained request's generated token number index (its next one);"
+             " False when the request is unknown or finished. Until it is set, that request alone waits.")
+        .def_prop_ro("mask_words", &BatchEngine::mask_words, "uint32 words in a token mask: ceil(n_vocab / 32).")
         .def("poll",
              [](BatchEngine& e, int64_t id, double timeout) {
                  std::optional<RequestEvent> ev;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "speculative.h"
@@ -38,6 +39,13 @@ float log_softmax_at(const float* logits, int n_vocab, int32_t token) {
     double sum = 0;
     for (int i = 0; i < n_vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max);
     return static_cast<float>(static_cast<double>(logits[token]) - max - std::log(sum));
+}
+
+// Tokens whose bit is clear get -inf, which every filter and the draw then skip.
+void apply_token_mask(float* logits, int n_vocab, const std::vector<uint32_t>& mask) {
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int t = 0; t < n_vocab; ++t)
+        if (!(mask[t >> 5] >> (t & 31) & 1u)) logits[t] = neg_inf;
 }
 
 }  // namespace
@@ -90,7 +98,7 @@ BatchEngine::BatchEngine(const Model& model, const EngineParams& params)
 BatchEngine::~BatchEngine() { shutdown(); }
 
 int64_t BatchEngine::submit(std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog_ids,
-                            const SamplingParams& sampling, bool draft) {
+                            const SamplingParams& sampling, bool draft, std::vector<uint32_t> token_mask) {
     if (prompt.empty()) throw std::invalid_argument("empty prompt");
     for (int32_t t : prompt)
         if (t < 0 || t >= n_vocab_)
@@ -100,9 +108,19 @@ int64_t BatchEngine::submit(std::vector<int32_t> prompt, int max_tokens, std::ve
     if (static_cast<int64_t>(prompt.size()) + 1 > n_ctx_slot_)
         throw std::invalid_argument("prompt of " + std::to_string(prompt.size()) +
                                     " tokens does not fit the slot context of " + std::to_string(n_ctx_slot_));
+    const bool constrained = !token_mask.empty();
+    if (constrained && static_cast<int>(token_mask.size()) != mask_words())
+        throw std::invalid_argument("token_mask must have " + std::to_string(mask_words()) + " words, got " +
+                                    std::to_string(token_mask.size()));
     auto r = std::make_shared<Request>(0, std::move(prompt), max_tokens > 0 ? max_tokens : n_ctx_slot_,
                                        std::move(eog_ids), sampling, n_vocab_);
-    if (spec_store_ && draft) {  // indexing the prompt here keeps it off the engine thread
+    if (constrained) {
+        r->constrained = true;
+        r->mask = std::move(token_mask);
+        r->mask_index = 0;
+    }
+    // Drafts would need a mask per drafted position; constrained requests decode one token a step.
+    if (spec_store_ && draft && !constrained) {  // indexing the prompt here keeps it off the engine thread
         r->drafter = std::make_unique<SuffixDrafter>(params_.spec, spec_store_);
         r->drafter->append(r->tokens.data(), r->tokens.size());
         r->drafter->mark_prompt_end();
@@ -114,6 +132,27 @@ int64_t BatchEngine::submit(std::vector<int32_t> prompt, int max_tokens, std::ve
     waiting_.push_back(r);
     work_cv_.notify_one();
     return r->id;
+}
+
+bool BatchEngine::set_token_mask(int64_t id, int index, std::vector<uint32_t> mask) {
+    if (static_cast<int>(mask.size()) != mask_words())
+        throw std::invalid_argument("token_mask must have " + std::to_string(mask_words()) + " words, got " +
+                                    std::to_string(mask.size()));
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = requests_.find(id);
+    if (it == requests_.end()) return false;
+    Request& r = *it->second;
+    if (!r.constrained)
+        throw std::invalid_argument("request " + std::to_string(id) + " was submitted without a token_mask");
+    if (r.unpolled.finished) return false;
+    // Masks come one token at a time: the engine cannot have sampled past a token without its mask.
+    if (index != r.n_generated())
+        throw std::invalid_argument("token mask for generated token " + std::to_string(index) +
+                                    ", but the request's next token is number " + std::to_string(r.n_generated()));
+    r.mask = std::move(mask);
+    r.mask_index = index;
+    if (r.held()) work_cv_.notify_one();
+    return true;
 }
 
 std::optional<RequestEvent> BatchEngine::poll(int64_t id, double timeout_s) {
@@ -211,8 +250,13 @@ void BatchEngine::run() {
     for (;;) {
         work_cv_.wait(lk, [this] { return stopping_ || has_work(); });
         if (stopping_) return;
+        sample_held();
         start_waiting_requests();
         build_batch();
+        if (batch_.size() == 0) {  // every active slot waits for a token mask, or just finished
+            events_cv_.notify_all();
+            continue;
+        }
 
         step_in_flight_ = true;
         lk.unlock();
@@ -236,10 +280,28 @@ void BatchEngine::run() {
 bool BatchEngine::has_work() const {
     bool any_idle = false;
     for (const Slot& s : slots_) {
-        if (s.request) return true;
-        any_idle = true;
+        if (s.request && (!s.request->held() || s.request->mask_ready())) return true;
+        if (!s.request) any_idle = true;
     }
     return any_idle && !waiting_.empty();
+}
+
+void BatchEngine::sample_held() {
+    for (int i = 0; i < params_.n_parallel; ++i) {
+        const RequestPtr& r = slots_[i].request;
+        if (!r || !r->held() || !r->mask_ready()) continue;
+        float logprob = 0;
+        int32_t token;
+        try {
+            r->mask_index = -1;
+            token = sample_masked(*r, r->held_logits.data(), r->mask, logprob);
+        } catch (const std::exception& e) {
+            release_slot(i, FinishReason::error, *e.what() ? e.what() : "sampling failed");
+            continue;
+        }
+        r->held_logits.clear();
+        accept_token(i, token, logprob);
+    }
 }
 
 void BatchEngine::start_waiting_requests() {
@@ -268,14 +330,15 @@ void BatchEngine::build_batch() {
     // A generating slot's newest token is the one not yet in the cache. Drafts to follow it get
     // what n_batch leaves after every generating slot's token.
     const int n_generating = static_cast<int>(std::count_if(
-        slots_.begin(), slots_.end(), [](const Slot& s) { return s.state() == SlotState::generating; }));
+        slots_.begin(), slots_.end(),
+        [](const Slot& s) { return s.state() == SlotState::generating && !s.request->held(); }));
     // Drafts stay within the step size whose per-token results match a plain decode step, so
     // greedy output is the same with and without them (on the GPU: 8 tokens).
     int draft_room = std::min(params_.n_batch, ctx_.invariant_batch()) - n_generating;
     int n_generating_added = 0;
     for (int i = 0; i < params_.n_parallel; ++i) {
         const Slot& s = slots_[i];
-        if (s.state() != SlotState::generating) continue;
+        if (s.state() != SlotState::generating || s.request->held()) continue;
         Request& r = *s.request;
         add(r.tokens[s.n_past], s.n_past, i, true);
         ++n_generating_added;
@@ -363,6 +426,24 @@ void BatchEngine::sample_outputs(std::vector<Sampled>& out) {
         Request& r = *slots_[slot].request;
         const float* logits = logits_.data() + row * n_vocab_;
         try {
+            if (r.constrained) {
+                {
+                    std::lock_guard<std::mutex> lk(mu_);  // set_token_mask() writes the mask under it
+                    step_mask_.clear();
+                    if (r.mask_ready()) {
+                        step_mask_.swap(r.mask);
+                        r.mask_index = -1;  // used up: the next token waits for its own
+                    }
+                }
+                if (step_mask_.empty()) {  // sampled once the mask arrives (sample_held); the slot sits out
+                    r.held_logits.assign(logits, logits + n_vocab_);
+                    continue;
+                }
+                Sampled s{slot, {0}, {0}};
+                s.tokens[0] = sample_masked(r, logits, step_mask_, s.logprobs[0]);
+                out.push_back(std::move(s));
+                continue;
+            }
             Sampled s{slot, verify_draft(r.sampler, logits, r.tokens, r.draft), {}};
             for (size_t k = 0; k < s.tokens.size(); ++k)
                 s.logprobs.push_back(log_softmax_at(logits + k * n_vocab_, n_vocab_, s.tokens[k]));
@@ -371,6 +452,15 @@ void BatchEngine::sample_outputs(std::vector<Sampled>& out) {
             step_errors_[slot] = *e.what() ? e.what() : "sampling failed";
         }
     }
+}
+
+int32_t BatchEngine::sample_masked(Request& r, const float* logits, const std::vector<uint32_t>& mask,
+                                   float& logprob) {
+    masked_.assign(logits, logits + n_vocab_);
+    apply_token_mask(masked_.data(), n_vocab_, mask);
+    const int32_t token = r.sampler.sample(masked_.data(), r.tokens);
+    logprob = log_softmax_at(logits, n_vocab_, token);  // under the raw logits, as unconstrained tokens
+    return token;
 }
 
 void BatchEngine::apply_step(const std::vector<Sampled>& sampled) {

@@ -3,6 +3,8 @@
 // each). Every step runs one batch holding a decode token for each generating slot and prompt
 // chunks of prefilling slots, so new prompts enter between decode steps without stalling the
 // others. Requests beyond n_parallel wait in a FIFO queue. All public methods are thread-safe.
+// A constrained request (grammar) samples each token under an allowed-token mask that its owner
+// supplies (set_token_mask) while the step runs; a late mask defers only that request's sampling.
 #pragma once
 #include <chrono>
 #include <condition_variable>
@@ -85,8 +87,19 @@ public:
     // std::invalid_argument for an empty prompt, token ids out of range, bad sampling parameters
     // or a prompt that leaves no room to generate in a slot; std::runtime_error after shutdown().
     // draft = false opts the request out of speculative drafting (when the engine has it on).
+    // A non-empty token_mask makes the request constrained (grammars): it is the allowed-token
+    // bitmask of its first generated token (bit t % 32 of word t / 32; mask_words() words), and
+    // each later token waits for set_token_mask(). Constrained requests never draft.
     int64_t submit(std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog_ids,
-                   const SamplingParams& sampling, bool draft = true);
+                   const SamplingParams& sampling, bool draft = true, std::vector<uint32_t> token_mask = {});
+
+    // The allowed tokens of a constrained request's generated token number `index` (0-based),
+    // which must be the next one it samples. Tokens outside the mask get logit -inf before the
+    // sampler runs. Until it arrives that request's sampling is deferred (its logits kept) and
+    // its slot sits out the steps; the other slots go on. False for an unknown or finished
+    // request; std::invalid_argument for a wrong size or index, or an unconstrained request.
+    bool set_token_mask(int64_t id, int index, std::vector<uint32_t> mask);
+    int mask_words() const { return (n_vocab_ + 31) / 32; }
 
     // Waits up to timeout_s for new output or the end of the request, then takes what there is.
     // nullopt for an unknown id; a request is forgotten once a poll has reported it finished.
@@ -122,6 +135,16 @@ private:
         Clock::time_point t_start, t_prompt_done;  // slot taken; first token sampled
         std::unique_ptr<SuffixDrafter> drafter;    // null: no drafting; holds tokens, kept in step
         std::vector<int32_t> draft;                // this step's draft, after tokens.back()
+        // Constrained decoding: `mask` allows the tokens of generated token number mask_index
+        // (-1: none yet). held_logits, when not empty, is the logits row of that token, whose
+        // sampling waits for its mask; the slot's tokens are all in the cache meanwhile.
+        bool constrained = false;
+        std::vector<uint32_t> mask;
+        int mask_index = -1;
+        std::vector<float> held_logits;
+
+        bool held() const { return !held_logits.empty(); }
+        bool mask_ready() const { return mask_index == n_generated(); }
 
         Request(int64_t id, std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog,
                 const SamplingParams& sp, int n_vocab);
@@ -154,6 +177,10 @@ private:
     void decode_step();
     bool try_decode(const Batch& batch, std::vector<float>& logits, std::string& error);
     void sample_outputs(std::vector<Sampled>& out);
+    // A constrained request's token from `logits` with the tokens outside `mask` at -inf.
+    int32_t sample_masked(Request& r, const float* logits, const std::vector<uint32_t>& mask, float& logprob);
+    // Samples the held rows whose masks have arrived (under mu_: one row each, O(n_vocab)).
+    void sample_held();
     void apply_step(const std::vector<Sampled>& sampled);
     // False when the token finished the request (and freed its slot).
     bool accept_token(int slot_id, int32_t token, float logprob);
@@ -189,6 +216,8 @@ private:
     std::vector<int> logit_slots_;
     std::vector<std::string> step_errors_;  // per slot; empty: no error
     std::vector<float> logits_;
+    std::vector<float> masked_;        // a constrained slot's logits row with its mask applied
+    std::vector<uint32_t> step_mask_;  // its mask, taken from the request under mu_
 
     std::once_flag shutdown_once_;
     std::thread thread_;

@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Union
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .grammar import grammar_for_response_format
+
 
 def _raise_exception(message):
     raise TemplateError(message)
@@ -61,10 +63,16 @@ def create_chat_completion(
     logprobs: Optional[bool] = None,
     top_logprobs: Optional[int] = None,
     chat_template_kwargs: Optional[dict] = None,
+    response_format: Optional[dict] = None,
+    grammar=None,
     **unsupported,
 ):
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of dicts with a 'role'")
+    if response_format is not None:
+        if grammar is not None:
+            raise ValueError("pass grammar or response_format, not both")
+        grammar = grammar_for_response_format(response_format)
     if llm.chat_template is None:
         raise ValueError("the model file has no tokenizer.chat_template")
     tok = llm.tokenizer_
@@ -79,7 +87,7 @@ def create_chat_completion(
         prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         typical_p=typical_p, stream=stream, stop=stop, seed=seed, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, model=model, logit_bias=logit_bias,
-        logprobs=top_logprobs if logprobs else None, **unsupported,
+        logprobs=top_logprobs if logprobs else None, grammar=grammar, **unsupported,
     )
     return _chat_chunks(result) if stream else _chat_response(result)
 

@@ -92,6 +92,7 @@ def create_completion(
     logit_bias: Optional[Dict[int, float]] = None,
     special: bool = True,
     eog_tokens: Optional[List[int]] = None,
+    grammar=None,
     **unsupported,
 ):
     if suffix is not None:
@@ -116,7 +117,7 @@ def create_completion(
     tokens_iter = llm.generate(
         prompt_tokens, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temperature,
         repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-        logit_bias=logit_bias, seed=seed, **unsupported,
+        logit_bias=logit_bias, seed=seed, grammar=grammar, **unsupported,
     )
     run = _Run(
         llm=llm, prompt_tokens=prompt_tokens, prompt_text=prompt_text, max_tokens=max_tokens, stops=stops, eog=eog,

@@ -14,6 +14,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Un
 import numpy as np
 
 from . import _core
+from .grammar import TokenConstraint, as_grammar
 from .tokenizer import GGUFTokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -411,21 +412,25 @@ class Llama:
         presence_penalty: float = 0.0,
         logit_bias: Optional[Dict[int, float]] = None,
         seed: Optional[int] = None,
+        grammar=None,
         **unsupported,
     ) -> Iterator[int]:
         """Yields sampled tokens after the prompt, forever; the caller stops iterating.
 
         With reset (the default) the evaluated tokens that start the prompt are kept in the KV
         cache and only the rest is evaluated (llama-cpp-python's prefix reuse). The generator
-        holds this Llama's lock from its first step until it is exhausted or closed."""
+        holds this Llama's lock from its first step until it is exhausted or closed. grammar (a
+        LlamaGrammar) allows only tokens that continue it, and end-of-generation once complete."""
+        grammar = None if grammar is None else as_grammar(grammar)
         return self._held_stream(lambda: self._generate(
             tokens, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp,
             repeat_penalty=repeat_penalty, reset=reset, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, logit_bias=logit_bias, seed=seed, **unsupported))
+            presence_penalty=presence_penalty, logit_bias=logit_bias, seed=seed, grammar=grammar, **unsupported))
 
     def _generate(self, tokens, *, top_k, top_p, min_p, typical_p, temp, repeat_penalty, reset, frequency_penalty,
-                  presence_penalty, logit_bias, seed, **unsupported) -> Iterator[int]:
+                  presence_penalty, logit_bias, seed, grammar=None, **unsupported) -> Iterator[int]:
         _reject_unsupported(unsupported)
+        constraint = None if grammar is None else TokenConstraint(grammar, self.tokenizer_)
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("generate() needs at least one prompt token")
@@ -433,14 +438,22 @@ class Llama:
         sampler = self._sampler(temp=temp, logit_bias=logit_bias, seed=seed, top_k=top_k, top_p=top_p, min_p=min_p,
                                 typical_p=typical_p, repeat_penalty=repeat_penalty,
                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-        if self.draft_model is not None:
+        # Drafts would need a grammar mask per drafted position: constrained runs decode plainly
+        # (the same tokens, as drafting never changes them).
+        if self.draft_model is not None and constraint is None:
             yield from self._generate_drafted(todo, sampler)
             return
         self.last_draft_stats = None
         while True:
             self._eval(todo)
             history = self.input_ids[: self.n_tokens].astype(np.int32, copy=False)
-            token = sampler.sample(self.scores[self.n_tokens - 1], history)
+            logits = self.scores[self.n_tokens - 1]
+            if constraint is not None:
+                # Serially for now: the mask is computed after the forward, not while it runs.
+                logits = constraint.apply(logits)
+            token = sampler.sample(logits, history)
+            if constraint is not None:
+                constraint.accept(token)
             yield token
             todo = [token]
 

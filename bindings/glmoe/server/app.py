@@ -22,6 +22,7 @@ from .. import _core
 from ..chat import token_piece
 from ..tokenizer import GGUFTokenizer
 from . import anthropic, limits, metrics, native
+from .constraints import constraint_for
 from .errors import APIError, bad_request, error_body
 from .generation import Finish, Generator
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -306,6 +307,7 @@ def create_app(settings: Settings) -> FastAPI:
         prompt = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
             else req.prompt
         sampling = sampling_of(req)
+        constraint = await constraint_for(req, state.tokenizer)
         if isinstance(prompt, str):
             tokens, prompt_text = await tokenize_prompt(prompt, True), prompt
         else:
@@ -318,7 +320,8 @@ def create_app(settings: Settings) -> FastAPI:
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
         run = gen.generate(tokens, max_tokens, sampling, req.stop_list(), special=False,
-                           client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
+                           client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos,
+                           constraint=constraint)
 
         def choice(text, reason):
             return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
@@ -367,9 +370,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         if req.logprobs:
             raise bad_request("logprobs is not supported", "logprobs")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request("response_format other than text is not supported", "response_format")
         sampling = sampling_of(req)
+        constraint = await constraint_for(req, state.tokenizer)
         prompt, tools = await chat_prompt(req)
         tokens = await tokenize_prompt(prompt, False, "messages")
         gen = state.generator
@@ -378,7 +380,8 @@ def create_app(settings: Settings) -> FastAPI:
                 "model": settings.model_name}
         # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
         run = gen.generate(tokens, max_tokens, sampling, req.stop_list(), special=True,
-                           client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos)
+                           client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos,
+                           constraint=constraint)
         reasoning = (req.reasoning_format or settings.reasoning_format) != "none"
 
         def reason_for(finish: Finish, n_calls: int) -> str:

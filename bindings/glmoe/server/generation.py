@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Union
 
 from ..completion import held_back_for_stop
+from ..grammar import TokenConstraint
+from .constraints import poll_constrained
 from .errors import APIError, bad_request
 
 POLL_TIMEOUT_S = 0.1  # how often a quiet request wakes up to look for a gone client
@@ -59,11 +62,12 @@ class Generator:
     async def generate(
         self, tokens: List[int], max_tokens: int, sampling: dict, stops: List[str], special: bool,
         client_gone: Optional[Callable[[], Awaitable[bool]]] = None, ignore_eos: bool = False,
-        on_tokens: Optional[Callable[[List[int]], None]] = None,
+        on_tokens: Optional[Callable[[List[int]], None]] = None, constraint: Optional[TokenConstraint] = None,
     ) -> AsyncIterator[Union[str, Finish]]:
         """Yields text pieces, then one Finish. A stop string ends the text before it.
         max_tokens is check_prompt()'s answer (checked before a stream's headers go out).
-        on_tokens gets the ids of each batch of generated tokens before their text is yielded."""
+        on_tokens gets the ids of each batch of generated tokens before their text is yielded.
+        constraint (constraints.constraint_for's) allows each token only what its grammar allows."""
         loop = asyncio.get_running_loop()
         self.waiting_here += 1
         try:
@@ -71,15 +75,18 @@ class Generator:
         finally:
             self.waiting_here -= 1
         try:
-            rid = self.engine.submit(tokens, max_tokens, [] if ignore_eos else sorted(self.eog), **sampling)
+            # A constrained request brings its first token's mask (computed already by constraint_for).
+            rid = self.engine.submit(tokens, max_tokens, [] if ignore_eos else sorted(self.eog), **sampling,
+                                     token_mask=None if constraint is None else constraint.next_mask())
         except ValueError as e:
             self._admitted.release()
             raise bad_request(str(e)) from e
         decoder = self.tokenizer.stream_decoder(special)
+        poll = self.engine.poll if constraint is None else functools.partial(poll_constrained, self.engine, constraint)
         text, sent, n_generated, done, stop_word = "", 0, 0, False, ""
         try:
             while True:
-                ev = await loop.run_in_executor(self._pool, self.engine.poll, rid, POLL_TIMEOUT_S)
+                ev = await loop.run_in_executor(self._pool, poll, rid, POLL_TIMEOUT_S)
                 n_generated += len(ev["tokens"])
                 if on_tokens is not None and ev["tokens"]:
                     on_tokens(ev["tokens"])

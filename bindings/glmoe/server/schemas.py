@@ -97,7 +97,16 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(SamplingFields):
+class OutputConstraintFields(BaseModel):
+    """Constrained output (server/constraints.py): llama.cpp's GBNF `grammar` and `json_schema`,
+    and OpenAI's `response_format`; at most one of them."""
+
+    grammar: Optional[str] = None
+    json_schema: Optional[Union[Dict[str, Any], bool]] = None
+    response_format: Optional[Dict[str, Any]] = None
+
+
+class CompletionRequest(SamplingFields, OutputConstraintFields):
     prompt: Union[str, List[Annotated[int, Field(ge=0)]], Annotated[List[str], Field(min_length=1, max_length=1)]]
     max_tokens: Optional[Annotated[int, Field(ge=1)]] = 16  # OpenAI's default for legacy completions
     echo: bool = False
@@ -160,13 +169,12 @@ class Tool(BaseModel):
     function: FunctionDef
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, OutputConstraintFields):
     messages: Annotated[List[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Optional[Annotated[int, Field(ge=1)]] = None  # OpenAI's newer name
     tools: Optional[List[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], Dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[Dict[str, Any]] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None
