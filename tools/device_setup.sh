@@ -26,7 +26,7 @@ _glmoe_device_setup() {
     if ! command -v nvcc > /dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
         export PATH="$PATH:/usr/local/cuda/bin"
     fi
-    "$py" -c 'import gguf, scikit_build_core, nanobind, fastapi, uvicorn, pydantic, jinja2' \
+    "$py" -c 'import gguf, scikit_build_core, nanobind, fastapi, uvicorn, pydantic, jinja2, llguidance' \
         || { echo "device_setup: carried packages do not import" >&2; return 1; }
     echo "device_setup: wheels in $site; in a new shell: export PYTHONPATH=$site PATH=$site/bin:\$PATH"
     [ "${GLMOE_SKIP_BUILD:-0}" = 1 ] && return 0
