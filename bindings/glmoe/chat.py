@@ -1,5 +1,6 @@
 """create_chat_completion: chat messages rendered through the GGUF's own chat template (in a
-sandboxed jinja2 environment), completed, and answered in OpenAI's chat-completion shapes."""
+sandboxed jinja2 environment), completed, and answered in OpenAI's chat-completion shapes (with
+tool calls and reasoning: chat_tools.py, chat_answer.py)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from typing import Dict, List, Optional, Union
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .chat_answer import chat_chunks, chat_response
+from .chat_tools import plan_tools, template_messages
 from .grammar import grammar_for_response_format
 
 
@@ -41,9 +44,25 @@ def render_chat(template: str, messages: List[dict], *, tools=None, add_generati
         raise ValueError(f"chat template error: {e}") from e
 
 
+def chat_prompt(llm, messages: List[dict], tools: Optional[List[dict]] = None,
+                template_kwargs: Optional[dict] = None) -> str:
+    """The prompt llm's chat template makes of OpenAI-style messages (see chat_tools.template_messages)."""
+    if llm.chat_template is None:
+        raise ValueError("the model file has no tokenizer.chat_template")
+    tok = llm.tokenizer_
+    return render_chat(
+        llm.chat_template, template_messages(messages), tools=tools,
+        bos_token=token_piece(tok, tok.bos_id),
+        eos_token=token_piece(tok, tok.eos_id),
+        **(template_kwargs or {}),
+    )
+
+
 def create_chat_completion(
     llm,
     messages: List[dict],
+    functions: Optional[List[dict]] = None,
+    function_call=None,
     tools: Optional[List[dict]] = None,
     tool_choice=None,
     temperature: float = 0.2,
@@ -65,84 +84,41 @@ def create_chat_completion(
     chat_template_kwargs: Optional[dict] = None,
     response_format: Optional[dict] = None,
     grammar=None,
+    reasoning_format: Optional[str] = None,
     **unsupported,
 ):
+    """llama-cpp-python's create_chat_completion on the GGUF's template, with tool calls and
+    reasoning_content read from GLM's markup. glmoe's own extras: chat_template_kwargs (e.g.
+    {"enable_thinking": False}) and reasoning_format ("none" leaves <think> in content, as
+    llama-server's --reasoning-format none)."""
+    if reasoning_format not in (None, "auto", "deepseek", "none"):
+        raise ValueError(f"reasoning_format must be 'auto', 'deepseek' or 'none', got {reasoning_format!r}")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of dicts with a 'role'")
+    plan = plan_tools(tools, tool_choice, functions, function_call)
     if response_format is not None:
         if grammar is not None:
             raise ValueError("pass grammar or response_format, not both")
         grammar = grammar_for_response_format(response_format)
-    if llm.chat_template is None:
-        raise ValueError("the model file has no tokenizer.chat_template")
-    tok = llm.tokenizer_
-    prompt = render_chat(
-        llm.chat_template, messages, tools=tools,
-        bos_token=token_piece(tok, tok.bos_id),
-        eos_token=token_piece(tok, tok.eos_id),
-        **(chat_template_kwargs or {}),
-    )
+    template_kwargs = dict(chat_template_kwargs or {})
+    if plan.grammar is not None:
+        if grammar is not None:
+            raise ValueError("a forced tool call (tool_choice 'required' or a named function) has its own grammar: "
+                             "do not pass grammar or response_format with it")
+        grammar = plan.grammar
+        # The call is written at once, as JSON: no thinking first (GLM's template closes the <think> block).
+        template_kwargs.setdefault("enable_thinking", False)
+    prompt = chat_prompt(llm, messages, plan.tools, template_kwargs)
     prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
     result = llm.create_completion(
         prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         typical_p=typical_p, stream=stream, stop=stop, seed=seed, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, model=model, logit_bias=logit_bias,
-        logprobs=top_logprobs if logprobs else None, grammar=grammar, **unsupported,
+        logprobs=top_logprobs if logprobs else None, grammar=grammar, _decode_special=True, **unsupported,
     )
-    return _chat_chunks(result) if stream else _chat_response(result)
+    reasoning = reasoning_format != "none"
+    return chat_chunks(result, plan, reasoning) if stream else chat_response(result, plan, reasoning)
 
 
 def token_piece(tok, token_id: int) -> str:
     return tok.token_to_piece(token_id, special=True).decode("utf-8", errors="replace") if token_id >= 0 else ""
-
-
-def _chat_logprobs(lp):
-    if lp is None:
-        return None
-    content = []
-    for text, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
-        content.append({
-            "token": text, "logprob": value, "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in (top or {}).items()],
-        })
-    return {"content": content}
-
-
-def _chat_response(completion: dict) -> dict:
-    choice = completion["choices"][0]
-    return {
-        "id": "chat" + completion["id"], "object": "chat.completion", "created": completion["created"],
-        "model": completion["model"],
-        "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": choice["text"]},
-            "logprobs": _chat_logprobs(choice["logprobs"]), "finish_reason": choice["finish_reason"],
-        }],
-        "usage": completion["usage"],
-    }
-
-
-def _chat_chunks(chunks):
-    try:
-        yield from _chat_chunks_of(chunks)
-    finally:  # closing the chat stream closes the completion stream (and releases its lock)
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
-
-
-def _chat_chunks_of(chunks):
-    first = True
-    for chunk in chunks:
-        choice = chunk["choices"][0]
-        base = {"id": "chat" + chunk["id"], "object": "chat.completion.chunk", "created": chunk["created"],
-                "model": chunk["model"]}
-        if first:
-            yield dict(base, choices=[{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
-                                       "finish_reason": None}])
-            first = False
-        if choice["finish_reason"] is not None:
-            yield dict(base, choices=[{"index": 0, "delta": {}, "logprobs": None,
-                                       "finish_reason": choice["finish_reason"]}])
-        elif choice["text"]:
-            yield dict(base, choices=[{"index": 0, "delta": {"content": choice["text"]},
-                                       "logprobs": _chat_logprobs(choice["logprobs"]), "finish_reason": None}])

@@ -93,8 +93,11 @@ def create_completion(
     special: bool = True,
     eog_tokens: Optional[List[int]] = None,
     grammar=None,
+    _decode_special: bool = False,
     **unsupported,
 ):
+    # _decode_special: the chat path reads GLM's <think> / <tool_call> markup, special tokens in
+    # its vocabulary, from the text, so it decodes them (as llama-server does).
     if suffix is not None:
         raise NotImplementedError("suffix (fill-in-the-middle) is not supported by glmoe")
     if isinstance(prompt, str):
@@ -122,7 +125,7 @@ def create_completion(
     run = _Run(
         llm=llm, prompt_tokens=prompt_tokens, prompt_text=prompt_text, max_tokens=max_tokens, stops=stops, eog=eog,
         tokens_iter=tokens_iter, logprobs=logprobs, echo=echo,
-        model=model or llm.model_path,
+        model=model or llm.model_path, decode_special=_decode_special,
     )
     return run.stream() if stream else run.complete()
 
@@ -131,8 +134,10 @@ class _Run:
     """One completion: generates, cuts at stop strings and end-of-generation tokens, and
     reports either all at once or as stream chunks."""
 
-    def __init__(self, *, llm, prompt_tokens, prompt_text, max_tokens, stops, eog, tokens_iter, logprobs, echo, model):
+    def __init__(self, *, llm, prompt_tokens, prompt_text, max_tokens, stops, eog, tokens_iter, logprobs, echo, model,
+                 decode_special=False):
         self.llm, self.prompt_tokens, self.prompt_text = llm, prompt_tokens, prompt_text
+        self.decode_special = decode_special
         self.max_tokens, self.stops, self.eog, self.tokens_iter = max_tokens, stops, eog, tokens_iter
         self.logprobs = _Logprobs(llm, logprobs) if logprobs is not None else None
         self.echo, self.model = echo, model
@@ -158,7 +163,8 @@ class _Run:
                     self.finish_reason = "stop"
                     break
                 self.completion_tokens.append(token)
-                self.text = self.llm.detokenize(self.completion_tokens, prev_tokens=self.prompt_tokens)
+                self.text = self.llm.detokenize(self.completion_tokens, prev_tokens=self.prompt_tokens,
+                                                special=self.decode_special)
                 hits = [self.text.index(s) for s in self.stops if s in self.text]
                 if hits:
                     self.text = self.text[: min(hits)]
@@ -208,7 +214,8 @@ class _Run:
         for i, tok in enumerate(self.completion_tokens):
             if covered >= n_bytes:
                 break
-            covered += len(self.llm.detokenize([tok], prev_tokens=self.prompt_tokens + self.completion_tokens[:i]))
+            covered += len(self.llm.detokenize([tok], prev_tokens=self.prompt_tokens + self.completion_tokens[:i],
+                                               special=self.decode_special))
             count += 1
         return count
 

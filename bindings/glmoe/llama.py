@@ -7,6 +7,7 @@ import random
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Union
@@ -15,9 +16,11 @@ import numpy as np
 
 from . import _core
 from .grammar import TokenConstraint, as_grammar
+from .llama_options import SPEED_ONLY_DEFAULTS, check_init_options
 from .tokenizer import GGUFTokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+LLAMA_POOLING_TYPE_NONE = 0  # llama.cpp's enum value: one output per token
 MAX_THREADS = 4096  # the engine's limit (kMaxThreads in src/thread_pool.h)
 
 
@@ -85,6 +88,10 @@ class Llama:
     stream is open, other threads' calls wait, so exhaust or close() streams you abandon. Within
     one thread, interleaving an open stream with other calls is not isolated (as before).
     After close() every method raises ValueError("Llama is closed").
+
+    llama-cpp-python's constructor options glmoe has no counterpart for either change nothing but
+    speed (accepted, with a warning when set) or are refused with NotImplementedError unless at a
+    value that means what glmoe does (llama_options.py; docs/LLAMA_API.md lists them all).
     """
 
     def __init__(
@@ -103,15 +110,24 @@ class Llama:
         tensor_overrides: Union[str, Sequence[str], None] = None,
         n_cpu_moe: int = 0,
         cpu_moe: bool = False,
+        last_n_tokens_size: int = 64,
+        chat_format: Optional[str] = None,
         verbose: bool = True,
         **kwargs,
     ):
         self._lock = _LlamaLock()
         self._closed = False
         self._ctx = self._model = None
-        unknown = sorted(set(kwargs) - _IGNORED_INIT_ARGS)
-        if unknown:
-            raise TypeError(f"unexpected keyword argument '{unknown[0]}'")
+        speed_only_changed = check_init_options(kwargs)
+        if chat_format is not None and not (isinstance(chat_format, str) and chat_format.startswith("chat_template.")):
+            raise NotImplementedError(f"chat_format={chat_format!r} is not supported by glmoe: chats are formatted by "
+                                      "the GGUF's own template ('chat_template.default', or 'chat_template.NAME' "
+                                      "for the file's tokenizer.chat_template.NAME)")
+        if isinstance(last_n_tokens_size, bool) or not isinstance(last_n_tokens_size, int) or last_n_tokens_size < -1:
+            raise ValueError(f"last_n_tokens_size must be -1 (all), 0 (off) or positive; got {last_n_tokens_size!r}")
+        if draft_model is not None and not callable(draft_model):
+            raise TypeError("draft_model must be a glmoe.SuffixDecoding or a llama-cpp-python LlamaDraftModel "
+                            "(called with the token ids, returning draft ids)")
         if n_batch < 1:
             raise ValueError("n_batch must be at least 1")
         if n_ctx < 0:
@@ -131,6 +147,11 @@ class Llama:
         if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 0 <= n_threads <= MAX_THREADS:
             raise ValueError(f"n_threads must be None, -1 or 0 (the default), or 1 to {MAX_THREADS}; got {n_threads!r}")
         self.n_threads = n_threads
+        # The penalties' window, as llama-cpp-python's penalty_last_n.
+        self.last_n_tokens_size = last_n_tokens_size
+        if speed_only_changed:
+            warnings.warn(f"glmoe accepts but does not use {', '.join(speed_only_changed)}: "
+                          "they change speed or memory use, not results", stacklevel=2)
 
         t0 = time.perf_counter()
         if verbose:
@@ -151,7 +172,8 @@ class Llama:
                                   n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
         self.tokenizer_ = GGUFTokenizer.from_gguf(model_path)
         self.metadata: Dict[str, str] = self._model.metadata()
-        self.chat_template: Optional[str] = self.metadata.get("tokenizer.chat_template")
+        self.chat_format, self.chat_template = _chat_template(self.metadata, chat_format)
+        self.chat_handler = None
         self._n_ctx = n_ctx
         self._n_vocab = self._model.n_vocab
         self.n_tokens = 0
@@ -159,6 +181,12 @@ class Llama:
         # np.zeros is calloc'd: rows that are never written cost no memory.
         self.scores = np.zeros((n_ctx, self._n_vocab), dtype=np.single)
         self.set_seed(seed)
+        # What __getstate__ gives back: the constructor's arguments, as llama-cpp-python pickles.
+        self._init_args = dict(
+            model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+            logits_all=logits_all, embedding=embedding, draft_model=draft_model, n_ubatch=n_ubatch,
+            tensor_overrides=list(self.tensor_overrides), n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
+            last_n_tokens_size=last_n_tokens_size, chat_format=chat_format, verbose=verbose, **kwargs)
         if verbose:
             print(f"glmoe: loaded {model_path}: {self._model.description}", file=sys.stderr)
             print(
@@ -166,8 +194,9 @@ class Llama:
                 f"load time = {1000 * (time.perf_counter() - t0):.1f} ms",
                 file=sys.stderr,
             )
-            if kwargs:
-                print(f"glmoe: ignoring llama-cpp-python options glmoe does not have: {', '.join(sorted(kwargs))}",
+            unused = sorted(set(kwargs) & set(SPEED_ONLY_DEFAULTS))
+            if unused:
+                print(f"glmoe: ignoring llama-cpp-python options glmoe does not have: {', '.join(unused)}",
                       file=sys.stderr)
             for line in self._ctx.placement_summary().splitlines():
                 print("glmoe: " + line, file=sys.stderr)
@@ -238,6 +267,20 @@ class Llama:
 
     def token_nl(self) -> int:
         return self.tokenize(b"\n", add_bos=False)[0]
+
+    def pooling_type(self) -> int:
+        """llama.cpp's pooling type: always none (0), as embed() returns each token's state."""
+        self._check_open()
+        return LLAMA_POOLING_TYPE_NONE
+
+    def set_cache(self, cache) -> None:
+        """Accepted for llama-cpp-python code; glmoe reuses the prompt prefix already in its KV cache
+        itself, so a LlamaCache is not used (it would only have saved time)."""
+        self._check_open()
+        if cache is not None:
+            warnings.warn("glmoe does not use set_cache's cache: it reuses the evaluated prompt prefix itself",
+                          stacklevel=2)
+        self.cache = cache
 
     def close(self) -> None:
         """Frees the context and the model (the object is unusable afterwards: every method
@@ -355,7 +398,7 @@ class Llama:
                  **same_named) -> _core.Sampler:
         """A Sampler from llama-cpp-python's argument names (only temp and logit_bias differ)."""
         return _core.Sampler(self._n_vocab, seed=self._resolve_seed(seed), temperature=temp,
-                             logit_bias=_bias_map(logit_bias), **same_named)
+                             logit_bias=_bias_map(logit_bias), repeat_last_n=self.last_n_tokens_size, **same_named)
 
     def sample(
         self,
@@ -498,7 +541,8 @@ class Llama:
                 batch = self._checked_tokens(np.append(np.int32(token), draft))
                 logits = self._decode_extra(batch)
                 history = self.input_ids[: n + 1].astype(np.int32, copy=False)
-                *accepted, token = _core.verify_draft(sampler, logits, history, draft.astype(np.int32, copy=False)).tolist()
+                verified = _core.verify_draft(sampler, logits, history, draft.astype(np.int32, copy=False))
+                *accepted, token = verified.tolist()
                 n_accepted = len(accepted)
                 self._rollback(n + 1 + n_accepted)
                 if drafter is not None:
@@ -552,6 +596,39 @@ class Llama:
         with self._locked():
             result = create_chat_completion(self, messages, **kwargs)
         return self._held_stream(lambda: result) if kwargs.get("stream") else result
+
+    def create_chat_completion_openai_v1(self, *args, **kwargs):
+        """create_chat_completion's answer as the openai package's ChatCompletion (or, with
+        stream=True, an iterator of ChatCompletionChunk)."""
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        except ImportError:
+            raise ImportError("create_chat_completion_openai_v1 needs the openai package: pip install openai") from None
+        if kwargs.get("stream", False):
+            return (ChatCompletionChunk(**chunk) for chunk in self.create_chat_completion(*args, **kwargs))
+        return ChatCompletion(**self.create_chat_completion(*args, **kwargs))
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: Optional[str], additional_files: Optional[List[str]] = None,
+                        local_dir: Optional[Union[str, os.PathLike]] = None, local_dir_use_symlinks="auto",
+                        cache_dir: Optional[Union[str, os.PathLike]] = None, **kwargs) -> "Llama":
+        """A Llama of the file in Hugging Face Hub repository repo_id that filename (a name or glob
+        pattern, matched against paths in the repository) matches; kwargs go to the constructor.
+        Needs huggingface-hub. With HF_HUB_OFFLINE=1 the cached snapshot is used. local_dir_use_symlinks
+        is accepted and ignored (huggingface_hub no longer uses it)."""
+        from .hub import download_model
+
+        path = download_model(repo_id, filename, additional_files, local_dir=local_dir, cache_dir=cache_dir)
+        return cls(model_path=path, **kwargs)
+
+    # ---- pickling: the constructor's arguments, loaded again (llama-cpp-python's way) ---------
+
+    def __getstate__(self) -> dict:
+        self._check_open()
+        return dict(self._init_args, seed=self._seed)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -667,15 +744,18 @@ def _bias_map(logit_bias: Optional[Dict[int, float]]) -> Dict[int, float]:
     return {int(k): float(v) for k, v in (logit_bias or {}).items()}
 
 
-# llama-cpp-python constructor options with no glmoe counterpart yet: accepted (verbose says they
-# were ignored) so that code written for llama-cpp-python runs unchanged.
-_IGNORED_INIT_ARGS = {
-    "split_mode", "main_gpu", "tensor_split", "vocab_only", "use_mmap", "use_mlock", "kv_overrides",
-    "n_threads_batch", "rope_scaling_type", "pooling_type", "attention_type", "rope_freq_base", "rope_freq_scale",
-    "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_orig_ctx", "offload_kqv",
-    "flash_attn", "op_offload", "swa_full", "no_perf", "last_n_tokens_size", "lora_base", "lora_scale",
-    "lora_path", "numa", "chat_format", "chat_handler", "tokenizer", "type_k", "type_v", "spm_infill",
-}
+def _chat_template(metadata: Dict[str, str], chat_format: Optional[str]):
+    """(chat_format, template): llama-cpp-python's names for the GGUF's templates ("chat_template.default"
+    for tokenizer.chat_template, "chat_template.NAME" for tokenizer.chat_template.NAME)."""
+    if chat_format is None:
+        template = metadata.get("tokenizer.chat_template")
+        return ("chat_template.default" if template is not None else None), template
+    key = "tokenizer.chat_template" if chat_format == "chat_template.default" else "tokenizer." + chat_format
+    if key not in metadata:
+        raise NotImplementedError(f"chat_format={chat_format!r} is not supported by glmoe: the model file has no "
+                                  f"{key}, and glmoe formats chats with the GGUF's own templates only")
+    return chat_format, metadata[key]
+
 
 # llama-cpp-python arguments that glmoe accepts at their no-op values only.
 _NOOP_ARGS = {"tfs_z": 1.0, "mirostat_mode": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "penalize_nl": True,
