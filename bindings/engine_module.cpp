@@ -48,6 +48,15 @@ nb::dict event_dict(const RequestEvent& ev) {
     for (float p : ev.logprobs) logprobs.append(static_cast<double>(p));
     d["tokens"] = tokens;
     d["logprobs"] = logprobs;
+    if (!ev.top_logprobs.empty()) {  // only requests that asked for them have any
+        nb::list top;
+        for (const std::vector<TokenLogprob>& candidates : ev.top_logprobs) {
+            nb::list row;
+            for (const TokenLogprob& t : candidates) row.append(nb::make_tuple(t.id, static_cast<double>(t.logprob)));
+            top.append(row);
+        }
+        d["top_logprobs"] = top;
+    }
     d["finished"] = ev.finished;
     d["finish_reason"] = optional_str(finish_reason_name(ev.finish_reason));
     d["error"] = ev.finish_reason == FinishReason::error ? nb::object(nb::str(ev.error.c_str())) : nb::none();
@@ -96,7 +105,7 @@ void bind_engine(nb::module_& m) {
                 float temperature, int top_k, float top_p, float min_p, float typical_p,
                 float repeat_penalty, int repeat_last_n, float presence_penalty, float frequency_penalty,
                 std::optional<std::map<int32_t, float>> logit_bias, std::optional<int64_t> seed, bool draft,
-                std::optional<TokenMask> token_mask) {
+                std::optional<TokenMask> token_mask, int top_logprobs) {
                  const SamplingParams sp = make_sampling_params(
                      temperature, top_k, top_p, min_p, typical_p, repeat_penalty, repeat_last_n,
                      presence_penalty, frequency_penalty, logit_bias, seed);
@@ -104,14 +113,17 @@ void bind_engine(nb::module_& m) {
                  std::vector<uint32_t> mask = token_mask ? mask_vector(*token_mask) : std::vector<uint32_t>();
                  if (token_mask && mask.empty()) throw nb::value_error("token_mask is empty");
                  nb::gil_scoped_release release;
-                 return e.submit(std::move(prompt), max_tokens, std::move(eog_ids), sp, draft, std::move(mask));
+                 return e.submit(std::move(prompt), max_tokens, std::move(eog_ids), sp, draft, std::move(mask),
+                                 top_logprobs);
              },
              nb::arg("tokens"), nb::arg("max_tokens") = 0, nb::arg("eog_ids") = std::vector<int32_t>(),
              GLMOE_SAMPLING_KWARGS, nb::arg("draft") = true, nb::arg("token_mask") = nb::none(),
+             nb::arg("top_logprobs") = 0,
              "Queues a request; returns its id. max_tokens <= 0: up to the slot context. draft=False: no"
              " speculative drafts for this request. token_mask (uint32 array of mask_words, bit t % 32 of"
              " word t // 32 allows token t): a constrained request, this being its first token's mask; each"
-             " later token waits for set_token_mask.")
+             " later token waits for set_token_mask. top_logprobs=N (0..20): each event also has"
+             " \"top_logprobs\", per token its N most likely (id, logprob) under the raw logits, most likely first.")
         .def("set_token_mask",
              [](BatchEngine& e, int64_t id, int index, const TokenMask& mask) {
                  std::vector<uint32_t> words = mask_vector(mask);

@@ -33,12 +33,25 @@ double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_c
     return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
-// log softmax(logits)[token], in double so that a large vocabulary loses nothing.
-float log_softmax_at(const float* logits, int n_vocab, int32_t token) {
+// log softmax(logits)[token], in double so that a large vocabulary loses nothing; with n > 0 also
+// the n most likely tokens into `top` (descending, ties by lower id): one pass keeping a sorted
+// list of n, most tokens costing one comparison with its last.
+float token_logprobs(const float* logits, int n_vocab, int32_t token, int n, std::vector<TokenLogprob>& top) {
     const float max = *std::max_element(logits, logits + n_vocab);
     double sum = 0;
     for (int i = 0; i < n_vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max);
-    return static_cast<float>(static_cast<double>(logits[token]) - max - std::log(sum));
+    const double log_norm = max + std::log(sum);
+    top.clear();
+    for (int i = 0; i < n_vocab && n > 0; ++i) {
+        const float logit = logits[i];
+        if (std::isnan(logit) || (static_cast<int>(top.size()) == n && !(logit > top.back().logprob))) continue;
+        if (static_cast<int>(top.size()) == n) top.pop_back();
+        auto at = top.end();
+        while (at != top.begin() && (at - 1)->logprob < logit) --at;  // after equal logits: lower ids first
+        top.insert(at, TokenLogprob{i, logit});
+    }
+    for (TokenLogprob& t : top) t.logprob = static_cast<float>(t.logprob - log_norm);
+    return static_cast<float>(static_cast<double>(logits[token]) - log_norm);
 }
 
 // Tokens whose bit is clear get -inf, which every filter and the draw then skip.
@@ -98,8 +111,12 @@ BatchEngine::BatchEngine(const Model& model, const EngineParams& params)
 BatchEngine::~BatchEngine() { shutdown(); }
 
 int64_t BatchEngine::submit(std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog_ids,
-                            const SamplingParams& sampling, bool draft, std::vector<uint32_t> token_mask) {
+                            const SamplingParams& sampling, bool draft, std::vector<uint32_t> token_mask,
+                            int top_logprobs) {
     if (prompt.empty()) throw std::invalid_argument("empty prompt");
+    if (top_logprobs < 0 || top_logprobs > kMaxTopLogprobs)
+        throw std::invalid_argument("top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "], got " +
+                                    std::to_string(top_logprobs));
     for (int32_t t : prompt)
         if (t < 0 || t >= n_vocab_)
             throw std::invalid_argument("token id " + std::to_string(t) + " out of range [0, " +
@@ -114,6 +131,7 @@ int64_t BatchEngine::submit(std::vector<int32_t> prompt, int max_tokens, std::ve
                                     std::to_string(token_mask.size()));
     auto r = std::make_shared<Request>(0, std::move(prompt), max_tokens > 0 ? max_tokens : n_ctx_slot_,
                                        std::move(eog_ids), sampling, n_vocab_);
+    r->n_top_logprobs = std::min(top_logprobs, n_vocab_);
     if (constrained) {
         r->constrained = true;
         r->mask = std::move(token_mask);
@@ -171,6 +189,7 @@ std::optional<RequestEvent> BatchEngine::poll(int64_t id, double timeout_s) {
     RequestEvent ev = r->unpolled;
     r->unpolled.tokens.clear();
     r->unpolled.logprobs.clear();
+    r->unpolled.top_logprobs.clear();
     ev.n_generated = r->n_generated();
     if (ev.finished) requests_.erase(id);
     return ev;
@@ -291,16 +310,17 @@ void BatchEngine::sample_held() {
         const RequestPtr& r = slots_[i].request;
         if (!r || !r->held() || !r->mask_ready()) continue;
         float logprob = 0;
+        std::vector<TokenLogprob> top;
         int32_t token;
         try {
             r->mask_index = -1;
-            token = sample_masked(*r, r->held_logits.data(), r->mask, logprob);
+            token = sample_masked(*r, r->held_logits.data(), r->mask, logprob, top);
         } catch (const std::exception& e) {
             release_slot(i, FinishReason::error, *e.what() ? e.what() : "sampling failed");
             continue;
         }
         r->held_logits.clear();
-        accept_token(i, token, logprob);
+        accept_token(i, token, logprob, std::move(top));
     }
 }
 
@@ -439,14 +459,20 @@ void BatchEngine::sample_outputs(std::vector<Sampled>& out) {
                     r.held_logits.assign(logits, logits + n_vocab_);
                     continue;
                 }
-                Sampled s{slot, {0}, {0}};
-                s.tokens[0] = sample_masked(r, logits, step_mask_, s.logprobs[0]);
+                Sampled s{slot, {0}, {0}, {}};
+                std::vector<TokenLogprob> top;
+                s.tokens[0] = sample_masked(r, logits, step_mask_, s.logprobs[0], top);
+                if (r.n_top_logprobs > 0) s.top.push_back(std::move(top));
                 out.push_back(std::move(s));
                 continue;
             }
-            Sampled s{slot, verify_draft(r.sampler, logits, r.tokens, r.draft), {}};
-            for (size_t k = 0; k < s.tokens.size(); ++k)
-                s.logprobs.push_back(log_softmax_at(logits + k * n_vocab_, n_vocab_, s.tokens[k]));
+            Sampled s{slot, verify_draft(r.sampler, logits, r.tokens, r.draft), {}, {}};
+            std::vector<TokenLogprob> top;
+            for (size_t k = 0; k < s.tokens.size(); ++k) {
+                s.logprobs.push_back(
+                    token_logprobs(logits + k * n_vocab_, n_vocab_, s.tokens[k], r.n_top_logprobs, top));
+                if (r.n_top_logprobs > 0) s.top.push_back(top);
+            }
             out.push_back(std::move(s));
         } catch (const std::exception& e) {
             step_errors_[slot] = *e.what() ? e.what() : "sampling failed";
@@ -455,11 +481,12 @@ void BatchEngine::sample_outputs(std::vector<Sampled>& out) {
 }
 
 int32_t BatchEngine::sample_masked(Request& r, const float* logits, const std::vector<uint32_t>& mask,
-                                   float& logprob) {
+                                   float& logprob, std::vector<TokenLogprob>& top) {
     masked_.assign(logits, logits + n_vocab_);
     apply_token_mask(masked_.data(), n_vocab_, mask);
     const int32_t token = r.sampler.sample(masked_.data(), r.tokens);
-    logprob = log_softmax_at(logits, n_vocab_, token);  // under the raw logits, as unconstrained tokens
+    // Under the raw logits, as unconstrained tokens: the model's own distribution.
+    logprob = token_logprobs(logits, n_vocab_, token, r.n_top_logprobs, top);
     return token;
 }
 
@@ -490,11 +517,13 @@ void BatchEngine::apply_step(const std::vector<Sampled>& sampled) {
             draft_accepted_total_ += n_accepted;
         }
         for (size_t k = 0; k < s.tokens.size(); ++k)
-            if (!accept_token(s.slot, s.tokens[k], s.logprobs[k])) break;
+            if (!accept_token(s.slot, s.tokens[k], s.logprobs[k], s.top.empty() ? std::vector<TokenLogprob>()
+                                                                                 : s.top[k]))
+                break;
     }
 }
 
-bool BatchEngine::accept_token(int slot_id, int32_t token, float logprob) {
+bool BatchEngine::accept_token(int slot_id, int32_t token, float logprob, std::vector<TokenLogprob> top) {
     Request& r = *slots_[slot_id].request;
     const auto now = Clock::now();
     if (r.n_generated() == 0) r.t_prompt_done = now;
@@ -508,6 +537,7 @@ bool BatchEngine::accept_token(int slot_id, int32_t token, float logprob) {
     if (r.drafter) r.drafter->append(&token, 1);
     r.unpolled.tokens.push_back(token);
     r.unpolled.logprobs.push_back(logprob);
+    if (r.n_top_logprobs > 0) r.unpolled.top_logprobs.push_back(std::move(top));
     ++generated_tokens_total_;
     if (r.n_generated() >= r.max_tokens || static_cast<int>(r.tokens.size()) >= n_ctx_slot_) {
         release_slot(slot_id, FinishReason::length);

@@ -5,6 +5,8 @@
 // others. Requests beyond n_parallel wait in a FIFO queue. All public methods are thread-safe.
 // A constrained request (grammar) samples each token under an allowed-token mask that its owner
 // supplies (set_token_mask) while the step runs; a late mask defers only that request's sampling.
+// A request may ask for the most likely tokens at each generated position (top logprobs), which
+// only it pays for.
 #pragma once
 #include <chrono>
 #include <condition_variable>
@@ -39,12 +41,23 @@ struct EngineParams {
 };
 
 enum class FinishReason { none, stop, length, cancelled, error };
+
+// The most top logprobs a request may ask for per token (OpenAI's top_logprobs limit).
+constexpr int kMaxTopLogprobs = 20;
+
+struct TokenLogprob {
+    int32_t id;
+    float logprob;
+};
 const char* finish_reason_name(FinishReason r);  // nullptr for none
 
 // What poll() hands over: the output since the previous poll, and the request's progress.
 struct RequestEvent {
     std::vector<int32_t> tokens;
     std::vector<float> logprobs;  // log-softmax of each token under the raw logits
+    // Per token (for requests that asked): the top_logprobs most likely tokens under the same raw
+    // logits (before logit bias, penalties and grammar masks), most likely first, ties by lower id.
+    std::vector<std::vector<TokenLogprob>> top_logprobs;
     bool finished = false;
     FinishReason finish_reason = FinishReason::none;
     std::string error;            // set when finish_reason is error
@@ -90,8 +103,10 @@ public:
     // A non-empty token_mask makes the request constrained (grammars): it is the allowed-token
     // bitmask of its first generated token (bit t % 32 of word t / 32; mask_words() words), and
     // each later token waits for set_token_mask(). Constrained requests never draft.
+    // top_logprobs in [0, kMaxTopLogprobs]: how many most likely tokens each event reports per token.
     int64_t submit(std::vector<int32_t> prompt, int max_tokens, std::vector<int32_t> eog_ids,
-                   const SamplingParams& sampling, bool draft = true, std::vector<uint32_t> token_mask = {});
+                   const SamplingParams& sampling, bool draft = true, std::vector<uint32_t> token_mask = {},
+                   int top_logprobs = 0);
 
     // The allowed tokens of a constrained request's generated token number `index` (0-based),
     // which must be the next one it samples. Tokens outside the mask get logit -inf before the
@@ -142,6 +157,7 @@ private:
         std::vector<uint32_t> mask;
         int mask_index = -1;
         std::vector<float> held_logits;
+        int n_top_logprobs = 0;
 
         bool held() const { return !held_logits.empty(); }
         bool mask_ready() const { return mask_index == n_generated(); }
@@ -165,6 +181,7 @@ private:
         int slot;
         std::vector<int32_t> tokens;
         std::vector<float> logprobs;
+        std::vector<std::vector<TokenLogprob>> top;  // empty unless the request asked for top logprobs
     };
 
     void run();
@@ -177,13 +194,15 @@ private:
     void decode_step();
     bool try_decode(const Batch& batch, std::vector<float>& logits, std::string& error);
     void sample_outputs(std::vector<Sampled>& out);
-    // A constrained request's token from `logits` with the tokens outside `mask` at -inf.
-    int32_t sample_masked(Request& r, const float* logits, const std::vector<uint32_t>& mask, float& logprob);
+    // A constrained request's token from `logits` with the tokens outside `mask` at -inf; its
+    // logprob and top logprobs (if asked) under the unmasked logits.
+    int32_t sample_masked(Request& r, const float* logits, const std::vector<uint32_t>& mask, float& logprob,
+                          std::vector<TokenLogprob>& top);
     // Samples the held rows whose masks have arrived (under mu_: one row each, O(n_vocab)).
     void sample_held();
     void apply_step(const std::vector<Sampled>& sampled);
     // False when the token finished the request (and freed its slot).
-    bool accept_token(int slot_id, int32_t token, float logprob);
+    bool accept_token(int slot_id, int32_t token, float logprob, std::vector<TokenLogprob> top = {});
     // Finishes the slot's request, frees the slot and its KV cells, wakes pollers.
     void release_slot(int slot_id, FinishReason reason, const std::string& error = {});
     void finish(Request& r, FinishReason reason, const std::string& error = {});

@@ -56,7 +56,7 @@ def test_malformed_json(server, raw):
     ({"prompt": "x", "presence_penalty": 1e9}, "presence_penalty"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
-    ({"prompt": "x", "n": 3}, "n"),
+    ({"prompt": "x", "n": 5}, "n"),  # more choices than slots
     ({"prompt": "x", "seed": -7}, "seed"),
     ({"prompt": "x", "logit_bias": {"1": 1e6}}, "logit_bias.1"),
     ({"prompt": {"a": 1}}, None),

@@ -12,10 +12,11 @@ thinking: {"type": "enabled" | "adaptive"} sets the template's enable_thinking, 
 it; without the field the server's default holds (--reasoning-budget, --chat-template-kwargs), as
 in llama.cpp. budget_tokens is kept by thinking_budget.py. Several text blocks (system prompt, a
 message) are joined with a blank line; a tool result with is_error is sent as "Error: " + its text
-(GLM's template has no error flag). Refused with a 400: image and document blocks, forcing a tool
-(tool_choice any / tool: that needs constrained decoding), disable_parallel_tool_use, a final
-assistant message (prefill), Anthropic's server tools and the request fields of features glmoe
-does not have."""
+(GLM's template has no error flag). tool_choice any / tool and disable_parallel_tool_use are kept
+by constraining the output to GLM's tool-call markup (tool_grammar.py), as OpenAI's tool_choice
+required / a function and parallel_tool_calls false are. Refused with a 400: image and document
+blocks, a final assistant message (prefill), Anthropic's server tools and the request fields of
+features glmoe does not have."""
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .constraints import constraints_for
 from .errors import APIError, bad_request
 from .generation import Finish
 from .schemas import ChatCompletionRequest, SamplingFields, Tool, _check_schema
@@ -55,6 +57,12 @@ class ToolChoice(_Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: Optional[str] = None
     disable_parallel_tool_use: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _name(self):
+        if (self.type == "tool") != (self.name is not None):
+            raise ValueError("name goes with type tool, and type tool needs it")
+        return self
 
 
 class Thinking(_Strict):
@@ -268,20 +276,16 @@ def chat_request(req: MessagesRequest) -> ChatCompletionRequest:
     """The /v1/chat/completions request that renders the same prompt."""
     _refuse_unsupported(req)
     kwargs = None if req.thinking is None else {"enable_thinking": req.thinking.type != "disabled"}
-    choice = None if req.tool_choice is None else _tool_choice(req.tool_choice)
+    choice, parallel = (None, None) if req.tool_choice is None else _tool_choice(req.tool_choice)
     return ChatCompletionRequest(messages=chat_messages(req), tools=[t.openai() for t in req.tools or []] or None,
-                                 tool_choice=choice, chat_template_kwargs=kwargs)
+                                 tool_choice=choice, parallel_tool_calls=parallel, chat_template_kwargs=kwargs)
 
 
-def _tool_choice(choice: ToolChoice) -> str:
-    """OpenAI's tool_choice for Anthropic's, where glmoe can honour it."""
-    if choice.type in ("any", "tool"):
-        raise bad_request(f"tool_choice {choice.type!r}: forcing a tool call needs constrained decoding, which "
-                          f"glmoe does not have yet; use auto or none")
-    if choice.type == "auto" and choice.disable_parallel_tool_use:
-        raise bad_request("tool_choice.disable_parallel_tool_use: not supported (the model may call several "
-                          "tools in one turn)")
-    return choice.type
+def _tool_choice(choice: ToolChoice):
+    """OpenAI's tool_choice and parallel_tool_calls for Anthropic's tool_choice."""
+    openai = {"any": "required", "tool": {"type": "function", "function": {"name": choice.name}}}.get(choice.type,
+                                                                                                     choice.type)
+    return openai, (False if choice.disable_parallel_tool_use else None)
 
 
 def _refuse_unsupported(req: MessagesRequest) -> None:
@@ -420,7 +424,10 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
     async def messages(req: MessagesRequest, request: Request):
         if req.max_tokens is None:
             raise bad_request("max_tokens: Field required")
-        tokens, tools = await prompt_tokens(req)
+        chat = chat_request(req)
+        prompt, tools = await chat_prompt(chat)
+        constraint = (await constraints_for(chat, state.tokenizer, 1, prompt))[0]
+        tokens = await tokenize_prompt(prompt, False, "messages")
         fields = _sampling_fields(req)
         gen = state.generator
         max_tokens = gen.check_prompt(tokens, fields.requested_max_tokens(settings.n_predict))
@@ -430,10 +437,11 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
         budget = req.thinking.budget_tokens if req.thinking is not None and req.thinking.type == "enabled" else None
         if budget is not None and budget < max_tokens:
             run = generate_within_budget(gen, state.tokenizer, tokens, max_tokens, budget, sampling, stops,
-                                         client_gone)
+                                         client_gone, constraint)
         else:
             # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
-            run = gen.generate(tokens, max_tokens, sampling, stops, special=True, client_gone=client_gone)
+            run = gen.generate(tokens, max_tokens, sampling, stops, special=True, client_gone=client_gone,
+                               constraint=constraint)
         reasoning = settings.reasoning_format != "none"
         message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
                    "model": settings.model_name}

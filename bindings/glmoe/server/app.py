@@ -10,7 +10,7 @@ import traceback
 import threading
 import time
 import uuid
-from typing import Optional
+from typing import List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,9 +22,11 @@ from .. import _core
 from ..chat import token_piece
 from ..tokenizer import GGUFTokenizer
 from . import anthropic, limits, metrics, native
-from .constraints import constraint_for
+from .choices import check_n, choice_sampling, collect_all, merged, text_of, total_usage
+from .constraints import constraints_for
 from .errors import APIError, bad_request, error_body
 from .generation import Finish, Generator
+from .logprobs import TokenTexts, chat_content, legacy_block
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .settings import Settings
 from .tool_parsing import StreamParser, openai_tool_calls, parse
@@ -302,12 +304,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         if req.suffix is not None:
             raise bad_request("suffix (fill-in-the-middle) is not supported", "suffix")
-        if req.logprobs is not None:
-            raise bad_request("logprobs is not supported", "logprobs")
+        if req.logprobs is not None and req.echo:
+            raise bad_request("logprobs with echo: the prompt's logprobs are not computed (only the generated "
+                              "tokens')", "logprobs")
+        check_n(req.n, settings.n_parallel)
         prompt = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
             else req.prompt
         sampling = sampling_of(req)
-        constraint = await constraint_for(req, state.tokenizer)
+        constraints = await constraints_for(req, state.tokenizer, req.n)
         if isinstance(prompt, str):
             tokens, prompt_text = await tokenize_prompt(prompt, True), prompt
         else:
@@ -319,30 +323,41 @@ def create_app(settings: Settings) -> FastAPI:
             prompt_text = state.tokenizer.detokenize(tokens, special=True).decode("utf-8", errors="replace")
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
-        run = gen.generate(tokens, max_tokens, sampling, req.stop_list(), special=False,
-                           client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos,
-                           constraint=constraint)
+        runs = [gen.generate(tokens, max_tokens, kwargs, req.stop_list(), special=False,
+                             client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos,
+                             constraint=constraint, logprobs=req.logprobs)
+                for kwargs, constraint in zip(choice_sampling(sampling, req.n), constraints)]
+        texts = TokenTexts(state.tokenizer, special=False)
 
-        def choice(text, reason):
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+        def choice(index, text, reason, pieces=None):
+            lp = None if req.logprobs is None or pieces is None else \
+                legacy_block([t for p in pieces for t in p.tokens], texts, len(prompt_text))
+            return {"text": text, "index": index, "logprobs": lp, "finish_reason": reason}
 
         if not req.stream:
-            text, finish = await collect(run)
-            if finish is None:
+            results = await collect_all(runs)
+            if any(finish is None for _, finish in results):
                 return Response(status_code=499)  # nobody is listening
-            return dict(base, choices=[choice(prompt_text + text if req.echo else text, finish.reason)],
-                        usage=finish.usage(), timings=finish.timings)
+            choices = []
+            for i, (items, finish) in enumerate(results):
+                text = "".join(text_of(item) for item in items)
+                choices.append(choice(i, prompt_text + text if req.echo else text, finish.reason, items))
+            finishes = [finish for _, finish in results]
+            return dict(base, choices=choices, usage=total_usage(finishes), timings=finishes[0].timings)
 
         async def events():
             if req.echo:
-                yield dict(base, choices=[choice(prompt_text, None)])
-            async for item in run:
+                for i in range(req.n):
+                    yield dict(base, choices=[choice(i, prompt_text, None)])
+            finishes = []
+            async for i, item in merged(runs):
                 if isinstance(item, Finish):
-                    yield dict(base, choices=[choice("", item.reason)], timings=item.timings)
-                    if req.include_usage:
-                        yield dict(base, choices=[], usage=item.usage())
+                    finishes.append(item)
+                    yield dict(base, choices=[choice(i, "", item.reason)], timings=item.timings)
                 else:
-                    yield dict(base, choices=[choice(item, None)])
+                    yield dict(base, choices=[choice(i, text_of(item), None, [item])])
+            if req.include_usage:
+                yield dict(base, choices=[], usage=total_usage(finishes))
 
         return _stream(events())
 
@@ -368,58 +383,84 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/chat/completions")
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        if req.logprobs:
-            raise bad_request("logprobs is not supported", "logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs: logprobs must be true to use it", "top_logprobs")
+        n_top = (req.top_logprobs or 0) if req.logprobs else None
+        check_n(req.n, settings.n_parallel)
         sampling = sampling_of(req)
-        constraint = await constraint_for(req, state.tokenizer)
         prompt, tools = await chat_prompt(req)
+        constraints = await constraints_for(req, state.tokenizer, req.n, prompt)
         tokens = await tokenize_prompt(prompt, False, "messages")
         gen = state.generator
         max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": settings.model_name}
         # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
-        run = gen.generate(tokens, max_tokens, sampling, req.stop_list(), special=True,
-                           client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos,
-                           constraint=constraint)
+        runs = [gen.generate(tokens, max_tokens, kwargs, req.stop_list(), special=True,
+                             client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos,
+                             constraint=constraint, logprobs=n_top)
+                for kwargs, constraint in zip(choice_sampling(sampling, req.n), constraints)]
         reasoning = (req.reasoning_format or settings.reasoning_format) != "none"
+        texts = TokenTexts(state.tokenizer, special=True)
 
         def reason_for(finish: Finish, n_calls: int) -> str:
             return "tool_calls" if n_calls and finish.reason == "stop" else finish.reason
 
+        def logprobs_of(pieces) -> Optional[dict]:
+            return None if n_top is None else {"content": chat_content([t for p in pieces for t in p.tokens], texts)}
+
         if not req.stream:
-            text, finish = await collect(run)
-            if finish is None:
+            results = await collect_all(runs)
+            if any(finish is None for _, finish in results):
                 return Response(status_code=499)
-            parsed = parse(text, tools, reasoning)
-            calls = openai_tool_calls(parsed.tool_calls)
-            message = {"role": "assistant", "content": parsed.content if parsed.content or not calls else None}
-            if parsed.reasoning:
-                message["reasoning_content"] = parsed.reasoning
-            if calls:
-                message["tool_calls"] = calls
-            return dict(base, choices=[{"index": 0, "message": message, "logprobs": None,
-                                        "finish_reason": reason_for(finish, len(parsed.tool_calls))}],
-                        usage=finish.usage(), timings=finish.timings)
+            choices = []
+            for i, (items, finish) in enumerate(results):
+                parsed = parse("".join(text_of(item) for item in items), tools, reasoning)
+                calls = openai_tool_calls(parsed.tool_calls)
+                message = {"role": "assistant", "content": parsed.content if parsed.content or not calls else None}
+                if parsed.reasoning:
+                    message["reasoning_content"] = parsed.reasoning
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({"index": i, "message": message, "logprobs": logprobs_of(items),
+                                "finish_reason": reason_for(finish, len(parsed.tool_calls))})
+            finishes = [finish for _, finish in results]
+            return dict(base, choices=choices, usage=total_usage(finishes), timings=finishes[0].timings)
 
         chunk = dict(base, object="chat.completion.chunk")
 
-        def delta(d, reason=None):
-            return dict(chunk, choices=[{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}])
+        def delta(index, d, reason=None, logprobs=None):
+            return dict(chunk, choices=[{"index": index, "delta": d, "logprobs": logprobs, "finish_reason": reason}])
 
         async def events():
-            parser = StreamParser(tools, reasoning)
-            yield delta({"role": "assistant", "content": ""})
-            async for item in run:
+            parsers = [StreamParser(tools, reasoning) for _ in runs]
+            unsent: List[list] = [[] for _ in runs]  # per choice, the pieces whose logprobs no chunk carried yet
+
+            def take_logprobs(i):
+                pieces, unsent[i] = unsent[i], []
+                return logprobs_of(pieces) if pieces else None
+
+            def deltas(i, ds):
+                # The last chunk of a piece carries its tokens' logprobs; tokens whose text the parser
+                # holds back go with the next chunk.
+                return [delta(i, d, None, take_logprobs(i) if k == len(ds) - 1 else None) for k, d in enumerate(ds)]
+
+            for i in range(req.n):
+                yield delta(i, {"role": "assistant", "content": ""})
+            finishes = []
+            async for i, item in merged(runs):
                 if isinstance(item, Finish):
-                    for d in parser.finish():
-                        yield delta(d)
-                    yield dict(delta({}, reason_for(item, parser.n_tool_calls)), timings=item.timings)
-                    if req.include_usage:
-                        yield dict(chunk, choices=[], usage=item.usage())
+                    finishes.append(item)
+                    for d in deltas(i, parsers[i].finish()):
+                        yield d
+                    reason = reason_for(item, parsers[i].n_tool_calls)
+                    yield dict(delta(i, {}, reason, take_logprobs(i)), timings=item.timings)
                 else:
-                    for d in parser.feed(item):
-                        yield delta(d)
+                    unsent[i].append(item)
+                    for d in deltas(i, parsers[i].feed(text_of(item))):
+                        yield d
+            if req.include_usage:
+                yield dict(chunk, choices=[], usage=total_usage(finishes))
 
         return _stream(events())
 
@@ -452,17 +493,6 @@ def create_app(settings: Settings) -> FastAPI:
     anthropic.register(app, state, settings, tokenize_prompt, chat_prompt)
 
     return app
-
-
-async def collect(run):
-    """The whole text of a generation and its Finish (None when the client went away)."""
-    parts, finish = [], None
-    async for item in run:
-        if isinstance(item, Finish):
-            finish = item
-        else:
-            parts.append(item)
-    return "".join(parts), finish
 
 
 def _template_message(m: dict, index: int) -> dict:

@@ -1,19 +1,21 @@
 """Constrained output for the server: a request's llama.cpp `grammar` (GBNF) / `json_schema` or
-OpenAI `response_format` as a TokenConstraint (a bad one is a 400 with llguidance's message), and
-the poll that feeds the engine each next token's mask.
+OpenAI `response_format`, or the tool calls its tool_choice / parallel_tool_calls demand
+(tool_grammar.py), as TokenConstraints (a bad one is a 400 with llguidance's message), and the poll
+that feeds the engine each next token's mask.
 
 The engine samples a constrained request's token only once its mask is set, and defers just that
 request while the mask is late. The mask is computed in the polling worker thread as soon as the
 previous token arrives, so it is ready while the engine's next step is still running."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 from starlette.concurrency import run_in_threadpool
 
 from ..grammar import GrammarError, LlamaGrammar, TokenConstraint, grammar_for_response_format
 from ..tokenizer import GGUFTokenizer
 from .errors import APIError, bad_request
+from .tool_grammar import policy_for, tool_grammar
 
 
 def _grammar_of(req) -> Optional[LlamaGrammar]:
@@ -36,29 +38,70 @@ def _grammar_of(req) -> Optional[LlamaGrammar]:
         raise bad_request(f"{given[0]}: {e}", given[0]) from None
 
 
-def _constraint(req, tokenizer: GGUFTokenizer) -> Optional[TokenConstraint]:
-    grammar = _grammar_of(req)
+def _tool_choice(req) -> Optional[str]:
+    """A 400 for a tool_choice that is not OpenAI's; "named" for a function's name, else the string."""
+    choice = getattr(req, "tool_choice", None)
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request('tool_choice: "none", "auto", "required" or {"type": "function", "function": '
+                              '{"name": ...}}', "tool_choice")
+        choice = "named"
+    if choice in ("required", "named") and not getattr(req, "tools", None):
+        raise bad_request("tool_choice: forcing a tool call needs tools", "tool_choice")
+    return choice
+
+
+def _tool_grammar_of(req, tokenizer: GGUFTokenizer, prompt: Optional[str]) -> Optional[LlamaGrammar]:
+    _tool_choice(req)
+    tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []]
+    try:
+        policy = policy_for(tools, getattr(req, "tool_choice", None), getattr(req, "parallel_tool_calls", None),
+                            prompt)
+        return None if policy is None else tool_grammar(tools, policy, tokenizer)
+    except (ValueError, KeyError) as e:  # GrammarError is a ValueError
+        raise bad_request(f"tool_choice: {e}", "tool_choice") from None
+
+
+def _constraints(req, tokenizer: GGUFTokenizer, n: int, prompt: Optional[str]) -> List[Optional[TokenConstraint]]:
+    grammar, tools = _grammar_of(req), _tool_grammar_of(req, tokenizer, prompt)
+    if grammar is not None and tools is not None:
+        raise bad_request("a grammar or response_format cannot be combined with a forced tool call (tool_choice "
+                          "required or a function, or parallel_tool_calls false)", "tool_choice")
+    grammar = grammar or tools
     if grammar is None:
-        return None
+        return [None] * n
     if req.ignore_eos:
         raise bad_request("ignore_eos cannot be combined with a grammar (the grammar ends the output)", "ignore_eos")
+    out = []
     try:
-        constraint = TokenConstraint(grammar, tokenizer)
-        constraint.next_mask()  # the first token's, here rather than on the event loop
+        for _ in range(n):  # one per choice: each follows its own tokens
+            constraint = TokenConstraint(grammar, tokenizer)
+            constraint.next_mask()  # the first token's, here rather than on the event loop
+            out.append(constraint)
     except ValueError as e:
         raise bad_request(str(e)) from None
-    return constraint
+    return out
 
 
-async def constraint_for(req, tokenizer: GGUFTokenizer) -> Optional[TokenConstraint]:
-    """req's output constraint, or None. Compiled off the event loop: a big grammar takes a while."""
-    if not req.grammar and req.json_schema is None and req.response_format is None:
-        return None
-    return await run_in_threadpool(_constraint, req, tokenizer)
+def _wants_tools(req) -> bool:
+    return _tool_choice(req) in ("required", "named") or (getattr(req, "parallel_tool_calls", None) is False
+                                                          and bool(getattr(req, "tools", None)))
 
 
-def poll_constrained(engine, constraint: TokenConstraint, request_id: int, timeout: float) -> dict:
-    """engine.poll(), then the grammar takes the new token and the engine gets the next one's mask."""
+async def constraints_for(req, tokenizer: GGUFTokenizer, n: int = 1,
+                          prompt: Optional[str] = None) -> List[Optional[TokenConstraint]]:
+    """req's output constraint for each of n generations (None: no constraint). prompt: a chat
+    request's rendered prompt (whether it leaves the model room to think). Compiled off the event
+    loop: a big grammar takes a while."""
+    if not req.grammar and req.json_schema is None and req.response_format is None and not _wants_tools(req):
+        return [None] * n
+    return await run_in_threadpool(_constraints, req, tokenizer, n, prompt)
+
+
+def poll_constrained(engine, constraint: TokenConstraint, n_before: int, request_id: int, timeout: float) -> dict:
+    """engine.poll(), then the grammar takes the new token and the engine gets the next one's mask.
+    n_before: the tokens the constraint took before this request (an earlier request's, continued)."""
     ev = engine.poll(request_id, timeout)
     if ev["tokens"] and not ev["finished"]:
         try:
@@ -67,5 +110,5 @@ def poll_constrained(engine, constraint: TokenConstraint, request_id: int, timeo
             mask = constraint.next_mask()
         except GrammarError as e:
             raise APIError(500, f"constrained decoding failed: {e}") from None
-        engine.set_token_mask(request_id, constraint.n_accepted, mask)
+        engine.set_token_mask(request_id, constraint.n_accepted - n_before, mask)
     return ev

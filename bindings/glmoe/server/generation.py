@@ -1,12 +1,13 @@
 """Requests to the batching engine and back: submit, poll from a thread (poll releases the GIL),
-turn tokens into text, cut at stop strings, cancel when the client goes away."""
+turn tokens into text, cut at stop strings, cancel when the client goes away. A request that asks
+for logprobs gets each token's logprob (and its most likely alternatives) beside the text it made."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import dataclasses
 import functools
-from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 from ..completion import held_back_for_stop
 from ..grammar import TokenConstraint
@@ -28,6 +29,28 @@ class Finish:
     def usage(self) -> Dict[str, int]:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_generated,
                 "total_tokens": self.n_prompt + self.n_generated}
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A generated token, its logprob and the most likely tokens at its position ((id, logprob),
+    most likely first), all under the model's raw logits: before logit bias, penalties, the
+    sampler's filters and grammar masks, as OpenAI reports the model's own distribution."""
+
+    id: int
+    logprob: float
+    top: List[Tuple[int, float]]
+    text_offset: int = 0  # where its text starts in the generation's text (characters)
+
+
+@dataclasses.dataclass
+class Piece:
+    """What generate(..., logprobs=N) yields instead of bare text: text and the tokens that made
+    it. A token is reported once all of its text has been (so text may be empty while a token's
+    bytes do not yet make a character); tokens whose text a stop string cut away are not."""
+
+    text: str
+    tokens: List[TokenLogprob]
 
 
 class Generator:
@@ -63,11 +86,13 @@ class Generator:
         self, tokens: List[int], max_tokens: int, sampling: dict, stops: List[str], special: bool,
         client_gone: Optional[Callable[[], Awaitable[bool]]] = None, ignore_eos: bool = False,
         on_tokens: Optional[Callable[[List[int]], None]] = None, constraint: Optional[TokenConstraint] = None,
-    ) -> AsyncIterator[Union[str, Finish]]:
+        logprobs: Optional[int] = None,
+    ) -> AsyncIterator[Union[str, Piece, Finish]]:
         """Yields text pieces, then one Finish. A stop string ends the text before it.
         max_tokens is check_prompt()'s answer (checked before a stream's headers go out).
         on_tokens gets the ids of each batch of generated tokens before their text is yielded.
-        constraint (constraints.constraint_for's) allows each token only what its grammar allows."""
+        constraint (constraints.constraints_for's) allows each token only what its grammar allows.
+        logprobs (0..20): yield Pieces, each token with that many most likely alternatives."""
         loop = asyncio.get_running_loop()
         self.waiting_here += 1
         try:
@@ -75,22 +100,33 @@ class Generator:
         finally:
             self.waiting_here -= 1
         try:
-            # A constrained request brings its first token's mask (computed already by constraint_for).
+            # A constrained request brings its first token's mask (computed already by constraints_for).
             rid = self.engine.submit(tokens, max_tokens, [] if ignore_eos else sorted(self.eog), **sampling,
-                                     token_mask=None if constraint is None else constraint.next_mask())
+                                     token_mask=None if constraint is None else constraint.next_mask(),
+                                     top_logprobs=logprobs or 0)
         except ValueError as e:
             self._admitted.release()
             raise bad_request(str(e)) from e
         decoder = self.tokenizer.stream_decoder(special)
-        poll = self.engine.poll if constraint is None else functools.partial(poll_constrained, self.engine, constraint)
+        poll = self.engine.poll if constraint is None else \
+            functools.partial(poll_constrained, self.engine, constraint, constraint.n_accepted)
         text, sent, n_generated, done, stop_word = "", 0, 0, False, ""
+        spans: List[Tuple[TokenLogprob, int, int]] = []  # unreported tokens and where their text lies in text
         try:
             while True:
                 ev = await loop.run_in_executor(self._pool, poll, rid, POLL_TIMEOUT_S)
                 n_generated += len(ev["tokens"])
                 if on_tokens is not None and ev["tokens"]:
                     on_tokens(ev["tokens"])
-                text += "".join(decoder.feed(t) for t in ev["tokens"] if t not in self.eog)
+                if logprobs is None:
+                    text += "".join(decoder.feed(t) for t in ev["tokens"] if t not in self.eog)
+                else:
+                    tops = ev.get("top_logprobs") or [[]] * len(ev["tokens"])
+                    for t, lp, top in zip(ev["tokens"], ev["logprobs"], tops):
+                        start = len(text)
+                        if t not in self.eog:
+                            text += decoder.feed(t)
+                        spans.append((TokenLogprob(t, lp, top, start), start, len(text)))
                 reason = ev["finish_reason"] if ev["finished"] else None
                 done = ev["finished"]
                 if reason == "error":
@@ -102,7 +138,16 @@ class Generator:
                     cut, stop_word = min(hits, key=lambda hit: hit[0])
                     text, reason = text[:cut], "stop"
                 safe = len(text) if reason else len(text) - held_back_for_stop(text, stops)
-                if safe > sent:
+                if logprobs is not None:
+                    if not reason:  # the tokens whose text is all out
+                        ready = [s for s in spans if s[2] <= safe]
+                    else:  # the end: every token that made some of the text (a stop string's own are cut away)
+                        ready = [s for s in spans if s[1] < safe] if hits else spans
+                    if safe > sent or ready:
+                        yield Piece(text[sent:safe], [s[0] for s in ready])
+                        sent = max(sent, safe)
+                        spans = [] if reason else spans[len(ready):]
+                elif safe > sent:
                     yield text[sent:safe]
                     sent = safe
                 if reason:

@@ -18,7 +18,10 @@ from ..chat import token_piece
 from . import embeddings, limits
 from .cli import glmoe_version
 from .errors import APIError, bad_request
+from .choices import text_of
+from .constraints import constraints_for
 from .generation import Finish
+from .logprobs import TokenTexts, completion_probabilities
 from .native_fields import (EmbeddingRequest, NativeCompletionRequest, bias_pairs, check_samplers,
                             generation_settings, pick_fields, prompt_list, refuse_unsupported)
 from .schemas import ChatCompletionRequest
@@ -27,8 +30,8 @@ ROUTES = {"/completion", "/props", "/apply-template", "/embedding", "/embeddings
 NO_PROPS = ("This server does not support changing global properties (llama.cpp's --props): glmoe has none "
             "that can change while it runs")
 NO_EMBEDDINGS = "This server does not support embeddings. Start it with `--embeddings`"
-NO_N_PROBS = ("n_probs: glmoe's engine reports the probability of each sampled token but not the most likely "
-              "candidates, so completion_probabilities is not supported yet")
+NO_POST_SAMPLING = ("post_sampling_probs: not supported; n_probs reports the model's own probabilities (before "
+                    "logit bias and the samplers), as llama.cpp does without it")
 
 
 class Cors:
@@ -138,8 +141,12 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
     @app.post("/completion")
     async def completion(req: NativeCompletionRequest, request: Request):
         refuse_unsupported(req.model_extra or {})
-        if req.n_probs > 0:
-            raise bad_request(NO_N_PROBS, "n_probs")
+        if req.n > 1:
+            raise bad_request("n: one completion per prompt on /completion (/v1/completions takes n)", "n")
+        n_probs = req.logprobs if "n_probs" not in req.model_fields_set and req.logprobs is not None \
+            else req.n_probs
+        if n_probs > 0 and req.post_sampling_probs:
+            raise bad_request(NO_POST_SAMPLING, "post_sampling_probs")
         if req.samplers is not None:
             check_samplers(req.samplers)
         prompts = prompt_list(req.prompt)
@@ -147,24 +154,30 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
             raise bad_request("streaming several prompts in one request is not supported: send one request "
                               "per prompt, or leave stream off", "prompt")
         sampling = await run_in_threadpool(sampling_for, req)
+        constraints = await constraints_for(req, state.tokenizer, len(prompts))
         stops, gen = req.stop_list(), state.generator
         wanted = req.requested_max_tokens(settings.n_predict)
         runs = []
-        for prompt in prompts:
+        for prompt, constraint in zip(prompts, constraints):
             tokens = await tokens_of(prompt)
-            runs.append((tokens, gen.check_prompt(tokens, wanted)))
-        params = generation_settings(sampling, wanted, stops, req.ignore_eos, req.stream, gen.n_ctx_slot)
+            runs.append((tokens, gen.check_prompt(tokens, wanted), constraint))
+        params = generation_settings(sampling, wanted, stops, req.ignore_eos, req.stream, gen.n_ctx_slot, n_probs)
+        texts = TokenTexts(state.tokenizer, special=False)
 
         async def prompt_text(tokens):
             data = await run_in_threadpool(state.tokenizer.detokenize, tokens, special=True)
             return data.decode("utf-8", errors="replace")
 
-        def generate(tokens, max_tokens, on_tokens, gone):
+        def generate(tokens, max_tokens, constraint, on_tokens, gone):
             return gen.generate(tokens, max_tokens, sampling, stops, special=False, client_gone=gone,
-                                ignore_eos=req.ignore_eos, on_tokens=on_tokens)
+                                ignore_eos=req.ignore_eos, on_tokens=on_tokens, constraint=constraint,
+                                logprobs=n_probs or None)
+
+        def probabilities(items) -> list:
+            return completion_probabilities([t for item in items for t in item.tokens], texts)
 
         if req.stream:
-            tokens, max_tokens = runs[0]
+            tokens, max_tokens, constraint = runs[0]
 
             async def events():
                 pending, counted = [], [0]
@@ -177,33 +190,38 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
                 if max_tokens == 0:
                     yield final_chunk(0, text, "", [], _no_generation(len(tokens)), params)
                     return
-                async for item in generate(tokens, max_tokens, took, None):
+                async for item in generate(tokens, max_tokens, constraint, took, None):
                     if isinstance(item, Finish):
                         yield final_chunk(0, text, "", [], item, params)
                     else:
-                        yield {"index": 0, "content": item, "tokens": list(pending), "stop": False,
-                               "tokens_predicted": counted[0], "tokens_evaluated": len(tokens)}
+                        chunk = {"index": 0, "content": text_of(item), "tokens": list(pending), "stop": False,
+                                 "tokens_predicted": counted[0], "tokens_evaluated": len(tokens)}
+                        if n_probs:
+                            chunk["completion_probabilities"] = probabilities([item])
+                        yield chunk
                         pending.clear()
 
             return _sse_stream(events())
 
-        async def one(index, tokens, max_tokens):
+        async def one(index, tokens, max_tokens, constraint):
             ids, parts, finish = [], [], None
             if max_tokens == 0:
                 finish = _no_generation(len(tokens))
             else:
-                async for item in generate(tokens, max_tokens, ids.extend, client_gone(request)):
+                async for item in generate(tokens, max_tokens, constraint, ids.extend, client_gone(request)):
                     if isinstance(item, Finish):
                         finish = item
                     else:
                         parts.append(item)
                 if finish is None:
                     return None
-            body = final_chunk(index, await prompt_text(tokens), "".join(parts), ids if req.return_tokens else [],
-                               finish, params)
+            body = final_chunk(index, await prompt_text(tokens), "".join(text_of(p) for p in parts),
+                               ids if req.return_tokens else [], finish, params)
+            if n_probs:
+                body["completion_probabilities"] = probabilities(parts)
             return pick_fields(body, req.response_fields) if req.response_fields else body
 
-        tasks = [asyncio.ensure_future(one(i, tokens, n)) for i, (tokens, n) in enumerate(runs)]
+        tasks = [asyncio.ensure_future(one(i, *run)) for i, run in enumerate(runs)]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .cli import NOT_SAMPLER
 from .errors import bad_request
-from .schemas import Finite, SamplingFields
+from .schemas import MAX_TOP_LOGPROBS, Finite, OutputConstraintFields, SamplingFields
 
 LLAMA_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED, which it reports for "random"
 
@@ -34,14 +34,9 @@ def _off(*neutral):
     return lambda value: value is None or (isinstance(value, (int, float)) and value in neutral)
 
 
-GRAMMAR_LATER = "not supported yet (constrained decoding is being built)"
 # llama.cpp /completion fields that change results and that glmoe does not implement: refused
 # (400) unless they hold the value that leaves them off, which llama.cpp clients send by default.
 REFUSED_FIELDS = {
-    "grammar": (lambda v: v is None or v == "", f"grammars are {GRAMMAR_LATER}"),
-    "json_schema": (lambda v: v is None, f"JSON schemas are {GRAMMAR_LATER}"),
-    "response_format": (lambda v: v is None or (isinstance(v, dict) and v.get("type", "text") == "text"),
-                        f"response_format other than text is {GRAMMAR_LATER}"),
     "mirostat": (_off(0), NOT_SAMPLER),
     "dynatemp_range": (_off(0), NOT_SAMPLER),
     "dry_multiplier": (_off(0), NOT_SAMPLER),
@@ -54,7 +49,8 @@ REFUSED_FIELDS = {
     "n_indent": (_off(0), "n_indent (minimum indentation) is not supported"),
     "t_max_predict_ms": (_off(0), "t_max_predict_ms (a time limit on generation) is not supported"),
     "lora": (lambda v: v is None or v == [], "LoRA adapters are not supported"),
-    "n_cmpl": (_off(1), "one completion per prompt: n_cmpl must be 1"),
+    "n_cmpl": (_off(1), "one completion per prompt on /completion: n_cmpl must be 1 (/v1/completions takes n)"),
+    "grammar_lazy": (_off(False), "lazy grammars (grammar_triggers) are not supported"),
     "multimodal_data": (lambda v: v is None or v == [], "multimodal input is not supported"),
 }
 
@@ -136,9 +132,10 @@ def bias_pairs(logit_bias: Any) -> List[tuple]:
     return pairs
 
 
-class NativeCompletionRequest(SamplingFields):
+class NativeCompletionRequest(SamplingFields, OutputConstraintFields):
     """POST /completion. Fields glmoe has no field for stay in model_extra, where
-    refuse_unsupported() looks for those that would change the result."""
+    refuse_unsupported() looks for those that would change the result. grammar, json_schema and
+    response_format constrain the output as on /v1/completions (constraints.py)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -151,7 +148,10 @@ class NativeCompletionRequest(SamplingFields):
     presence_penalty: Finite = 0.0
     frequency_penalty: Finite = 0.0
     logit_bias: Any = None  # checked by bias_pairs()
-    n_probs: Annotated[int, Field(ge=0)] = 0
+    n_probs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0  # completion_probabilities' top tokens
+    # llama.cpp takes OpenAI's name for n_probs when n_probs is not given.
+    logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None
+    post_sampling_probs: bool = False  # refused with n_probs: glmoe reports the model's probabilities
     return_tokens: bool = False
     # glmoe's engine evaluates every prompt whole (a slot keeps no cache between requests), so
     # cache_prompt changes nothing: accepted either way. id_slot likewise (any slot gives the same).
@@ -175,7 +175,7 @@ class EmbeddingRequest(BaseModel):
 
 
 def generation_settings(sampling: dict, n_predict: Optional[int], stops: List[str], ignore_eos: bool,
-                        stream: bool, n_ctx: int) -> dict:
+                        stream: bool, n_ctx: int, n_probs: int = 0) -> dict:
     """llama.cpp's generation_settings (and /props' default_generation_settings.params) for the
     samplers glmoe runs."""
     bias = [[t, b if math.isfinite(b) else False] for t, b in sorted((sampling.get("logit_bias") or {}).items())]
@@ -184,7 +184,7 @@ def generation_settings(sampling: dict, n_predict: Optional[int], stops: List[st
             **{k: sampling[k] for k in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_last_n",
                                         "repeat_penalty", "presence_penalty", "frequency_penalty")},
             "stop": stops, "max_tokens": -1 if n_predict is None else n_predict, "ignore_eos": ignore_eos,
-            "stream": stream, "n_probs": 0, "logit_bias": bias, "samplers": list(SAMPLER_CHAIN)}
+            "stream": stream, "n_probs": n_probs, "logit_bias": bias, "samplers": list(SAMPLER_CHAIN)}
 
 
 def pick_fields(body: dict, paths: List[str]) -> dict:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+MAX_TOP_LOGPROBS = 20  # the engine's limit, OpenAI's for top_logprobs
 
 
 def _finite(lo: float, hi: float, default: float, gt: bool = False):
@@ -50,7 +51,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False  # llama.cpp's: generate through end-of-generation tokens (benchmarks)
-    n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request: the engine has no forking
+    n: Annotated[int, Field(ge=1, le=128)] = 1  # choices; at most one per slot (choices.check_n)
     user: Optional[str] = None
 
     # llama.cpp's name for max_tokens (-1: no limit)
@@ -111,7 +112,7 @@ class CompletionRequest(SamplingFields, OutputConstraintFields):
     max_tokens: Optional[Annotated[int, Field(ge=1)]] = 16  # OpenAI's default for legacy completions
     echo: bool = False
     suffix: Optional[str] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None  # how many top tokens; 0: none
 
 
 class ChatMessage(BaseModel):
@@ -176,7 +177,7 @@ class ChatCompletionRequest(SamplingFields, OutputConstraintFields):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], Dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = None  # needs logprobs true
     chat_template_kwargs: Optional[Dict[str, Any]] = None
     # llama.cpp's: "none" keeps <think> in content; unset: the server's --reasoning-format
     reasoning_format: Optional[Literal["auto", "deepseek", "none"]] = None

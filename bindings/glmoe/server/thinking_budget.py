@@ -8,7 +8,9 @@ comes first in GLM's output, so it can never have more than `budget` tokens. An 
 past the budget costs the second request's prefill of what came before.
 
 To the caller it is one generation: text pieces, then one Finish counting both requests' tokens. A
-stop string is found even where it straddles the join."""
+stop string is found even where it straddles the join. A constraint (a forced tool call) carries
+across the join: it takes the first request's tokens and the appended `</think>` before the second
+request starts from its state."""
 from __future__ import annotations
 
 from typing import AsyncIterator, Awaitable, Callable, List, Optional, Tuple, Union
@@ -16,6 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable, List, Optional, Tuple, Un
 from starlette.concurrency import run_in_threadpool
 
 from ..completion import held_back_for_stop
+from ..grammar import GrammarError, TokenConstraint
 from .generation import Finish, Generator
 from .tool_parsing import THINK_CLOSE, THINK_OPEN
 
@@ -33,12 +36,13 @@ def _first_stop(text: str, start: int, stops: List[str]) -> Optional[Tuple[int, 
 async def generate_within_budget(
     gen: Generator, tokenizer, tokens: List[int], max_tokens: int, budget: int, sampling: dict,
     stops: List[str], client_gone: Optional[Callable[[], Awaitable[bool]]] = None,
+    constraint: Optional[TokenConstraint] = None,
 ) -> AsyncIterator[Union[str, Finish]]:
     """As gen.generate(tokens, max_tokens, ..., special=True), with at most `budget` thinking tokens.
     max_tokens is check_prompt()'s answer."""
     first_ids: List[int] = []
     first = gen.generate(tokens, min(budget, max_tokens), sampling, stops, special=True, client_gone=client_gone,
-                         on_tokens=first_ids.extend)
+                         on_tokens=first_ids.extend, constraint=constraint)
     text, sent, finish = "", 0, None
     async for item in first:
         if isinstance(item, Finish):
@@ -55,9 +59,11 @@ async def generate_within_budget(
     closing = THINK_CLOSE if thinking_open(text) else ""
     prompt, left = tokens + first_ids, 0
     if finish.reason == "length" and finish.n_generated < max_tokens:
-        if closing:
-            prompt += await run_in_threadpool(tokenizer.tokenize, closing.encode(), add_bos=False, special=True)
-        left = min(max_tokens - finish.n_generated, gen.n_ctx_slot - len(prompt))
+        forced = await run_in_threadpool(tokenizer.tokenize, closing.encode(), add_bos=False, special=True) \
+            if closing else []
+        if constraint is None or _continues(constraint, first_ids, forced):
+            prompt += forced
+            left = min(max_tokens - finish.n_generated, gen.n_ctx_slot - len(prompt))
     if left < 1:
         if len(text) > sent:
             yield text[sent:]
@@ -67,7 +73,7 @@ async def generate_within_budget(
     text += closing
     second_ids: List[int] = []
     second = gen.generate(prompt, left, sampling, stops, special=True, client_gone=client_gone,
-                          on_tokens=second_ids.extend)
+                          on_tokens=second_ids.extend, constraint=constraint)
     last = None
     try:
         async for item in second:
@@ -94,3 +100,14 @@ async def generate_within_budget(
     if len(text) > sent:
         yield text[sent:]
     yield Finish(last.reason, len(tokens), finish.n_generated + last.n_generated, last.timings, last.stop_word)
+
+
+def _continues(constraint: TokenConstraint, generated: List[int], forced: List[int]) -> bool:
+    """Brings the constraint to the end of the generated tokens (the poll does not feed it the last
+    ones) and through the forced ones; False when its grammar does not allow the forced ones."""
+    try:
+        for token in generated[constraint.n_accepted:] + forced:
+            constraint.accept(token)
+    except GrammarError:
+        return False
+    return True
