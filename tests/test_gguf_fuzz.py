@@ -8,6 +8,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -340,6 +341,75 @@ MODEL_HOSTILE = {
     "tokenizer model llama": (_keys(**{"tokenizer.ggml.model": ("llama", VT.STRING)}),
                               "unsupported tokenizer.ggml.model 'llama'"),
     "tokenizer pre an int": (_keys(**{"tokenizer.ggml.pre": (7, VT.UINT32)}), "tokenizer.ggml.pre = 7 is not a string"),
+    # more tokenizer metadata of the wrong type, length or content
+    "tokens a string": (_keys(**{"tokenizer.ggml.tokens": ("abc", VT.STRING)}),
+                        "tokenizer.ggml.tokens is not an array of strings"),
+    "tokens missing": ({"drop_keys": ["tokenizer.ggml.tokens"]}, "the GGUF has no tokenizer.ggml.tokens"),
+    "token_type floats": (_keys(**{"tokenizer.ggml.token_type": ([1.0] * 2048, VT.ARRAY)}),
+                          "tokenizer.ggml.token_type[0] = 1.0 is not a token type"),
+    "token_type a string": (_keys(**{"tokenizer.ggml.token_type": ("1", VT.STRING)}),
+                            "tokenizer.ggml.token_type has str entries, expected one per token"),
+    "token_type long": (_keys(**{"tokenizer.ggml.token_type": (_TYPES + [1], VT.ARRAY)}),
+                        "tokenizer.ggml.token_type has 2049 entries, expected one per token (2048)"),
+    "merges a string": (_keys(**{"tokenizer.ggml.merges": ("t h", VT.STRING)}),
+                        "tokenizer.ggml.merges is a str, not an array of strings"),
+    "merges of arrays": (_keys(**{"tokenizer.ggml.merges": ([["t", "h"]], VT.ARRAY)}),
+                         "tokenizer.ggml.merges[0] is a list, not a string"),
+    "merge of three parts": (_merges("t h e"), "tokenizer.ggml.merges[0] = 't h e': 'h e' is not in"),
+    "tokenizer model missing": ({"drop_keys": ["tokenizer.ggml.model"]}, "unsupported tokenizer.ggml.model None"),
+    "tokenizer model an int": (_keys(**{"tokenizer.ggml.model": (3, VT.UINT32)}), "unsupported tokenizer.ggml.model 3"),
+    "tokenizer pre unknown": (_keys(**{"tokenizer.ggml.pre": ("nosuch", VT.STRING)}),
+                              "unsupported tokenizer.ggml.pre 'nosuch'"),
+    "unk id negative i64": (_keys(**{"tokenizer.ggml.unknown_token_id": (-5, VT.INT64)}),
+                            "tokenizer.ggml.unknown_token_id = -5 is not a token id"),
+    # hyperparameters: huge, negative, of the wrong type, inconsistent with the tensors
+    "context_length u32 max": (_keys(**{"glm4moe.context_length": (2**32 - 1, VT.UINT32)}),
+                               "glm4moe.context_length is out of range"),
+    "context_length u64 max": (_keys(**{"glm4moe.context_length": (2**64 - 1, VT.UINT64)}),
+                               "glm4moe.context_length is out of range"),
+    "context_length negative": (_keys(**{"glm4moe.context_length": (-1, VT.INT32)}),
+                                "glm4moe.context_length is out of range"),
+    "context_length a string": (_keys(**{"glm4moe.context_length": ("1024", VT.STRING)}),
+                                "glm4moe.context_length is not an integer"),
+    "context_length a float": (_keys(**{"glm4moe.context_length": (1024.0, VT.FLOAT32)}),
+                               "glm4moe.context_length is not an integer"),
+    "rope.freq_base a string": (_keys(**{"glm4moe.rope.freq_base": ("1e4", VT.STRING)}),
+                                "glm4moe.rope.freq_base is not a number"),
+    "block_count 0": (_keys(**{"glm4moe.block_count": (0, VT.UINT32)}), "block_count must exceed nextn_predict_layers"),
+    "block_count past the tensors": (_keys(**{"glm4moe.block_count": (5, VT.UINT32)}),
+                                     "missing tensor 'blk.4.attn_norm.weight'"),
+    "block_count u32 max": (_keys(**{"glm4moe.block_count": (2**32 - 1, VT.UINT32)}),
+                            "glm4moe.block_count is out of range"),
+    "embedding_length vs token_embd": (_keys(**{"glm4moe.embedding_length": (191, VT.UINT32)}),
+                                       "tensor 'token_embd.weight' has shape [192, 2048], expected [191, 2048]"),
+    "embedding_length 2^31": (_keys(**{"glm4moe.embedding_length": (2**31, VT.UINT32)}),
+                              "glm4moe.embedding_length is out of range"),
+    "head_count 0": (_keys(**{"glm4moe.attention.head_count": (0, VT.UINT32)}),
+                     "attention.head_count must be positive"),
+    "head_count_kv not dividing": (_keys(**{"glm4moe.attention.head_count_kv": (3, VT.UINT32)}),
+                                   "head_count must be a positive multiple of head_count_kv"),
+    "key_length odd": (_keys(**{"glm4moe.attention.key_length": (47, VT.UINT32)}),
+                       "attention.key_length != attention.value_length is not supported"),
+    "rope dimensions odd": (_keys(**{"glm4moe.rope.dimension_count": (23, VT.UINT32)}),
+                            "rope.dimension_count must be even and at most the head size"),
+    "rope dimensions over the head": (_keys(**{"glm4moe.rope.dimension_count": (1000, VT.UINT32)}),
+                                      "rope.dimension_count must be even and at most the head size"),
+    "expert_count vs the router": (_keys(**{"glm4moe.expert_count": (9, VT.UINT32)}),
+                                   "tensor 'blk.1.ffn_gate_inp.weight' has shape [192, 8], expected [192, 9]"),
+    "expert_used_count 0": (_keys(**{"glm4moe.expert_used_count": (0, VT.UINT32)}), "expert_used_count out of range"),
+    "expert_used_count over expert_count": (_keys(**{"glm4moe.expert_used_count": (9, VT.UINT32)}),
+                                            "expert_used_count out of range"),
+    "expert_shared_count 2^31": (_keys(**{"glm4moe.expert_shared_count": (2**31, VT.UINT32)}),
+                                 "glm4moe.expert_shared_count is out of range"),
+    "expert_gating_func 7": (_keys(**{"glm4moe.expert_gating_func": (7, VT.UINT32)}),
+                             "expert_gating_func 7 is not supported"),
+    "nextn_predict_layers = block_count": (_keys(**{"glm4moe.nextn_predict_layers": (4, VT.UINT32)}),
+                                           "block_count must exceed nextn_predict_layers"),
+    "architecture llama": (_keys(**{"general.architecture": ("llama", VT.STRING)}),
+                           "architecture 'llama' is not supported"),
+    "token_embd missing": ({"drop_tensors": ["token_embd.weight"]}, "missing tensor 'token_embd.weight'"),
+    # no key named: the C++ loader's message (see test_hostile_hyperparameter_grid)
+    "embedding_length 0": (_keys(**{"glm4moe.embedding_length": (0, VT.UINT32)}), "model dimensions must be positive"),
 }
 
 
@@ -459,3 +529,160 @@ def test_directory_is_refused(tmp_path):
     for fn in (lambda: _core.Model(str(tmp_path)), lambda: GGUFTokenizer.from_gguf(str(tmp_path))):
         e = _returns_promptly(fn)
         assert isinstance(e, ValueError) and "is not a regular file" in str(e), repr(e)
+
+
+# ---------------------------------------------------------------- hyperparameter grid (issue 19)
+# Every model hyperparameter and special-token key set to each hostile value of GRID_VALUES (a
+# seeded sample of the grid): loading either refuses with a ValueError / RuntimeError naming the
+# key, or the model loads and generates (or refuses to sample with a ValueError); never a crash,
+# a hang or any other exception. In a subprocess, so that a crash names its case.
+
+GRID_SEED, GRID_CASES = 19, 48
+GRID_VALUES = [(0, VT.UINT32), (1, VT.UINT32), (2**32 - 1, VT.UINT32), (2**64 - 1, VT.UINT64), (-1, VT.INT32),
+               (float("nan"), VT.FLOAT32), (float("inf"), VT.FLOAT64), (0.5, VT.FLOAT32), ("7", VT.STRING),
+               (True, VT.BOOL)]
+# Refusals that name a tensor or a relation rather than the key (the C++ loader's messages).
+UNNAMED_REFUSALS = ("model dimensions must be positive", "tensor '", "missing tensor '")
+
+
+def grid_cases(seed, n_cases):
+    special = ("_token_id", "tokenizer.ggml.add_")
+    keys = sorted(k for k in gguf.GGUFReader(KJV).fields
+                  if k.startswith("glm4moe.") or k.endswith(special[0]) or k.startswith(special[1]))
+    return random.Random(seed).sample([(k, v, vt) for k in keys for v, vt in GRID_VALUES], n_cases)
+
+
+def grid_worker(workdir, seed, n_cases, progress_path):
+    counts = {"refused": 0, "generated": 0, "sampling refused": 0}
+    failures = []
+    path = str(Path(workdir) / "grid.gguf")
+    with open(progress_path, "w") as progress:
+        for i, (key, value, vtype) in enumerate(grid_cases(seed, n_cases)):
+            case = f"case {i}: {key} = {value!r} ({vtype.name})"
+            progress.seek(0)
+            progress.write(case + "\n")
+            progress.truncate()
+            progress.flush()
+            copy_gguf(KJV, path, set_keys={key: (value, vtype)})
+            try:
+                llm = glmoe.Llama(path, n_ctx=32, n_threads=1, verbose=False)
+            except (ValueError, RuntimeError) as e:
+                counts["refused"] += 1
+                if key.rsplit(".", 1)[-1] not in str(e) and not any(u in str(e) for u in UNNAMED_REFUSALS):
+                    failures.append(f"{case}: the refusal names no key: {e}")
+                continue
+            except BaseException as e:  # noqa: BLE001 - anything else is the bug we hunt
+                failures.append(f"{case}: {type(e).__name__}: {e}")
+                continue
+            try:
+                llm("In the beginning", max_tokens=2, temperature=0)
+                counts["generated"] += 1
+            except ValueError:  # e.g. a NaN expert_weights_scale: every logit NaN
+                counts["sampling refused"] += 1
+            except BaseException as e:  # noqa: BLE001
+                failures.append(f"{case}: generating: {type(e).__name__}: {e}")
+            finally:
+                llm.close()
+    print(json.dumps({"counts": counts, "failures": failures}))
+
+
+def test_hostile_hyperparameter_grid(tmp_path):
+    progress = tmp_path / "progress.txt"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_gguf_fuzz as m; "
+            "m.grid_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])")
+    proc = subprocess.run([sys.executable, "-c", code, str(HERE), str(tmp_path), str(GRID_SEED), str(GRID_CASES),
+                           str(progress)], capture_output=True, text=True, timeout=300)
+    last_case = progress.read_text() if progress.exists() else "(none)"
+    assert proc.returncode == 0, f"grid worker died (rc {proc.returncode}) at {last_case}\n{proc.stderr[-3000:]}"
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["failures"], "\n".join(report["failures"])
+    assert report["counts"]["refused"] > 10 and report["counts"]["generated"] > 5, report["counts"]
+
+
+# ---------------------------------------------------------------- chat templates in the GGUF (issue 19)
+# A template that does not compile, raises, reaches for Python internals, recurses, loops or builds
+# a huge value: Llama refuses the chat with a ValueError, the server with a 400 (its rendering has a
+# time limit and an output cap), and plain completions still work.
+
+GGUF_TEMPLATES = {
+    "does not compile": "{% for m in messages %}{{ m.content }",
+    "raises": "{{ raise_exception('this template refuses') }}",
+    "reaches for internals": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "calls what is undefined": "{{ nosuch() }}",
+    "recurses": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+}
+LLAMA_TEMPLATE_ERRORS = {
+    "does not compile": "chat template error: unexpected '}'",
+    "raises": "chat template error: this template refuses",
+    "reaches for internals": "chat template error: access to attribute '__class__' of 'str' object is unsafe",
+    "calls what is undefined": "chat template error: 'nosuch' is undefined",
+    "recurses": "chat template error: maximum recursion depth exceeded",
+}
+# Modes of one template (chosen by chat_template_kwargs) for the server.
+SERVER_TEMPLATE = (
+    "{% if mode == 'loop' %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    "{% elif mode == 'balloon' %}{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}"
+    "{% elif mode == 'huge' %}{{ 'x' * 10000000000 }}"
+    "{% elif mode == 'raise' %}{{ raise_exception('no') }}"
+    "{% elif mode == 'internals' %}{{ ''.__class__.__mro__ }}"
+    "{% elif mode == 'recurse' %}{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}"
+    "{% else %}{% for m in messages %}<|user|>{{ m.content }}{% endfor %}<|assistant|>{% endif %}")
+
+
+def _with_template(tmp_path, template, name="template.gguf"):
+    path = tmp_path / name
+    copy_gguf(KJV, str(path), set_keys={"tokenizer.chat_template": (template, VT.STRING)})
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_TEMPLATES))
+def test_llama_refuses_a_broken_gguf_template(tmp_path, case):
+    llm = glmoe.Llama(str(_with_template(tmp_path, GGUF_TEMPLATES[case])), n_ctx=64, n_threads=1, verbose=False)
+    try:
+        e = _returns_promptly(lambda: llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2))
+        assert isinstance(e, ValueError) and LLAMA_TEMPLATE_ERRORS[case] in str(e), repr(e)
+        assert llm("In the beginning", max_tokens=2)["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def template_servers(tmp_path_factory):
+    import server_harness as harness
+
+    tmp = tmp_path_factory.mktemp("gguf-templates")
+    servers = {"modes": harness.ServerProcess(str(_with_template(tmp, SERVER_TEMPLATE, "modes.gguf"))),
+               "broken": harness.ServerProcess(str(_with_template(tmp, GGUF_TEMPLATES["does not compile"],
+                                                                  "broken.gguf")))}
+    yield servers
+    for srv in servers.values():
+        srv.stop()
+
+
+def _chat(srv, **kw):
+    import httpx
+
+    body = dict({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, **kw)
+    return httpx.post(srv.url + "/v1/chat/completions", json=body, headers=srv.headers(), timeout=60)
+
+
+@pytest.mark.parametrize("mode", ["loop", "balloon", "huge", "raise", "internals", "recurse"])
+def test_server_refuses_a_hostile_gguf_template(template_servers, mode):
+    """The GGUF's own template (no --chat-template): a 400 within the 5 s render limit."""
+    srv = template_servers["modes"]
+    t0 = time.monotonic()
+    r = _chat(srv, chat_template_kwargs={"mode": mode})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert time.monotonic() - t0 < 10
+    assert _chat(srv, chat_template_kwargs={"mode": "plain"}).status_code == 200
+
+
+def test_server_with_a_template_that_does_not_compile(template_servers):
+    import httpx
+
+    srv = template_servers["broken"]
+    r = _chat(srv)
+    assert r.status_code == 400 and "chat template error: TemplateSyntaxError" in r.json()["error"]["message"], r.text
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "In the beginning", "max_tokens": 2},
+                   headers=srv.headers(), timeout=60)
+    assert r.status_code == 200, r.text

@@ -367,7 +367,8 @@ def test_cli_speed_only_flags_are_accepted_and_reported():
 
     args = parser().parse_args(["-cb", "--cont-batching", "--no-warmup", "--no-mmap", "--mlock", "-tb", "4",
                                 "--timeout", "30", "-fa", "-ub", "256", "-v", "--metrics"])
-    assert unused_flags(args) == "-ub 256, -fa on, -tb 4, --no-mmap, --mlock, --timeout 30"
+    assert unused_flags(args) == "-ub 256, -fa on, -tb 4, --no-mmap, --mlock"  # --timeout is used
+    assert args.timeout == 30 and parser().parse_args([]).timeout == 600  # llama.cpp's default
     assert args.verbose and unused_flags(parser().parse_args([])) == ""
 
 

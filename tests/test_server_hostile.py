@@ -1,11 +1,7 @@
-"""llama-server against hostile and careless clients: clear 4xx answers with OpenAI's error
-body, and a bounded soak (connections opening and dropping mid-stream, garbage on raw sockets,
-normal requests alongside) after which the server still answers the same, the KV cache is
-empty again, and its memory has not grown past a bound."""
+"""llama-server against hostile and careless clients: clear 4xx answers with OpenAI's error body
+(connections: test_server_connections.py; a soak of all of it: test_server_soak.py)."""
 from __future__ import annotations
 
-import asyncio
-import random
 import socket
 import time
 
@@ -13,9 +9,6 @@ import httpx
 import pytest
 
 import server_harness as harness
-
-SOAK_SECONDS = 15
-RSS_GROWTH_BOUND = 48 << 20  # after warm-up; thread stacks and allocator pools settle within it
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +64,8 @@ def test_bad_completion_fields(server, body, param):
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
 def test_non_finite_numbers(server, literal):
-    _assert_400(_post(server, "/v1/completions", raw=b'{"prompt": "x", "temperature": ' + literal + b"}"), "temperature")
+    raw = b'{"prompt": "x", "temperature": ' + literal + b"}"
+    _assert_400(_post(server, "/v1/completions", raw=raw), "temperature")
 
 
 @pytest.mark.parametrize("body", [
@@ -114,77 +108,6 @@ def test_wrong_method_and_content_length(server):
         s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + harness.API_KEY.encode()
                   + b"\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{}")
         assert s.recv(4096).split(b"\r\n", 1)[0] == b"HTTP/1.1 413 Request Entity Too Large"
-
-
-async def _drop_mid_stream(url, headers, rng):
-    body = {"prompt": f"drop {rng.random()}", "max_tokens": 64, "stream": True}
-    try:
-        async with httpx.AsyncClient(timeout=30) as c:
-            async with c.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
-                async for _ in r.aiter_raw():
-                    if rng.random() < 0.5:
-                        break
-    except httpx.HTTPError:
-        pass
-
-
-async def _raw_garbage(port, rng):
-    """Connects and sends nothing, half a request line, or a request whose body never comes."""
-    junk = [b"", b"POST /v1/completions HT", b"POST /v1/completions HTTP/1.1\r\nContent-Length: 500\r\n\r\n{",
-            b"\x16\x03\x01\x00\xa5garbage", b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 50]
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(rng.choice(junk))
-        await writer.drain()
-        await asyncio.sleep(rng.random() * 0.2)
-        writer.transport.abort()
-    except OSError:
-        pass
-
-
-async def _soak(server, seconds, expected):
-    rng = random.Random(0)
-    headers = server.headers()
-    deadline = time.monotonic() + seconds
-    n_checked = 0
-
-    async def droppers():
-        while time.monotonic() < deadline:
-            await asyncio.gather(*(_drop_mid_stream(server.url, headers, rng) for _ in range(8)),
-                                 *(_raw_garbage(server.port, rng) for _ in range(16)))
-
-    async def checker():
-        nonlocal n_checked
-        async with httpx.AsyncClient(timeout=60) as c:
-            while time.monotonic() < deadline:
-                r = await c.post(server.url + "/v1/completions", headers=headers, json=expected[0])
-                assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[1]
-                n_checked += 1
-
-    await asyncio.gather(droppers(), droppers(), checker())
-    return n_checked
-
-
-def _kv_cells_used(server) -> float:
-    text = httpx.get(server.url + "/metrics", headers=server.headers()).text
-    return float(next(l.split()[1] for l in text.splitlines() if l.startswith("llamacpp:kv_cache_tokens")))
-
-
-def test_soak_connections_dropping(server):
-    request = {"prompt": "The steady client", "max_tokens": 8, "temperature": 0}
-    expected_text = _post(server, "/v1/completions", request).json()["choices"][0]["text"]
-    asyncio.run(_soak(server, 2, (request, expected_text)))  # warm-up: threads, pools, caches
-    rss_before = server.rss_bytes()
-    n_checked = asyncio.run(_soak(server, SOAK_SECONDS, (request, expected_text)))
-    assert n_checked >= 3
-    deadline = time.monotonic() + 10
-    while _kv_cells_used(server) != 0:  # cancelled requests leave their slots
-        assert time.monotonic() < deadline, "KV cells still in use after the soak"
-        time.sleep(0.1)
-    assert _post(server, "/v1/completions", request).json()["choices"][0]["text"] == expected_text
-    growth = server.rss_bytes() - rss_before
-    print(f"soak: {n_checked} checked requests; RSS {rss_before >> 20} MiB, growth {growth / 2**20:.1f} MiB")
-    assert growth < RSS_GROWTH_BOUND
 
 
 # --- issue 19: bounded work before any work -------------------------------------------------------------

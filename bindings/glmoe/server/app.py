@@ -27,6 +27,7 @@ from .constraints import constraints_for
 from .errors import APIError, bad_request, error_body
 from .generation import Finish, Generator
 from .logprobs import TokenTexts, chat_content, legacy_block
+from .json_routes import OffLoopJSONRoute
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .settings import Settings
 from .tool_parsing import StreamParser, openai_tool_calls, parse
@@ -211,6 +212,7 @@ def create_app(settings: Settings) -> FastAPI:
             state.generator.close()
 
     app = FastAPI(title="glmoe llama-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.router.route_class = OffLoopJSONRoute  # big bodies parsed, big answers encoded, off the event loop
     app.state.server = state
     app.add_middleware(Gate, state=state, settings=settings)
 

@@ -13,6 +13,8 @@ import sys
 
 from .settings import Settings
 
+DEFAULT_TIMEOUT_S = 600  # llama.cpp's --timeout: connections.py's read/write timeouts, the body's 408
+
 
 class _Refused(argparse.Action):
     """A llama.cpp flag glmoe does not implement and that would change results: a usage error
@@ -90,7 +92,7 @@ REFUSED_FLAGS = [
 # Flags that only tune speed or robustness in llama.cpp: accepted, reported once as unused.
 UNUSED_REASONS = {
     "ubatch_size": "-ub", "flash_attn": "-fa", "threads_batch": "-tb",
-    "no_mmap": "--no-mmap", "mlock": "--mlock", "timeout": "--timeout",
+    "no_mmap": "--no-mmap", "mlock": "--mlock",
     # llama-cpp-python's `python -m llama_cpp.server` spellings (boolean values)
     "use_mmap": "--use_mmap", "use_mlock": "--use_mlock", "flash_attn_bool": "--flash_attn", "cache": "--cache",
 }
@@ -121,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
                     help="prompt tokens per decode step")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("-to", "--timeout", type=int, default=DEFAULT_TIMEOUT_S, metavar="N",
+                    help="read/write timeout in seconds: a request's head and body must arrive, and a response "
+                         "the client stops reading must drain, within N s (default: %(default)s)")
     ap.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("LLAMA_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (also from $LLAMA_API_KEY)")
     ap.add_argument("--api-key-file", metavar="FNAME",
@@ -184,8 +189,6 @@ def parser() -> argparse.ArgumentParser:
                         help="(-t sets all of glmoe's threads)")
     unused.add_argument("--no-mmap", action="store_true", default=None)
     unused.add_argument("--mlock", action="store_true", default=None)
-    unused.add_argument("-to", "--timeout", type=int, metavar="N",
-                        help="(no read/write timeout: an idle keep-alive connection closes after 5 s)")
     lcp = ap.add_argument_group("llama-cpp-python server spellings (speed only: accepted, unused)")
     for flag, dest in [("--use_mmap", "use_mmap"), ("--use_mlock", "use_mlock"), ("--flash_attn", "flash_attn_bool"),
                        ("--cache", "cache")]:
@@ -258,6 +261,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--spec-max-depth must be >= 1, --spec-max-spec-factor >= 0, --spec-min-token-prob in [0, 1]")
     if args.n_cpu_moe < 0:
         ap.error("--n-cpu-moe must be >= 0")
+    if args.timeout < 1:
+        ap.error("--timeout must be >= 1 (seconds)")
     if not 0 <= args.port <= 65535:
         ap.error(f"--port {args.port}: a port is 0 to 65535")
     if args.model and not os.path.isfile(args.model):
@@ -312,23 +317,6 @@ def unused_flags(args: argparse.Namespace) -> str:
     return ", ".join(parts)
 
 
-KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long
-
-
-def connection_limit() -> int:
-    """uvicorn's limit_concurrency: connections and requests in flight past it get a 503, well before
-    the process runs out of file descriptors (which would fail every accept() and flood the log)."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY or soft <= 0:
-            soft = 1 << 16
-    except (ImportError, OSError, ValueError):
-        soft = 1024
-    return max(32, min(4096, soft // 2))
-
-
 def listen_socket(host: str, port: int) -> socket.socket:
     """The bound socket uvicorn serves on (as uvicorn's Config.bind_socket, without its sys.exit):
     bound before the model loads, so that a busy port is a clean error at once."""
@@ -351,8 +339,7 @@ def main(argv=None) -> int:
     unused = unused_flags(args)
     if unused:
         print(f"llama-server: not using {unused} (they only tune speed in llama.cpp)", file=sys.stderr)
-    import uvicorn
-
+    from . import connections, limits
     from .app import create_app
 
     try:
@@ -369,11 +356,9 @@ def main(argv=None) -> int:
 
     settings.on_load_failure = on_load_failure
     ssl = dict(ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file) if args.ssl_key_file else {}
-    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port,
-                            log_level="info" if args.verbose else "warning", access_log=args.verbose,
-                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
-                            limit_concurrency=connection_limit(), **ssl)
-    server = uvicorn.Server(config)
+    limits.set_body_read_timeout(args.timeout)
+    server = connections.server(create_app(settings), timeout_s=args.timeout, verbose=args.verbose, host=args.host,
+                                port=args.port, **ssl)
     scheme = "https" if ssl else "http"
     print(f"llama-server: listening on {scheme}://{args.host}:{args.port}", file=sys.stderr)
     server.run(sockets=[sock])

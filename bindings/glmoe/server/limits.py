@@ -28,7 +28,7 @@ from .errors import APIError, bad_request
 BODY_PER_PROMPT_BYTE = 6
 BODY_SLACK_BYTES = 1 << 20
 MAX_BODY_CEILING = 32 << 20  # whatever the context: larger bodies are refused (413)
-BODY_READ_TIMEOUT_S = 60.0  # a body that trickles in slower than this is refused (408)
+BODY_READ_TIMEOUT_S = 600.0  # a body that trickles in slower than this is refused (408); llama-server's --timeout
 TEMPLATE_TIMEOUT_S = 5.0
 MAX_TEMPLATE_VALUE = 1 << 24  # the largest string / list / width a template may build in one operation
 
@@ -45,6 +45,11 @@ def max_body_bytes(max_prompt_bytes: int) -> int:
 def too_long(n_bytes: int, max_prompt_bytes: int, n_ctx_slot: int, param: str) -> APIError:
     return bad_request(f"the prompt is {n_bytes} bytes; no text over {max_prompt_bytes} bytes fits the "
                        f"{n_ctx_slot} tokens of a slot's context", param, "context_length_exceeded")
+
+
+def set_body_read_timeout(seconds: float) -> None:
+    global BODY_READ_TIMEOUT_S
+    BODY_READ_TIMEOUT_S = float(seconds)
 
 
 class BodyTooLarge(Exception):
