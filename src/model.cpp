@@ -25,6 +25,7 @@ public:
 
     void load() {
         read_hparams();
+        check_chat_templates();
         bind_tensors();
     }
 
@@ -67,6 +68,14 @@ private:
         throw ModelError("metadata " + arch_ + "." + name + " is not a bool");
     }
 
+    // A required dimension: 0 would leave the tensors empty and the forward dividing by it.
+    int positive(const std::string& name) const {
+        const int v = u32(name, true);
+        if (v < 1)
+            throw ModelError("metadata " + arch_ + "." + name + " is " + std::to_string(v) + ", must be at least 1");
+        return v;
+    }
+
     // A key that may be one integer for all layers or an array with one entry per layer.
     std::vector<int> per_layer(const std::string& name, int n, bool required, int fallback = 0) const {
         const GGUFValue* v = key(name);
@@ -95,18 +104,21 @@ private:
         hp.n_ctx_train = u32("context_length", false, 4096);
         if (hp.n_ctx_train < 1)
             throw ModelError("metadata " + arch_ + ".context_length is " + std::to_string(hp.n_ctx_train) + ", must be at least 1");
-        hp.n_embd = u32("embedding_length", true);
+        hp.n_embd = positive("embedding_length");
         hp.rms_eps = f32("attention.layer_norm_rms_epsilon", 1e-5f);
         hp.rope_freq_base = f32("rope.freq_base", 10000.0f);
         if (!std::isfinite(hp.rope_freq_base) || hp.rope_freq_base <= 0.0f)
             throw ModelError("metadata " + arch_ + ".rope.freq_base must be a finite number > 0");
         if (!std::isfinite(hp.rms_eps) || hp.rms_eps < 0.0f)
             throw ModelError("metadata " + arch_ + ".attention.layer_norm_rms_epsilon must be a finite number >= 0");
-        hp.n_expert = u32("expert_count", true);
+        hp.n_expert = positive("expert_count");
         hp.n_expert_shared = u32("expert_shared_count", false, 0);
-        hp.n_ff_expert = u32("expert_feed_forward_length", true);
+        hp.n_ff_expert = positive("expert_feed_forward_length");
         hp.n_leading_dense = u32("leading_dense_block_count", false, 0);
         hp.expert_weights_scale = f32("expert_weights_scale", 1.0f);
+        // Scales every routed expert's output: NaN, inf or <= 0 would load and fail at sampling.
+        if (!std::isfinite(hp.expert_weights_scale) || hp.expert_weights_scale <= 0.0f)
+            throw ModelError("metadata " + arch_ + ".expert_weights_scale must be a finite number > 0");
         hp.expert_weights_norm = boolean("expert_weights_norm", false);
         hp.n_expert_groups = u32("expert_group_count", false, 0);
         hp.n_group_used = u32("expert_group_used_count", false, 0);
@@ -117,7 +129,6 @@ private:
         const auto n_head_kv = per_layer("attention.head_count_kv", n_block, false, n_head[0]);
         const auto n_used = per_layer("expert_used_count", n_block, true);
         const auto n_ff = per_layer("feed_forward_length", n_block, false, 0);
-        if (hp.n_embd <= 0 || hp.n_expert <= 0 || hp.n_ff_expert <= 0) throw ModelError("model dimensions must be positive");
         if (n_head[0] <= 0) throw ModelError("attention.head_count must be positive");
         hp.head_dim_k = u32("attention.key_length", false, hp.n_embd / n_head[0]);
         hp.head_dim_v = u32("attention.value_length", false, hp.head_dim_k);
@@ -209,6 +220,17 @@ private:
             if (neg || v.u >= static_cast<uint64_t>(n_vocab))
                 throw ModelError("metadata " + name + " = " + (neg ? std::to_string(v.i) : std::to_string(v.u)) +
                                  " is not a token id of the vocabulary (" + std::to_string(n_vocab) + " tokens)");
+        }
+    }
+
+    // tokenizer.chat_template and tokenizer.chat_template.NAME are template text: any other type
+    // would reach the chat path as its decimal or list spelling (llama.cpp refuses to read them).
+    void check_chat_templates() const {
+        static const std::string key = "tokenizer.chat_template";
+        for (const auto& [name, v] : f_.metadata()) {
+            if (name.compare(0, key.size(), key) != 0 || (name.size() > key.size() && name[key.size()] != '.'))
+                continue;
+            if (v.type != GGUFValueType::STRING) throw ModelError("metadata " + name + " is not a string");
         }
     }
 

@@ -408,8 +408,34 @@ MODEL_HOSTILE = {
     "architecture llama": (_keys(**{"general.architecture": ("llama", VT.STRING)}),
                            "architecture 'llama' is not supported"),
     "token_embd missing": ({"drop_tensors": ["token_embd.weight"]}, "missing tensor 'token_embd.weight'"),
-    # no key named: the C++ loader's message (see test_hostile_hyperparameter_grid)
-    "embedding_length 0": (_keys(**{"glm4moe.embedding_length": (0, VT.UINT32)}), "model dimensions must be positive"),
+    # dimensions of 0 (before: "model dimensions must be positive", naming no key)
+    "embedding_length 0": (_keys(**{"glm4moe.embedding_length": (0, VT.UINT32)}),
+                           "metadata glm4moe.embedding_length is 0, must be at least 1"),
+    "expert_count 0": (_keys(**{"glm4moe.expert_count": (0, VT.UINT32)}),
+                       "metadata glm4moe.expert_count is 0, must be at least 1"),
+    "expert_feed_forward_length 0": (_keys(**{"glm4moe.expert_feed_forward_length": (0, VT.UINT32)}),
+                                     "metadata glm4moe.expert_feed_forward_length is 0, must be at least 1"),
+    # before: loaded, and every logit came out NaN (or the routed experts' output vanished) at sampling
+    **{f"expert_weights_scale {name}": (_keys(**{"glm4moe.expert_weights_scale": (value, vtype)}),
+                                        "metadata glm4moe.expert_weights_scale must be a finite number > 0")
+       for name, value, vtype in [("nan", float("nan"), VT.FLOAT32), ("inf", float("inf"), VT.FLOAT32),
+                                  ("-inf", float("-inf"), VT.FLOAT64), ("0", 0.0, VT.FLOAT32),
+                                  ("negative", -2.5, VT.FLOAT32), ("f64 overflowing f32", 1e300, VT.FLOAT64)]},
+    # before: the int became the template text "5"
+    "chat_template an int": (_keys(**{"tokenizer.chat_template": (5, VT.UINT32)}),
+                             "metadata tokenizer.chat_template is not a string"),
+    "named chat_template an array": (_keys(**{"tokenizer.chat_template.tool_use": (["a", "b"], VT.ARRAY)}),
+                                     "metadata tokenizer.chat_template.tool_use is not a string"),
+    # before: any value was taken by its truth (the string "false" added BOS)
+    "add_bos_token an int": (_keys(**{"tokenizer.ggml.add_bos_token": (1, VT.UINT8)}),
+                             "tokenizer.ggml.add_bos_token = 1 is not a bool"),
+    "add_bos_token a string": (_keys(**{"tokenizer.ggml.add_bos_token": ("false", VT.STRING)}),
+                               "tokenizer.ggml.add_bos_token = 'false' is not a bool"),
+    "add_eos_token a float": (_keys(**{"tokenizer.ggml.add_eos_token": (0.0, VT.FLOAT32)}),
+                              "tokenizer.ggml.add_eos_token = 0.0 is not a bool"),
+    # before: a BPE tokenizer without merges (llama.cpp: "cannot find tokenizer merges")
+    "merges missing": ({"drop_keys": ["tokenizer.ggml.merges"]},
+                       "the GGUF has no tokenizer.ggml.merges, which a BPE (gpt2) tokenizer needs"),
 }
 
 
@@ -450,6 +476,65 @@ def test_hostile_model_metadata(tmp_path, case):
     copy_gguf(KJV, str(path), **edits)
     err = _load_error(path)
     assert err is not None and message in err, err
+
+
+# The server and the engine load through _core.Model and GGUFTokenizer.from_gguf: each refuses its keys.
+CORE_REFUSES = ("embedding_length 0", "expert_weights_scale nan", "chat_template an int")
+TOKENIZER_REFUSES = ("add_bos_token a string", "merges missing")
+
+
+@pytest.mark.parametrize("case", CORE_REFUSES + TOKENIZER_REFUSES)
+def test_hostile_model_metadata_without_llama(tmp_path, case):
+    edits, message = MODEL_HOSTILE[case]
+    path = tmp_path / "hostile.gguf"
+    copy_gguf(KJV, str(path), **edits)
+    load = _core.Model if case in CORE_REFUSES else GGUFTokenizer.from_gguf
+    with pytest.raises(ValueError) as e:
+        load(str(path))
+    assert message in str(e.value)
+    if case in CORE_REFUSES:
+        assert isinstance(e.value, _core.ModelError)
+
+
+def _available_host_memory() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+
+
+KV_BYTES_PER_POSITION = 4 * 2 * 2 * 48 * 4  # the tiny model: 4 layers, K and V, 2 kv heads of 48, f32
+
+
+def test_context_length_whose_kv_cache_cannot_fit_is_refused_at_once(tmp_path):
+    """Before: context_length 2^24 with n_ctx=0 spent 35 s zero-filling 48 GiB of KV cache, then
+    std::bad_alloc. Now a ValueError up front, with the MiB it needs (here, unless this machine has
+    48 GiB free: then a context_length no machine can hold)."""
+    n_ctx = 2**24 if 2**24 * KV_BYTES_PER_POSITION > _available_host_memory() else 2**31 - 1
+    path = tmp_path / "long.gguf"
+    copy_gguf(KJV, str(path), set_keys={"glm4moe.context_length": (n_ctx, VT.UINT32)})
+    t0 = time.monotonic()
+    e = _returns_promptly(lambda: glmoe.Llama(str(path), n_ctx=0, n_threads=1, verbose=False), timeout=20)
+    assert isinstance(e, ValueError), repr(e)
+    need_mib = n_ctx * KV_BYTES_PER_POSITION / 2**20
+    assert (f"n_ctx {n_ctx} (the model's glm4moe.context_length) needs {need_mib:.2f} MiB of host memory for "
+            "the KV cache of 4 layers, but ") in str(e), str(e)
+    assert "MiB is available; lower n_ctx" in str(e)
+    assert time.monotonic() - t0 < 5
+    # An explicit n_ctx is checked the same way; one that fits loads.
+    e = _returns_promptly(lambda: glmoe.Llama(KJV, n_ctx=n_ctx, n_threads=1, verbose=False))
+    assert isinstance(e, ValueError) and f"n_ctx {n_ctx} needs {need_mib:.2f} MiB" in str(e), repr(e)
+    glmoe.Llama(str(path), n_ctx=64, n_threads=1, verbose=False).close()
+
+
+def test_n_ctx_0_is_the_context_length_as_in_llama_cpp_python(tmp_path):
+    """llama-cpp-python: n_ctx=0 takes the model's context_length, n_batch and n_ubatch no bigger."""
+    path = tmp_path / "short.gguf"
+    copy_gguf(KJV, str(path), set_keys={"glm4moe.context_length": (48, VT.UINT32)})
+    llm = glmoe.Llama(str(path), n_ctx=0, n_batch=512, n_threads=1, verbose=False)
+    try:
+        assert llm.n_ctx() == 48 and llm.n_batch == 48
+        assert llm("In the beginning", max_tokens=2)["choices"][0]["finish_reason"] == "length"
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize("case", sorted(RAW_HOSTILE))
@@ -541,8 +626,8 @@ GRID_SEED, GRID_CASES = 19, 48
 GRID_VALUES = [(0, VT.UINT32), (1, VT.UINT32), (2**32 - 1, VT.UINT32), (2**64 - 1, VT.UINT64), (-1, VT.INT32),
                (float("nan"), VT.FLOAT32), (float("inf"), VT.FLOAT64), (0.5, VT.FLOAT32), ("7", VT.STRING),
                (True, VT.BOOL)]
-# Refusals that name a tensor or a relation rather than the key (the C++ loader's messages).
-UNNAMED_REFUSALS = ("model dimensions must be positive", "tensor '", "missing tensor '")
+# Refusals that name a tensor rather than the key (the C++ loader's messages).
+UNNAMED_REFUSALS = ("tensor '", "missing tensor '")
 
 
 def grid_cases(seed, n_cases):
@@ -577,7 +662,7 @@ def grid_worker(workdir, seed, n_cases, progress_path):
             try:
                 llm("In the beginning", max_tokens=2, temperature=0)
                 counts["generated"] += 1
-            except ValueError:  # e.g. a NaN expert_weights_scale: every logit NaN
+            except ValueError:  # a model that loads but cannot sample
                 counts["sampling refused"] += 1
             except BaseException as e:  # noqa: BLE001
                 failures.append(f"{case}: generating: {type(e).__name__}: {e}")
@@ -610,13 +695,28 @@ GGUF_TEMPLATES = {
     "reaches for internals": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "calls what is undefined": "{{ nosuch() }}",
     "recurses": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    # Before: these hung create_chat_completion or raised MemoryError; now they stop under the bounds
+    # the server renders with (template_limits.py).
+    "loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "balloons": "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",
+    "builds a huge string": "{{ 'x' * 10000000000 }}",
+    "pads to a huge width": "{{ 'x'.ljust(10000000000) }}",
+    "formats a huge width": "{{ '%10000000000s' % 'x' }}",
 }
+# n_ctx 64 tokens of at most LONGEST_PIECE bytes each.
+LONGEST_PIECE = GGUFTokenizer.from_gguf(KJV).longest_piece
 LLAMA_TEMPLATE_ERRORS = {
     "does not compile": "chat template error: unexpected '}'",
     "raises": "chat template error: this template refuses",
     "reaches for internals": "chat template error: access to attribute '__class__' of 'str' object is unsafe",
     "calls what is undefined": "chat template error: 'nosuch' is undefined",
     "recurses": "chat template error: maximum recursion depth exceeded",
+    "loops": "chat template stopped: it took over 1 s (the time limit of a chat template)",
+    "balloons": f"chat template stopped: the rendered prompt is over {64 * LONGEST_PIECE} characters; "
+                "no text that long fits the context",
+    "builds a huge string": "chat template error: the template builds a value over 16777216 items",
+    "pads to a huge width": "chat template error: the template passes a number over 16777216",
+    "formats a huge width": "chat template error: the template formats with too large a width",
 }
 # Modes of one template (chosen by chat_template_kwargs) for the server.
 SERVER_TEMPLATE = (
@@ -636,12 +736,38 @@ def _with_template(tmp_path, template, name="template.gguf"):
 
 
 @pytest.mark.parametrize("case", sorted(GGUF_TEMPLATES))
-def test_llama_refuses_a_broken_gguf_template(tmp_path, case):
+def test_llama_refuses_a_broken_gguf_template(tmp_path, case, monkeypatch):
+    import threading
+    import glmoe.template_limits
+
+    monkeypatch.setattr(glmoe.template_limits, "TEMPLATE_TIMEOUT_S", 1.0)  # 5 s by default
     llm = glmoe.Llama(str(_with_template(tmp_path, GGUF_TEMPLATES[case])), n_ctx=64, n_threads=1, verbose=False)
     try:
+        t0 = time.monotonic()
         e = _returns_promptly(lambda: llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2))
         assert isinstance(e, ValueError) and LLAMA_TEMPLATE_ERRORS[case] in str(e), repr(e)
+        assert time.monotonic() - t0 < 3
         assert llm("In the beginning", max_tokens=2)["choices"][0]["finish_reason"] in ("length", "stop")
+        # The template's thread was stopped, not left running.
+        time.sleep(0.1)
+        assert not [t for t in threading.enumerate() if t.name == "glmoe-template"]
+    finally:
+        llm.close()
+
+
+def test_llama_renders_a_good_template_under_the_bounds(tmp_path):
+    """The bounds change nothing for a template that stays within them: the prompt is the one the
+    template makes, and chat_template_kwargs reach it (but not over the chat's own variables)."""
+    template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{{ extra }}{% endif %}")
+    llm = glmoe.Llama(str(_with_template(tmp_path, template)), n_ctx=64, n_threads=1, verbose=False)
+    try:
+        from glmoe.chat import chat_prompt
+
+        assert chat_prompt(llm, [{"role": "user", "content": "hi"}], template_kwargs={"extra": "!"}) == \
+            "<|user|>hi<|assistant|>!"
+        with pytest.raises(ValueError, match="chat_template_kwargs: 'messages' is set by the chat call itself"):
+            llm.create_chat_completion([{"role": "user", "content": "hi"}], chat_template_kwargs={"messages": []})
     finally:
         llm.close()
 

@@ -344,6 +344,11 @@ def synthetic_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     present = set(tokens)
     merges = [m for m in BYTE_TOKEN_MERGES
               if all(part in present for part in m.split(" ")) and m.replace(" ", "") in present]
+    if not merges and n_normal >= 3:
+        # llama.cpp refuses a BPE vocabulary without tokenizer.ggml.merges, and gguf-py writes no
+        # empty array: one merge of the first two byte tokens takes the last slot.
+        tokens[n_normal - 1] = tokens[0] + tokens[1]
+        merges = [f"{tokens[0]} {tokens[1]}"]
     tokens += [f"<filler_{i}>" for i in range(n_normal - len(tokens))] + GLM_SPECIAL_TOKENS
     types = [int(gguf.TokenType.NORMAL)] * n_normal + [int(gguf.TokenType.CONTROL)] * len(GLM_SPECIAL_TOKENS)
     return tokens, types, merges

@@ -1,47 +1,38 @@
-"""create_chat_completion: chat messages rendered through the GGUF's own chat template (in a
-sandboxed jinja2 environment), completed, and answered in OpenAI's chat-completion shapes (with
-tool calls and reasoning: chat_tools.py, chat_answer.py)."""
+"""create_chat_completion: chat messages rendered through the GGUF's own chat template (under
+template_limits' bounds, as llama-server renders it), completed, and answered in OpenAI's
+chat-completion shapes (with tool calls and reasoning: chat_tools.py, chat_answer.py)."""
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from typing import Dict, List, Optional, Union
-
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .chat_answer import chat_chunks, chat_response
 from .chat_tools import plan_tools, template_messages
 from .grammar import grammar_for_response_format
+from .template_limits import render_bounded_sync
+
+# Output cap of render_chat when the caller gives none (no context to measure against).
+DEFAULT_MAX_RENDERED_CHARS = 1 << 26
+TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
 
-def _raise_exception(message):
-    raise TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Chat templates call tojson with Python's json.dumps keywords (transformers' convention).
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+def template_context(messages, tools, add_generation_prompt: bool, bos_token: str, eos_token: str,
+                     template_kwargs: dict) -> dict:
+    """The template's variables: template_kwargs (e.g. enable_thinking) and the chat's own."""
+    reserved = sorted(set(template_kwargs) & set(TEMPLATE_VARIABLES))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs: {reserved[0]!r} is set by the chat call itself")
+    return dict(template_kwargs, messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                bos_token=bos_token, eos_token=eos_token)
 
 
 def render_chat(template: str, messages: List[dict], *, tools=None, add_generation_prompt: bool = True,
-                bos_token: str = "", eos_token: str = "", **template_kwargs) -> str:
-    """The prompt text the model expects for messages, as the template renders it."""
-    try:
-        return _environment().from_string(template).render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token, eos_token=eos_token, **template_kwargs,
-        )
-    except (TemplateError, OverflowError, RecursionError) as e:  # the sandbox's refusals included
-        raise ValueError(f"chat template error: {e}") from e
+                bos_token: str = "", eos_token: str = "", max_chars: int = DEFAULT_MAX_RENDERED_CHARS,
+                timeout_s: Optional[float] = None, **template_kwargs) -> str:
+    """The prompt text the model expects for messages, as the template renders it, under
+    template_limits' bounds (timeout_s None: its TEMPLATE_TIMEOUT_S): a ValueError when the
+    template fails or hits one."""
+    context = template_context(messages, tools, add_generation_prompt, bos_token, eos_token, template_kwargs)
+    return render_bounded_sync(template, context, max_chars, timeout_s)
 
 
 def chat_prompt(llm, messages: List[dict], tools: Optional[List[dict]] = None,
@@ -50,12 +41,10 @@ def chat_prompt(llm, messages: List[dict], tools: Optional[List[dict]] = None,
     if llm.chat_template is None:
         raise ValueError("the model file has no tokenizer.chat_template")
     tok = llm.tokenizer_
-    return render_chat(
-        llm.chat_template, template_messages(messages), tools=tools,
-        bos_token=token_piece(tok, tok.bos_id),
-        eos_token=token_piece(tok, tok.eos_id),
-        **(template_kwargs or {}),
-    )
+    context = template_context(template_messages(messages), tools, True, token_piece(tok, tok.bos_id),
+                               token_piece(tok, tok.eos_id), dict(template_kwargs or {}))
+    # Text over n_ctx times the longest token's bytes is more than n_ctx tokens: it cannot fit.
+    return render_bounded_sync(llm.chat_template, context, llm.n_ctx() * tok.longest_piece)
 
 
 def create_chat_completion(

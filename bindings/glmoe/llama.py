@@ -157,8 +157,10 @@ class Llama:
         if verbose:
             _warm_page_cache(model_path)
         self._model = _core.Model(model_path)
-        if n_ctx == 0:
+        if n_ctx == 0:  # as llama-cpp-python: the model's context_length, and batches no bigger than it
             n_ctx = self._model.n_ctx_train
+            self.n_batch = n_batch = min(n_ctx, n_batch)
+            n_ubatch = min(n_batch, n_ubatch)
         if n_ubatch < 1:
             raise ValueError("n_ubatch must be at least 1")
         # llama.cpp's -ot values (each "PATTERN=BUFFER[,PATTERN=BUFFER...]"), --cpu-moe, --n-cpu-moe.

@@ -243,6 +243,8 @@ class GGUFTokenizer:
             else:
                 self._pieces.append(_token_text_to_bytes(text))
 
+        self._longest_piece = max([1, *map(len, self._pieces)])
+
         # Every token stays in the BPE vocabulary, specials included: with ignore_merges a
         # pre-tokenized piece equal to any vocabulary entry is taken whole, as in llama.cpp.
         vocab = {text: i for i, text in enumerate(tokens)}
@@ -285,7 +287,10 @@ class GGUFTokenizer:
         for i, t in enumerate(token_types):
             if not _is_int(t) or not 0 <= t <= TOKEN_BYTE:
                 raise ValueError(f"tokenizer.ggml.token_type[{i}] = {t!r} is not a token type (0..{TOKEN_BYTE})")
-        merges = _checked_strings(value("merges", []), "merges")
+        # llama.cpp refuses a BPE vocabulary without merges ("cannot find tokenizer merges").
+        if value("merges") is None:
+            raise ValueError("the GGUF has no tokenizer.ggml.merges, which a BPE (gpt2) tokenizer needs")
+        merges = _checked_strings(value("merges"), "merges")
         vocab = set(tokens)
         for i, m in enumerate(merges):
             a, sep, b = m.partition(" ")
@@ -304,13 +309,18 @@ class GGUFTokenizer:
         for name in ("pre",):
             if not isinstance(value(name, "glm4"), str):
                 raise ValueError(f"tokenizer.ggml.{name} = {value(name)!r} is not a string")
+        # add_bos_token, add_eos_token, add_sep_token, add_space_prefix...: llama.cpp reads them as
+        # bools and refuses any other type (an int or a string would be taken as true here).
+        for key, v in metadata.items():
+            if key.startswith("tokenizer.ggml.add_") and not isinstance(v, bool):
+                raise ValueError(f"{key} = {v!r:.80} is not a bool")
         try:
             return cls(
                 tokens, token_types, merges,
                 bos_id=ids["bos"], eos_id=ids["eos"], eot_id=ids["eot"], eom_id=ids["eom"],
                 unk_id=ids["unknown"], pad_id=ids["padding"],
-                add_bos=bool(value("add_bos_token", False)),
-                add_eos=bool(value("add_eos_token", False)),
+                add_bos=value("add_bos_token", False),
+                add_eos=value("add_eos_token", False),
                 pre=value("pre", "glm4"),
             )
         except ValueError:
@@ -335,6 +345,12 @@ class GGUFTokenizer:
     @property
     def n_vocab(self) -> int:
         return len(self._pieces)
+
+    @property
+    def longest_piece(self) -> int:
+        """Bytes of the longest token (control tokens' text included), at least 1: no text of more
+        than n * longest_piece bytes is n tokens or fewer."""
+        return self._longest_piece
 
     @property
     def bos_id(self) -> int:

@@ -28,12 +28,12 @@ from typing import Annotated, Any, Callable, Dict, List, Literal, Optional, Unio
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .constraints import constraints_for
 from .errors import APIError, bad_request
 from .generation import Finish
+from .json_routes import OffLoopJSONRoute
 from .schemas import ChatCompletionRequest, SamplingFields, Tool, _check_schema
 from .thinking_budget import generate_within_budget
 from .tool_parsing import StreamParser
@@ -157,8 +157,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"{path}: {message}" if path else message)
 
 
-class _AnthropicRoute(APIRoute):
-    """Answers this API's errors in Anthropic's shape (the app's handlers answer in OpenAI's)."""
+class _AnthropicRoute(OffLoopJSONRoute):
+    """Answers this API's errors in Anthropic's shape (the app's handlers answer in OpenAI's); big
+    bodies are parsed off the event loop, as the app's other routes."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
