@@ -3,7 +3,7 @@
 # llama.cpp's llama-bench (background) and glmoe (tools/device_setup.sh), makes the Air-shaped
 # 8-layer file, runs the GPU tests, then tools/hybrid_compare.sh with the glmoe just built.
 #   tools/device_check.sh LLAMA_CPP_SRC OUT_DIR
-# env: TEST_S, TEST_FILES, SKIP_TESTS, BENCH_TESTS, BUDGET_S; BORROW_SWEEP=1 adds tools/borrow_crossover.py
+# env: TEST_S, TEST_FILES, SKIP_TESTS, BENCH_TESTS, BUDGET_S (or TOTAL_S, the whole call); BORROW_SWEEP=1 adds tools/borrow_crossover.py
 # (BORROW_TOKENS) before the benchmarks.
 # One call takes about 6 min before the benchmarks start with the tests (H100, 2026-12-06): with
 # SKIP_TESTS=1 the benchmarks get the time the tests would take.
@@ -33,5 +33,5 @@ if [ "${BORROW_SWEEP:-0}" = 1 ]; then
     timeout 120 python3 tools/borrow_crossover.py build/air8.gguf -t 16 -n "${BORROW_TOKENS:-32,64,128,256,512}" -r "${BORROW_REPS:-2}" \
         2>&1 | tee "$out/borrow_crossover.md"
 fi
-TESTS=${BENCH_TESTS:-a b c d e} BUDGET_S=${BUDGET_S:-$((570 - (SECONDS - t0)))} MODEL=build/air8.gguf \
+TESTS=${BENCH_TESTS:-a b c d e} BUDGET_S=${BUDGET_S:-$((${TOTAL_S:-570} - (SECONDS - t0)))} MODEL=build/air8.gguf \
     tools/hybrid_compare.sh "$src" "$out/hybrid" "${GLMOE_SITE:-/tmp/site}/glmoe/bin"
