@@ -18,6 +18,8 @@ import pytest
 
 import glmoe
 from glmoe.chat import chat_prompt
+from glmoe.server.tool_grammar import policy_for, tool_grammar
+from glmoe.server.tool_parsing import parse
 from glmoe.tokenizer import TOKEN_CONTROL
 from glmoe.tools.make_model import PRESETS, ModelSpec, write_model
 
@@ -180,14 +182,31 @@ def conforms(arguments: dict, tool: dict) -> bool:
     return True
 
 
+def forced_draw(llm, tool_choice, seed, max_tokens):
+    """What a forced call's answer must be: the same draw as a plain completion under llama-server's
+    grammar of GLM's call markup (server/tool_grammar.py), read by llama-server's parser."""
+    prompt = chat_prompt(llm, USER, TOOLS, {"enable_thinking": False})
+    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    forced = tool_grammar(TOOLS, policy_for(TOOLS, tool_choice, None, prompt), llm.tokenizer_)
+    raw = llm.create_completion(ids, grammar=forced, max_tokens=max_tokens, seed=seed, _decode_special=True,
+                                **FULL)["choices"][0]
+    return raw, parse(raw["text"], TOOLS, True)
+
+
 def test_tool_choice_required_always_calls_a_tool(llm):
     by_name = {t["function"]["name"]: t for t in TOOLS}
     for seed in range(4):
-        r = llm.create_chat_completion(USER, tools=TOOLS, tool_choice="required", max_tokens=300, seed=seed, **FULL)
+        r = llm.create_chat_completion(USER, tools=TOOLS, tool_choice="required", max_tokens=1000, seed=seed, **FULL)
         (choice,) = r["choices"]
         assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
-        (call,) = choice["message"]["tool_calls"]
-        assert conforms(json.loads(call["function"]["arguments"]), by_name[call["function"]["name"]])
+        calls = choice["message"]["tool_calls"]
+        assert len(calls) >= 1
+        for call in calls:
+            assert conforms(json.loads(call["function"]["arguments"]), by_name[call["function"]["name"]])
+        # The model wrote GLM's own markup, as it does unforced, and as the server forces it.
+        raw, parsed = forced_draw(llm, "required", seed, 1000)
+        assert raw["text"].lstrip().startswith("<tool_call>") and parsed.content == ""
+        assert [c["function"] for c in calls] == [dict(c) for c in parsed.tool_calls]
         # Without the constraint the same draw is no call at all.
         free = llm.create_chat_completion(USER, tools=TOOLS, max_tokens=40, seed=seed, **FULL)["choices"][0]
         assert "tool_calls" not in free["message"]
@@ -196,18 +215,36 @@ def test_tool_choice_required_always_calls_a_tool(llm):
 def test_named_tool_choice_calls_that_tool(llm):
     choice_of = {"type": "function", "function": {"name": "get_time"}}
     for seed in range(3):
-        kw = dict(tools=TOOLS, tool_choice=choice_of, max_tokens=200, seed=seed, **FULL)
+        kw = dict(tools=TOOLS, tool_choice=choice_of, max_tokens=1000, seed=seed, **FULL)
         r = llm.create_chat_completion(USER, **kw)["choices"][0]
-        (call,) = r["message"]["tool_calls"]
-        assert call["function"]["name"] == "get_time" and r["finish_reason"] == "tool_calls"
-        assert conforms(json.loads(call["function"]["arguments"]), TIME)
-        content, _, calls, finish = collect(llm.create_chat_completion(USER, stream=True, **kw))
-        assert content == "" and finish == "tool_calls" and calls[0]["function"] == call["function"]
+        calls = r["message"]["tool_calls"]
+        assert {c["function"]["name"] for c in calls} == {"get_time"} and r["finish_reason"] == "tool_calls"
+        assert all(conforms(json.loads(c["function"]["arguments"]), TIME) for c in calls)
+        _, parsed = forced_draw(llm, choice_of, seed, 1000)
+        assert [c["function"] for c in calls] == [dict(c) for c in parsed.tool_calls]
+        content, _, streamed, finish = collect(llm.create_chat_completion(USER, stream=True, **kw))
+        assert content == "" and finish == "tool_calls"
+        assert [streamed[i]["function"] for i in sorted(streamed)] == [c["function"] for c in calls]
     # llama-cpp-python's legacy spelling: functions / function_call, answered with function_call too.
     r = llm.create_chat_completion(USER, functions=[t["function"] for t in TOOLS], function_call={"name": "get_time"},
-                                   max_tokens=200, seed=0, **FULL)["choices"][0]
+                                   max_tokens=1000, seed=0, **FULL)["choices"][0]
     assert r["message"]["function_call"] == r["message"]["tool_calls"][0]["function"]
     assert r["message"]["function_call"]["name"] == "get_time"
+
+
+def test_forced_call_may_think_when_the_template_lets_it(llm):
+    """With enable_thinking the grammar allows a <think> block first (as the server's does): what
+    it holds is reasoning_content, and the call still follows."""
+    kw = dict(tools=TOOLS, tool_choice="required", max_tokens=1000, chat_template_kwargs={"enable_thinking": True},
+              **FULL)
+    tags = [llm.tokenize(tag, add_bos=False, special=True)[0] for tag in (b"<think>", b"</think>")]
+    thought = 0
+    for seed in range(6):
+        # The tags made likely: the random model thinks now and then, and briefly.
+        r = llm.create_chat_completion(USER, seed=seed, logit_bias={t: 3.0 for t in tags}, **kw)["choices"][0]
+        assert r["finish_reason"] == "tool_calls" and r["message"]["tool_calls"]
+        thought += bool(r["message"].get("reasoning_content"))
+    assert thought
 
 
 @pytest.mark.parametrize("kw, message", [

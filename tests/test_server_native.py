@@ -165,7 +165,7 @@ def test_logit_bias_forms(server):
 @pytest.mark.parametrize("field, value", [
     ("mirostat", 2), ("dry_multiplier", 0.8),
     ("xtc_probability", 0.5), ("dynatemp_range", 0.5), ("top_n_sigma", 1.5), ("n_indent", 4),
-    ("lora", [{"id": 0, "scale": 1.0}]), ("t_max_predict_ms", 500), ("min_keep", 3), ("n_cmpl", 2),
+    ("lora", [{"id": 0, "scale": 1.0}]), ("t_max_predict_ms", 500), ("min_keep", 3), ("n_cmpl", 9),
     ("grammar_lazy", True), ("n_probs", 21), ("samplers", ["top_p", "top_k"]),
     ("samplers", "kp"), ("samplers", ["top_k", "nope"]),
 ])

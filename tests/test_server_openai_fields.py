@@ -530,7 +530,8 @@ def test_native_completion_constraints(server):
     ({"n_probs": 21}, "n_probs"),
     ({"n_probs": 2, "post_sampling_probs": True}, "post_sampling_probs"),
     ({"logprobs": True}, "logprobs"),
-    ({"n": 2}, "n"),
+    ({"n": 99}, "n"),
+    ({"n_cmpl": 0}, "n_cmpl"),
 ])
 def test_native_completion_refusals(server, body, param):
     r = httpx.post(server.url + "/completion", headers=server.headers(), json=dict({"prompt": "x"}, **body))

@@ -1,13 +1,13 @@
 """A text completion as OpenAI's chat completion (or its stream of chunks): GLM's <think> block
-becomes reasoning_content and its tool-call markup tool_calls, with llama-server's parser; a forced
-call (chat_tools.ToolPlan.forced) is read from its JSON. The streamed deltas add up to the
-unstreamed message: content and reasoning_content are stripped at both ends in both."""
+becomes reasoning_content and its tool-call markup tool_calls, with llama-server's parser (a forced
+call is that markup too: chat_tools.ToolCallGrammar). The streamed deltas add up to the unstreamed
+message: content and reasoning_content are stripped at both ends in both."""
 from __future__ import annotations
 
 from typing import Dict, Iterator, List, Optional
 
-from .chat_tools import ToolPlan, forced_call
-from .server.tool_parsing import StreamParser, new_call_id, openai_tool_calls, parse
+from .chat_tools import ToolPlan
+from .server.tool_parsing import StreamParser, openai_tool_calls, parse
 
 _TEXT_FIELDS = ("reasoning_content", "content")
 
@@ -32,9 +32,6 @@ def _finish_reason(reason: Optional[str], n_calls: int) -> Optional[str]:
 
 def _parsed(plan: ToolPlan, text: str, reasoning: bool):
     """(content, reasoning_content, [{"name", "arguments"}]) of a finished answer."""
-    if plan.forced is not None:
-        call = forced_call(plan, text)
-        return (None, "", [call]) if call is not None else (text.strip(), "", [])
     parsed = parse(text, plan.tools, reasoning)
     return parsed.content, parsed.reasoning, parsed.tool_calls
 
@@ -57,24 +54,6 @@ def chat_response(completion: dict, plan: ToolPlan, reasoning: bool) -> dict:
                      "finish_reason": _finish_reason(choice["finish_reason"], len(calls))}],
         "usage": completion["usage"],
     }
-
-
-class _ForcedCallStream:
-    """StreamParser's interface for a forced call: the call goes out whole once the text ends."""
-
-    def __init__(self, plan: ToolPlan):
-        self._plan, self._text, self.n_tool_calls = plan, "", 0
-
-    def feed(self, piece: str) -> List[dict]:
-        self._text += piece
-        return []
-
-    def finish(self) -> List[dict]:
-        call = forced_call(self._plan, self._text)
-        if call is None:
-            return [{"content": self._text}] if self._text else []
-        self.n_tool_calls = 1
-        return [{"tool_calls": [{"index": 0, "id": new_call_id(), "type": "function", "function": call}]}]
 
 
 class _Trimmed:
@@ -130,7 +109,7 @@ def chat_chunks(chunks, plan: ToolPlan, reasoning: bool) -> Iterator[dict]:
 
 
 def _chunks_of(chunks, plan: ToolPlan, reasoning: bool) -> Iterator[dict]:
-    parser = _Trimmed(_ForcedCallStream(plan) if plan.forced is not None else StreamParser(plan.tools, reasoning))
+    parser = _Trimmed(StreamParser(plan.tools, reasoning))
     pending_logprobs: List[dict] = []  # of tokens whose text the parser still holds back
     first = True
 

@@ -2,36 +2,65 @@
 
 template_messages() turns OpenAI's history into what GLM's template reads (tool-call arguments as a
 mapping, not a JSON string). plan_tools() reads tools / tool_choice (and llama-cpp-python's legacy
-functions / function_call) into a ToolPlan: the tools the template lists, whether the answer is
-parsed for GLM's tool-call markup, and for a forced call ("required" or a named function) the
-grammar of the call, which the model then writes as JSON, as llama-cpp-python does for a named one:
-the arguments object for a named function, {"name": ..., "arguments": {...}} for "required"."""
+functions / function_call) into a ToolPlan: the tools the template lists and the answer is parsed
+against, and for a forced call ("required" or a named function) a ToolCallGrammar: the grammar of
+GLM's own tool-call markup that llama-server forces (server/tool_grammar.py), so that the model
+writes its calls as it would unforced and both APIs answer alike."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .grammar import LlamaGrammar
+from .server.tool_grammar import policy_for, tool_grammar
+from .tokenizer import GGUFTokenizer
 
 REQUIRED = "required"
+
+
+class MessageError(ValueError):
+    """A malformed chat message; param is where, as a dotted path ("messages.2.tool_calls.0.function")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class ToolCallGrammar:
+    """A forced call's grammar before it meets a model: which of GLM's tags are special tokens comes
+    from the vocabulary, and whether a <think> block may come first from the prompt (none when the
+    template closed it already). Llama.generate() builds it with for_prompt()."""
+
+    tools: List[dict]
+    tool_choice: Any  # REQUIRED or {"type": "function", "function": {"name": ...}}
+
+    def for_prompt(self, tokenizer: GGUFTokenizer, prompt_tokens: Sequence[int]) -> LlamaGrammar:
+        # The tail is enough to see whether the prompt ends with </think>.
+        tail = tokenizer.detokenize([int(t) for t in prompt_tokens[-16:]], special=True)
+        prompt_end = tail.decode("utf-8", errors="replace")
+        try:
+            policy = policy_for(self.tools, self.tool_choice, None, prompt_end)
+            return tool_grammar(self.tools, policy, tokenizer)
+        except KeyError as e:  # a tool without the parts a call is built from
+            raise ValueError(f"tools: cannot force a call: {e}") from None
 
 
 @dataclasses.dataclass
 class ToolPlan:
     tools: Optional[List[dict]] = None  # what the template lists and the answer is parsed against
-    forced: Optional[str] = None  # None, REQUIRED, or the name of the function that must be called
-    grammar: Optional[LlamaGrammar] = None  # of a forced call
+    grammar: Optional[ToolCallGrammar] = None  # of a forced call
     legacy: bool = False  # the request used functions / function_call: answers carry function_call too
 
 
 def template_messages(messages: Any) -> List[dict]:
     """Copies of OpenAI chat messages as GLM's template reads them: tool-call arguments decoded
     from JSON, "developer" as "system", and keys whose value is None left out (the template would
-    print None as text). The caller's messages are not changed."""
+    print None as text). The caller's messages are not changed. A malformed one: MessageError."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError("messages must be a list of dicts with a 'role'")
+        raise MessageError("messages must be a list of dicts with a 'role'", "messages")
     out = []
     for i, message in enumerate(messages):
         m = {k: copy.deepcopy(v) for k, v in message.items() if v is not None}
@@ -39,18 +68,21 @@ def template_messages(messages: Any) -> List[dict]:
             m["role"] = "system"
         calls = m.get("tool_calls")
         if calls is not None and not isinstance(calls, list):
-            raise ValueError(f"messages[{i}].tool_calls must be a list")
+            raise MessageError(f"messages[{i}].tool_calls must be a list", f"messages.{i}.tool_calls")
         for j, call in enumerate(calls or []):
+            where = f"messages.{i}.tool_calls.{j}.function"
             fn = call.get("function", call) if isinstance(call, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise ValueError(f"messages[{i}].tool_calls[{j}] needs a function with a name")
+                raise MessageError(f"messages[{i}].tool_calls[{j}] needs a function with a name", where)
             if isinstance(fn.get("arguments"), str):
                 try:
                     fn["arguments"] = json.loads(fn["arguments"] or "{}")
                 except ValueError as e:
-                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}") from None
+                    raise MessageError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}",
+                                       where + ".arguments") from None
             if not isinstance(fn.get("arguments", {}), dict):
-                raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
+                raise MessageError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object",
+                                   where + ".arguments")
         out.append(m)
     return out
 
@@ -99,12 +131,8 @@ def plan_tools(tools=None, tool_choice=None, functions=None, function_call=None)
         return ToolPlan(legacy=legacy)
     if not by_name:
         raise ValueError(f"tool_choice {tool_choice!r} needs tools")
-    if tool_choice == REQUIRED:
-        # One call of any tool: its name and arguments, each tool's own schema for its arguments.
-        schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": _params(tool)},
-                             "required": ["name", "arguments"], "additionalProperties": False}
-                            for name, tool in by_name.items()]}
-        return ToolPlan(tools=tools, forced=REQUIRED, grammar=_call_grammar(schema), legacy=legacy)
+    if tool_choice == REQUIRED:  # one call or more, of any tool (as llama-server without parallel_tool_calls)
+        return ToolPlan(tools=tools, grammar=ToolCallGrammar(tools, REQUIRED), legacy=legacy)
     is_named = isinstance(tool_choice, dict) and tool_choice.get("type", "function") == "function"
     fn = tool_choice.get("function") if is_named else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -113,32 +141,5 @@ def plan_tools(tools=None, tool_choice=None, functions=None, function_call=None)
     name = fn["name"]
     if name not in by_name:
         raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
-    return ToolPlan(tools=tools, forced=name, grammar=_call_grammar(_params(by_name[name])), legacy=legacy)
-
-
-def _params(tool: dict) -> dict:
-    params = tool["function"].get("parameters")
-    return params if params else {"type": "object"}
-
-
-def _call_grammar(schema: dict) -> LlamaGrammar:
-    # At most one space between JSON tokens: a call has no use for the newlines and indents that
-    # response_format allows, and a model that drifts into them would spend max_tokens there.
-    options = {"whitespace_pattern": "[ ]?", **(schema.get("x-guidance") or {})}
-    return LlamaGrammar.from_json_schema(dict(schema, **{"x-guidance": options}), verbose=False)
-
-
-def forced_call(plan: ToolPlan, text: str) -> Optional[Dict[str, str]]:
-    """The call a forced answer spells, as {"name", "arguments": JSON text}; None when the text is
-    not a complete call (generation stopped early)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if plan.forced == REQUIRED:
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            return None
-        name, arguments = value["name"], value.get("arguments", {})
-    else:
-        name, arguments = plan.forced, value
-    return {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
+    named = {"type": "function", "function": {"name": name}}
+    return ToolPlan(tools=tools, grammar=ToolCallGrammar(tools, named), legacy=legacy)

@@ -15,6 +15,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Un
 import numpy as np
 
 from . import _core
+from .chat_tools import ToolCallGrammar
 from .grammar import TokenConstraint, as_grammar
 from .llama_options import SPEED_ONLY_DEFAULTS, check_init_options
 from .tokenizer import GGUFTokenizer
@@ -466,6 +467,8 @@ class Llama:
         cache and only the rest is evaluated (llama-cpp-python's prefix reuse). The generator
         holds this Llama's lock from its first step until it is exhausted or closed. grammar (a
         LlamaGrammar) allows only tokens that continue it, and end-of-generation once complete."""
+        if isinstance(grammar, ToolCallGrammar):  # a forced tool call (create_chat_completion's)
+            grammar = grammar.for_prompt(self.tokenizer_, tokens)
         grammar = None if grammar is None else as_grammar(grammar)
         return self._held_stream(lambda: self._generate(
             tokens, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp,

@@ -20,8 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import _core
 from ..chat import token_piece
+from ..chat_tools import MessageError, template_messages
 from ..tokenizer import GGUFTokenizer
-from . import anthropic, limits, metrics, native
+from . import anthropic, constraints, limits, metrics, native
 from .choices import check_n, choice_sampling, collect_all, merged, text_of, total_usage
 from .constraints import constraints_for
 from .errors import APIError, bad_request, error_body
@@ -30,11 +31,12 @@ from .logprobs import TokenTexts, chat_content, legacy_block
 from .json_routes import OffLoopJSONRoute
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .settings import Settings
-from .tool_parsing import StreamParser, openai_tool_calls, parse
+from .thinking_budget import generate_within_budget
+from .tool_parsing import THINK_CLOSE, StreamParser, openai_tool_calls, parse
 
 # Answered without the API key, as llama.cpp does (its security tests read /models without one).
 PUBLIC_PATHS = {"/health", "/v1/health", "/models", "/v1/models"}
-ROUTES = {"/health", "/v1/health", "/models", "/v1/models", "/completions", "/v1/completions",
+ROUTES = {"/health", "/v1/health", "/models", "/v1/models", "/v1/completions",
           "/chat/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics",
           "/slots"} | native.ROUTES | anthropic.PATHS
 MAX_BODY_BYTES = limits.MAX_BODY_CEILING
@@ -159,6 +161,7 @@ class Gate:
                 status[0] = message["status"]
             await send(message)
 
+        constraints.SERVER_DEFAULT.set(self.settings.default_grammar)  # this request's task only
         try:
             refusal = self._refusal(scope)
             if refusal is None and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
@@ -301,7 +304,6 @@ def create_app(settings: Settings) -> FastAPI:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": state.created,
                                             "owned_by": "glmoe", "meta": meta}]}
 
-    @app.post("/completions")
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         if req.suffix is not None:
@@ -369,7 +371,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise bad_request("the model has no chat template (start the server with --chat-template)")
         tools = None if req.tool_choice == "none" or not req.tools else [t.model_dump(exclude_none=True)
                                                                          for t in req.tools]
-        messages = [_template_message(m.model_dump(exclude_none=True), i) for i, m in enumerate(req.messages)]
+        try:
+            messages = template_messages([m.model_dump(exclude_none=True) for m in req.messages])
+        except MessageError as e:
+            raise bad_request(str(e), e.param) from None
         reserved = sorted(set(req.chat_template_kwargs or {}) & set(TEMPLATE_VARIABLES))
         if reserved:
             raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the server", "chat_template_kwargs")
@@ -381,6 +386,14 @@ def create_app(settings: Settings) -> FastAPI:
             messages=messages, tools=tools, add_generation_prompt=True,
             bos_token=token_piece(tok, tok.bos_id), eos_token=token_piece(tok, tok.eos_id))
         return prompt, tools
+
+    def budget_for(prompt: str, max_tokens: int) -> Optional[int]:
+        """--reasoning-budget N > 0 where it can matter: the answer may think (the prompt does not
+        close the <think> block itself) and may run longer than N tokens."""
+        budget = settings.reasoning_budget
+        if budget <= 0 or budget >= max_tokens or prompt.rstrip().endswith(THINK_CLOSE):
+            return None
+        return budget
 
     @app.post("/chat/completions")
     @app.post("/v1/chat/completions")
@@ -397,11 +410,23 @@ def create_app(settings: Settings) -> FastAPI:
         max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": settings.model_name}
-        # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
-        runs = [gen.generate(tokens, max_tokens, kwargs, req.stop_list(), special=True,
-                             client_gone=None if req.stream else client_gone(request), ignore_eos=req.ignore_eos,
-                             constraint=constraint, logprobs=n_top)
-                for kwargs, constraint in zip(choice_sampling(sampling, req.n), constraints)]
+        budget = budget_for(prompt, max_tokens)
+        if budget is not None:
+            for field, given in (("logprobs", n_top is not None), ("ignore_eos", req.ignore_eos)):
+                if given:
+                    raise bad_request(f"{field}: not available while the server limits thinking (--reasoning-budget "
+                                      f"{budget}), which may take two generations", field)
+
+        def run(kwargs, constraint):
+            gone = None if req.stream else client_gone(request)
+            if budget is not None:
+                return generate_within_budget(gen, state.tokenizer, tokens, max_tokens, budget, kwargs,
+                                              req.stop_list(), gone, constraint)
+            # Decoded with special tokens so that GLM's <think> and <tool_call> markup reaches the parser.
+            return gen.generate(tokens, max_tokens, kwargs, req.stop_list(), special=True, client_gone=gone,
+                                ignore_eos=req.ignore_eos, constraint=constraint, logprobs=n_top)
+
+        runs = [run(kwargs, constraint) for kwargs, constraint in zip(choice_sampling(sampling, req.n), constraints)]
         reasoning = (req.reasoning_format or settings.reasoning_format) != "none"
         texts = TokenTexts(state.tokenizer, special=True)
 
@@ -496,19 +521,3 @@ def create_app(settings: Settings) -> FastAPI:
 
     return app
 
-
-def _template_message(m: dict, index: int) -> dict:
-    """An OpenAI message as the GLM template reads it: tool-call arguments as a mapping, not
-    OpenAI's JSON string, and "developer" as "system"."""
-    if m["role"] == "developer":
-        m["role"] = "system"
-    for j, call in enumerate(m.get("tool_calls") or []):
-        fn = call.get("function", call)
-        if not isinstance(fn, dict):
-            raise bad_request("a tool call's function must be an object", f"messages.{index}.tool_calls.{j}.function")
-        if isinstance(fn.get("arguments"), str):
-            try:
-                fn["arguments"] = json.loads(fn["arguments"] or "{}")
-            except ValueError as e:
-                raise bad_request(f"tool call arguments are not JSON: {e}", f"messages.{index}.tool_calls") from e
-    return m

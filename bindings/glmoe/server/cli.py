@@ -2,7 +2,9 @@
 Placement flags (-ngl, -ot, -cmoe, -ncmoe) mean what they mean in llama.cpp (common/arg.cpp);
 flags that only tune speed there (-fa, -ub, -tb, --no-mmap, --mlock, ...) are accepted so
 llama.cpp command lines run unchanged, and reported once as unused; llama.cpp flags that would
-change results and that glmoe does not implement are usage errors that say so."""
+change results and that glmoe does not implement are usage errors that say so. llama.cpp's
+LLAMA_ARG_* environment variables stand for their flags (cli_env.py). docs/SERVER_API.md lists
+every llama.cpp flag and what glmoe does with it."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +13,7 @@ import os
 import socket
 import sys
 
+from .cli_env import env_arguments
 from .settings import Settings
 
 DEFAULT_TIMEOUT_S = 600  # llama.cpp's --timeout: connections.py's read/write timeouts, the body's 408
@@ -48,7 +51,7 @@ def glmoe_version() -> str:
 
 # Sampling flags (llama.cpp common/arg.cpp) -> the request field they give the default of.
 SAMPLING_FLAGS = [  # (flags, request field, type, help)
-    (["--temp"], "temperature", float, "temperature (0: greedy)"),
+    (["--temp", "--temperature"], "temperature", float, "temperature (0: greedy)"),
     (["--top-k"], "top_k", int, "top-k sampling (0: off)"),
     (["--top-p"], "top_p", float, "top-p sampling (1.0: off)"),
     (["--min-p"], "min_p", float, "min-p sampling (0.0: off)"),
@@ -75,8 +78,8 @@ REFUSED_FLAGS = [
     (["--samplers"], 1, "glmoe's sampler order is fixed"), (["--sampling-seq", "--sampler-seq"], 1,
                                                              "glmoe's sampler order is fixed"),
     (["-l", "--logit-bias"], 1, "a server-wide logit bias is not supported yet"),
-    (["--grammar"], 1, "grammars are not supported yet"), (["--grammar-file"], 1, "grammars are not supported yet"),
-    (["-j", "--json-schema"], 1, "JSON schemas are not supported yet"),
+    (["--reasoning-budget-message"], 1, "glmoe ends thinking that runs out of its budget with </think> alone"),
+    (["--no-slots"], 0, "glmoe always serves /slots"),
     (["--reranking", "--rerank"], 0, "reranking is not supported"),
     (["--cache-reuse"], 1, "KV cache reuse by shifting is not supported yet"),
     (["--slot-save-path"], 1, "saving and restoring slots is not supported yet"),
@@ -96,6 +99,16 @@ UNUSED_REASONS = {
     # llama-cpp-python's `python -m llama_cpp.server` spellings (boolean values)
     "use_mmap": "--use_mmap", "use_mlock": "--use_mlock", "flash_attn_bool": "--flash_attn", "cache": "--cache",
 }
+
+
+def _reasoning_word(text: str) -> str:
+    """llama.cpp's --reasoning values: its true / false / auto words."""
+    low = text.lower()
+    for word, spellings in (("on", ("on", "enabled", "true", "1")), ("off", ("off", "disabled", "false", "0")),
+                            ("auto", ("auto", "-1"))):
+        if low in spellings:
+            return word
+    raise argparse.ArgumentTypeError(f"not on, off or auto: {text!r}")
 
 
 def _bool_word(text: str) -> str:
@@ -126,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-to", "--timeout", type=int, default=DEFAULT_TIMEOUT_S, metavar="N",
                     help="read/write timeout in seconds: a request's head and body must arrive, and a response "
                          "the client stops reading must drain, within N s (default: %(default)s)")
-    ap.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("LLAMA_API_KEY"),
+    ap.add_argument("--api-key", "--api_key", dest="api_key",
                     help="require 'Authorization: Bearer KEY' (also from $LLAMA_API_KEY)")
     ap.add_argument("--api-key-file", metavar="FNAME",
                     help="file of API keys, one per line (blank lines and lines starting with # skipped); "
@@ -138,6 +151,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", "--log-verbose", dest="verbose", action="store_true",
                     help="log every HTTP request (uvicorn's access log)")
     ap.add_argument("--version", action=_Version, help="print glmoe's version and exit")
+    ap.add_argument("--usage", action="help", help="(as -h)")
     ap.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=int, default=-1, metavar="N",
                     help="tokens to predict for a request that gives no max_tokens, and the most any request gets "
                          "(-1: until the slot's context is full)")
@@ -152,8 +166,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reasoning-format", choices=["none", "deepseek", "auto"], default="auto",
                     help="none: GLM's <think> text stays in content; deepseek / auto: it goes to reasoning_content "
                          "(a request's reasoning_format wins)")
+    ap.add_argument("-rea", "--reasoning", type=_reasoning_word, default="auto", metavar="on|off|auto",
+                    help="thinking in chats: on / off give the template enable_thinking true / false; auto (the "
+                         "default): the template's own default")
+    ap.add_argument("--reasoning-effort", default="default", metavar="LEVEL",
+                    help="the template's reasoning_effort variable (default: unset)")
     ap.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
-                    help="-1: unrestricted thinking; 0: no thinking (the template gets enable_thinking=false)")
+                    help="-1: unrestricted thinking; 0: no thinking (the template gets enable_thinking=false); "
+                         "N > 0: a chat answer thinks at most N tokens, then </think> is forced")
+    grammar = ap.add_argument_group("constrained output: the constraint of requests that set none (as llama.cpp)")
+    grammar.add_argument("--grammar", metavar="GRAMMAR", help="GBNF grammar (or llguidance's Lark)")
+    grammar.add_argument("--grammar-file", metavar="FNAME", help="file holding the grammar")
+    grammar.add_argument("-j", "--json-schema", metavar="SCHEMA", help="JSON schema, e.g. '{\"type\": \"object\"}'")
+    grammar.add_argument("-jf", "--json-schema-file", metavar="FILE", help="file holding the JSON schema")
     sampling = ap.add_argument_group("sampling defaults (for the fields a request leaves unset)")
     for flags, field, typ, text in SAMPLING_FLAGS:
         sampling.add_argument(*flags, dest=field, type=typ, default=None, metavar="N", help=text)
@@ -197,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     unused.add_argument("--slots", action="store_true", help="(/slots is always on)")
     unused.add_argument("-cb", "--cont-batching", action="store_true", help="(always on)")
     unused.add_argument("--no-warmup", action="store_true", help="(glmoe runs no warm-up step)")
+    unused.add_argument("--warmup", action="store_true", help="(glmoe runs no warm-up step: only speed differs)")
+    unused.add_argument("--no-context-shift", action="store_true", help="(glmoe never shifts the context)")
     for flags, nargs, reason in REFUSED_FLAGS:
         ap.add_argument(*flags, action=_Refused, nargs=nargs, reason=reason)
     return ap
@@ -209,12 +236,38 @@ def read_api_keys(path: str):
 
 
 def template_kwargs(args: argparse.Namespace) -> dict:
-    """--chat-template-kwargs, with --reasoning-budget 0 as enable_thinking=false (as llama.cpp
-    does for templates that read enable_thinking, GLM's among them)."""
+    """--chat-template-kwargs, then -rea on / off as enable_thinking, --reasoning-effort as
+    reasoning_effort and --reasoning-budget 0 as enable_thinking=false (as llama.cpp does for
+    templates that read enable_thinking, GLM's among them); the JSON's own keys win."""
     kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
+    if args.reasoning != "auto":
+        kwargs.setdefault("enable_thinking", args.reasoning == "on")
+    if args.reasoning_effort != "default":
+        kwargs.setdefault("reasoning_effort", args.reasoning_effort)
     if args.reasoning_budget == 0:
         kwargs.setdefault("enable_thinking", False)
     return kwargs
+
+
+GRAMMAR_FLAGS = (("grammar", "--grammar"), ("grammar_file", "--grammar-file"), ("json_schema", "--json-schema"),
+                 ("json_schema_file", "--json-schema-file"))
+
+
+def default_grammar(args: argparse.Namespace):
+    """The LlamaGrammar of --grammar / --grammar-file / -j / -jf (one at most), or None; a
+    GrammarError or OSError when it cannot be read or built."""
+    from ..grammar import LlamaGrammar
+
+    if args.grammar is not None:
+        return LlamaGrammar.from_string(args.grammar, verbose=False)
+    if args.grammar_file is not None:
+        return LlamaGrammar.from_file(args.grammar_file, verbose=False)
+    if args.json_schema is not None:
+        return LlamaGrammar.from_json_schema(args.json_schema, verbose=False)
+    if args.json_schema_file is not None:
+        with open(args.json_schema_file, encoding="utf-8") as f:
+            return LlamaGrammar.from_json_schema(f.read(), verbose=False)
+    return None
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -237,6 +290,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     api_keys=read_api_keys(args.api_key_file) if args.api_key_file else [],
                     n_predict=args.n_predict, sampling_defaults=sampling, reasoning_format=args.reasoning_format,
                     chat_template_kwargs=template_kwargs(args), embedding=args.embedding, pooling=args.pooling,
+                    reasoning_budget=args.reasoning_budget, default_grammar=default_grammar(args),
                     spec_suffix=args.spec_suffix, spec_max_depth=args.spec_max_depth,
                     spec_max_spec_factor=args.spec_max_spec_factor, spec_min_token_prob=args.spec_min_token_prob)
 
@@ -271,8 +325,17 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--n-predict must be -1 (until the context is full) or >= 1")
     if args.pooling == "rank":
         ap.error("--pooling rank: reranking is not supported")
-    if args.reasoning_budget not in (-1, 0):
-        ap.error("--reasoning-budget: only -1 (unrestricted) and 0 (no thinking) are supported")
+    if args.reasoning_budget < -1:
+        ap.error("--reasoning-budget: -1 (unrestricted), 0 (no thinking) or a number of tokens")
+    if args.reasoning_budget == 0 and args.reasoning == "on":
+        ap.error("--reasoning on and --reasoning-budget 0 contradict each other")
+    given = [flag for dest, flag in GRAMMAR_FLAGS if getattr(args, dest) is not None]
+    if len(given) > 1:
+        ap.error(f"{given[0]} and {given[1]}: give one grammar or schema")
+    try:
+        default_grammar(args)
+    except (ValueError, OSError) as e:  # GrammarError is a ValueError
+        ap.error(f"{given[0]}: {e}")
     if args.chat_template_kwargs is not None:
         try:
             kwargs = json.loads(args.chat_template_kwargs)
@@ -334,7 +397,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def main(argv=None) -> int:
     ap = parser()
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = ap.parse_args(env_arguments(ap, argv, os.environ) + argv)
     check_args(ap, args)
     unused = unused_flags(args)
     if unused:

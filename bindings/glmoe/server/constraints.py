@@ -3,11 +3,16 @@ OpenAI `response_format`, or the tool calls its tool_choice / parallel_tool_call
 (tool_grammar.py), as TokenConstraints (a bad one is a 400 with llguidance's message), and the poll
 that feeds the engine each next token's mask.
 
+A request that sets none of them gets the server's default (--grammar, --grammar-file, -j, -jf), as
+in llama.cpp. The app sets it per request in SERVER_DEFAULT (a ContextVar), so that every route
+that builds constraints, the Anthropic one included, applies it without passing it along.
+
 The engine samples a constrained request's token only once its mask is set, and defers just that
 request while the mask is late. The mask is computed in the polling worker thread as soon as the
 previous token arrives, so it is ready while the engine's next step is still running."""
 from __future__ import annotations
 
+import contextvars
 from typing import List, Optional
 
 from starlette.concurrency import run_in_threadpool
@@ -16,6 +21,16 @@ from ..grammar import GrammarError, LlamaGrammar, TokenConstraint, grammar_for_r
 from ..tokenizer import GGUFTokenizer
 from .errors import APIError, bad_request
 from .tool_grammar import policy_for, tool_grammar
+
+SERVER_DEFAULT: "contextvars.ContextVar[Optional[LlamaGrammar]]" = contextvars.ContextVar("glmoe_server_grammar",
+                                                                                         default=None)
+
+
+def _sets_grammar(req) -> bool:
+    """Whether req asks for a grammar of its own ("" and response_format text are llama.cpp's "none")."""
+    rf = req.response_format
+    return bool(req.grammar) or req.json_schema is not None or \
+        (rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"))
 
 
 def _grammar_of(req) -> Optional[LlamaGrammar]:
@@ -63,16 +78,21 @@ def _tool_grammar_of(req, tokenizer: GGUFTokenizer, prompt: Optional[str]) -> Op
         raise bad_request(f"tool_choice: {e}", "tool_choice") from None
 
 
-def _constraints(req, tokenizer: GGUFTokenizer, n: int, prompt: Optional[str]) -> List[Optional[TokenConstraint]]:
+def _constraints(req, tokenizer: GGUFTokenizer, n: int, prompt: Optional[str],
+                 server_default: Optional[LlamaGrammar]) -> List[Optional[TokenConstraint]]:
     grammar, tools = _grammar_of(req), _tool_grammar_of(req, tokenizer, prompt)
     if grammar is not None and tools is not None:
         raise bad_request("a grammar or response_format cannot be combined with a forced tool call (tool_choice "
                           "required or a function, or parallel_tool_calls false)", "tool_choice")
     grammar = grammar or tools
+    if grammar is None and not _sets_grammar(req):
+        grammar = server_default
     if grammar is None:
         return [None] * n
     if req.ignore_eos:
-        raise bad_request("ignore_eos cannot be combined with a grammar (the grammar ends the output)", "ignore_eos")
+        why = "the grammar ends the output" if grammar is not server_default else \
+            "the server's --grammar / --json-schema ends the output"
+        raise bad_request(f"ignore_eos cannot be combined with a grammar ({why})", "ignore_eos")
     out = []
     try:
         for _ in range(n):  # one per choice: each follows its own tokens
@@ -94,9 +114,10 @@ async def constraints_for(req, tokenizer: GGUFTokenizer, n: int = 1,
     """req's output constraint for each of n generations (None: no constraint). prompt: a chat
     request's rendered prompt (whether it leaves the model room to think). Compiled off the event
     loop: a big grammar takes a while."""
-    if not req.grammar and req.json_schema is None and req.response_format is None and not _wants_tools(req):
+    server_default = SERVER_DEFAULT.get()
+    if server_default is None and not _sets_grammar(req) and not _wants_tools(req):
         return [None] * n
-    return await run_in_threadpool(_constraints, req, tokenizer, n, prompt)
+    return await run_in_threadpool(_constraints, req, tokenizer, n, prompt, server_default)
 
 
 def poll_constrained(engine, constraint: TokenConstraint, n_before: int, request_id: int, timeout: float) -> dict:

@@ -1,6 +1,8 @@
 """llama.cpp's own llama-server endpoints beside the OpenAI ones (tools/server/README.md): POST
-/completion (its native completion, streamed as llama.cpp streams it), GET and POST /props, POST
-/apply-template, the embeddings endpoints (with --embedding), and CORS as llama.cpp answers it.
+/completion and /completions (its native completion, streamed as llama.cpp streams it, n_cmpl choices
+per prompt), GET and POST /props, POST /apply-template, chat token counting, the embeddings endpoints
+(with --embedding), CORS as llama.cpp answers it, and a 501 naming what is missing for llama.cpp's
+endpoints glmoe lacks (/infill, /rerank, /v1/responses, slot actions ...).
 Completions run through the same Generator as /v1/completions, chat prompts through the same
 template path as /v1/chat/completions; fields are checked in native_fields.py."""
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..chat import token_piece
 from . import embeddings, limits
 from .cli import glmoe_version
 from .errors import APIError, bad_request
-from .choices import text_of
+from .choices import check_n, choice_sampling, merged, text_of
 from .constraints import constraints_for
 from .generation import Finish
 from .logprobs import TokenTexts, completion_probabilities
@@ -26,7 +28,29 @@ from .native_fields import (EmbeddingRequest, NativeCompletionRequest, bias_pair
                             generation_settings, pick_fields, prompt_list, refuse_unsupported)
 from .schemas import ChatCompletionRequest
 
-ROUTES = {"/completion", "/props", "/apply-template", "/embedding", "/embeddings", "/v1/embeddings"}
+# llama.cpp's endpoints that glmoe does not implement: a 501 that says so (rather than a 404).
+NO_RESPONSES = "OpenAI's Responses API is not supported yet: use /v1/chat/completions"
+NO_RERANK = "This server does not support reranking (glmoe has no reranking; llama-server --reranking is refused)"
+UNSUPPORTED = {
+    "/infill": "/infill (fill-in-the-middle) is not supported by glmoe",
+    "/rerank": NO_RERANK, "/reranking": NO_RERANK, "/v1/rerank": NO_RERANK, "/v1/reranking": NO_RERANK,
+    "/responses": NO_RESPONSES, "/v1/responses": NO_RESPONSES, "/responses/input_tokens": NO_RESPONSES,
+    "/v1/responses/input_tokens": NO_RESPONSES,
+    "/audio/transcriptions": "audio input is not supported",
+    "/v1/audio/transcriptions": "audio input is not supported",
+    "/v1/chat/completions/control": "controlling a running chat completion is not supported",
+    "/lora-adapters": "LoRA adapters are not supported (GET /lora-adapters lists none)",
+    "/v1/streams/lookup": "resumable streams are not supported",
+}
+# Refused for GET too (and DELETE for /v1/stream).
+UNSUPPORTED_ANY_METHOD = {
+    "/v1/stream": "resumable streams are not supported",
+    "/tools": "server-side tools are not supported", "/cors-proxy": "the web UI's CORS proxy is not supported",
+}
+NO_SLOT_ACTIONS = "saving, restoring and erasing slots is not supported (llama-server --slot-save-path is refused)"
+INPUT_TOKENS = ("/chat/completions/input_tokens", "/v1/chat/completions/input_tokens")
+ROUTES = {"/completion", "/completions", "/props", "/apply-template", "/embedding", "/embeddings", "/v1/embeddings",
+          *INPUT_TOKENS, *UNSUPPORTED, *UNSUPPORTED_ANY_METHOD}
 NO_PROPS = ("This server does not support changing global properties (llama.cpp's --props): glmoe has none "
             "that can change while it runs")
 NO_EMBEDDINGS = "This server does not support embeddings. Start it with `--embeddings`"
@@ -139,10 +163,11 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
                 "tokens_cached": 0, "timings": {"cache_n": 0, **finish.timings}}
 
     @app.post("/completion")
+    @app.post("/completions")  # llama.cpp's own, as /completion (OpenAI's is /v1/completions)
     async def completion(req: NativeCompletionRequest, request: Request):
         refuse_unsupported(req.model_extra or {})
-        if req.n > 1:
-            raise bad_request("n: one completion per prompt on /completion (/v1/completions takes n)", "n")
+        n = req.n_cmpl if req.n_cmpl is not None else req.n
+        check_n(n, settings.n_parallel, "n_cmpl" if req.n_cmpl is not None else "n")
         n_probs = req.logprobs if "n_probs" not in req.model_fields_set and req.logprobs is not None \
             else req.n_probs
         if n_probs > 0 and req.post_sampling_probs:
@@ -154,22 +179,27 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
             raise bad_request("streaming several prompts in one request is not supported: send one request "
                               "per prompt, or leave stream off", "prompt")
         sampling = await run_in_threadpool(sampling_for, req)
-        constraints = await constraints_for(req, state.tokenizer, len(prompts))
+        constraints = iter(await constraints_for(req, state.tokenizer, len(prompts) * n))
         stops, gen = req.stop_list(), state.generator
         wanted = req.requested_max_tokens(settings.n_predict)
+        # As llama.cpp orders them: each prompt's n completions in turn (index = prompt * n + choice),
+        # choice j's seed advanced by j.
         runs = []
-        for prompt, constraint in zip(prompts, constraints):
+        for prompt in prompts:
             tokens = await tokens_of(prompt)
-            runs.append((tokens, gen.check_prompt(tokens, wanted), constraint))
-        params = generation_settings(sampling, wanted, stops, req.ignore_eos, req.stream, gen.n_ctx_slot, n_probs)
+            max_tokens = gen.check_prompt(tokens, wanted)
+            runs += [(tokens, max_tokens, kwargs, next(constraints)) for kwargs in choice_sampling(sampling, n)]
         texts = TokenTexts(state.tokenizer, special=False)
+
+        def params_of(kwargs) -> dict:
+            return generation_settings(kwargs, wanted, stops, req.ignore_eos, req.stream, gen.n_ctx_slot, n_probs)
 
         async def prompt_text(tokens):
             data = await run_in_threadpool(state.tokenizer.detokenize, tokens, special=True)
             return data.decode("utf-8", errors="replace")
 
-        def generate(tokens, max_tokens, constraint, on_tokens, gone):
-            return gen.generate(tokens, max_tokens, sampling, stops, special=False, client_gone=gone,
+        def generate(tokens, max_tokens, kwargs, constraint, on_tokens, gone):
+            return gen.generate(tokens, max_tokens, kwargs, stops, special=False, client_gone=gone,
                                 ignore_eos=req.ignore_eos, on_tokens=on_tokens, constraint=constraint,
                                 logprobs=n_probs or None)
 
@@ -177,38 +207,43 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
             return completion_probabilities([t for item in items for t in item.tokens], texts)
 
         if req.stream:
-            tokens, max_tokens, constraint = runs[0]
+            tokens, max_tokens = runs[0][:2]
 
             async def events():
-                pending, counted = [], [0]
-
-                def took(ids):
-                    pending.extend(ids)
-                    counted[0] += len(ids)
-
                 text = await prompt_text(tokens)
                 if max_tokens == 0:
-                    yield final_chunk(0, text, "", [], _no_generation(len(tokens)), params)
+                    for i, (_, _, kwargs, _) in enumerate(runs):
+                        yield final_chunk(i, text, "", [], _no_generation(len(tokens)), params_of(kwargs))
                     return
-                async for item in generate(tokens, max_tokens, constraint, took, None):
+                pending, counted = [[] for _ in runs], [0] * len(runs)
+
+                def took(i):
+                    def record(ids):
+                        pending[i].extend(ids)
+                        counted[i] += len(ids)
+                    return record
+
+                streams = [generate(tokens, max_tokens, kwargs, constraint, took(i), None)
+                           for i, (_, _, kwargs, constraint) in enumerate(runs)]
+                async for i, item in merged(streams):
                     if isinstance(item, Finish):
-                        yield final_chunk(0, text, "", [], item, params)
+                        yield final_chunk(i, text, "", [], item, params_of(runs[i][2]))
                     else:
-                        chunk = {"index": 0, "content": text_of(item), "tokens": list(pending), "stop": False,
-                                 "tokens_predicted": counted[0], "tokens_evaluated": len(tokens)}
+                        chunk = {"index": i, "content": text_of(item), "tokens": list(pending[i]), "stop": False,
+                                 "tokens_predicted": counted[i], "tokens_evaluated": len(tokens)}
                         if n_probs:
                             chunk["completion_probabilities"] = probabilities([item])
                         yield chunk
-                        pending.clear()
+                        pending[i].clear()
 
             return _sse_stream(events())
 
-        async def one(index, tokens, max_tokens, constraint):
+        async def one(index, tokens, max_tokens, kwargs, constraint):
             ids, parts, finish = [], [], None
             if max_tokens == 0:
                 finish = _no_generation(len(tokens))
             else:
-                async for item in generate(tokens, max_tokens, constraint, ids.extend, client_gone(request)):
+                async for item in generate(tokens, max_tokens, kwargs, constraint, ids.extend, client_gone(request)):
                     if isinstance(item, Finish):
                         finish = item
                     else:
@@ -216,7 +251,7 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
                 if finish is None:
                     return None
             body = final_chunk(index, await prompt_text(tokens), "".join(text_of(p) for p in parts),
-                               ids if req.return_tokens else [], finish, params)
+                               ids if req.return_tokens else [], finish, params_of(kwargs))
             if n_probs:
                 body["completion_probabilities"] = probabilities(parts)
             return pick_fields(body, req.response_fields) if req.response_fields else body
@@ -255,6 +290,29 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
     async def apply_template(req: ChatCompletionRequest):
         prompt, _ = await chat_prompt(req)
         return {"prompt": prompt}
+
+    async def input_tokens(req: ChatCompletionRequest):
+        prompt, _ = await chat_prompt(req)
+        tokens = await tokenize_prompt(prompt, False, "messages")
+        return {"object": "response.input_tokens", "input_tokens": len(tokens)}
+
+    for path in INPUT_TOKENS:
+        app.post(path)(input_tokens)
+
+    def refuse(message: str):
+        async def not_supported():
+            raise APIError(501, message)
+        return not_supported
+
+    for path, message in UNSUPPORTED.items():
+        app.post(path)(refuse(message))
+    for path, message in UNSUPPORTED_ANY_METHOD.items():
+        app.api_route(path, methods=["GET", "POST", "DELETE"])(refuse(message))
+    app.post("/slots/{id_slot}")(refuse(NO_SLOT_ACTIONS))
+
+    @app.get("/lora-adapters")
+    async def lora_adapters():
+        return []  # none can be loaded
 
     def pooling() -> str:
         if "pooling" not in embedding_state:

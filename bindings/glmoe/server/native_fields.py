@@ -49,7 +49,6 @@ REFUSED_FIELDS = {
     "n_indent": (_off(0), "n_indent (minimum indentation) is not supported"),
     "t_max_predict_ms": (_off(0), "t_max_predict_ms (a time limit on generation) is not supported"),
     "lora": (lambda v: v is None or v == [], "LoRA adapters are not supported"),
-    "n_cmpl": (_off(1), "one completion per prompt on /completion: n_cmpl must be 1 (/v1/completions takes n)"),
     "grammar_lazy": (_off(False), "lazy grammars (grammar_triggers) are not supported"),
     "multimodal_data": (lambda v: v is None or v == [], "multimodal input is not supported"),
 }
@@ -140,6 +139,8 @@ class NativeCompletionRequest(SamplingFields, OutputConstraintFields):
     model_config = ConfigDict(extra="allow")
 
     prompt: Any  # checked by prompt_list()
+    # Completions per prompt (llama.cpp's; "n" is its fallback name): at most one per slot (choices.check_n).
+    n_cmpl: Optional[Annotated[int, Field(ge=1, le=128)]] = None
     max_tokens: Optional[Annotated[int, Field(ge=-1)]] = None  # llama.cpp's other name for n_predict
     n_predict: Optional[Annotated[int, Field(ge=-1)]] = None  # -1: until the slot is full; 0: no generation
     # llama.cpp's ranges, wider than OpenAI's: temperature <= 0 is greedy, top_k <= 0 is off.

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from ..grammar import LlamaGrammar
 
 
 @dataclasses.dataclass
@@ -33,6 +36,11 @@ class Settings:
     sampling_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
     reasoning_format: str = "auto"  # "none": GLM's <think> stays in content; "deepseek" / "auto": reasoning_content
     chat_template_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)  # requests' own keys win
+    # llama.cpp's --reasoning-budget N > 0: a chat answer thinks at most N tokens (thinking_budget.py);
+    # -1: unrestricted (0 is enable_thinking=false in chat_template_kwargs).
+    reasoning_budget: int = -1
+    # llama.cpp's --grammar / --grammar-file / -j / -jf: the constraint of requests that set none.
+    default_grammar: Optional["LlamaGrammar"] = None
     # llama.cpp's --embedding: serve /embedding, /embeddings and /v1/embeddings (from a second context,
     # made on first use); pooling as its --pooling (None: the model's, which is "none" for GLM's files).
     embedding: bool = False

@@ -4,7 +4,8 @@ an llguidance Lark grammar over GLM-4.5's tool-call markup, as its chat template
 
     \\n<think>...</think>\\n<tool_call>NAME\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>\\n</tool_call>
 
-so that the reply holds calls tool_parsing.parse() reads, of the allowed tools only.
+so that the reply holds calls tool_parsing.parse() reads, of the allowed tools only. The Python
+API forces calls with it too (chat_tools.ToolCallGrammar), so both answer a forced call alike.
 
 What the grammar enforces: the tool names; each declared argument at most once, in the schema's
 order, every required one present; a string argument (schema type "string") as the raw text the
