@@ -159,14 +159,16 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     if (params.n_ctx <= 0 || params.n_ubatch <= 0) throw GpuError("n_ctx and n_ubatch must be positive");
     U_ = std::max(params.n_ubatch, kMaxMmvTokens);
     // From this many tokens a step copies a layer's routed experts from RAM instead of sending its
-    // tokens to the CPU. Default: ik_llama.cpp's rule, 32 x experts / experts used per token (512
-    // for GLM-4.5-Air), where a batch uses nearly every expert; not yet tuned by measurement here.
+    // tokens to the CPU. Default 4 x experts / experts used per token (64 for GLM-4.5-Air): on the
+    // device (H100, 16 threads, docs/PERFORMANCE.md) a step's CPU experts cost about 10 ms + 3.5 ms
+    // a token for the Air-shaped file and copying all of them about 200 ms, even near 56 tokens
+    // (ik_llama.cpp's 32 x experts / used, 512, left 256-token steps 3x slower than copying).
     // Never a graph-captured step: the copies run on a stream of their own, ordered by events.
     const int n_used_max = hp_.layers.empty() ? 1 : std::max(1, std::max_element(hp_.layers.begin(), hp_.layers.end(),
         [](const LayerHParams& a, const LayerHParams& b) { return a.n_expert_used < b.n_expert_used; })->n_expert_used);
     borrow_min_tokens_ = std::max(kMaxMmvTokens + 1, params.expert_borrow_min_tokens > 0
                                                          ? params.expert_borrow_min_tokens
-                                                         : 32 * hp_.n_expert / n_used_max);
+                                                         : 4 * hp_.n_expert / n_used_max);
 
     Arena dry(nullptr);
     lay_out(dry);

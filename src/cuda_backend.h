@@ -28,7 +28,8 @@ struct GpuParams {
     bool embeddings = false;
     bool f32_activations = false;  // matrix products in f32 (dequantized weights): for accuracy checks
     // Routed experts placed in RAM, router on the GPU: steps of at least this many tokens copy the
-    // experts they use to the GPU instead of running them on the CPU (0: the backend's default).
+    // layer's routed experts to the GPU instead of running them on the CPU (0: the backend's
+    // default; at least kInvariantBatch + 1).
     int expert_borrow_min_tokens = 0;
 };
 
