@@ -340,10 +340,12 @@ def test_cli_llama_flags_reach_the_settings(tmp_path):
                                        frequency_penalty=0.25)
     assert s.chat_template_kwargs == {"foo": 1, "enable_thinking": False}  # --reasoning-budget 0
     assert s.all_api_keys == ["k0", "key-one", "key-two"]
+    llama_cpp = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)  # its server's, where no flag says
     assert _parse("--typical-p", "0.5", "--n-predict", "3", "--seed", "-1").sampling_defaults == \
-        {"typical_p": 0.5, "seed": -1}
-    s = _parse()  # no flag: the requests' own defaults, llama.cpp's -n -1, today's reasoning split
-    assert (s.n_predict, s.sampling_defaults, s.reasoning_format, s.chat_template_kwargs) == (-1, {}, "auto", {})
+        dict(llama_cpp, typical_p=0.5, seed=-1)
+    s = _parse()  # no flag: llama.cpp's sampling defaults and -n -1, today's reasoning split
+    assert (s.n_predict, s.sampling_defaults, s.reasoning_format, s.chat_template_kwargs) == \
+        (-1, llama_cpp, "auto", {})
     # The template's own enable_thinking given explicitly wins over --reasoning-budget 0.
     assert _parse("--reasoning-budget", "0", "--chat-template-kwargs", '{"enable_thinking": true}') \
         .chat_template_kwargs == {"enable_thinking": True}
@@ -356,7 +358,7 @@ def test_cli_llama_cpp_python_spellings_are_aliases():
                "foo", "--api_key", "k", "--ssl_keyfile", "a.pem", "--ssl_certfile", "b.pem", "--seed", "3",
                "--last_n_tokens_size", "16")
     assert (s.n_ctx, s.n_batch, s.n_threads, s.n_gpu_layers, s.alias, s.api_key) == (1024, 64, 3, -1, "foo", "k")
-    assert s.sampling_defaults == {"repeat_last_n": 16, "seed": 3}
+    assert s.sampling_defaults == dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_last_n=16, seed=3)
     args = parser().parse_args(["--use_mmap", "False", "--use_mlock", "true", "--flash_attn", "1",
                                 "--n_threads_batch", "4", "--cache", "no"])
     assert unused_flags(args) == "-tb 4, --use_mmap False, --use_mlock True, --flash_attn True, --cache False"

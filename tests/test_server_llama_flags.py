@@ -89,7 +89,7 @@ def test_env_variables_stand_for_their_flags():
     s = parse_env([], env)
     assert (s.model_path, s.n_ctx, s.n_parallel, s.n_gpu_layers, s.tensor_overrides, s.cpu_moe) == \
         ("m.gguf", 1024, 2, -1, ["exps=CPU"], True)
-    assert s.sampling_defaults == {"temperature": 0.5, "top_k": 7} and s.api_key == "k"
+    assert s.sampling_defaults == dict(temperature=0.5, top_k=7, top_p=0.95, min_p=0.05) and s.api_key == "k"
     assert (s.chat_template_kwargs, s.reasoning_format, s.embedding, s.reasoning_budget) == \
         ({"a": 1}, "none", True, 64)
     # The command line wins, in any spelling; a false switch does nothing.

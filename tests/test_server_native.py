@@ -206,7 +206,7 @@ def test_props(server, token_server):
     assert "[gMASK]" in props["chat_template"] and props["endpoint_props"] is False
     defaults = props["default_generation_settings"]
     assert defaults["n_ctx"] == harness.N_CTX // harness.N_PARALLEL
-    assert defaults["params"]["temperature"] == 1.0 and defaults["params"]["n_predict"] == -1
+    assert defaults["params"]["temperature"] == 0.8 and defaults["params"]["n_predict"] == -1  # llama.cpp's
     flagged = httpx.get(token_server.url + "/props", headers=token_server.headers()).json()
     params = flagged["default_generation_settings"]["params"]
     assert params["temperature"] == pytest.approx(0.7) and params["n_predict"] == 32

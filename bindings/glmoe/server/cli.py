@@ -50,6 +50,9 @@ def glmoe_version() -> str:
 
 
 # Sampling flags (llama.cpp common/arg.cpp) -> the request field they give the default of.
+# What llama.cpp's server samples with where neither the request nor a flag says (its common.h), which
+# is not OpenAI's temperature 1 with top-k / top-p / min-p off.
+LLAMA_SERVER_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 SAMPLING_FLAGS = [  # (flags, request field, type, help)
     (["--temp", "--temperature"], "temperature", float, "temperature (0: greedy)"),
     (["--top-k"], "top_k", int, "top-k sampling (0: off)"),
@@ -179,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
     grammar.add_argument("--grammar-file", metavar="FNAME", help="file holding the grammar")
     grammar.add_argument("-j", "--json-schema", metavar="SCHEMA", help="JSON schema, e.g. '{\"type\": \"object\"}'")
     grammar.add_argument("-jf", "--json-schema-file", metavar="FILE", help="file holding the JSON schema")
-    sampling = ap.add_argument_group("sampling defaults (for the fields a request leaves unset)")
+    sampling = ap.add_argument_group("sampling defaults for the fields a request leaves unset (unless given: "
+                                     "llama.cpp's --temp 0.8 --top-k 40 --top-p 0.95 --min-p 0.05)")
     for flags, field, typ, text in SAMPLING_FLAGS:
         sampling.add_argument(*flags, dest=field, type=typ, default=None, metavar="N", help=text)
     embed = ap.add_argument_group("embeddings (as llama.cpp)")
@@ -280,7 +284,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     else:
         from ..__main__ import default_model_path
         model = default_model_path()
-    sampling = {field: getattr(args, field) for _, field, _, _ in SAMPLING_FLAGS if getattr(args, field) is not None}
+    sampling = dict(LLAMA_SERVER_SAMPLING)
+    sampling.update({field: getattr(args, field) for _, field, _, _ in SAMPLING_FLAGS
+                     if getattr(args, field) is not None})
     if args.seed is not None:
         sampling["seed"] = args.seed
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,

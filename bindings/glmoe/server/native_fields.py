@@ -3,8 +3,8 @@ checks (llama.cpp's prompt shapes, its logit_bias forms, its sampler names, the 
 honour), the embeddings request, and the generation settings llama.cpp reports back.
 
 Defaults: a field a request leaves unset gets the server's flag (--temp, -n ...) or, without one,
-the same default as /v1/completions (temperature 1.0, top-k / top-p / min-p off), so that both
-endpoints answer a prompt alike; /props reports them. n_predict unset means llama.cpp's -1 (until
+llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05; server/cli.py), the same on every
+endpoint, so that they answer a prompt alike; /props reports them. n_predict unset means llama.cpp's -1 (until
 the slot is full, capped by -n), not OpenAI's 16."""
 from __future__ import annotations
 
