@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import glmoe
-import server_harness as harness
 from glmoe import _core
 from glmoe.grammar import GrammarError, LlamaGrammar, TokenConstraint
 from glmoe.tokenizer import GGUFTokenizer
@@ -88,20 +87,8 @@ def is_arithmetic(text: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return harness.make_tiny_model(tmp_path_factory.mktemp("constrained-model"))
-
-
-@pytest.fixture(scope="module")
 def llm(model_path):
     return glmoe.Llama(model_path, n_ctx=1024, n_threads=1, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    srv = harness.ServerProcess(model_path)
-    yield srv
-    srv.stop()
 
 
 def post(server, path, body):

@@ -19,18 +19,6 @@ GREEDY = dict(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return harness.make_tiny_model(tmp_path_factory.mktemp("server-model"))
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    srv = harness.ServerProcess(model_path)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=harness.API_KEY, max_retries=0, timeout=60)
 

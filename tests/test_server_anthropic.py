@@ -24,18 +24,6 @@ BEARER = {"Authorization": f"Bearer {harness.API_KEY}"}
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return harness.make_tiny_model(tmp_path_factory.mktemp("anthropic-model"))
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    srv = harness.ServerProcess(model_path)
-    yield srv
-    srv.stop()
-
-
 def _post(srv, path, body, headers=None, status=200):
     r = httpx.post(srv.url + path, json=body, headers=X_API_KEY if headers is None else headers, timeout=60)
     assert r.status_code == status, r.text

@@ -21,11 +21,6 @@ TIMEOUT_S = 2  # the servers' --timeout; their idle keep-alive timeout is min(5 
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return harness.make_tiny_model(tmp_path_factory.mktemp("connections-model"))
-
-
-@pytest.fixture(scope="module")
 def server(model_path):
     srv = harness.ServerProcess(model_path, "--timeout", str(TIMEOUT_S))
     yield srv

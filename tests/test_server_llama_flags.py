@@ -25,18 +25,6 @@ BUDGET = 5
 THINKING = 'start: <think> /[a-z]{1,30}/ </think> "done"'
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return harness.make_tiny_model(tmp_path_factory.mktemp("flags-model"))
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    srv = harness.ServerProcess(model_path)
-    yield srv
-    srv.stop()
-
-
 class EnvServer(harness.ServerProcess):
     """llama-server configured by llama.cpp's variables, with -c and --grammar on the command line."""
 

@@ -17,18 +17,6 @@ N_EMBD = 64  # the tiny preset's
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return harness.make_tiny_model(tmp_path_factory.mktemp("native-model"))
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    srv = harness.ServerProcess(model_path)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def token_server(model_path):
     """--embedding with the model's pooling (none: per-token rows), and sampling flags /props reports."""
     srv = harness.ServerProcess(model_path, "--embedding", "--temp", "0.7", "-n", "32")

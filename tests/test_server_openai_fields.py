@@ -46,11 +46,6 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return harness.make_tiny_model(tmp_path_factory.mktemp("openai-fields-model"))
-
-
-@pytest.fixture(scope="module")
 def server(model_path):
     # Slots of 4096 tokens: with tools, the chat prompt alone is over 1000 (byte-level) tokens. A
     # default seed, for Anthropic's API (which has none).
