@@ -185,3 +185,26 @@ def test_llama_cpp_python_constructor_options(model_path, capsys):
     lp = glmoe.Llama.logits_to_logprobs(np.array([[0.0, 1.0], [2.0, 2.0]], np.float32))
     assert np.allclose(np.exp(lp).sum(axis=1), 1) and np.allclose(lp[1], np.log(0.5))
     llm.close()
+
+
+def test_scores_hold_n_batch_rows_without_logits_all(model_path):
+    """As llama-cpp-python: n_ctx x n_vocab floats only with logits_all, so a long context is not a
+    MemoryError there; the last position's logits stay readable past n_batch tokens."""
+    big = glmoe.Llama(model_path, n_ctx=1 << 16, n_batch=16, n_threads=1, verbose=False)
+    assert big.scores.shape == (16, big.n_vocab())
+    assert glmoe.Llama(model_path, n_ctx=64, n_batch=16, n_threads=1, logits_all=True,
+                       verbose=False).scores.shape == (64, big.n_vocab())
+    prompt = big.tokenize(b"The quick brown fox jumps over the lazy dog, again and again and again")
+    assert len(prompt) > 16
+    ref = glmoe.Llama(model_path, n_ctx=128, n_threads=1, logits_all=True, verbose=False)
+    ref.eval(prompt)
+    big.eval(prompt)
+    (last,) = big.eval_logits
+    assert np.array_equal(np.asarray(last, np.float32), ref.scores[len(prompt) - 1])
+    state = big.save_state()
+    assert state.scores.shape == (16, big.n_vocab())
+    want = [t for t, _ in zip(big.generate(prompt + [11], temp=0.0), range(6))]
+    assert want == [t for t, _ in zip(ref.generate(prompt + [11], temp=0.0), range(6))]
+    big.load_state(state)
+    assert np.array_equal(np.asarray(big.eval_logits[0], np.float32), ref.scores[len(prompt) - 1])
+    assert big.sample(temp=0.0) == int(np.argmax(ref.scores[len(prompt) - 1]))

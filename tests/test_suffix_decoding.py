@@ -175,7 +175,8 @@ def test_greedy_identical_and_drafts_accepted(model_path):
     # The state is what plain generation leaves: same tokens, same KV cache positions.
     assert drafted.n_tokens == plain.n_tokens
     assert np.array_equal(drafted._input_ids, plain._input_ids)
-    assert np.array_equal(drafted.scores[drafted.n_tokens - 1], plain.scores[plain.n_tokens - 1])
+    # plain keeps n_batch rows of logits (no logits_all): its last ones through eval_logits.
+    assert np.array_equal(drafted.scores[drafted.n_tokens - 1], np.asarray(plain.eval_logits[-1], np.float32))
     # Token by token through generate(), with prefix reuse of the previous call.
     prompt = REPETITIVE + [20, 21]
     want = [t for t, _ in zip(plain.generate(prompt, temp=0.0), range(50))]

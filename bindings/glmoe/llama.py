@@ -181,8 +181,10 @@ class Llama:
         self._n_vocab = self._model.n_vocab
         self.n_tokens = 0
         self.input_ids = np.zeros((n_ctx,), dtype=np.intc)
-        # np.zeros is calloc'd: rows that are never written cost no memory.
-        self.scores = np.zeros((n_ctx, self._n_vocab), dtype=np.single)
+        # llama-cpp-python's sizes: a row per position with logits_all, else n_batch rows, so that a
+        # long context does not cost n_ctx x n_vocab floats. Without logits_all the logits of
+        # position p are in row p % n_batch (_score_row): the last position's are always there.
+        self.scores = np.zeros((n_ctx if logits_all else n_batch, self._n_vocab), dtype=np.single)
         self.set_seed(seed)
         # What __getstate__ gives back: the constructor's arguments, as llama-cpp-python pickles.
         self._init_args = dict(
@@ -328,6 +330,13 @@ class Llama:
     def _input_ids(self) -> np.ndarray:
         return self.input_ids[: self.n_tokens]
 
+    def _score_row(self, position: int) -> int:
+        """The row of scores that holds position's logits (the identity with logits_all)."""
+        return position % len(self.scores)
+
+    def _last_logits(self) -> np.ndarray:
+        return self.scores[self._score_row(self.n_tokens - 1)]
+
     @property
     def _scores(self) -> np.ndarray:
         return self.scores[: self.n_tokens, :]
@@ -338,7 +347,9 @@ class Llama:
 
     @property
     def eval_logits(self) -> Deque[List[float]]:
-        return deque(self.scores[: self.n_tokens, :].tolist(), maxlen=self._n_ctx if self._logits_all else 1)
+        if self._logits_all or self.n_tokens == 0:
+            return deque(self.scores[: self.n_tokens, :].tolist(), maxlen=self._n_ctx if self._logits_all else 1)
+        return deque([self._last_logits().tolist()], maxlen=1)  # only the last position's logits are kept
 
     def set_seed(self, seed: int):
         with self._locked():
@@ -373,7 +384,7 @@ class Llama:
             if self._logits_all:
                 self.scores[n_past : n_past + n, :] = logits
             else:
-                self.scores[n_past + n - 1, :] = logits[0]
+                self.scores[self._score_row(n_past + n - 1), :] = logits[0]
             self.n_tokens += n
 
     def _checked_tokens(self, tokens: Sequence[int]) -> np.ndarray:
@@ -432,7 +443,8 @@ class Llama:
                                 typical_p=typical_p, repeat_penalty=repeat_penalty,
                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
         row = self.n_tokens - 1 if idx is None else idx
-        return sampler.sample(self.scores[row], self.input_ids[: row + 1].astype(np.int32, copy=False))
+        history = self.input_ids[: row + 1].astype(np.int32, copy=False)
+        return sampler.sample(self.scores[self._score_row(row)], history)
 
     def _prefix_reuse(self, tokens: List[int]) -> List[int]:
         """Keeps the evaluated prefix that tokens share and returns what is left to evaluate.
@@ -495,7 +507,7 @@ class Llama:
         while True:
             self._eval(todo)
             history = self.input_ids[: self.n_tokens].astype(np.int32, copy=False)
-            logits = self.scores[self.n_tokens - 1]
+            logits = self._last_logits()
             if constraint is not None:
                 # Serially for now: the mask is computed after the forward, not while it runs.
                 logits = constraint.apply(logits)
@@ -524,7 +536,7 @@ class Llama:
             return self._ctx.relative_step_costs(1, max_extra)
 
         n_yielded = 0
-        token = sampler.sample(self.scores[n_prompt - 1], self.input_ids[:n_prompt].astype(np.int32, copy=False))
+        token = sampler.sample(self._last_logits(), self.input_ids[:n_prompt].astype(np.int32, copy=False))
         try:
             while True:
                 n_yielded += 1  # before the yield: the caller may close the generator there
@@ -540,7 +552,7 @@ class Llama:
                     draft = np.asarray(self.draft_model(context), dtype=np.int32).reshape(-1)[: max(room, 0)]
                 if len(draft) == 0:  # nothing to verify (e.g. drafting paused): a plain step
                     self._eval([token])
-                    token = sampler.sample(self.scores[n], self.input_ids[: n + 1].astype(np.int32, copy=False))
+                    token = sampler.sample(self._last_logits(), self.input_ids[: n + 1].astype(np.int32, copy=False))
                     stats["steps"] += 1
                     continue
                 batch = self._checked_tokens(np.append(np.int32(token), draft))
@@ -572,7 +584,7 @@ class Llama:
         logits = self._ctx.decode(tokens, np.arange(n, n + k, dtype=np.int32), np.zeros(k, np.int32),
                                   np.ones(k, np.uint8))
         self.input_ids[n : n + k] = tokens
-        self.scores[n : n + k, :] = logits
+        self.scores[self._score_row(np.arange(n, n + k)), :] = logits  # k <= n_batch: distinct rows
         self.n_tokens += k
         return logits
 
@@ -642,9 +654,11 @@ class Llama:
             return self._save_state()
 
     def _save_state(self) -> LlamaState:
+        # The logits of the last positions scores keeps (all with logits_all), in position order.
+        positions = np.arange(max(self.n_tokens - len(self.scores), 0), self.n_tokens)
         return LlamaState(
             input_ids=self.input_ids[: self.n_tokens].copy(),
-            scores=self.scores[: self.n_tokens].copy(),
+            scores=self.scores[self._score_row(positions)].copy(),
             n_tokens=self.n_tokens,
             kv_state=self._ctx.kv_state(),
             seed=self._seed,
@@ -655,9 +669,15 @@ class Llama:
             self._load_state(state)
 
     def _load_state(self, state: LlamaState) -> None:
+        n_rows = len(state.scores)
+        if state.scores.ndim != 2 or state.scores.shape[1] != self._n_vocab or n_rows > state.n_tokens:
+            raise ValueError(f"state.scores must have at most n_tokens rows of {self._n_vocab} logits")
         self._ctx.kv_load_state(state.kv_state)  # validates before changing anything
         self.input_ids[: state.n_tokens] = state.input_ids
-        self.scores[: state.n_tokens] = state.scores
+        # The saved rows are the last positions' logits; this Llama keeps as many of them as fit.
+        kept = min(n_rows, len(self.scores))
+        positions = np.arange(state.n_tokens - kept, state.n_tokens)
+        self.scores[self._score_row(positions)] = state.scores[n_rows - kept :]
         self.n_tokens = state.n_tokens
         self._seed = state.seed
 
