@@ -94,9 +94,9 @@ def create_chat_completion(
         if grammar is not None:
             raise ValueError("a forced tool call (tool_choice 'required' or a named function) has its own grammar: "
                              "do not pass grammar or response_format with it")
+        # GLM's call markup, as the server forces it; the template's thinking default holds, so the
+        # grammar lets a <think> block come first unless the prompt closed it (enable_thinking false).
         grammar = plan.grammar
-        # The call is written at once, as JSON: no thinking first (GLM's template closes the <think> block).
-        template_kwargs.setdefault("enable_thinking", False)
     prompt = chat_prompt(llm, messages, plan.tools, template_kwargs)
     prompt_tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
     result = llm.create_completion(
