@@ -2,6 +2,7 @@
 speculative generation in Llama (greedy identical, sampling distribution unchanged, adaptive)."""
 from __future__ import annotations
 
+import pickle
 import random
 import time
 from collections import Counter
@@ -389,3 +390,18 @@ def test_context_times_its_steps(model_path):
     assert r[0] == 1.0 and all(b >= a for a, b in zip(r, r[1:])), r
     # Sizes 2 and 3 on the line between the two sizes run, 5 and 6 beyond it.
     assert r[2] - r[1] == pytest.approx((r[3] - 1.0) / 3) and r[5] - r[4] == pytest.approx((r[3] - 1.0) / 3)
+
+
+def test_pickled_llama_rebuilds_its_suffix_decoding(model_path):
+    """The engine's store is not picklable: the draft comes back from its constructor's arguments,
+    with an empty store, and the copy's greedy output is the original's."""
+    llm = make_llm(model_path, glmoe.SuffixDecoding(max_depth=24, max_spec_tokens=8, global_cache_bytes=1 << 20))
+    want = llm(REPETITIVE, max_tokens=40, temperature=0.0)["choices"][0]["text"]
+    again = pickle.loads(pickle.dumps(llm))
+    draft = again.draft_model
+    assert isinstance(draft, glmoe.SuffixDecoding) and draft is not llm.draft_model
+    assert draft.params == llm.draft_model.params and draft.adaptive == llm.draft_model.adaptive
+    assert draft.store is not None and draft.store is not llm.draft_model.store
+    assert again(REPETITIVE, max_tokens=40, temperature=0.0)["choices"][0]["text"] == want
+    assert again.last_draft_stats["accepted"] > 0  # it drafts, from the sequence's own text
+    assert pickle.loads(pickle.dumps(glmoe.SuffixDecoding(global_cache_bytes=0))).store is None

@@ -27,6 +27,9 @@ class SuffixDecoding:
         global_cache_bytes: int = 64 << 20,
         adaptive: bool = True,
     ):
+        self._init_args = dict(max_depth=max_depth, max_spec_factor=max_spec_factor, min_token_prob=min_token_prob,
+                               max_spec_tokens=max_spec_tokens, global_cache_bytes=global_cache_bytes,
+                               adaptive=adaptive)
         self.params = dict(max_depth=max_depth, max_spec_factor=max_spec_factor, min_token_prob=min_token_prob,
                            max_spec_tokens=max_spec_tokens)
         self.adaptive = adaptive
@@ -48,3 +51,11 @@ class SuffixDecoding:
         self._called.append(np.ascontiguousarray(ids[n_old:]))
         self._called_ids = ids.copy()
         return self._called.propose().astype(np.intc)
+
+    # Pickled as its constructor's arguments (as Llama is): the engine's store cannot be pickled, so a
+    # copy starts with an empty store of earlier outputs. Drafts only change speed, never the tokens.
+    def __getstate__(self) -> dict:
+        return dict(self._init_args)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
