@@ -236,6 +236,37 @@ def test_thinking_budget_join_gives_the_single_request_answer(server):
     _same_answer(streamed, unbudgeted)
 
 
+# Thinking of 1 to 30 letters, then "done": what the server's --reasoning-budget cuts is visible.
+SERVER_BUDGET = 5
+THINKING_GRAMMAR = 'start: <think> /[a-z]{1,30}/ </think> "done"'
+
+
+@pytest.fixture(scope="module")
+def budget_server(model_path):
+    srv = harness.ServerProcess(model_path, "--reasoning-budget", str(SERVER_BUDGET), "--grammar", THINKING_GRAMMAR)
+    yield srv
+    srv.stop()
+
+
+def _thinking(message) -> str:
+    return "".join(b["thinking"] for b in message["content"] if b["type"] == "thinking")
+
+
+def test_server_reasoning_budget_holds_without_budget_tokens(budget_server):
+    """--reasoning-budget N applies where a request gives no thinking.budget_tokens, as on chat
+    completions; a request's own budget_tokens wins (one as large as max_tokens limits nothing)."""
+    free = _message(budget_server, max_tokens=80, thinking={"type": "enabled", "budget_tokens": 80})
+    kept = _message(budget_server, max_tokens=80)
+    assert len(_thinking(free)) > len(_thinking(kept)) >= 1 and _thinking(free).startswith(_thinking(kept))
+    assert _text(kept) == "done" and kept["stop_reason"] == "end_turn"
+    _same_answer(kept, _message(budget_server, max_tokens=80, thinking={"type": "adaptive"}))
+    _same_answer(kept, _message(budget_server, max_tokens=80,
+                                thinking={"type": "enabled", "budget_tokens": SERVER_BUDGET}))
+    _same_answer(_assemble(_stream(budget_server, max_tokens=80)), kept)
+    chat = _chat(budget_server, HELLO, max_tokens=80)["choices"][0]["message"]
+    assert chat["reasoning_content"] == _thinking(kept) and chat["content"] == "done"
+
+
 def test_count_tokens_is_the_messages_input_tokens(server):
     anthropic, _ = _tool_conversation()
     body = {"model": "tiny", "messages": anthropic, "system": "Be brief.", "tools": [WEATHER_TOOL]}

@@ -10,7 +10,7 @@ order the model wrote them, so a streamed answer has the blocks a whole one has.
 
 thinking: {"type": "enabled" | "adaptive"} sets the template's enable_thinking, "disabled" clears
 it; without the field the server's default holds (--reasoning-budget, --chat-template-kwargs), as
-in llama.cpp. budget_tokens is kept by thinking_budget.py. Several text blocks (system prompt, a
+in llama.cpp. budget_tokens, or else --reasoning-budget N > 0, is kept by thinking_budget.py. Several text blocks (system prompt, a
 message) are joined with a blank line; a tool result with is_error is sent as "Error: " + its text
 (GLM's template has no error flag). tool_choice any / tool and disable_parallel_tool_use are kept
 by constraining the output to GLM's tool-call markup (tool_grammar.py), as OpenAI's tool_choice
@@ -35,7 +35,7 @@ from .errors import APIError, bad_request
 from .generation import Finish
 from .json_routes import OffLoopJSONRoute
 from .schemas import ChatCompletionRequest, SamplingFields, Tool, _check_schema
-from .thinking_budget import generate_within_budget
+from .thinking_budget import budget_that_applies, generate_within_budget
 from .tool_parsing import StreamParser
 
 PATHS = {"/v1/messages", "/v1/messages/count_tokens"}
@@ -435,8 +435,10 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
         sampling = fields.sampling_kwargs(settings.sampling_defaults)
         stops = req.stop_sequences or []
         client_gone = None if req.stream else request.is_disconnected
-        budget = req.thinking.budget_tokens if req.thinking is not None and req.thinking.type == "enabled" else None
-        if budget is not None and budget < max_tokens:
+        # thinking.budget_tokens, else the server's --reasoning-budget (as chat completions apply it).
+        given = req.thinking.budget_tokens if req.thinking is not None else None
+        budget = budget_that_applies(settings.reasoning_budget if given is None else given, prompt, max_tokens)
+        if budget is not None:
             run = generate_within_budget(gen, state.tokenizer, tokens, max_tokens, budget, sampling, stops,
                                          client_gone, constraint)
         else:

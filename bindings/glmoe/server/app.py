@@ -31,8 +31,8 @@ from .logprobs import TokenTexts, chat_content, legacy_block
 from .json_routes import OffLoopJSONRoute
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .settings import Settings
-from .thinking_budget import generate_within_budget
-from .tool_parsing import THINK_CLOSE, StreamParser, openai_tool_calls, parse
+from .thinking_budget import budget_that_applies, generate_within_budget
+from .tool_parsing import StreamParser, openai_tool_calls, parse
 
 # Answered without the API key, as llama.cpp does (its security tests read /models without one).
 PUBLIC_PATHS = {"/health", "/v1/health", "/models", "/v1/models"}
@@ -388,12 +388,7 @@ def create_app(settings: Settings) -> FastAPI:
         return prompt, tools
 
     def budget_for(prompt: str, max_tokens: int) -> Optional[int]:
-        """--reasoning-budget N > 0 where it can matter: the answer may think (the prompt does not
-        close the <think> block itself) and may run longer than N tokens."""
-        budget = settings.reasoning_budget
-        if budget <= 0 or budget >= max_tokens or prompt.rstrip().endswith(THINK_CLOSE):
-            return None
-        return budget
+        return budget_that_applies(settings.reasoning_budget, prompt, max_tokens)
 
     @app.post("/chat/completions")
     @app.post("/v1/chat/completions")

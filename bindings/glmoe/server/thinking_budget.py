@@ -23,6 +23,14 @@ from .generation import Finish, Generator
 from .tool_parsing import THINK_CLOSE, THINK_OPEN
 
 
+def budget_that_applies(budget: Optional[int], prompt: str, max_tokens: int) -> Optional[int]:
+    """budget (a request's or --reasoning-budget's; None or <= 0: none) where it can matter: the answer
+    may think (the prompt does not close the <think> block itself) and may run past it."""
+    if budget is None or budget <= 0 or budget >= max_tokens or prompt.rstrip().endswith(THINK_CLOSE):
+        return None
+    return budget
+
+
 def thinking_open(text: str) -> bool:
     """Whether GLM's output so far is inside its <think> block."""
     return text.lstrip().startswith(THINK_OPEN) and THINK_CLOSE not in text
