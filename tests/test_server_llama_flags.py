@@ -168,6 +168,30 @@ def test_reasoning_budget_closes_long_thinking(server, env_server):
                                                   chat_template_kwargs={"enable_thinking": False}))
 
 
+def test_reasoning_budget_tokens_is_the_per_request_budget(server, env_server):
+    """llama.cpp's reasoning_budget_tokens: a request's own budget, -1 (or unset) the server's."""
+    think_close = post(server, "/tokenize", {"content": "</think>"})["tokens"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, "grammar": THINKING,
+            "logit_bias": {str(think_close[0]): -100}, "chat_template_kwargs": {"enable_thinking": True}, **FULL}
+
+    def reasoning(srv, **fields):
+        return post(srv, "/v1/chat/completions", dict(chat, **fields))["choices"][0]["message"]["reasoning_content"]
+
+    for seed in range(2):
+        by_flag = reasoning(env_server, seed=seed)
+        assert 1 <= len(by_flag) < 30
+        assert reasoning(server, seed=seed, reasoning_budget_tokens=BUDGET) == by_flag
+        assert reasoning(env_server, seed=seed, reasoning_budget_tokens=-1) == by_flag
+        assert len(reasoning(env_server, seed=seed, reasoning_budget_tokens=80)) == 30  # as large as max_tokens
+        assert len(reasoning(server, seed=seed)) == 30
+    refused = post(server, "/v1/chat/completions", dict(chat, reasoning_budget_tokens=BUDGET, logprobs=True), 400)
+    assert f"reasoning_budget_tokens {BUDGET}" in refused["error"]["message"]
+    for fields, param in ((dict(reasoning_budget_tokens=0), "reasoning_budget_tokens"),
+                          (dict(reasoning_budget_message="enough"), "reasoning_budget_message")):
+        assert post(server, "/v1/chat/completions", dict(chat, **fields), 400)["error"]["param"] == param
+    post(server, "/v1/chat/completions", dict(chat, reasoning_budget_tokens=-2), 400)
+
+
 # ---- the server-wide grammar ---------------------------------------------------------------------
 
 def test_grammar_flags_build_the_default(tmp_path):

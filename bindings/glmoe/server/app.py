@@ -387,8 +387,18 @@ def create_app(settings: Settings) -> FastAPI:
             bos_token=token_piece(tok, tok.bos_id), eos_token=token_piece(tok, tok.eos_id))
         return prompt, tools
 
-    def budget_for(prompt: str, max_tokens: int) -> Optional[int]:
-        return budget_that_applies(settings.reasoning_budget, prompt, max_tokens)
+    def budget_for(req: ChatCompletionRequest, prompt: str, max_tokens: int) -> Optional[int]:
+        """The request's reasoning_budget_tokens (llama.cpp's field; -1 or unset: --reasoning-budget),
+        where it can matter (budget_that_applies)."""
+        if req.reasoning_budget_message:
+            raise bad_request("reasoning_budget_message: glmoe ends thinking that runs out of its budget with "
+                              "</think> alone", "reasoning_budget_message")
+        budget = req.reasoning_budget_tokens
+        if budget == 0:
+            raise bad_request("reasoning_budget_tokens: 0 is not supported (glmoe cannot close the thinking as it "
+                              "opens); chat_template_kwargs {\"enable_thinking\": false} turns thinking off",
+                              "reasoning_budget_tokens")
+        return budget_that_applies(settings.reasoning_budget if budget in (None, -1) else budget, prompt, max_tokens)
 
     @app.post("/chat/completions")
     @app.post("/v1/chat/completions")
@@ -405,12 +415,14 @@ def create_app(settings: Settings) -> FastAPI:
         max_tokens = gen.check_prompt(tokens, req.requested_max_tokens(settings.n_predict))
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": settings.model_name}
-        budget = budget_for(prompt, max_tokens)
+        budget = budget_for(req, prompt, max_tokens)
         if budget is not None:
+            limit = f"--reasoning-budget {budget}" if req.reasoning_budget_tokens in (None, -1) else \
+                f"reasoning_budget_tokens {budget}"
             for field, given in (("logprobs", n_top is not None), ("ignore_eos", req.ignore_eos)):
                 if given:
-                    raise bad_request(f"{field}: not available while the server limits thinking (--reasoning-budget "
-                                      f"{budget}), which may take two generations", field)
+                    raise bad_request(f"{field}: not available while thinking is limited ({limit}), which may take "
+                                      f"two generations", field)
 
         def run(kwargs, constraint):
             gone = None if req.stream else client_gone(request)

@@ -181,6 +181,10 @@ class ChatCompletionRequest(SamplingFields, OutputConstraintFields):
     chat_template_kwargs: Optional[Dict[str, Any]] = None
     # llama.cpp's: "none" keeps <think> in content; unset: the server's --reasoning-format
     reasoning_format: Optional[Literal["auto", "deepseek", "none"]] = None
+    # llama.cpp's per-request --reasoning-budget: -1 (or unset) the server's; 0 is refused (app.py)
+    reasoning_budget_tokens: Optional[Annotated[int, Field(ge=-1)]] = None
+    # llama.cpp's text before the forced </think>: glmoe forces </think> alone, so only "" is accepted
+    reasoning_budget_message: Optional[str] = None
 
 
 class TokenizeRequest(BaseModel):
