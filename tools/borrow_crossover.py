@@ -10,18 +10,25 @@ import argparse
 import statistics
 import time
 
+import numpy as np
+
 from glmoe import _core
 
 
 def step_ms(model, n: int, args, borrow: bool) -> float:
     ctx = _core.Context(model, n_ctx=n, n_threads=args.threads, n_gpu_layers=99, n_ubatch=n,
                         tensor_overrides=args.override, expert_borrow_min_tokens=n if borrow else n + 1)
-    tokens = [(7 * i + 1) % model.n_vocab for i in range(n)]
+    tokens = (7 * np.arange(n, dtype=np.int32) + 1) % model.n_vocab
+    pos, seq = np.arange(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+    want = np.zeros(n, dtype=np.uint8)
+    want[-1] = 1
+    if not ctx.gpu_counters():
+        raise SystemExit("borrow_crossover: no GPU backend (both ways would run on the CPU)")
     times = []
     for rep in range(args.reps + 1):  # the first run warms the staging and the page mappings
         ctx.kv_clear()
         t0 = time.perf_counter()
-        ctx.decode(tokens, list(range(n)), [0] * n, [0] * (n - 1) + [1])
+        ctx.decode(tokens, pos, seq, want)
         if rep:
             times.append(1000.0 * (time.perf_counter() - t0))
     return statistics.median(times)
