@@ -2,9 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cinttypes>
 #include <cstdio>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -42,60 +40,6 @@ int default_threads(int n) {
     return std::max(1u, std::thread::hardware_concurrency());
 }
 
-std::string mib(size_t bytes) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.2f MiB", bytes / 1048576.0);
-    return buf;
-}
-
-// A number from the first line of `path` starting with `prefix` (the whole file when prefix is
-// empty); false when there is none ("max", missing file).
-bool read_number(const char* path, const char* prefix, uint64_t& out) {
-    std::FILE* f = std::fopen(path, "r");
-    if (!f) return false;
-    char line[256];
-    bool found = false;
-    const size_t n = std::strlen(prefix);
-    while (!found && std::fgets(line, sizeof line, f))
-        if (std::strncmp(line, prefix, n) == 0) found = std::sscanf(line + n, "%" SCNu64, &out) == 1;
-    std::fclose(f);
-    return found;
-}
-
-// Host memory this process can still fill: MemAvailable, within its cgroup's limit (v2, else v1).
-// UINT64_MAX when the system does not say.
-uint64_t available_host_memory() {
-    uint64_t avail = UINT64_MAX, kib = 0, limit = 0, used = 0;
-    if (read_number("/proc/meminfo", "MemAvailable:", kib)) avail = kib << 10;
-    const bool v2 = read_number("/sys/fs/cgroup/memory.max", "", limit) &&
-                    read_number("/sys/fs/cgroup/memory.current", "", used);
-    if (v2 || (read_number("/sys/fs/cgroup/memory/memory.limit_in_bytes", "", limit) &&
-               read_number("/sys/fs/cgroup/memory/memory.usage_in_bytes", "", used)))
-        avail = std::min(avail, limit > used ? limit - used : 0);
-    return avail;
-}
-
-// n_ctx, once the host KV cache it asks for is known to fit the memory left: the cache is
-// zero-filled as it is allocated, so a context that does not fit took minutes to end in bad_alloc.
-int host_kv_checked(const Model& model, const Placement& placement, const ContextParams& p) {
-    const HParams& hp = model.hparams();
-    uint64_t per_position = 0;
-    int n_layers = 0;
-    for (int il = 0; il < hp.n_layer; ++il)
-        if (p.cpu_as_gpu || placement.layers[il].attn == Device::cpu) {
-            per_position += 2 * sizeof(float) * static_cast<uint64_t>(hp.layers[il].n_head_kv) * hp.head_dim_k;
-            ++n_layers;
-        }
-    const uint64_t need = per_position * static_cast<uint64_t>(std::max(p.n_ctx, 0));
-    const uint64_t avail = available_host_memory();
-    if (need > avail)
-        throw std::invalid_argument(
-            "n_ctx " + std::to_string(p.n_ctx) +
-            (p.n_ctx == hp.n_ctx_train ? " (the model's glm4moe.context_length)" : "") +
-            " needs " + mib(need) + " of host memory for the KV cache of " + std::to_string(n_layers) +
-            " layers, but " + mib(avail) + " is available; lower n_ctx");
-    return p.n_ctx;
-}
 
 }  // namespace
 
@@ -105,7 +49,7 @@ Context::Context(const Model& model, const ContextParams& params)
       placement_(place(model, params)),
       n_ubatch_(std::max(1, params.n_ubatch)),
       pool_(default_threads(params.n_threads)),
-      kv_(host_kv_checked(model, placement_, params)),
+      kv_(params.n_ctx),
       cpu_(std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
                                         params.f32_activations)) {
     if (params.cpu_as_gpu) {

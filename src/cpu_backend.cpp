@@ -7,6 +7,7 @@
 #include <numeric>
 #include <stdexcept>
 
+#include "devices.h"
 #include "quants.h"
 #include "vec.h"
 
@@ -39,11 +40,27 @@ CpuBackend::CpuBackend(const Model& model, const Placement& placement, ThreadPoo
                        bool f32_activations, Device serves)
     : model_(model), hp_(model.hparams()), placement_(placement), pool_(pool), embeddings_(embeddings),
       f32_activations_(f32_activations), serves_(serves) {
+    uint64_t per_position = 0;
+    int n_layers = 0;
     for (int il = 0; il < hp_.n_layer; ++il) {
         const bool here = placement.layers[il].attn == serves;
         kv_width_.push_back(here ? static_cast<int64_t>(hp_.layers[il].n_head_kv) * hp_.head_dim_k : 0);
-        k_.emplace_back(static_cast<size_t>(n_ctx) * kv_width_.back());
-        v_.emplace_back(static_cast<size_t>(n_ctx) * kv_width_.back());
+        per_position += 2 * sizeof(float) * static_cast<uint64_t>(kv_width_.back());
+        n_layers += here;
+    }
+    // The cache is zero-filled as it is allocated: one that does not fit took minutes to end in
+    // bad_alloc, so it is refused first, with what it needs.
+    const uint64_t need = per_position * static_cast<uint64_t>(std::max(n_ctx, 0));
+    const uint64_t avail = host_memory_available();
+    if (need > avail)
+        throw std::invalid_argument("n_ctx " + std::to_string(n_ctx) +
+                                    (n_ctx == hp_.n_ctx_train ? " (the model's glm4moe.context_length)" : "") +
+                                    " needs " + mib(need) + " of host memory for the KV cache of " +
+                                    std::to_string(n_layers) + " layers, but " + mib(avail) +
+                                    " is available; lower n_ctx");
+    for (int64_t width : kv_width_) {
+        k_.emplace_back(static_cast<size_t>(n_ctx) * width);
+        v_.emplace_back(static_cast<size_t>(n_ctx) * width);
     }
 }
 
