@@ -196,6 +196,7 @@ NB_MODULE(_core, m) {
         .def_prop_ro("n_vocab", [](const Model& m) { return m.hparams().n_vocab; })
         .def_prop_ro("n_embd", [](const Model& m) { return m.hparams().n_embd; })
         .def_prop_ro("n_layer", [](const Model& m) { return m.hparams().n_layer; })
+        .def_prop_ro("n_expert", [](const Model& m) { return m.hparams().n_expert; })
         .def_prop_ro("n_ctx_train", [](const Model& m) { return m.hparams().n_ctx_train; })
         .def_prop_ro("n_params", &Model::n_params)
         .def_prop_ro("n_bytes", &Model::n_bytes)
@@ -208,7 +209,7 @@ NB_MODULE(_core, m) {
         .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads, bool embeddings,
                             bool f32_activations, int n_gpu_layers, int n_ubatch,
                             const std::vector<std::string>& tensor_overrides, int n_cpu_moe, bool cpu_moe,
-                            bool cpu_as_gpu, int expert_borrow_min_tokens) {
+                            bool cpu_as_gpu, int expert_borrow_min_tokens, double gpu_expert_share) {
             ContextParams p;
             p.n_ctx = n_ctx;
             p.n_threads = n_threads;
@@ -219,16 +220,18 @@ NB_MODULE(_core, m) {
             p.tensor_overrides = overrides_from_flags(tensor_overrides, cpu_moe, n_cpu_moe);
             p.cpu_as_gpu = cpu_as_gpu;
             p.expert_borrow_min_tokens = expert_borrow_min_tokens;
+            p.gpu_expert_share = gpu_expert_share;
             nb::gil_scoped_release release;  // uploading weights takes a while
             new (self) Context(model, p);
         }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_threads") = 0, nb::arg("embeddings") = false,
            nb::arg("f32_activations") = false, nb::arg("n_gpu_layers") = 0, nb::arg("n_ubatch") = 512,
            nb::arg("tensor_overrides") = std::vector<std::string>(), nb::arg("n_cpu_moe") = 0,
            nb::arg("cpu_moe") = false, nb::arg("cpu_as_gpu") = false,
-           nb::arg("expert_borrow_min_tokens") = 0, nb::keep_alive<1, 2>(),
+           nb::arg("expert_borrow_min_tokens") = 0, nb::arg("gpu_expert_share") = -1.0, nb::keep_alive<1, 2>(),
            "tensor_overrides: llama.cpp -ot values (\"PATTERN=BUFFER[,...]\"); n_cpu_moe / cpu_moe: as "
            "--n-cpu-moe / --cpu-moe (placement.h); cpu_as_gpu: tests only, the GPU's share on a second CPU backend; expert_borrow_min_tokens: steps this big copy "
-           "RAM-placed experts to the GPU (0: the default).")
+           "RAM-placed experts to the GPU (0: the default); gpu_expert_share: the fraction of each such layer's experts the GPU "
+           "runs in smaller steps, copied from pinned memory (< 0: the default, 0: none).")
         .def("decode", &context_decode, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"), nb::arg("want_logits"))
         .def("decode_sample", &context_decode_sample, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"),
              nb::arg("want_logits"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,

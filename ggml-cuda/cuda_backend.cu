@@ -4,6 +4,10 @@
 // same shape replay; bigger steps use the tensor-core kernels and run eagerly.
 #include "cuda_backend_impl.cuh"
 
+#include <cstdio>
+
+#include "devices.h"
+
 namespace glmoe {
 
 std::unique_ptr<CudaBackend> CudaBackend::create(const Model& model, const Placement& placement,
@@ -82,7 +86,7 @@ void CudaBackendImpl::lay_out(Arena& a) {
             l.up.routed = upload_weight(a, w.up_exps);
             l.down.routed = upload_weight(a, w.down_exps);
         }
-        l.borrows = !l.experts && l.ffn && lp.experts == Device::cpu && (!w.gate_shexp || l.shared);
+        l.borrows = placement_.gpu_can_fetch_experts(model_, il);
         if (l.borrows)
             borrow_bytes = std::max(borrow_bytes, stack_bytes(w.gate_exps) + stack_bytes(w.up_exps) + stack_bytes(w.down_exps));
         if (l.shared) {
@@ -143,7 +147,27 @@ void CudaBackendImpl::lay_out(Arena& a) {
     attn_scratch_ = static_cast<float*>(a.reserve(scratch_bytes));
     d_in_ = a.array<int32_t>(static_cast<size_t>(kInputs) * n);
     for (uint8_t*& slot : borrow_slots_) slot = borrow_bytes ? static_cast<uint8_t*>(a.reserve(borrow_bytes)) : nullptr;
+    const std::vector<ExpertStreamer::Layer> streamed = streamable_layers();
+    stream_slot_ = streamed.empty() ? nullptr : static_cast<uint8_t*>(a.reserve(ExpertStreamer::slot_bytes(streamed, n_streamed_)));
     memory_.compute = a.used() - compute_start;
+}
+
+std::vector<ExpertStreamer::Layer> CudaBackendImpl::streamable_layers() const {
+    std::vector<ExpertStreamer::Layer> out;
+    if (n_streamed_ <= 0) return out;
+    for (int il = 0; il < hp_.n_layer; ++il) {
+        if (!layers_[il].borrows) continue;
+        const LayerWeights& w = model_.layer(il);
+        ExpertStreamer::Layer l;
+        l.il = il;
+        const Weight* stacks[ExpertStreamer::kMatrices] = {&w.gate_exps, &w.up_exps, &w.down_exps};
+        for (int m = 0; m < ExpertStreamer::kMatrices; ++m) {
+            l.stack[m] = stacks[m]->data;
+            l.matrix_bytes[m] = stacks[m]->matrix_bytes;
+        }
+        out.push_back(l);
+    }
+    return out;
 }
 
 CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement, const GpuParams& params,
@@ -166,6 +190,7 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     // Never a graph-captured step: the copies run on a stream of their own, ordered by events.
     const int n_used_max = hp_.layers.empty() ? 1 : std::max(1, std::max_element(hp_.layers.begin(), hp_.layers.end(),
         [](const LayerHParams& a, const LayerHParams& b) { return a.n_expert_used < b.n_expert_used; })->n_expert_used);
+    n_streamed_ = std::clamp(params.streamed_experts, 0, hp_.n_expert);
     borrow_min_tokens_ = std::max(kMaxMmvTokens + 1, params.expert_borrow_min_tokens > 0
                                                          ? params.expert_borrow_min_tokens
                                                          : 4 * hp_.n_expert / n_used_max);
@@ -199,12 +224,38 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
         ck(cudaMallocHost(&b->route_ids, sizeof(int32_t) * rows * slots_max_), "allocating pinned memory");
     }
     if (borrow_slots_[0]) stager_ = std::make_unique<ExpertStager>(borrow_slots_, pool_);
+    if (stream_slot_) start_streaming();
     if (params.f32_activations) allocate_f32_scratch();
     const std::vector<float> ones(U_, 1.0f);
     ck(cudaMemcpy(ones_, ones.data(), sizeof(float) * U_, cudaMemcpyHostToDevice), "uploading constants");
 }
 
+void CudaBackendImpl::start_streaming() {
+    const std::vector<ExpertStreamer::Layer> layers = streamable_layers();
+    size_t pinned = 0;
+    for (const ExpertStreamer::Layer& l : layers)
+        for (size_t mb : l.matrix_bytes) pinned += mb * n_streamed_;
+    // Pinned pages cannot be swapped or reclaimed: leave the rest of the host room.
+    const uint64_t reserve = uint64_t{4} << 30;
+    const uint64_t available = host_memory_available();
+    std::string why_not;
+    if (available != UINT64_MAX && pinned + reserve > available) {
+        why_not = "pinning " + mib(pinned) + " would leave less than " + mib(reserve) + " of " + mib(available) + " free";
+    } else {
+        try {
+            streamer_ = std::make_unique<ExpertStreamer>(layers, n_streamed_, stream_slot_, pool_);
+            memory_.pinned_experts = streamer_->pinned_bytes();
+        } catch (const GpuError& e) {
+            cudaGetLastError();
+            why_not = e.what();
+        }
+    }
+    if (!why_not.empty())
+        std::fprintf(stderr, "glmoe: the CPU runs all the routed experts in RAM in small steps (%s)\n", why_not.c_str());
+}
+
 CudaBackendImpl::~CudaBackendImpl() {
+    streamer_.reset();
     stager_.reset();  // its copies land in the arena
     for (auto& kv : graphs_)
         if (kv.second) cudaGraphExecDestroy(kv.second);

@@ -14,6 +14,7 @@
 
 #include "cuda_backend.h"
 #include "expert_stager.cuh"
+#include "expert_streamer.cuh"
 #include "ggml_types.h"
 #include "kernels.h"
 
@@ -157,6 +158,7 @@ public:
     void output(const StepOutput& out) override;
     const GpuCounters& counters() const override { return counters_; }
     GpuMemory memory() const override { return memory_; }
+    int streamed_experts(int il) const override { return streamer_ && layers_[il].borrows ? streamer_->n_streamed() : 0; }
 
 private:
     void lay_out(Arena& a);
@@ -182,8 +184,14 @@ private:
     const BlockQ8* h_q8(bool needed);
     void linear(const WeightView& w, const float* xin, const BlockQ8* xq, int n, float* y, int64_t y_stride, bool acc);
     void swiglu_ffn(const ExpertSet& gate, const ExpertSet& up, const ExpertSet& down, float* out, bool acc);
+    // Each token's `routes` (expert, weight) pairs are in moe_ids_ / moe_w_.
     void routed_experts(const DevLayer& l, const ExpertSet& gate, const ExpertSet& up, const ExpertSet& down,
-                        float* out, bool acc);
+                        int routes, float* out, bool acc);
+    // A smaller step's share of layer il's RAM experts (streamer_), from the routing on the host;
+    // false when the step routes to none of them (out untouched).
+    bool streamed_experts_of(int il, float* out, bool acc);
+    std::vector<ExpertStreamer::Layer> streamable_layers() const;
+    void start_streaming();
     // The f32-activation mode: a matrix (or stack) dequantized to f32 in scratch slot `slot`.
     WeightView dequantized(const WeightView& w, int64_t n_matrices, int slot);
     ExpertSet dequantized(const ExpertSet& s, int slot);
@@ -220,8 +228,11 @@ private:
             *moe_dst_ = nullptr, *seq_cells_ = nullptr, *ids_ = nullptr;
     uint8_t* borrow_slots_[ExpertStager::kSlots] = {};  // each holds one layer's routed experts
     std::unique_ptr<ExpertStager> stager_;
+    uint8_t* stream_slot_ = nullptr;  // the streamed experts of one layer (streamer_)
+    std::unique_ptr<ExpertStreamer> streamer_;
     ThreadPool& pool_;  // the context's: its threads fill the pinned staging chunks
     int borrow_min_tokens_ = 0;
+    int n_streamed_ = 0;  // GpuParams::streamed_experts, clamped
     // f32-activation mode only: weights dequantized for one op. Slots 0-2: a matrix, or the routed
     // gate/up/down stacks; 3-5: a fused shared expert's gate/up/down.
     float* f32_scratch_[6] = {};

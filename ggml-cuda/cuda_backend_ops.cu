@@ -172,10 +172,10 @@ void CudaBackendImpl::moe_route(int il) {
 }
 
 void CudaBackendImpl::routed_experts(const DevLayer& l, const ExpertSet& gate, const ExpertSet& up,
-                                     const ExpertSet& down, float* out, bool acc) {
+                                     const ExpertSet& down, int routes, float* out, bool acc) {
     const int64_t H = hp_.n_embd, F = l.ff;
     const bool with_shared = static_cast<bool>(gate.shared);
-    const int S = l.n_used + (with_shared ? 1 : 0);
+    const int S = routes + (with_shared ? 1 : 0);
     if (p_.f32_activations) {
         // Exact f32: the experts dequantized, then the matrix-vector kernels (which read f32
         // weights without rounding the activations) over groups of at most kMaxMmvTokens tokens.
@@ -245,8 +245,10 @@ void CudaBackendImpl::moe_experts(int il, bool into_x) {
     int slot = -1;
     if (borrow) borrow_experts(il, gate, up, down, &slot);
     if (l.experts || borrow) {
-        routed_experts(l, gate, up, down, out, acc);
+        routed_experts(l, gate, up, down, l.n_used, out, acc);
         acc = true;
+    } else if (streamer_ && l.borrows) {
+        acc = streamed_experts_of(il, out, acc) || acc;
     }
     if (borrow) {
         stager_->release(slot, stream_);
@@ -258,6 +260,61 @@ void CudaBackendImpl::moe_experts(int il, bool into_x) {
             }
     }
     if (l.shared && !fused(il)) swiglu_ffn(l.sh_gate, l.sh_up, l.sh_down, out, acc);
+}
+
+bool CudaBackendImpl::streamed_experts_of(int il, float* out, bool acc) {
+    const DevLayer& l = layers_[il];
+    const int k = l.n_used, n_streamed = streamer_->n_streamed();
+    // The routing the forward just downloaded for the CPU's share: each token's routes to
+    // experts [0, n_streamed), padded to the longest with weight-0 routes to an expert copied here.
+    const int32_t* ids = down_.route_ids;
+    const float* weights = down_.route_w;
+    int routes = 0;
+    std::vector<int> copied;
+    std::vector<uint8_t> seen(n_streamed, 0);
+    for (int t = 0; t < n_; ++t) {
+        int here = 0;
+        for (int j = 0; j < k; ++j)
+            if (const int e = ids[t * k + j]; e < n_streamed) {
+                ++here;
+                if (!seen[e]) copied.push_back(e);
+                seen[e] = 1;
+            }
+        routes = std::max(routes, here);
+    }
+    // Eager from here, whatever the graphs: the copies and the shapes change every step.
+    end_stretch();
+    if (routes == 0) return false;
+    for (int t = 0; t < n_; ++t) {
+        int r = 0;
+        for (int j = 0; j < k; ++j)
+            if (const int e = ids[t * k + j]; e < n_streamed) {
+                up_.route_ids[t * routes + r] = e;
+                up_.route_w[t * routes + r] = weights[t * k + j];
+                ++r;
+            }
+        for (; r < routes; ++r) {
+            up_.route_ids[t * routes + r] = copied[0];
+            up_.route_w[t * routes + r] = 0.0f;
+        }
+    }
+    const bool graphs = graphs_on_;
+    graphs_on_ = false;
+    const uint8_t* stacks[ExpertStreamer::kMatrices];
+    streamer_->stage(il, copied, stream_, stacks);
+    copy_to_device(moe_ids_, up_.route_ids, sizeof(int32_t) * n_ * routes);
+    copy_to_device(moe_w_, up_.route_w, sizeof(float) * n_ * routes);
+    const LayerWeights& w = model_.layer(il);
+    ExpertSet gate = l.gate, up = l.up, down = l.down;
+    gate.shared = up.shared = down.shared = WeightView{};
+    gate.routed = view_of(w.gate_exps, stacks[0], w.gate_exps.ne[1]);
+    up.routed = view_of(w.up_exps, stacks[1], w.up_exps.ne[1]);
+    down.routed = view_of(w.down_exps, stacks[2], w.down_exps.ne[1]);
+    gate.n_routed = up.n_routed = down.n_routed = n_streamed;
+    routed_experts(l, gate, up, down, routes, out, acc);
+    streamer_->release(stream_);
+    graphs_on_ = graphs;
+    return true;
 }
 
 void CudaBackendImpl::add_moe_out() {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -41,6 +42,16 @@ int default_threads(int n) {
 }
 
 
+// ContextParams::gpu_expert_share as a count of experts. The default share was measured on the
+// device (docs/PERFORMANCE.md, "Hybrid expert offload"): it balances the copy engine's bandwidth
+// from RAM with the CPU threads' (H100 over PCIe 5, 16 Xeon threads).
+int streamed_experts(const Model& model, double share) {
+    constexpr double kDefaultShare = 0.4;
+    if (share < 0) share = kDefaultShare;
+    if (!(share <= 1)) throw std::invalid_argument("gpu_expert_share " + std::to_string(share) + " is not in [0, 1]");
+    return static_cast<int>(std::lround(share * model.hparams().n_expert));
+}
+
 }  // namespace
 
 Context::Context(const Model& model, const ContextParams& params)
@@ -52,9 +63,12 @@ Context::Context(const Model& model, const ContextParams& params)
       kv_(params.n_ctx),
       cpu_(std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
                                         params.f32_activations)) {
+    const int n_streamed = streamed_experts(model, params.gpu_expert_share);
     if (params.cpu_as_gpu) {
         cpu_as_gpu_ = std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
                                                    params.f32_activations, Device::gpu);
+        for (int il = 0; il < model.hparams().n_layer; ++il)
+            if (placement_.gpu_can_fetch_experts(model, il)) placement_.layers[il].gpu_streamed_experts = n_streamed;
     } else if (placement_.uses(Device::gpu)) {
         GpuParams gp;
         gp.n_ctx = params.n_ctx;
@@ -62,7 +76,10 @@ Context::Context(const Model& model, const ContextParams& params)
         gp.embeddings = params.embeddings;
         gp.f32_activations = params.f32_activations;
         gp.expert_borrow_min_tokens = params.expert_borrow_min_tokens;
+        gp.streamed_experts = n_streamed;
         gpu_ = CudaBackend::create(model, placement_, gp, pool_);
+        for (int il = 0; il < model.hparams().n_layer; ++il)
+            placement_.layers[il].gpu_streamed_experts = gpu_->streamed_experts(il);
     }
 }
 
@@ -91,6 +108,15 @@ std::string Context::placement_summary() const {
         }
     if (gpu_) s += "routed experts of " + std::to_string(cpu_experts) + "/" + std::to_string(moe_layers) +
                    " MoE layers on the CPU\n";
+    int streamed_layers = 0, streamed = 0;
+    for (const LayerPlacement& lp : placement_.layers)
+        if (lp.gpu_streamed_experts > 0) {
+            ++streamed_layers;
+            streamed = lp.gpu_streamed_experts;
+        }
+    if (streamed_layers > 0)
+        s += "in small steps the GPU runs experts 0-" + std::to_string(streamed - 1) + " of those " +
+             std::to_string(streamed_layers) + " layers, copied from pinned memory (gpu_expert_share)\n";
     size_t cpu_weights = 0;
     for (const auto& [name, dev] : placement_.tensors)
         if (dev == Device::cpu)
@@ -102,6 +128,7 @@ std::string Context::placement_summary() const {
         s += "CUDA0 model buffer size = " + mib(m.weights) + "\n";
         s += "CUDA0 KV buffer size = " + mib(m.kv) + "\n";
         s += "CUDA0 compute buffer size = " + mib(m.compute) + "\n";
+        if (m.pinned_experts) s += "CUDA_Host model buffer size = " + mib(m.pinned_experts) + "\n";
     }
     return s;
 }

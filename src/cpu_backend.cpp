@@ -248,9 +248,14 @@ void CpuBackend::moe_experts(int il, bool into_x) {
     const int k = hp_.layers[il].n_expert_used;
     // Tokens grouped by expert, in token order; each expert's rows of h gathered in ffn_in_.
     std::vector<std::vector<std::pair<int64_t, float>>> assigned(E);
-    if (lp.experts == serves_)
-        for (int64_t t = 0; t < n_; ++t)
-            for (int j = 0; j < k; ++j) assigned[route_ids_[t * k + j]].push_back({t, route_weights_[t * k + j]});
+    // Experts in RAM below gpu_streamed_experts are the GPU's in the steps that reach this backend
+    // (the bigger ones borrow them all); a stand-in for the GPU (serves_ == gpu) runs them.
+    const int streamed = lp.experts == Device::cpu ? lp.gpu_streamed_experts : 0;
+    auto runs_here = [&](int32_t e) { return serves_ == Device::cpu ? lp.experts == serves_ && e >= streamed
+                                                                    : lp.experts == serves_ || e < streamed; };
+    for (int64_t t = 0; t < n_; ++t)
+        for (int j = 0; j < k; ++j)
+            if (runs_here(route_ids_[t * k + j])) assigned[route_ids_[t * k + j]].push_back({t, route_weights_[t * k + j]});
     std::vector<int64_t> first(E + 1, 0);  // expert e's rows: [first[e], first[e + 1])
     for (int64_t e = 0; e < E; ++e) first[e + 1] = first[e] + static_cast<int64_t>(assigned[e].size());
     const int64_t rows = first[E];

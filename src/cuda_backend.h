@@ -31,6 +31,9 @@ struct GpuParams {
     // layer's routed experts to the GPU instead of running them on the CPU (0: the backend's
     // default; at least kInvariantBatch + 1).
     int expert_borrow_min_tokens = 0;
+    // Experts [0, n) of each such layer run here in smaller steps (placement.h's
+    // gpu_streamed_experts); 0: none. The backend may stream fewer (streamed_experts()).
+    int streamed_experts = 0;
 };
 
 struct GpuCounters {
@@ -44,6 +47,7 @@ struct GpuCounters {
 // Device memory by use, as llama.cpp's load log lists buffer sizes.
 struct GpuMemory {
     size_t weights = 0, kv = 0, compute = 0;
+    size_t pinned_experts = 0;  // host memory: the pinned copy of streamed experts
 };
 
 class CudaBackend : public Backend {
@@ -64,6 +68,10 @@ public:
     Device device() const override { return Device::gpu; }
     virtual const GpuCounters& counters() const = 0;
     virtual GpuMemory memory() const = 0;
+    // How many of layer il's routed experts (the first ones) this backend runs in smaller steps
+    // (GpuParams::streamed_experts; 0 when the layer's experts are not in RAM, or pinned memory
+    // could not be had).
+    virtual int streamed_experts(int il) const = 0;
 };
 
 }  // namespace glmoe

@@ -7,6 +7,8 @@
 // accumulated in f32.
 #if defined(__AVX2__) && defined(__FMA__)
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "half.h"
 #include "matmul_tiles.h"
@@ -27,6 +29,15 @@ struct WeightQ8_0 {
 
 inline __m256i both_qs(const uint8_t* qs0, const uint8_t* qs1) { return _mm256_set_m128i(load128(qs1), load128(qs0)); }
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// Low nibbles of both blocks' qs in the lower 256 bits, high nibbles in the upper: pair()'s [lo, hi].
+inline __m512i nibbles512(const uint8_t* qs0, const uint8_t* qs1) {
+    const __m512i q = _mm512_broadcast_i64x4(both_qs(qs0, qs1));
+    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    return _mm512_and_si512(_mm512_srlv_epi16(q, shift), _mm512_set1_epi8(0x0F));
+}
+#endif
+
 struct WeightQ4_0 {
     using Block = BlockQ4_0;
     static void pair(const Block& b0, const Block& b1, __m256i& lo, __m256i& hi) {
@@ -34,6 +45,12 @@ struct WeightQ4_0 {
         lo = _mm256_sub_epi8(_mm256_and_si256(q, nib), eight);
         hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(q, 4), nib), eight);
     }
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    // [lo, hi] of pair() in one register, with half the instructions.
+    static __m512i pair512(const Block& b0, const Block& b1) {
+        return _mm512_sub_epi8(nibbles512(b0.qs, b1.qs), _mm512_set1_epi8(8));
+    }
+#endif
 };
 
 // 0x10 in byte j where bit j of m is set.
@@ -62,6 +79,17 @@ struct WeightQ5_0 {
         lo = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(q, nib), high_lo), sixteen);
         hi = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), nib), high_hi), sixteen);
     }
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    static __m512i pair512(const Block& b0, const Block& b1) {
+        uint32_t h0, h1;
+        std::memcpy(&h0, b0.qh, sizeof h0);
+        std::memcpy(&h1, b1.qh, sizeof h1);
+        const uint64_t high = ((h0 & 0xFFFF) | (h1 << 16)) | static_cast<uint64_t>((h0 >> 16) | (h1 & 0xFFFF0000u)) << 32;
+        const __m512i q = nibbles512(b0.qs, b1.qs);
+        // +16 where the fifth bit is set, then -16: the signed value.
+        return _mm512_sub_epi8(_mm512_mask_add_epi8(q, high, q, _mm512_set1_epi8(16)), _mm512_set1_epi8(16));
+    }
+#endif
 };
 
 // Weight pair p of a row (an odd last block paired with a zero block), and [d0 x4, d1 x4].
@@ -75,6 +103,31 @@ inline void load_pair(const typename W::Block* w, int64_t nb, int64_t p, __m256i
     const __m128 d01 = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(b0.d | static_cast<uint32_t>(b1.d) << 16)));
     d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d01), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+template <class W, class = void>
+struct HasPair512 : std::false_type {};
+template <class W>
+struct HasPair512<W, std::void_t<decltype(W::pair512(std::declval<const typename W::Block&>(),
+                                                     std::declval<const typename W::Block&>()))>> : std::true_type {};
+
+// load_pair with [lo, hi] in one register.
+template <class W>
+inline void load_pair512(const typename W::Block* w, int64_t nb, int64_t p, __m512i& v, __m256& d) {
+    if constexpr (HasPair512<W>::value) {
+        static const typename W::Block zero_block{};
+        const auto& b0 = w[2 * p];
+        const auto& b1 = 2 * p + 1 < nb ? w[2 * p + 1] : zero_block;
+        v = W::pair512(b0, b1);
+        const __m128 d01 = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(b0.d | static_cast<uint32_t>(b1.d) << 16)));
+        d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d01), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    } else {
+        __m256i lo, hi;
+        load_pair<W>(w, nb, p, lo, hi, d);
+        v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+}
+#endif
 
 // [a.d[0] x4, a.d[1] x4].
 inline __m256 act_scales(const ActQ8x2& a) {
@@ -119,10 +172,8 @@ struct DotQ32 {
             __mmask64 negative[R];
 #endif
             for (int r = 0; r < R; ++r) {
-                __m256i lo, hi;
                 __m256 d;
-                load_pair<W>(w[r], nb, p, lo, hi, d);
-                v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                load_pair512<W>(w[r], nb, p, v[r], d);
                 dw[r] = _mm512_insertf32x8(_mm512_castps256_ps512(d), d, 1);
 #if defined(__AVX512VNNI__)
                 // The activations are stored as x + 128: start each lane at -128 * (its 4 weights).

@@ -167,6 +167,12 @@ bool Placement::uses(Device d) const {
     return false;
 }
 
+bool Placement::gpu_can_fetch_experts(const Model& model, int il) const {
+    const LayerPlacement& l = layers[il];
+    return model.hparams().layers[il].is_moe && l.experts == Device::cpu && l.ffn == Device::gpu &&
+           (!model.layer(il).gate_shexp || l.shared == Device::gpu);
+}
+
 int Placement::n_layers_with_attn_on(Device d) const {
     return static_cast<int>(std::count_if(layers.begin(), layers.end(), [d](const LayerPlacement& l) { return l.attn == d; }));
 }

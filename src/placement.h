@@ -58,6 +58,10 @@ struct LayerPlacement {
     Device ffn = Device::cpu;      // post_attention_norm, router (ffn_gate_inp, exp_probs_b), dense FFN
     Device experts = Device::cpu;  // ffn_{gate,up,down}_exps
     Device shared = Device::cpu;   // ffn_{gate,up,down}_shexp
+    // Routed experts in RAM with the router on the GPU: in steps too small to copy the layer's
+    // experts (expert_borrow_min_tokens), the GPU runs experts [0, gpu_streamed_experts) from a
+    // pinned copy and the CPU the rest (ContextParams::gpu_expert_share; set by Context).
+    int gpu_streamed_experts = 0;
 };
 
 struct Placement {
@@ -75,6 +79,9 @@ struct Placement {
 
     bool uses(Device d) const;
     int n_layers_with_attn_on(Device d) const;
+    // Layer il is MoE with its routed experts in RAM and its router, and shared expert if any, on
+    // the GPU: the GPU can run those experts itself by copying them (borrowing, streaming).
+    bool gpu_can_fetch_experts(const Model& model, int il) const;
 
     // Decides from the flags; throws PlacementError. Errors are the same with and without a GPU.
     // Without a usable GPU (gpu_available false) everything is on the CPU, and when the flags put

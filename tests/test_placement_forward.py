@@ -87,3 +87,26 @@ def test_every_placement_gives_the_cpu_logits(model, placement, f32):
 def test_a_placement_that_moves_nothing_is_refused_when_it_splits_a_part(model):
     with pytest.raises(ValueError, match="attn"):
         _core.Context(model, 64, 1, cpu_as_gpu=True, n_gpu_layers=-1, tensor_overrides=[r"blk\.1\.attn_q=CPU"])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_experts_in_ram_split_between_the_devices_give_the_cpu_logits(model, share):
+    # In small steps the GPU runs the first share of each RAM layer's experts and the CPU the rest;
+    # share 0 is the old path (the CPU runs them all), bitwise the same as the CPU's order of sums.
+    rng = np.random.default_rng()
+    tokens = [rng.integers(0, model.n_vocab, 64).tolist() for _ in range(2)]
+    want = run(_core.Context(model, 128, 2, f32_activations=True), tokens)
+    ctx = _core.Context(model, 128, 2, f32_activations=True, cpu_as_gpu=True, n_gpu_layers=-1,
+                        tensor_overrides=["exps=CPU"], gpu_expert_share=share)
+    got = run(ctx, tokens)
+    err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert err.max() < ROUNDING_F32, (share, err.max())
+    streamed = int(share * model.n_expert + 0.5)
+    assert ("in small steps the GPU runs experts 0-%d" % (streamed - 1) in ctx.placement_summary()) == (streamed > 0)
+
+
+@pytest.mark.parametrize("share", [1.5, float("nan")])
+def test_a_gpu_expert_share_outside_0_1_is_refused(model, share):
+    with pytest.raises(ValueError, match="gpu_expert_share"):
+        _core.Context(model, 64, 1, cpu_as_gpu=True, n_gpu_layers=-1, tensor_overrides=["exps=CPU"],
+                      gpu_expert_share=share)
