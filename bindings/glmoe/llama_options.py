@@ -38,9 +38,20 @@ REFUSED_UNLESS: Dict[str, Tuple[Tuple[Any, ...], str]] = {
     "lora_scale": ((1.0,), "LoRA adapters are not implemented"),
     "chat_handler": ((None,), "chats are formatted by the GGUF's own chat template"),
     "tokenizer": ((None,), "the GGUF's own tokenizer is used"),
-    "type_k": ((None,), "the KV cache type is glmoe's own (f32 on the CPU, f16 on the GPU)"),
-    "type_v": ((None,), "the KV cache type is glmoe's own (f32 on the CPU, f16 on the GPU)"),
 }
+
+
+def kv_type_id(name: str, value: Any) -> int:
+    """type_k / type_v as the engine takes them: a KV cache type's GGML id (None: -1, each device's
+    default); ValueError for any other value."""
+    from . import _core
+
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a GGML type id (an int) or None; got {value!r}")
+    _core.check_kv_type(value, name)
+    return value
 
 
 def _same(a: Any, b: Any) -> bool:
