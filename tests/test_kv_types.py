@@ -8,7 +8,9 @@ import json
 import os
 import re
 import subprocess
+import sys
 
+import httpx
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
@@ -19,6 +21,7 @@ from glmoe import _core
 from glmoe.__main__ import default_model_path
 from glmoe.tokenizer import GGUFTokenizer
 from glmoe.tools.make_model import ModelSpec, write_model
+import server_harness as harness
 from reference_glm4moe import ReferenceModel
 from test_trained_model import HELD_OUT, perplexity
 
@@ -320,3 +323,53 @@ def test_llama_sweep_bench_takes_cache_types(float_model):
     assert p.returncode == 0 and "K (q8_0): 0.00 MiB, V (f16): 0.01 MiB" in p.stderr, p.stderr
     bad = subprocess.run([SWEEP, "-m", float_model, "-ctk", "f16,q8_0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "-ctk takes a single value" in bad.stderr, bad.stderr
+
+
+def test_python_m_glmoe_cache_type_flags():
+    ok = subprocess.run([sys.executable, "-m", "glmoe", "-ctk", "q8_0", "--cache-type-v", "q4_0", "-n", "4", "-t", "1"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "K (q8_0): 0.20 MiB, V (q4_0): 0.11 MiB" in ok.stderr, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "glmoe", "-ctv", "q4_1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert ("argument -ctv/--cache-type-v: unsupported KV cache type 'q4_1' (glmoe has f32, f16, bf16, q8_0, q4_0)"
+            in bad.stderr), bad.stderr
+
+
+def test_server_cache_type_flags_and_env():
+    from glmoe.server.cli import parser, settings_from_args
+    from glmoe.server.cli_env import env_arguments
+
+    def settings(argv, env):
+        ap = parser()
+        return settings_from_args(ap.parse_args(env_arguments(ap, argv, env) + argv))
+
+    s = settings(["-ctk", "q8_0", "--cache-type-v", "bf16"], {})
+    assert (s.type_k, s.type_v) == (8, 30)
+    s = settings([], {"LLAMA_ARG_CACHE_TYPE_K": "q4_0", "LLAMA_ARG_CACHE_TYPE_V": "f16"})
+    assert (s.type_k, s.type_v) == (2, 1)
+    assert settings(["-ctk", "f32"], {"LLAMA_ARG_CACHE_TYPE_K": "q4_0"}).type_k == 0  # the command line wins
+    assert (settings([], {}).type_k, settings([], {}).type_v) == (-1, -1)
+    bad = subprocess.run([sys.executable, "-m", "glmoe.server", "--cache-type-k", "iq4_nl"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unsupported KV cache type 'iq4_nl' (glmoe has f32, f16" in bad.stderr, bad.stderr
+
+
+def test_server_reports_the_cache_in_props(float_model):
+    srv = harness.ServerProcess(float_model, "-ctk", "q8_0", "-ctv", "f16")
+    try:
+        props = httpx.get(srv.url + "/props", headers=srv.headers(), timeout=10).json()
+        # -c 4096 cells x 2 layers x (34 + 64) bytes per row of 32 values.
+        assert props["kv_cache"] == {"type_k": "q8_0", "type_v": "f16", "bytes": 4096 * 2 * (34 + 64)}
+        r = httpx.post(srv.url + "/completion", headers=srv.headers(), timeout=30,
+                       json={"prompt": "hello", "n_predict": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["tokens_predicted"] == 4
+    finally:
+        srv.stop()
+
+
+def test_server_exits_when_the_cache_type_cannot_be_stored(tmp_path):
+    path = str(tmp_path / "narrow.gguf")
+    write_model(path, ModelSpec(**dict(FLOAT_MODEL, n_head_kv=1, n_head=3)), seed=1)
+    p = subprocess.run([sys.executable, "-m", "glmoe.server", "-m", path, "--port", str(harness.free_port()),
+                        "-ctv", "q8_0"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "-ctv q8_0: its blocks of 32 values do not divide" in p.stderr, p.stderr
