@@ -258,7 +258,8 @@ NB_MODULE(_core, m) {
              nb::arg("want_logits"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,
              nb::arg("min_p") = 0.0f, nb::arg("u") = std::vector<float>{})
         .def_prop_ro("n_gpu_layers", &Context::n_gpu_layers)
-        .def_prop_ro("kv_type_k", &Context::kv_type_k_name, "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")
+        .def_prop_ro("kv_type_k", &Context::kv_type_k_name,
+                     "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")
         .def_prop_ro("kv_type_v", &Context::kv_type_v_name, "The V cache's type, as kv_type_k.")
         .def_prop_ro("kv_bytes", &Context::kv_bytes, "Bytes of the KV cache on every device together.")
         .def("placement_summary", &Context::placement_summary,

@@ -154,7 +154,8 @@ void bind_engine(nb::module_& m) {
              "Finishes the request and frees its slot and KV cells before returning; unknown ids are ignored.")
         .def("placement_summary", &BatchEngine::placement_summary,
              "Where the model's parts run and the buffer sizes per device, in llama.cpp's words.")
-        .def_prop_ro("kv_type_k", &BatchEngine::kv_type_k, "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")
+        .def_prop_ro("kv_type_k", &BatchEngine::kv_type_k,
+                     "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")
         .def_prop_ro("kv_type_v", &BatchEngine::kv_type_v, "The V cache's type, as kv_type_k.")
         .def_prop_ro("kv_bytes", &BatchEngine::kv_bytes, "Bytes of the KV cache on every device together.")
         .def("stats",

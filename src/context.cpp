@@ -48,7 +48,8 @@ KVTypes kv_types_on(Device d, const Placement& placement, const ContextParams& p
     check_kv_type(p.type_k, "type_k");
     check_kv_type(p.type_v, "type_v");
     const int n_gpu = placement.n_layers_with_attn_on(Device::gpu);
-    for (const auto& [type, flag, name] : {std::tuple{p.type_k, "-ctk", "type_k"}, std::tuple{p.type_v, "-ctv", "type_v"}})
+    for (const auto& [type, flag, name] :
+         {std::tuple{p.type_k, "-ctk", "type_k"}, std::tuple{p.type_v, "-ctv", "type_v"}})
         if (n_gpu > 0 && type != kKVTypeDefault && type != GGML_TYPE_F16)
             throw std::invalid_argument(std::string(flag) + " " + kv_type_name(type) + " (" + name + "=" +
                                         std::to_string(type) + ") is not implemented for layers on the GPU yet (" +

@@ -38,7 +38,8 @@ std::string kv_type_names() {
 uint32_t kv_type_from_name(const std::string& name, const std::string& flag) {
     for (const KVTypeName& t : kKVTypes)
         if (name == t.name) return t.type;
-    throw std::invalid_argument(flag + ": unsupported KV cache type '" + name + "' (glmoe has " + kv_type_names() + ")");
+    throw std::invalid_argument(flag + ": unsupported KV cache type '" + name + "' (glmoe has " + kv_type_names() +
+                                ")");
 }
 
 void check_kv_type(int type, const std::string& what) {
@@ -46,8 +47,9 @@ void check_kv_type(int type, const std::string& what) {
     std::string ids;
     for (const KVTypeName& t : kKVTypes)
         ids += (ids.empty() ? "" : ", ") + std::to_string(t.type) + " (" + t.name + ")";
-    throw std::invalid_argument(what + "=" + std::to_string(type) + " is not a KV cache type glmoe has: GGML type ids " +
-                                ids + " (or unset, for the default)");
+    throw std::invalid_argument(what + "=" + std::to_string(type) +
+                                " is not a KV cache type glmoe has: GGML type ids " + ids +
+                                " (or unset, for the default)");
 }
 
 }  // namespace glmoe

@@ -211,9 +211,9 @@ def test_gpu_layers_take_only_f16(float_model):
     error naming the flag (cpu_as_gpu stands in for the GPU, with the same rule)."""
     on_gpu = dict(n_gpu_layers=2, cpu_as_gpu=True)
     for t, flag in ((QT.Q8_0, "-ctk q8_0 (type_k=8)"), (QT.F32, "-ctk f32 (type_k=0)")):
-        with pytest.raises(ValueError, match=re.escape(f"{flag} is not implemented for layers on the GPU yet (1 layer's "
-                                                       "attention is there, and the GPU's KV cache is f16): give "
-                                                       "-ctk f16")):
+        message = (f"{flag} is not implemented for layers on the GPU yet (1 layer's attention is there, and the "
+                   "GPU's KV cache is f16): give -ctk f16")
+        with pytest.raises(ValueError, match=re.escape(message)):
             context(float_model, t, QT.F16, **on_gpu)
     with pytest.raises(ValueError, match=r"-ctv q4_0 \(type_v=2\) is not implemented for layers on the GPU yet"):
         context(float_model, QT.F16, QT.Q4_0, **on_gpu)

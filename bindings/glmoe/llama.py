@@ -196,7 +196,8 @@ class Llama:
             model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
             logits_all=logits_all, embedding=embedding, draft_model=draft_model, n_ubatch=n_ubatch,
             tensor_overrides=list(self.tensor_overrides), n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
-            type_k=type_k, type_v=type_v, last_n_tokens_size=last_n_tokens_size, chat_format=chat_format, verbose=verbose, **kwargs)
+            type_k=type_k, type_v=type_v, last_n_tokens_size=last_n_tokens_size,
+            chat_format=chat_format, verbose=verbose, **kwargs)
         if verbose:
             print(f"glmoe: loaded {model_path}: {self._model.description}", file=sys.stderr)
             print(
