@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "ggml_types.h"
 #include "thread_pool.h"
 
 namespace nb = nanobind;
@@ -53,8 +54,9 @@ F32Out attention_py(const F32In& q, const F32In& k_cache, const F32In& v_cache, 
         AttentionPlan plan;
         const int32_t* cp = cell_pos.data();
         plan.build(n_tokens, pos.data(), seq.data(), seq_cells, [cp](int32_t c) { return cp[c]; });
+        const size_t row_bytes = sizeof(float) * n_head_kv * head_dim;
         AttentionLayer layer{q.data(), out, n_head, n_head_kv, head_dim, 1.0f / std::sqrt(static_cast<float>(head_dim)),
-                             k_cache.data(), v_cache.data()};
+                             {k_cache.data(), GGML_TYPE_F32, row_bytes}, {v_cache.data(), GGML_TYPE_F32, row_bytes}};
         ThreadPool pool(n_threads);
         attention(pool, plan, layer);
     }

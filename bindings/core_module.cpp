@@ -11,6 +11,8 @@
 #include "ggml_types.h"
 #include "gguf.h"
 #include "model.h"
+#include "kv_types.h"
+#include "quantize_row.h"
 #include "quants.h"
 #include "thread_pool.h"
 
@@ -103,6 +105,16 @@ F32Array dequantize_py(uint32_t type, ConstBytes data, int64_t n_per_row) {
     return F32Array(out, {n_rows, static_cast<size_t>(n_per_row)}, owner);
 }
 
+// Each row of x in `type` (a KV cache type), as the bytes the KV cache would store.
+nb::bytes quantize_py(uint32_t type, ConstF32Matrix x) {
+    if (!is_kv_type(static_cast<int>(type))) throw nb::value_error(("no quantizer for " + type_name(type)).c_str());
+    const int64_t n = static_cast<int64_t>(x.shape(1));
+    const size_t rb = checked_row_bytes(type, n);
+    std::string out(rb * x.shape(0), '\0');
+    for (size_t r = 0; r < x.shape(0); ++r) quantize_row(type, x.data() + r * n, out.data() + r * rb, n);
+    return nb::bytes(out.data(), out.size());
+}
+
 // y = x W^T for a weight matrix given as raw rows of `type`.
 F32Array matmul_py(uint32_t type, ConstBytes weight, int64_t k, ConstF32Matrix x, int n_threads) {
     const size_t rb = checked_row_bytes(type, k);
@@ -166,6 +178,14 @@ NB_MODULE(_core, m) {
     m.def("gguf_summary", &gguf_summary, nb::arg("path"),
           "Parse and validate a GGUF file; returns version, alignment, metadata and tensor infos.");
     m.def("dequantize", &dequantize_py, nb::arg("type"), nb::arg("data"), nb::arg("n_per_row"));
+    m.def("quantize", &quantize_py, nb::arg("type"), nb::arg("x"),
+          "Rows of a float32 matrix in `type` (a KV cache type), as bytes: what the KV cache stores.");
+    m.def("kv_type_from_name", &kv_type_from_name, nb::arg("name"), nb::arg("flag"),
+          "GGML id of a -ctk/-ctv name; ValueError naming `flag` and the allowed names.");
+    m.def("kv_type_name", &kv_type_name, nb::arg("type"));
+    m.def("kv_type_names", &kv_type_names);
+    m.def("check_kv_type", &check_kv_type, nb::arg("type"), nb::arg("what"),
+          "ValueError naming `what` unless `type` is -1 (the default) or a KV cache type's GGML id.");
     m.def("matmul", &matmul_py, nb::arg("type"), nb::arg("weight"), nb::arg("k"), nb::arg("x"),
           nb::arg("n_threads") = 1);
     m.def("type_name", &type_name);
@@ -209,7 +229,8 @@ NB_MODULE(_core, m) {
         .def("__init__", [](Context* self, const Model& model, int n_ctx, int n_threads, bool embeddings,
                             bool f32_activations, int n_gpu_layers, int n_ubatch,
                             const std::vector<std::string>& tensor_overrides, int n_cpu_moe, bool cpu_moe,
-                            bool cpu_as_gpu, int expert_borrow_min_tokens, double gpu_expert_share) {
+                            bool cpu_as_gpu, int expert_borrow_min_tokens, double gpu_expert_share, int type_k,
+                            int type_v) {
             ContextParams p;
             p.n_ctx = n_ctx;
             p.n_threads = n_threads;
@@ -221,22 +242,30 @@ NB_MODULE(_core, m) {
             p.cpu_as_gpu = cpu_as_gpu;
             p.expert_borrow_min_tokens = expert_borrow_min_tokens;
             p.gpu_expert_share = gpu_expert_share;
+            p.type_k = type_k;
+            p.type_v = type_v;
             nb::gil_scoped_release release;  // uploading weights takes a while
             new (self) Context(model, p);
         }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_threads") = 0, nb::arg("embeddings") = false,
            nb::arg("f32_activations") = false, nb::arg("n_gpu_layers") = 0, nb::arg("n_ubatch") = 512,
            nb::arg("tensor_overrides") = std::vector<std::string>(), nb::arg("n_cpu_moe") = 0,
            nb::arg("cpu_moe") = false, nb::arg("cpu_as_gpu") = false,
-           nb::arg("expert_borrow_min_tokens") = 0, nb::arg("gpu_expert_share") = -1.0, nb::keep_alive<1, 2>(),
+           nb::arg("expert_borrow_min_tokens") = 0, nb::arg("gpu_expert_share") = -1.0, nb::arg("type_k") = kKVTypeDefault,
+           nb::arg("type_v") = kKVTypeDefault, nb::keep_alive<1, 2>(),
            "tensor_overrides: llama.cpp -ot values (\"PATTERN=BUFFER[,...]\"); n_cpu_moe / cpu_moe: as "
            "--n-cpu-moe / --cpu-moe (placement.h); cpu_as_gpu: tests only, the GPU's share on a second CPU backend; expert_borrow_min_tokens: steps this big copy "
            "RAM-placed experts to the GPU (0: the default); gpu_expert_share: the fraction of each such layer's experts the GPU "
-           "runs in smaller steps, copied from pinned memory (< 0: the default, 0: none).")
+           "runs in smaller steps, copied from pinned memory (< 0: the default, 0: none); type_k / type_v: KV cache types as "
+           "GGML ids, as llama.cpp's -ctk/-ctv (-1: f32 on the CPU, f16 on the GPU; the GPU takes only f16).")
         .def("decode", &context_decode, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"), nb::arg("want_logits"))
         .def("decode_sample", &context_decode_sample, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"),
              nb::arg("want_logits"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,
              nb::arg("min_p") = 0.0f, nb::arg("u") = std::vector<float>{})
         .def_prop_ro("n_gpu_layers", &Context::n_gpu_layers)
+        .def_prop_ro("kv_type_k", &Context::kv_type_k_name,
+                     "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")
+        .def_prop_ro("kv_type_v", &Context::kv_type_v_name, "The V cache's type, as kv_type_k.")
+        .def_prop_ro("kv_bytes", &Context::kv_bytes, "Bytes of the KV cache on every device together.")
         .def("placement_summary", &Context::placement_summary,
              "What went where, in llama.cpp's words: offloaded layers and buffer sizes per device.")
         .def("placement", [](const Context& c) {

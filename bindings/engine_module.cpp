@@ -79,8 +79,10 @@ void bind_engine(nb::module_& m) {
              [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch,
                 bool spec_suffix, int spec_max_depth, float spec_max_spec_factor, float spec_min_token_prob,
                 bool spec_adaptive, int n_gpu_layers, const std::vector<std::string>& tensor_overrides,
-                int n_cpu_moe, bool cpu_moe) {
+                int n_cpu_moe, bool cpu_moe, int type_k, int type_v) {
                  EngineParams p{n_ctx, n_parallel, n_threads, n_batch};
+                 p.type_k = type_k;
+                 p.type_v = type_v;
                  p.n_gpu_layers = n_gpu_layers;
                  p.tensor_overrides = overrides_from_flags(tensor_overrides, cpu_moe, n_cpu_moe);
                  p.spec_suffix = spec_suffix;
@@ -95,7 +97,9 @@ void bind_engine(nb::module_& m) {
              nb::arg("spec_max_spec_factor") = 1.0f, nb::arg("spec_min_token_prob") = 0.1f,
              nb::arg("spec_adaptive") = true, nb::arg("n_gpu_layers") = 0,
              nb::arg("tensor_overrides") = std::vector<std::string>(), nb::arg("n_cpu_moe") = 0,
-             nb::arg("cpu_moe") = false, nb::keep_alive<1, 2>(),
+             nb::arg("cpu_moe") = false, nb::arg("type_k") = kKVTypeDefault, nb::arg("type_v") = kKVTypeDefault,
+             nb::keep_alive<1, 2>(),
+             "type_k / type_v: KV cache types as GGML ids (-1: f32 on the CPU, f16 on the GPU); "
              "spec_suffix: suffix decoding, each generating slot verifying its draft within the step;"
              " spec_adaptive=False verifies every draft whole (SuffixDecoding's adaptive)."
              " tensor_overrides: -ot values (\"PATTERN=BUFFER[,...]\"), n_cpu_moe / cpu_moe: --n-cpu-moe /"
@@ -150,6 +154,10 @@ void bind_engine(nb::module_& m) {
              "Finishes the request and frees its slot and KV cells before returning; unknown ids are ignored.")
         .def("placement_summary", &BatchEngine::placement_summary,
              "Where the model's parts run and the buffer sizes per device, in llama.cpp's words.")
+        .def_prop_ro("kv_type_k", &BatchEngine::kv_type_k,
+                     "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")
+        .def_prop_ro("kv_type_v", &BatchEngine::kv_type_v, "The V cache's type, as kv_type_k.")
+        .def_prop_ro("kv_bytes", &BatchEngine::kv_bytes, "Bytes of the KV cache on every device together.")
         .def("stats",
              [](const BatchEngine& e) {
                  const EngineStats s = e.stats();

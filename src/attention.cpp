@@ -6,12 +6,19 @@
 // against a broadcast K element; the running max, sum and output accumulator ([d][row]) are per
 // lane too. Every row therefore goes through the same operations in the same order whatever its
 // lane, its block or the thread, which makes the results batch and thread-count invariant.
+//
+// K and V rows of another type than f32 are dequantized, a chunk's cells at a time and only the
+// blocks that hold the task's kv head, into f32 scratch that the same tiles then read: a cell's
+// values do not depend on the task that reads them, so invariance holds for every type.
 #include "attention.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
+
+#include "ggml_types.h"
+#include "quants.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -110,9 +117,42 @@ constexpr int kAccRegs = W == 8 ? 8 : 16;  // register tiles stay within the reg
 
 struct Scratch {
     std::vector<float> qt, acc, p;  // [head_dim][rows], [head_dim][rows], [kChunk][rows]
+    std::vector<float> rows;        // [kChunk][span]: a chunk's K (then V) values, when not stored as f32
     const float* k[kChunk];
     const float* v[kChunk];
 };
+
+// Where kv head kvh's values lie in a stored row: the whole blocks that hold them, and the
+// head's first value within those.
+struct HeadSpan {
+    size_t byte_offset;  // of the first block
+    int64_t n_values;    // in the blocks
+    int64_t skip;        // values before the head's first
+};
+
+HeadSpan head_span(uint32_t type, int kvh, int D) {
+    const TypeTraits& tr = type_traits(type);
+    const int64_t first = static_cast<int64_t>(kvh) * D, bs = tr.block_size;
+    const int64_t b0 = first / bs, b1 = (first + D + bs - 1) / bs;
+    return {static_cast<size_t>(b0) * tr.type_size, (b1 - b0) * bs, first - b0 * bs};
+}
+
+// out[j] = kv head kvh of cell cells[j], j < nc, as f32: into the rows themselves for f32, else
+// dequantized into `buf` ([nc][span.n_values]).
+void head_values(const KVRowsView& rows, const HeadSpan& span, int kvh, int D, const int32_t* cells, int nc,
+                 float* buf, const float** out) {
+    const uint8_t* base = static_cast<const uint8_t*>(rows.data);
+    if (rows.type == GGML_TYPE_F32) {
+        for (int j = 0; j < nc; ++j)
+            out[j] = reinterpret_cast<const float*>(base + cells[j] * rows.row_bytes) + static_cast<int64_t>(kvh) * D;
+        return;
+    }
+    for (int j = 0; j < nc; ++j) {
+        float* dst = buf + j * span.n_values;
+        dequantize_row(rows.type, base + cells[j] * rows.row_bytes + span.byte_offset, dst, span.n_values);
+        out[j] = dst + span.skip;
+    }
+}
 
 // p[j][rows] = q . k_j for NJ cells, q pre-scaled and transposed.
 template <int RV, int NJ>
@@ -159,7 +199,9 @@ void attend_rows(const AttentionPlan& plan, const AttentionLayer& L, const Atten
     constexpr int RW = RV * W;
     constexpr int NJ = std::max(1, kAccRegs / RV), DT = std::max(1, kAccRegs / RV);
     const int D = L.head_dim, G = L.n_head / L.n_head_kv;
-    const int64_t q_width = static_cast<int64_t>(L.n_head) * D, kv_width = static_cast<int64_t>(L.n_head_kv) * D;
+    const int64_t q_width = static_cast<int64_t>(L.n_head) * D;
+    const HeadSpan k_span = head_span(L.k_cache.type, kvh, D), v_span = head_span(L.v_cache.type, kvh, D);
+    s.rows.resize(static_cast<size_t>(kChunk) * std::max(k_span.n_values, v_span.n_values));
     s.qt.assign(static_cast<size_t>(D) * RW, 0.0f);
     s.acc.assign(static_cast<size_t>(D) * RW, 0.0f);
     s.p.resize(static_cast<size_t>(kChunk) * RW);
@@ -185,10 +227,7 @@ void attend_rows(const AttentionPlan& plan, const AttentionLayer& L, const Atten
     }
     for (int64_t c0 = 0; c0 < n_cells; c0 += kChunk) {
         const int nc = static_cast<int>(std::min<int64_t>(kChunk, n_cells - c0));
-        for (int j = 0; j < nc; ++j) {
-            s.k[j] = L.k_cache + cells[c0 + j] * kv_width + static_cast<int64_t>(kvh) * D;
-            s.v[j] = L.v_cache + cells[c0 + j] * kv_width + static_cast<int64_t>(kvh) * D;
-        }
+        head_values(L.k_cache, k_span, kvh, D, cells + c0, nc, s.rows.data(), s.k);
         int j = 0;
         for (; j + NJ <= nc; j += NJ) scores_tile<RV, NJ>(s.qt.data(), s.k + j, D, s.p.data() + j * RW);
         for (; j < nc; ++j) scores_tile<RV, 1>(s.qt.data(), s.k + j, D, s.p.data() + j * RW);
@@ -220,6 +259,8 @@ void attend_rows(const AttentionPlan& plan, const AttentionLayer& L, const Atten
                 l[rv] = add(l[rv], e);
             }
 
+        // K's scratch is no longer needed: V's values take its place.
+        head_values(L.v_cache, v_span, kvh, D, cells + c0, nc, s.rows.data(), s.v);
         int d = 0;
         for (; d + DT <= D; d += DT) pv_tile<RV, DT>(s.acc.data(), alpha, s.p.data(), s.v, nc, d);
         for (; d < D; ++d) pv_tile<RV, 1>(s.acc.data(), alpha, s.p.data(), s.v, nc, d);

@@ -28,13 +28,20 @@ struct AttentionPlan {
     std::vector<int64_t> n_visible;    // per batch token: how many of them it sees (a prefix)
 };
 
+// One layer's K or V rows as stored: cell c's n_head_kv * head_dim values of `type` (f32, f16, bf16,
+// q8_0 or q4_0: GGML ids; blocks run along the whole row) at (const uint8_t*)data + c * row_bytes.
+struct KVRowsView {
+    const void* data;
+    uint32_t type;
+    size_t row_bytes;
+};
+
 struct AttentionLayer {
     const float* q;  // [n_tokens][n_head * head_dim], roped
     float* out;      // [n_tokens][n_head * head_dim]
     int n_head, n_head_kv, head_dim;  // q head h reads kv head h / (n_head / n_head_kv)
     float scale;
-    const float* k_cache;  // [n_cells][n_head_kv * head_dim]
-    const float* v_cache;  // [n_cells][n_head_kv * head_dim]
+    KVRowsView k_cache, v_cache;
 };
 
 // out = softmax(q k^T * scale) v per q head, over the visible cells. A token that sees no cell gets 0.

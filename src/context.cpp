@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 
 #include "devices.h"
 #include "glm4moe.h"
@@ -41,6 +42,28 @@ int default_threads(int n) {
     return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// What the K and V rows of the layers whose attention runs on `d` store. The GPU keeps f16 rows
+// (its attention kernels read nothing else yet), so any other explicit type is refused while a
+// layer's attention is there; cpu_as_gpu stands in for the GPU and is refused alike.
+KVTypes kv_types_on(Device d, const Placement& placement, const ContextParams& p) {
+    check_kv_type(p.type_k, "type_k");
+    check_kv_type(p.type_v, "type_v");
+    const int n_gpu = placement.n_layers_with_attn_on(Device::gpu);
+    for (const auto& [type, flag, name] :
+         {std::tuple{p.type_k, "-ctk", "type_k"}, std::tuple{p.type_v, "-ctv", "type_v"}})
+        if (n_gpu > 0 && type != kKVTypeDefault && type != GGML_TYPE_F16)
+            throw std::invalid_argument(std::string(flag) + " " + kv_type_name(type) + " (" + name + "=" +
+                                        std::to_string(type) + ") is not implemented for layers on the GPU yet (" +
+                                        std::to_string(n_gpu) + (n_gpu == 1 ? " layer's" : " layers'") +
+                                        " attention is there, and the GPU's KV "
+                                        "cache is f16): give " + flag + " f16, or keep attention on the CPU");
+    const uint32_t fallback = d == Device::gpu && !p.cpu_as_gpu ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    KVTypes t;
+    t.k = p.type_k == kKVTypeDefault ? fallback : static_cast<uint32_t>(p.type_k);
+    t.v = p.type_v == kKVTypeDefault ? fallback : static_cast<uint32_t>(p.type_v);
+    return t;
+}
+
 
 // ContextParams::gpu_expert_share as a count of experts. The default share was measured on the
 // device (docs/PERFORMANCE.md, "Hybrid expert offload"): it balances the copy engine's bandwidth
@@ -62,11 +85,13 @@ Context::Context(const Model& model, const ContextParams& params)
       pool_(default_threads(params.n_threads)),
       kv_(params.n_ctx),
       cpu_(std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
-                                        params.f32_activations)) {
+                                        params.f32_activations, Device::cpu,
+                                        kv_types_on(Device::cpu, placement_, params))) {
     const int n_streamed = streamed_experts(model, params.gpu_expert_share);
     if (params.cpu_as_gpu) {
         cpu_as_gpu_ = std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
-                                                   params.f32_activations, Device::gpu);
+                                                   params.f32_activations, Device::gpu,
+                                                   kv_types_on(Device::gpu, placement_, params));
         for (int il = 0; il < model.hparams().n_layer; ++il)
             if (placement_.gpu_can_fetch_experts(model, il)) placement_.layers[il].gpu_streamed_experts = n_streamed;
     } else if (placement_.uses(Device::gpu)) {
@@ -123,6 +148,13 @@ std::string Context::placement_summary() const {
             if (const GGUFTensorInfo* t = model_.file().find_tensor(name)) cpu_weights += t->n_bytes;
     s += "CPU_Mapped model buffer size = " + mib(cpu_weights) + "\n";
     s += "CPU KV buffer size = " + mib(cpu_->kv_bytes()) + "\n";
+    // As llama.cpp's llama_kv_cache line: the whole cache, K and V apart.
+    size_t k_bytes = cpu_->kv_k_bytes(), v_bytes = cpu_->kv_v_bytes();
+    if (cpu_as_gpu_) k_bytes += cpu_as_gpu_->kv_k_bytes(), v_bytes += cpu_as_gpu_->kv_v_bytes();
+    if (gpu_) k_bytes += gpu_->memory().kv / 2, v_bytes += gpu_->memory().kv - gpu_->memory().kv / 2;
+    s += "KV cache size = " + mib(k_bytes + v_bytes) + " (" + std::to_string(kv_.n_ctx()) + " cells, " +
+         std::to_string(n_layer) + " layers), K (" + kv_type_k_name() + "): " + mib(k_bytes) + ", V (" +
+         kv_type_v_name() + "): " + mib(v_bytes) + "\n";
     if (gpu_) {
         const GpuMemory m = gpu_->memory();
         s += "CUDA0 model buffer size = " + mib(m.weights) + "\n";
@@ -131,6 +163,37 @@ std::string Context::placement_summary() const {
         if (m.pinned_experts) s += "CUDA_Host model buffer size = " + mib(m.pinned_experts) + "\n";
     }
     return s;
+}
+
+namespace {
+
+// "f32", or "f32/f16" when the CPU's layers and the GPU's differ.
+std::string joined_names(const std::vector<uint32_t>& types) {
+    std::string out;
+    for (size_t i = 0; i < types.size(); ++i)
+        if (std::find(types.begin(), types.begin() + i, types[i]) == types.begin() + i)
+            out += (out.empty() ? "" : "/") + kv_type_name(types[i]);
+    return out;
+}
+
+}  // namespace
+
+std::string Context::kv_type_k_name() const {
+    std::vector<uint32_t> types;
+    if (placement_.n_layers_with_attn_on(Device::cpu) > 0 || n_gpu_layers() == 0) types.push_back(cpu_->type_k());
+    if (n_gpu_layers() > 0) types.push_back(cpu_as_gpu_ ? cpu_as_gpu_->type_k() : uint32_t{GGML_TYPE_F16});
+    return joined_names(types);
+}
+
+std::string Context::kv_type_v_name() const {
+    std::vector<uint32_t> types;
+    if (placement_.n_layers_with_attn_on(Device::cpu) > 0 || n_gpu_layers() == 0) types.push_back(cpu_->type_v());
+    if (n_gpu_layers() > 0) types.push_back(cpu_as_gpu_ ? cpu_as_gpu_->type_v() : uint32_t{GGML_TYPE_F16});
+    return joined_names(types);
+}
+
+size_t Context::kv_bytes() const {
+    return cpu_->kv_bytes() + (cpu_as_gpu_ ? cpu_as_gpu_->kv_bytes() : 0) + (gpu_ ? gpu_->memory().kv : 0);
 }
 
 std::vector<uint8_t> Context::kv_save() {

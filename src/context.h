@@ -13,6 +13,7 @@
 #include "cpu_backend.h"
 #include "cuda_backend.h"
 #include "kv_cache.h"
+#include "kv_types.h"
 #include "model.h"
 #include "placement.h"
 #include "step_cost.h"
@@ -38,6 +39,10 @@ struct ContextParams {
     // Tests without a GPU: the GPU's share of the placement runs on a second CPU backend, so that
     // every crossing between devices is exercised (with the CPU's kernels on both sides).
     bool cpu_as_gpu = false;
+    // KV cache element types (GGML ids, as llama.cpp's -ctk/-ctv; kv_types.h). kKVTypeDefault:
+    // f32 on the CPU, f16 on the GPU. Layers with attention on the GPU take only f16 for now.
+    int type_k = kKVTypeDefault;
+    int type_v = kKVTypeDefault;
 };
 
 struct Batch {
@@ -72,6 +77,11 @@ public:
     const Placement& placement() const { return placement_; }
     // What went where, in llama.cpp's words: offloaded layers and the buffer sizes per device.
     std::string placement_summary() const;
+    // The KV cache's element types by name ("q8_0"; "f32/f16" when the CPU's layers and the GPU's
+    // store different ones) and its bytes on every device together.
+    std::string kv_type_k_name() const;
+    std::string kv_type_v_name() const;
+    size_t kv_bytes() const;
     // Wall time of the steps run so far, by size: what a bigger (drafted) step costs.
     const StepCostModel& step_costs() const { return step_costs_; }
 

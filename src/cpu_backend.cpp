@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "devices.h"
+#include "quantize_row.h"
 #include "quants.h"
 #include "vec.h"
 
@@ -37,16 +38,25 @@ void rope_heads(float* x, int n_heads, int head_dim, int n_rot, const float* cos
 }  // namespace
 
 CpuBackend::CpuBackend(const Model& model, const Placement& placement, ThreadPool& pool, int n_ctx, bool embeddings,
-                       bool f32_activations, Device serves)
+                       bool f32_activations, Device serves, KVTypes kv_types)
     : model_(model), hp_(model.hparams()), placement_(placement), pool_(pool), embeddings_(embeddings),
-      f32_activations_(f32_activations), serves_(serves) {
+      f32_activations_(f32_activations), serves_(serves), kv_types_(kv_types) {
     uint64_t per_position = 0;
-    int n_layers = 0;
     for (int il = 0; il < hp_.n_layer; ++il) {
         const bool here = placement.layers[il].attn == serves;
-        kv_width_.push_back(here ? static_cast<int64_t>(hp_.layers[il].n_head_kv) * hp_.head_dim_k : 0);
-        per_position += 2 * sizeof(float) * static_cast<uint64_t>(kv_width_.back());
-        n_layers += here;
+        const int64_t width = here ? static_cast<int64_t>(hp_.layers[il].n_head_kv) * hp_.head_dim_k : 0;
+        for (const auto& [type, flag] : {std::pair{kv_types.k, "-ctk"}, std::pair{kv_types.v, "-ctv"}}) {
+            const int64_t block = type_traits(type).block_size;
+            if (width % block != 0)
+                throw std::invalid_argument(std::string(flag) + " " + kv_type_name(type) + ": its blocks of " +
+                                            std::to_string(block) + " values do not divide the K/V rows of layer " +
+                                            std::to_string(il) + " (" + std::to_string(width) +
+                                            " values: n_head_kv x head_dim); choose f32, f16 or bf16");
+        }
+        kv_width_.push_back(width);
+        k_row_bytes_.push_back(row_bytes(kv_types.k, width));
+        v_row_bytes_.push_back(row_bytes(kv_types.v, width));
+        per_position += k_row_bytes_.back() + v_row_bytes_.back();
     }
     // The cache is zero-filled as it is allocated: one that does not fit took minutes to end in
     // bad_alloc, so it is refused first, with what it needs.
@@ -56,18 +66,29 @@ CpuBackend::CpuBackend(const Model& model, const Placement& placement, ThreadPoo
         throw std::invalid_argument("n_ctx " + std::to_string(n_ctx) +
                                     (n_ctx == hp_.n_ctx_train ? " (the model's glm4moe.context_length)" : "") +
                                     " needs " + mib(need) + " of host memory for the KV cache of " +
-                                    std::to_string(n_layers) + " layers, but " + mib(avail) +
-                                    " is available; lower n_ctx");
-    for (int64_t width : kv_width_) {
-        k_.emplace_back(static_cast<size_t>(n_ctx) * width);
-        v_.emplace_back(static_cast<size_t>(n_ctx) * width);
+                                    std::to_string(n_kv_layers()) + " layers, but " + mib(avail) +
+                                    " is available; lower n_ctx, or store K and V in fewer bytes (now K " +
+                                    kv_type_name(kv_types.k) + ", V " + kv_type_name(kv_types.v) + "; -ctk/-ctv q8_0)");
+    for (int il = 0; il < hp_.n_layer; ++il) {
+        k_.emplace_back(static_cast<size_t>(n_ctx) * k_row_bytes_[il]);
+        v_.emplace_back(static_cast<size_t>(n_ctx) * v_row_bytes_[il]);
     }
 }
 
-size_t CpuBackend::kv_bytes() const {
+size_t CpuBackend::kv_k_bytes() const {
     size_t b = 0;
-    for (size_t il = 0; il < k_.size(); ++il) b += (k_[il].size() + v_[il].size()) * sizeof(float);
+    for (const auto& rows : k_) b += rows.size();
     return b;
+}
+
+size_t CpuBackend::kv_v_bytes() const {
+    size_t b = 0;
+    for (const auto& rows : v_) b += rows.size();
+    return b;
+}
+
+int CpuBackend::n_kv_layers() const {
+    return static_cast<int>(std::count_if(kv_width_.begin(), kv_width_.end(), [](int64_t w) { return w > 0; }));
 }
 
 void CpuBackend::linear(const Weight& w, const float* in, int64_t n, float* out, int64_t ld_out) {
@@ -147,8 +168,8 @@ void CpuBackend::qkv_prepare(int il) {
         }
         rope_heads(qt, lh.n_head, D, hp_.n_rot, rope_cos_.data() + t * half, rope_sin_.data() + t * half);
         rope_heads(kt, lh.n_head_kv, D, hp_.n_rot, rope_cos_.data() + t * half, rope_sin_.data() + t * half);
-        std::copy(kt, kt + nkv, k(il, step_.cells[t]));
-        std::copy(v_new_.data() + t * nkv, v_new_.data() + (t + 1) * nkv, v(il, step_.cells[t]));
+        quantize_row(kv_types_.k, kt, k(il, step_.cells[t]), nkv);
+        quantize_row(kv_types_.v, v_new_.data() + t * nkv, v(il, step_.cells[t]), nkv);
     }
 }
 
@@ -163,8 +184,8 @@ void CpuBackend::attention(int il) {
     layer.n_head_kv = lh.n_head_kv;
     layer.head_dim = static_cast<int>(D);
     layer.scale = 1.0f / std::sqrt(static_cast<float>(D));
-    layer.k_cache = k(il, 0);
-    layer.v_cache = v(il, 0);
+    layer.k_cache = {k(il, 0), kv_types_.k, k_row_bytes_[il]};
+    layer.v_cache = {v(il, 0), kv_types_.v, v_row_bytes_[il]};
     glmoe::attention(pool_, attn_plan_, layer);
 }
 

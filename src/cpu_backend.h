@@ -1,5 +1,6 @@
 // The CPU backend: the ops of backend.h on CPU threads, straight from the mmap'd weights, with
-// the K/V rows (f32) of the layers whose attention the placement puts on the CPU. Every op is
+// the K/V rows (f32 unless kv_types say otherwise) of the layers whose attention the placement
+// puts on the CPU. Every op is
 // batch-invariant (a token's results do not depend on the other tokens) and thread-count
 // invariant; with f32_activations the matrix products skip the 8-bit rounding of activations.
 #pragma once
@@ -8,6 +9,7 @@
 
 #include "attention.h"
 #include "backend.h"
+#include "kv_types.h"
 #include "thread_pool.h"
 
 namespace glmoe {
@@ -15,9 +17,10 @@ namespace glmoe {
 class CpuBackend final : public Backend, public KVRows {
 public:
     // serves: the device whose share of the placement this backend runs: the CPU's, or (a stand-in
-    // that checks the forward's crossings on a machine without a GPU) the GPU's.
+    // that checks the forward's crossings on a machine without a GPU) the GPU's. kv_types: what
+    // the K and V rows store; a type whose block does not divide a row is refused (invalid_argument).
     CpuBackend(const Model& model, const Placement& placement, ThreadPool& pool, int n_ctx, bool embeddings,
-               bool f32_activations, Device serves = Device::cpu);
+               bool f32_activations, Device serves = Device::cpu, KVTypes kv_types = {});
 
     Device device() const override { return serves_; }
     void begin_step(const Step& step, const StepOutput& out) override;
@@ -37,9 +40,14 @@ public:
     // KVRows: the layers whose attention runs here.
     int n_layers() const override { return static_cast<int>(kv_width_.size()); }
     int64_t width(int il) const override { return kv_width_[il]; }
-    float* k(int il, int32_t cell) override { return k_[il].data() + cell * kv_width_[il]; }
-    float* v(int il, int32_t cell) override { return v_[il].data() + cell * kv_width_[il]; }
-    size_t kv_bytes() const;
+    uint32_t type_k() const override { return kv_types_.k; }
+    uint32_t type_v() const override { return kv_types_.v; }
+    uint8_t* k(int il, int32_t cell) override { return k_[il].data() + cell * k_row_bytes_[il]; }
+    uint8_t* v(int il, int32_t cell) override { return v_[il].data() + cell * v_row_bytes_[il]; }
+    size_t kv_bytes() const { return kv_k_bytes() + kv_v_bytes(); }
+    size_t kv_k_bytes() const;
+    size_t kv_v_bytes() const;
+    int n_kv_layers() const;  // layers whose K/V rows are here
 
 private:
     void linear(const Weight& w, const float* in, int64_t n, float* out, int64_t ld_out);
@@ -54,8 +62,10 @@ private:
     ThreadPool& pool_;
     bool embeddings_, f32_activations_;
     Device serves_;
-    std::vector<int64_t> kv_width_;
-    std::vector<std::vector<float>> k_, v_;
+    KVTypes kv_types_;
+    std::vector<int64_t> kv_width_;                // values per K or V row, per layer (0: not here)
+    std::vector<size_t> k_row_bytes_, v_row_bytes_;
+    std::vector<std::vector<uint8_t>> k_, v_;
 
     Step step_;
     int64_t n_ = 0;

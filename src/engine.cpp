@@ -91,6 +91,8 @@ static ContextParams context_params(const EngineParams& p) {
     c.n_threads = p.n_threads;
     c.n_gpu_layers = p.n_gpu_layers;
     c.tensor_overrides = p.tensor_overrides;
+    c.type_k = p.type_k;
+    c.type_v = p.type_v;
     c.n_ubatch = p.n_batch;
     return c;
 }

@@ -33,6 +33,8 @@ struct EngineParams {
     int n_batch = 512;    // tokens per step (decode tokens first, prompt chunks fill the rest)
     int n_gpu_layers = 0; // as ContextParams
     std::vector<TensorOverride> tensor_overrides;  // as ContextParams (-ot, --cpu-moe, --n-cpu-moe)
+    int type_k = kKVTypeDefault;  // as ContextParams (-ctk)
+    int type_v = kKVTypeDefault;  // as ContextParams (-ctv)
     // Suffix decoding: a generating slot with a draft verifies it in the same step, as 1 + n_draft
     // positions; requests share one SuffixStore of earlier outputs.
     bool spec_suffix = false;
@@ -129,6 +131,10 @@ public:
     EngineStats stats() const;
     // Where the model's parts run and the buffer sizes per device (Context::placement_summary; fixed at load).
     std::string placement_summary() const { return ctx_.placement_summary(); }
+    // The KV cache's types by name and its bytes (Context's; fixed at load).
+    std::string kv_type_k() const { return ctx_.kv_type_k_name(); }
+    std::string kv_type_v() const { return ctx_.kv_type_v_name(); }
+    size_t kv_bytes() const { return ctx_.kv_bytes(); }
     std::vector<SlotInfo> slots() const;
 
     // Stops the engine thread, finishing every unfinished request as cancelled. Idempotent.

@@ -4,6 +4,9 @@
 #include <cstring>
 #include <string>
 
+#include "kv_types.h"
+#include "quants.h"
+
 namespace glmoe {
 
 KVCache::KVCache(int n_ctx) : cells_(n_ctx > 0 ? n_ctx : 0), seq_cells_(kMaxSeq), seq_epoch_(kMaxSeq, 0) {
@@ -218,7 +221,8 @@ void KVCache::rebuild_index() {
 
 namespace {
 
-constexpr uint32_t kStateMagic = 0x4b564731;  // "KVG1"
+// "KVG2": the header names the K and V types. "KVG1" states, from before there were KV types, hold f32 rows.
+constexpr uint32_t kStateMagicF32 = 0x4b564731, kStateMagic = 0x4b564732;
 
 template <class T>
 void put(std::vector<uint8_t>& out, const T* v, size_t n = 1) {
@@ -234,21 +238,24 @@ void take(const std::vector<uint8_t>& in, size_t& at, T* v, size_t n = 1) {
     at += n * sizeof(T);
 }
 
-}  // namespace
-
-namespace {
 std::vector<int64_t> widths_of(KVRows& rows) {
     std::vector<int64_t> w;
     for (int il = 0; il < rows.n_layers(); ++il) w.push_back(rows.width(il));
     return w;
 }
+
+std::string kv_types_text(uint32_t type_k, uint32_t type_v) {
+    return "K " + kv_type_name(type_k) + ", V " + kv_type_name(type_v);
+}
+
 }  // namespace
 
 std::vector<uint8_t> KVCache::save(KVRows& rows) const {
     std::vector<uint8_t> out;
     const std::vector<int64_t> width = widths_of(rows);
-    const uint32_t header[3] = {kStateMagic, static_cast<uint32_t>(n_ctx()), static_cast<uint32_t>(width.size())};
-    put(out, header, 3);
+    const uint32_t header[5] = {kStateMagic, static_cast<uint32_t>(n_ctx()), static_cast<uint32_t>(width.size()),
+                                rows.type_k(), rows.type_v()};
+    put(out, header, 5);
     put(out, width.data(), width.size());
     std::vector<int32_t> used;
     for (int32_t i = 0; i < n_ctx(); ++i)
@@ -260,24 +267,36 @@ std::vector<uint8_t> KVCache::save(KVRows& rows) const {
         put(out, &cells_[c].pos);
         put(out, &cells_[c].seqs);
     }
-    for (size_t il = 0; il < width.size(); ++il)
+    for (size_t il = 0; il < width.size(); ++il) {
+        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
         for (int32_t c : used) {
-            put(out, rows.k(static_cast<int>(il), c), width[il]);
-            put(out, rows.v(static_cast<int>(il), c), width[il]);
+            put(out, rows.k(static_cast<int>(il), c), k_bytes);
+            put(out, rows.v(static_cast<int>(il), c), v_bytes);
         }
+    }
     return out;
 }
 
 void KVCache::load(const std::vector<uint8_t>& in, KVRows& rows) {
     const std::vector<int64_t> width = widths_of(rows);
     size_t at = 0;
-    uint32_t header[3];
+    uint32_t header[5];
     take(in, at, header, 3);
-    if (header[0] != kStateMagic) throw std::invalid_argument("not a glmoe KV cache state");
+    if (header[0] == kStateMagic) {
+        take(in, at, header + 3, 2);
+    } else if (header[0] == kStateMagicF32) {
+        header[3] = header[4] = GGML_TYPE_F32;
+    } else {
+        throw std::invalid_argument("not a glmoe KV cache state");
+    }
     std::vector<int64_t> widths(header[2] <= width.size() ? header[2] : 0);
     take(in, at, widths.data(), widths.size());
     if (header[1] != static_cast<uint32_t>(n_ctx()) || widths != width)
         throw std::invalid_argument("KV cache state is from a context of another size or model");
+    if (header[3] != rows.type_k() || header[4] != rows.type_v())
+        throw std::invalid_argument("KV cache state was saved with KV types " + kv_types_text(header[3], header[4]) +
+                                    ", but this context stores " + kv_types_text(rows.type_k(), rows.type_v()) +
+                                    " (-ctk/-ctv, type_k/type_v): load it into a context with the same types");
     uint32_t n_used_cells;
     take(in, at, &n_used_cells);
     if (n_used_cells > static_cast<uint32_t>(n_ctx())) throw std::invalid_argument("KV cache state is corrupt");
@@ -291,15 +310,17 @@ void KVCache::load(const std::vector<uint8_t>& in, KVRows& rows) {
         if (!cells[used[i]].seqs) throw std::invalid_argument("KV cache state is corrupt");
     }
     size_t payload = 0;
-    for (int64_t w : width) payload += 2 * sizeof(float) * w * n_used_cells;
+    for (int64_t w : width) payload += (row_bytes(rows.type_k(), w) + row_bytes(rows.type_v(), w)) * n_used_cells;
     if (in.size() - at != payload) throw std::invalid_argument("KV cache state has the wrong size");
     cells_ = std::move(cells);
     rebuild_index();
-    for (size_t il = 0; il < width.size(); ++il)
+    for (size_t il = 0; il < width.size(); ++il) {
+        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
         for (int32_t c : used) {
-            take(in, at, rows.k(static_cast<int>(il), c), width[il]);
-            take(in, at, rows.v(static_cast<int>(il), c), width[il]);
+            take(in, at, rows.k(static_cast<int>(il), c), k_bytes);
+            take(in, at, rows.v(static_cast<int>(il), c), v_bytes);
         }
+    }
 }
 
 }  // namespace glmoe

@@ -17,14 +17,18 @@ struct KVCacheFull : std::runtime_error {
 };
 
 // The K/V rows of each layer, kept by the backend that runs that layer's attention; what a
-// saved state holds besides the cell table. width(il) == 0: the layer's rows are not on the host.
+// saved state holds besides the cell table. A row holds width(il) values of type_k() (K) or
+// type_v() (V), GGML ids, as row_bytes (quants.h) of them; width(il) == 0: the layer's rows are
+// not on the host.
 class KVRows {
 public:
     virtual ~KVRows() = default;
     virtual int n_layers() const = 0;
     virtual int64_t width(int il) const = 0;
-    virtual float* k(int il, int32_t cell) = 0;
-    virtual float* v(int il, int32_t cell) = 0;
+    virtual uint32_t type_k() const = 0;
+    virtual uint32_t type_v() const = 0;
+    virtual uint8_t* k(int il, int32_t cell) = 0;
+    virtual uint8_t* v(int il, int32_t cell) = 0;
 };
 
 class KVCache {
@@ -63,8 +67,9 @@ public:
 
     static void check_seq(int seq);
 
-    // The cache's contents (cells in use and their K/V rows) as bytes, and back. load() throws
-    // std::invalid_argument, leaving the cache and rows unchanged, for bytes from a cache of another shape.
+    // The cache's contents (cells in use, the K/V types and rows) as bytes, and back. load() throws
+    // std::invalid_argument, leaving the cache and rows unchanged, for bytes from a cache of another
+    // shape or KV types.
     std::vector<uint8_t> save(KVRows& rows) const;
     void load(const std::vector<uint8_t>& bytes, KVRows& rows);
 

@@ -110,7 +110,13 @@ void dequantize_row(uint32_t type, const void* src, float* dst, int64_t n) {
             break;
         case GGML_TYPE_F16: {
             const uint16_t* h = static_cast<const uint16_t*>(src);
-            for (int64_t i = 0; i < n; ++i) dst[i] = half_to_f32(h[i]);
+            int64_t i = 0;
+#if defined(__F16C__)
+            // 8 at a time (exact, like the scalar conversion): f16 KV cache rows are read this way.
+            for (; i + 8 <= n; i += 8)
+                _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+            for (; i < n; ++i) dst[i] = half_to_f32(h[i]);
             break;
         }
         case GGML_TYPE_BF16: {

@@ -93,6 +93,10 @@ class ReferenceModel:
         out[..., half:self.n_rot] = b * cos + a * sin
         return out
 
+    def _kv_as_stored(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K (roped) and V [T, n_head_kv, D] as attention reads them back from the cache: exact here."""
+        return k, v
+
     def _attention(self, il: int, h: np.ndarray) -> np.ndarray:
         p = f"blk.{il}."
         T, D = h.shape[0], self.head_dim
@@ -104,6 +108,7 @@ class ReferenceModel:
             q = self._rms_norm(q, self.weight(p + "attn_q_norm.weight"))
             k = self._rms_norm(k, self.weight(p + "attn_k_norm.weight"))
         q, k = self._rope(q), self._rope(k)
+        k, v = self._kv_as_stored(k, v)
         group = nh // nkv
         causal = np.triu(np.full((T, T), -np.inf), k=1)
         out = np.empty((T, nh, D))

@@ -92,7 +92,7 @@ def test_env_variables_stand_for_their_flags():
     ({"LLAMA_ARG_ROPE_SCALE": "2"}, "LLAMA_ARG_ROPE_SCALE (--rope-scale): RoPE scaling is not supported"),
     ({"LLAMA_ARG_NO_CONT_BATCHING": "1"}, "LLAMA_ARG_NO_CONT_BATCHING (--no-cont-batching)"),
     ({"LLAMA_ARG_JINJA": "false"}, "LLAMA_ARG_JINJA (--no-jinja)"),
-    ({"LLAMA_ARG_CACHE_TYPE_K": "q8_0"}, "LLAMA_ARG_CACHE_TYPE_K is set: llama.cpp's variable for a flag glmoe"),
+    ({"LLAMA_ARG_NO_KV_OFFLOAD": "1"}, "LLAMA_ARG_NO_KV_OFFLOAD is set: llama.cpp's variable for a flag glmoe"),
     ({"LLAMA_ARG_CPU_MOE": "maybe"}, "not a boolean"),
     ({"LLAMA_ARG_CTX_SIZE": "big"}, "--ctx-size"),
     ({"LLAMA_ARG_THINK_BUDGET_MESSAGE": "stop"}, "</think> alone"),

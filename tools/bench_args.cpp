@@ -28,6 +28,9 @@ const char* const kBenchUsage =
     "                                       tensors whose name matches regex PAT go to BUF (CPU or CUDA0);\n"
     "                                       ';' joins overrides, ',' separates tests (default: none)\n"
     "  -fa, --flash-attn on|off|auto[,..]   accepted and reported (default: auto)\n"
+    "  -ctk, --cache-type-k T[,T..]         KV cache type of K: f32, f16, bf16, q8_0, q4_0 (default: f32 on\n"
+    "                                       the CPU, f16 on the GPU, whose layers take only f16)\n"
+    "  -ctv, --cache-type-v T[,T..]         KV cache type of V, as -ctk\n"
     "  -r, --repetitions N                  timed runs per test (default: 5)\n"
     "  --delay SECONDS                      pause before each test (default: 0)\n"
     "  -o, --output md|csv|json|jsonl       stdout format (default: md)\n"
@@ -57,6 +60,9 @@ const char* const kSweepUsage =
     "  -cmoe, --cpu-moe                     keep every MoE expert tensor on the CPU\n"
     "  -ncmoe, --n-cpu-moe N                keep the MoE experts of the first N layers on the CPU\n"
     "  -fa, --flash-attn [on|off|auto]      accepted and reported\n"
+    "  -ctk, --cache-type-k T               KV cache type of K: f32, f16, bf16, q8_0, q4_0 (default: f32 on\n"
+    "                                       the CPU, f16 on the GPU, whose layers take only f16)\n"
+    "  -ctv, --cache-type-v T               KV cache type of V, as -ctk\n"
     "  --no-warmup                          skip the untimed warm-up token\n"
     "  -o, --output-format md|table|jsonl   stdout format (default: md)\n"
     "  -v, --verbose                        model and context details on stderr\n";
@@ -164,6 +170,21 @@ public:
             return out;
         });
     }
+    // KV cache type names, comma-separated, as their GGML ids.
+    std::vector<int> kv_types() {
+        const std::string flag = flag_;
+        return parsed([&flag](const std::string& v) {
+            std::vector<int> out;
+            for (const std::string& item : split(v, ',')) {
+                try {
+                    out.push_back(static_cast<int>(kv_type_from_name(item, flag)));
+                } catch (const std::invalid_argument&) {
+                    throw UsageError("glmoe's KV cache types are " + kv_type_names());
+                }
+            }
+            return out;
+        });
+    }
     std::vector<std::string> overrides() {
         return parsed([](const std::string& v) {
             std::vector<std::string> out;
@@ -251,6 +272,8 @@ BenchParams parse_bench_args(int argc, char** argv) {
         else if (a.is("-ncmoe", "--n-cpu-moe")) lists.add(p.n_cpu_moe, a.ints(0));
         else if (a.is("-fa", "--flash-attn")) lists.add(p.flash_attn, a.flash_attn());
         else if (a.is("-ot", "--override-tensor")) lists.add(p.tensor_overrides, a.overrides());
+        else if (a.is("-ctk", "--cache-type-k")) lists.add(p.type_k, a.kv_types());
+        else if (a.is("-ctv", "--cache-type-v")) lists.add(p.type_v, a.kv_types());
         else if (a.is("-r", "--repetitions")) p.reps = a.one_int(1);
         else if (a.is("--delay")) p.delay_s = a.one_int(0);
         else if (a.is("-o", "--output")) p.output = a.parsed([](const std::string& v) { return output_from_str(v, false); });
@@ -296,6 +319,11 @@ SweepParams parse_sweep_args(int argc, char** argv) {
         }
         else if (a.is("-cmoe", "--cpu-moe")) p.cpu_moe = true;
         else if (a.is("-ncmoe", "--n-cpu-moe")) p.n_cpu_moe = a.one_int(0);
+        else if (a.is("-ctk", "--cache-type-k") || a.is("-ctv", "--cache-type-v")) {
+            const std::vector<int> t = a.kv_types();
+            if (t.size() != 1) throw UsageError(a.flag() + " takes a single value");
+            (a.is("-ctk", "--cache-type-k") ? p.type_k : p.type_v) = t[0];
+        }
         else if (a.is("--no-warmup")) p.warmup = false;
         else if (a.is("-o", "--output-format")) p.output = a.parsed([](const std::string& v) { return output_from_str(v, true); });
         else if (a.is("-v", "--verbose")) p.verbose = true;
@@ -334,10 +362,12 @@ std::vector<TestInstance> expand_tests(const BenchParams& p) {
     for (const std::string& ot : p.tensor_overrides)
     for (int nb : p.n_batch)
     for (int nub : p.n_ubatch)
+    for (int tk : p.type_k)
+    for (int tv : p.type_v)
     for (int fa : p.flash_attn)
     for (int nt : p.n_threads)
     for (int nd : p.n_depth) {
-        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot, ncmoe};
+        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot, ncmoe, tk, tv};
         auto add = [&](int n_prompt, int n_gen) {
             if (n_prompt == 0 && n_gen == 0) return;
             TestInstance t = base;

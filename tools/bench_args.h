@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "kv_types.h"
 #include "placement.h"
 
 namespace glmoe::bench {
@@ -35,6 +36,9 @@ struct BenchParams {
     std::vector<int> n_gpu_layers{0};
     std::vector<int> n_cpu_moe{0};  // -ncmoe: the experts of the first N layers on the CPU
     std::vector<int> flash_attn{kFlashAttnAuto};
+    // -ctk/-ctv: KV cache types (GGML ids); kKVTypeDefault: each device's own (f32 CPU, f16 GPU).
+    std::vector<int> type_k{kKVTypeDefault};
+    std::vector<int> type_v{kKVTypeDefault};
     // -ot groups, kept as written: "PAT=BUF;PAT=BUF" (';' joins the overrides of one test, ','
     // separates tests, as llama.cpp's llama-bench), or kNoOverrides.
     std::vector<std::string> tensor_overrides{kNoOverrides};
@@ -55,6 +59,7 @@ struct TestInstance {
     int n_batch = 0, n_ubatch = 0, n_threads = 0, n_gpu_layers = 0, flash_attn = kFlashAttnAuto;
     std::string tensor_overrides = kNoOverrides;
     int n_cpu_moe = 0;
+    int type_k = kKVTypeDefault, type_v = kKVTypeDefault;
 };
 
 struct SweepParams {
@@ -70,6 +75,7 @@ struct SweepParams {
     std::vector<std::string> tensor_overrides;
     bool cpu_moe = false;
     int n_cpu_moe = 0;
+    int type_k = kKVTypeDefault, type_v = kKVTypeDefault;  // -ctk/-ctv
     int reps = 1;
     bool warmup = true;
     bool verbose = false;

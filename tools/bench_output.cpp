@@ -75,8 +75,8 @@ std::vector<Field> fields_of(const TestResult& r) {
         {"cpu_mask", Kind::String, "0x0"},
         {"cpu_strict", Kind::Bool, b(false)},
         {"poll", Kind::Int, "0"},
-        {"type_k", Kind::String, "f32"},
-        {"type_v", Kind::String, "f32"},
+        {"type_k", Kind::String, r.type_k},
+        {"type_v", Kind::String, r.type_v},
         {"n_gpu_layers", Kind::Int, i(t.n_gpu_layers)},
         {"n_cpu_moe", Kind::Int, i(t.n_cpu_moe)},
         {"split_mode", Kind::String, "none"},
@@ -185,6 +185,8 @@ public:
         columns_.push_back("n_threads");  // always shown on a CPU backend
         if (p.n_batch != d.n_batch) columns_.push_back("n_batch");
         if (p.n_ubatch != d.n_ubatch) columns_.push_back("n_ubatch");
+        if (p.type_k != d.type_k) columns_.push_back("type_k");
+        if (p.type_v != d.type_v) columns_.push_back("type_v");
         if (p.flash_attn != d.flash_attn) columns_.push_back("flash_attn");
         if (p.tensor_overrides != d.tensor_overrides) columns_.push_back("tensor_buft_overrides");
         columns_.push_back("test");

@@ -25,6 +25,7 @@ struct TestResult {
     int n_threads = 0;  // the threads used: test.n_threads may be 0, "all"
     int n_gpu_layers_used = 0;  // layers whose attention ran on the GPU
     std::string gpu_info;       // the GPU's name when any tensor was on it (empty: CPU only)
+    std::string type_k = "f32", type_v = "f32";  // the KV cache's types as the context stored them
     std::string test_time;
     std::vector<uint64_t> samples_ns;  // one per repetition
 

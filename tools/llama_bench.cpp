@@ -49,6 +49,8 @@ TestResult run_test(const Model& model, const ModelInfo& info, const TestInstanc
     cp.n_gpu_layers = t.n_gpu_layers;
     cp.tensor_overrides = test_overrides(t);
     cp.n_ubatch = std::min(t.n_batch, t.n_ubatch);
+    cp.type_k = t.type_k;
+    cp.type_v = t.type_v;
     Context ctx(model, cp);
     if (p.verbose)
         std::fprintf(stderr, "llama-bench: n_ctx %d, n_threads %d, prompt chunk %d\n", t.n_depth + t.n_prompt + t.n_gen,
@@ -56,7 +58,8 @@ TestResult run_test(const Model& model, const ModelInfo& info, const TestInstanc
     if (p.verbose) std::fprintf(stderr, "%s", ctx.placement_summary().c_str());
     // -ngl 1 (the output head) or -ot ...=CUDA0 use the GPU with no layer's attention on it.
     const bool on_gpu = ctx.placement().uses(Device::gpu);
-    TestResult r{t, info, ctx.n_threads(), ctx.n_gpu_layers(), on_gpu ? cuda_device_name() : "", utc_now(), {}};
+    TestResult r{t, info, ctx.n_threads(), ctx.n_gpu_layers(), on_gpu ? cuda_device_name() : "", ctx.kv_type_k_name(),
+                 ctx.kv_type_v_name(), utc_now(), {}};
     // The physical batch bounds what one decode call sees, as llama.cpp's ubatch does.
     const int chunk = std::min(t.n_batch, t.n_ubatch);
     TokenSource tokens(model.hparams().n_vocab);

@@ -38,6 +38,8 @@ int main(int argc, char** argv) {
         cp.n_gpu_layers = p.n_gpu_layers;
         cp.tensor_overrides = overrides_from_flags(p.tensor_overrides, p.cpu_moe, p.n_cpu_moe);
         cp.n_ubatch = std::min(p.n_batch, p.n_ubatch);
+        cp.type_k = p.type_k;
+        cp.type_v = p.type_v;
         Context ctx(*model, cp);
         if (p.verbose) std::fprintf(stderr, "%s", ctx.placement_summary().c_str());
         TokenSource tokens(model->hparams().n_vocab);

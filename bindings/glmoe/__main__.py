@@ -12,6 +12,7 @@ import sys
 import time
 
 from .llama import Llama
+from .llama_options import CACHE_TYPE_HELP, cache_type_arg
 
 
 def default_model_path() -> str:
@@ -35,13 +36,17 @@ def main(argv=None) -> int:
     ap.add_argument("-cmoe", "--cpu-moe", action="store_true", help="keep every MoE expert tensor on the CPU")
     ap.add_argument("-ncmoe", "--n-cpu-moe", type=int, default=0, metavar="N",
                     help="keep the MoE experts of the first N layers on the CPU")
+    ap.add_argument("-ctk", "--cache-type-k", type=cache_type_arg, default=None, metavar="TYPE",
+                    help=CACHE_TYPE_HELP.format("K"))
+    ap.add_argument("-ctv", "--cache-type-v", type=cache_type_arg, default=None, metavar="TYPE",
+                    help=CACHE_TYPE_HELP.format("V"))
     args = ap.parse_args(argv)
 
     try:
         llm = Llama(args.model or default_model_path(), n_ctx=args.ctx_size, n_threads=args.threads,
                     n_gpu_layers=args.n_gpu_layers, tensor_overrides=args.override_tensor, cpu_moe=args.cpu_moe,
-                    n_cpu_moe=args.n_cpu_moe, verbose=True)
-    except ValueError as e:  # a bad -ot value or placement
+                    n_cpu_moe=args.n_cpu_moe, type_k=args.cache_type_k, type_v=args.cache_type_v, verbose=True)
+    except ValueError as e:  # a bad -ot value or placement, a KV type the layers cannot store
         ap.error(str(e))
     llm.verbose = False  # the load summary is printed; the timing line below follows the text
     sys.stdout.write(args.prompt)

@@ -17,7 +17,7 @@ import numpy as np
 from . import _core
 from .chat_tools import ToolCallGrammar
 from .grammar import TokenConstraint, as_grammar
-from .llama_options import SPEED_ONLY_DEFAULTS, check_init_options
+from .llama_options import SPEED_ONLY_DEFAULTS, check_init_options, kv_type_id
 from .tokenizer import GGUFTokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -111,6 +111,8 @@ class Llama:
         tensor_overrides: Union[str, Sequence[str], None] = None,
         n_cpu_moe: int = 0,
         cpu_moe: bool = False,
+        type_k: Optional[int] = None,
+        type_v: Optional[int] = None,
         last_n_tokens_size: int = 64,
         chat_format: Optional[str] = None,
         verbose: bool = True,
@@ -120,6 +122,7 @@ class Llama:
         self._closed = False
         self._ctx = self._model = None
         speed_only_changed = check_init_options(kwargs)
+        kv_type_ids = kv_type_id("type_k", type_k), kv_type_id("type_v", type_v)
         if chat_format is not None and not (isinstance(chat_format, str) and chat_format.startswith("chat_template.")):
             raise NotImplementedError(f"chat_format={chat_format!r} is not supported by glmoe: chats are formatted by "
                                       "the GGUF's own template ('chat_template.default', or 'chat_template.NAME' "
@@ -170,9 +173,11 @@ class Llama:
             raise ValueError("n_cpu_moe must be at least 0")
         self.n_cpu_moe = n_cpu_moe
         self.cpu_moe = cpu_moe
+        # llama-cpp-python's KV cache types, GGML ids (llama.cpp's -ctk/-ctv); None: f32 on the CPU, f16 on the GPU.
+        self.type_k, self.type_v = type_k, type_v
         self._ctx = _core.Context(self._model, n_ctx, n_threads, embedding, n_gpu_layers=n_gpu_layers,
                                   n_ubatch=n_ubatch, tensor_overrides=self.tensor_overrides,
-                                  n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
+                                  n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, type_k=kv_type_ids[0], type_v=kv_type_ids[1])
         self.tokenizer_ = GGUFTokenizer.from_gguf(model_path)
         self.metadata: Dict[str, str] = self._model.metadata()
         self.chat_format, self.chat_template = _chat_template(self.metadata, chat_format)
@@ -191,7 +196,8 @@ class Llama:
             model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
             logits_all=logits_all, embedding=embedding, draft_model=draft_model, n_ubatch=n_ubatch,
             tensor_overrides=list(self.tensor_overrides), n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
-            last_n_tokens_size=last_n_tokens_size, chat_format=chat_format, verbose=verbose, **kwargs)
+            type_k=type_k, type_v=type_v, last_n_tokens_size=last_n_tokens_size,
+            chat_format=chat_format, verbose=verbose, **kwargs)
         if verbose:
             print(f"glmoe: loaded {model_path}: {self._model.description}", file=sys.stderr)
             print(

@@ -6,6 +6,7 @@ NotImplementedError unless it has a value that means what glmoe does anyway. doc
 lists them with the rest of the API."""
 from __future__ import annotations
 
+import argparse
 from typing import Any, Dict, List, Tuple
 
 # Speed, memory or loading only; llama-cpp-python 0.3's defaults.
@@ -38,9 +39,34 @@ REFUSED_UNLESS: Dict[str, Tuple[Tuple[Any, ...], str]] = {
     "lora_scale": ((1.0,), "LoRA adapters are not implemented"),
     "chat_handler": ((None,), "chats are formatted by the GGUF's own chat template"),
     "tokenizer": ((None,), "the GGUF's own tokenizer is used"),
-    "type_k": ((None,), "the KV cache type is glmoe's own (f32 on the CPU, f16 on the GPU)"),
-    "type_v": ((None,), "the KV cache type is glmoe's own (f32 on the CPU, f16 on the GPU)"),
 }
+
+
+def kv_type_id(name: str, value: Any) -> int:
+    """type_k / type_v as the engine takes them: a KV cache type's GGML id (None: -1, each device's
+    default); ValueError for any other value."""
+    from . import _core
+
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a GGML type id (an int) or None; got {value!r}")
+    _core.check_kv_type(value, name)
+    return value
+
+
+def cache_type_arg(text: str) -> int:
+    """argparse type of -ctk/-ctv (llama.cpp's --cache-type-k/-v): a KV cache type's name, as its GGML id."""
+    from . import _core
+
+    try:
+        return _core.kv_type_from_name(text, "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unsupported KV cache type {text!r} (glmoe has {_core.kv_type_names()})")
+
+
+CACHE_TYPE_HELP = ("KV cache type of {}: f32, f16, bf16, q8_0, q4_0 (default: f32 on the CPU, f16 on the GPU, whose "
+                   "layers take only f16)")
 
 
 def _same(a: Any, b: Any) -> bool:

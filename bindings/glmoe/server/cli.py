@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 
+from ..llama_options import CACHE_TYPE_HELP, cache_type_arg
 from .cli_env import env_arguments
 from .settings import Settings
 
@@ -211,6 +212,10 @@ def parser() -> argparse.ArgumentParser:
     gpu.add_argument("-cmoe", "--cpu-moe", action="store_true", help="keep every MoE expert tensor on the CPU")
     gpu.add_argument("-ncmoe", "--n-cpu-moe", type=int, default=0, metavar="N",
                      help="keep the MoE experts of the first N layers on the CPU")
+    gpu.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", type=cache_type_arg, default=-1, metavar="TYPE",
+                     help=CACHE_TYPE_HELP.format("K"))
+    gpu.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", type=cache_type_arg, default=-1, metavar="TYPE",
+                     help=CACHE_TYPE_HELP.format("V"))
     unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused")
     unused.add_argument("-ub", "--ubatch-size", type=int)
     unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
@@ -292,7 +297,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
                     n_batch=args.batch_size, n_gpu_layers=args.gpu_layers,
                     tensor_overrides=list(args.override_tensor), cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
-                    alias=args.alias, api_key=args.api_key, chat_template=template,
+                    type_k=args.cache_type_k, type_v=args.cache_type_v, alias=args.alias,
+                    api_key=args.api_key, chat_template=template,
                     api_keys=read_api_keys(args.api_key_file) if args.api_key_file else [],
                     n_predict=args.n_predict, sampling_defaults=sampling, reasoning_format=args.reasoning_format,
                     chat_template_kwargs=template_kwargs(args), embedding=args.embedding, pooling=args.pooling,

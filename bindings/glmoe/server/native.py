@@ -280,7 +280,10 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
                 "modalities": {"vision": False, "audio": False}, "chat_template": state.chat_template or "",
                 "bos_token": token_piece(tok, tok.bos_id), "eos_token": token_piece(tok, tok.eos_id),
                 "build_info": f"glmoe {glmoe_version()}", "endpoint_slots": True, "endpoint_props": False,
-                "endpoint_metrics": True, "is_sleeping": False}
+                "endpoint_metrics": True, "is_sleeping": False,
+                # glmoe's own: the KV cache's element types (-ctk/-ctv) and its bytes on every device.
+                "kv_cache": {"type_k": state.generator.engine.kv_type_k, "type_v": state.generator.engine.kv_type_v,
+                             "bytes": state.generator.engine.kv_bytes}}
 
     @app.post("/props")
     async def change_props():

@@ -20,6 +20,9 @@ class Settings:
     tensor_overrides: List[str] = dataclasses.field(default_factory=list)
     cpu_moe: bool = False
     n_cpu_moe: int = 0
+    # llama.cpp's -ctk/-ctv as GGML type ids; -1: f32 on the CPU, f16 on the GPU.
+    type_k: int = -1
+    type_v: int = -1
     alias: Optional[str] = None
     api_key: Optional[str] = None
     api_keys: List[str] = dataclasses.field(default_factory=list)  # more keys (--api-key-file), any one works
