@@ -81,6 +81,7 @@ def test_reported_settings(model):
     ["-ot", "no-equals"], ["-b", "0"], ["-p"], ["--delay", "x"],
     ["-ot", "exps=GPU"], ["-ot", "ffn_(up=CPU"], ["-ot", "=CPU"], ["-ot", "exps=CPU;x"], ["-ncmoe", "-1"],
     ["-ncmoe", "x"], ["-cmoe"],  # llama-bench has no -cmoe
+    ["--gpu-expert-share", "1.5"], ["--gpu-expert-share", "x"], ["--gpu-expert-share", "0.2,"],
 ])
 def test_bad_arguments_are_usage_errors(model, args):
     p = run(BENCH, "-m", model, *args, check=False)
@@ -280,3 +281,12 @@ def test_plot_without_matplotlib_says_how_to_get_it(model, tmp_path, plot_bench,
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     with pytest.raises(SystemExit, match="matplotlib"):
         plot_bench.main([str(ours), "-o", str(tmp_path / "x.png")])
+
+
+def test_gpu_expert_share_sweeps_and_shows_in_markdown(model):
+    # glmoe's own flag: a list like the others; a markdown column, no csv/json field (llama.cpp's schema).
+    p = run(BENCH, "-m", model, "-r", 1, "--no-warmup", "-p", "0", "-n", "2", "--gpu-expert-share", "0,0.5")
+    rows = [line for line in p.stdout.splitlines() if "tg2" in line]
+    assert len(rows) == 2 and "gpu_expert_share" in p.stdout.splitlines()[0]
+    assert "0.00" in rows[0] and "0.50" in rows[1]
+    assert all("gpu_expert_share" not in r for r in bench_jsonl(model, "-p", "0", "-n", "2", "--gpu-expert-share", "0.5"))

@@ -31,6 +31,8 @@ const char* const kBenchUsage =
     "  -ctk, --cache-type-k T[,T..]         KV cache type of K: f32, f16, bf16, q8_0, q4_0 (default: f32 on\n"
     "                                       the CPU, f16 on the GPU, whose layers take only f16)\n"
     "  -ctv, --cache-type-v T[,T..]         KV cache type of V, as -ctk\n"
+    "  --gpu-expert-share F[,F..]           glmoe: of each layer's routed experts in RAM, the fraction the GPU\n"
+    "                                       runs in small steps, copied from pinned memory (default: 0.4)\n"
     "  -r, --repetitions N                  timed runs per test (default: 5)\n"
     "  --delay SECONDS                      pause before each test (default: 0)\n"
     "  -o, --output md|csv|json|jsonl       stdout format (default: md)\n"
@@ -171,6 +173,22 @@ public:
         });
     }
     // KV cache type names, comma-separated, as their GGML ids.
+    std::vector<double> fractions() {
+        return parsed([](const std::string& v) {
+            std::vector<double> out;
+            for (const std::string& item : split(v, ',')) {
+                size_t used = 0;
+                double f = -1;
+                try {
+                    f = std::stod(item, &used);
+                } catch (const std::exception&) {
+                }
+                if (used != item.size() || !(f >= 0 && f <= 1)) throw UsageError("expected fractions in [0, 1], got '" + item + "'");
+                out.push_back(f);
+            }
+            return out;
+        });
+    }
     std::vector<int> kv_types() {
         const std::string flag = flag_;
         return parsed([&flag](const std::string& v) {
@@ -273,6 +291,7 @@ BenchParams parse_bench_args(int argc, char** argv) {
         else if (a.is("-fa", "--flash-attn")) lists.add(p.flash_attn, a.flash_attn());
         else if (a.is("-ot", "--override-tensor")) lists.add(p.tensor_overrides, a.overrides());
         else if (a.is("-ctk", "--cache-type-k")) lists.add(p.type_k, a.kv_types());
+        else if (a.is("--gpu-expert-share")) lists.add(p.gpu_expert_share, a.fractions());
         else if (a.is("-ctv", "--cache-type-v")) lists.add(p.type_v, a.kv_types());
         else if (a.is("-r", "--repetitions")) p.reps = a.one_int(1);
         else if (a.is("--delay")) p.delay_s = a.one_int(0);
@@ -364,10 +383,11 @@ std::vector<TestInstance> expand_tests(const BenchParams& p) {
     for (int nub : p.n_ubatch)
     for (int tk : p.type_k)
     for (int tv : p.type_v)
+    for (double share : p.gpu_expert_share)
     for (int fa : p.flash_attn)
     for (int nt : p.n_threads)
     for (int nd : p.n_depth) {
-        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot, ncmoe, tk, tv};
+        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot, ncmoe, tk, tv, share};
         auto add = [&](int n_prompt, int n_gen) {
             if (n_prompt == 0 && n_gen == 0) return;
             TestInstance t = base;

@@ -38,6 +38,8 @@ struct BenchParams {
     std::vector<int> flash_attn{kFlashAttnAuto};
     // -ctk/-ctv: KV cache types (GGML ids); kKVTypeDefault: each device's own (f32 CPU, f16 GPU).
     std::vector<int> type_k{kKVTypeDefault};
+    // glmoe's own: ContextParams::gpu_expert_share (< 0: the default).
+    std::vector<double> gpu_expert_share{-1.0};
     std::vector<int> type_v{kKVTypeDefault};
     // -ot groups, kept as written: "PAT=BUF;PAT=BUF" (';' joins the overrides of one test, ','
     // separates tests, as llama.cpp's llama-bench), or kNoOverrides.
@@ -60,6 +62,7 @@ struct TestInstance {
     std::string tensor_overrides = kNoOverrides;
     int n_cpu_moe = 0;
     int type_k = kKVTypeDefault, type_v = kKVTypeDefault;
+    double gpu_expert_share = -1.0;
 };
 
 struct SweepParams {

@@ -182,6 +182,7 @@ public:
         columns_ = {"model", "size", "params", "backend"};
         if (p.n_gpu_layers != d.n_gpu_layers) columns_.push_back("n_gpu_layers");
         if (p.n_cpu_moe != d.n_cpu_moe) columns_.push_back("n_cpu_moe");
+        if (p.gpu_expert_share != d.gpu_expert_share) columns_.push_back("gpu_expert_share");
         columns_.push_back("n_threads");  // always shown on a CPU backend
         if (p.n_batch != d.n_batch) columns_.push_back("n_batch");
         if (p.n_ubatch != d.n_ubatch) columns_.push_back("n_ubatch");
@@ -243,6 +244,8 @@ private:
                                           : format("%.2f B", r.model.n_params / 1e9);
         if (c == "backend") return r.gpu_info.empty() ? "CPU" : "CUDA";
         if (c == "test") return test_name(r.test.n_prompt, r.test.n_gen, r.test.n_depth);
+        // glmoe's own setting: a markdown column only (the other formats keep llama.cpp's fields).
+        if (c == "gpu_expert_share") return r.test.gpu_expert_share < 0 ? "default" : format("%.2f", r.test.gpu_expert_share);
         if (c == "t/s") {
             const std::vector<double> ts = r.samples_ts();
             return format("%.2f ± %.2f", mean(ts), stddev(ts));

@@ -51,6 +51,7 @@ TestResult run_test(const Model& model, const ModelInfo& info, const TestInstanc
     cp.n_ubatch = std::min(t.n_batch, t.n_ubatch);
     cp.type_k = t.type_k;
     cp.type_v = t.type_v;
+    cp.gpu_expert_share = t.gpu_expert_share;
     Context ctx(model, cp);
     if (p.verbose)
         std::fprintf(stderr, "llama-bench: n_ctx %d, n_threads %d, prompt chunk %d\n", t.n_depth + t.n_prompt + t.n_gen,
