@@ -306,7 +306,7 @@ def test_openai_v1_objects(llm):
     ("lora_path", "adapter.gguf"), ("lora_base", "base.gguf"), ("lora_scale", 0.5),
     ("rope_scaling_type", 2), ("rope_freq_base", 10000.0), ("rope_freq_scale", 0.5), ("yarn_ext_factor", 1.0),
     ("yarn_attn_factor", 2.0), ("yarn_beta_fast", 8.0), ("yarn_beta_slow", 2.0), ("yarn_orig_ctx", 4096),
-    ("type_k", 8), ("type_v", 2), ("chat_handler", print), ("tokenizer", object()), ("kv_overrides", {"a": 1}),
+    ("chat_handler", print), ("tokenizer", object()), ("kv_overrides", {"a": 1}),
     ("vocab_only", True), ("main_gpu", 1), ("pooling_type", 1), ("attention_type", 1), ("chat_format", "chatml"),
 ])
 def test_options_that_would_change_results_are_refused(name, value):
