@@ -15,6 +15,7 @@
 // blocks, or bf16 on the GPU's tensor cores) unless the backend is in f32-activation mode.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <vector>
 
@@ -93,6 +94,13 @@ public:
     // The experts of layer il this backend holds, applied to h: each routed one (by route) times its
     // weight, plus the shared expert; added to x, or written to moe_out when !into_x.
     virtual void moe_experts(int il, bool into_x) = 0;
+    // moe_experts, with `alongside` run on the calling thread meanwhile (the CPU backend starts its
+    // threads on the experts first); by default alongside runs first. alongside must not use this
+    // backend's thread pool.
+    virtual void moe_experts_alongside(int il, bool into_x, const std::function<void()>& alongside) {
+        alongside();
+        moe_experts(il, into_x);
+    }
     // x += moe_out.
     virtual void add_moe_out() = 0;
     // Whether this step, this backend runs layer il's routed experts though they are placed on the

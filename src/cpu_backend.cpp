@@ -262,7 +262,7 @@ void CpuBackend::moe_route(int il) {
     }
 }
 
-void CpuBackend::moe_experts(int il, bool into_x) {
+void CpuBackend::moe_experts_alongside(int il, bool into_x, const std::function<void()>& alongside) {
     const LayerWeights& l = model_.layer(il);
     const LayerPlacement& lp = placement_.layers[il];
     const int64_t H = hp_.n_embd, E = hp_.n_expert, F = l.gate_exps.ne[1];
@@ -308,7 +308,7 @@ void CpuBackend::moe_experts(int il, bool into_x) {
         calls.push_back({l.gate_shexp.type, l.gate_shexp.data, Fs, H, h_.data(), H, n_, sh_gate, Fs});
         calls.push_back({l.up_shexp.type, l.up_shexp.data, Fs, H, h_.data(), H, n_, sh_up, Fs});
     }
-    matmul_many(pool_, calls, f32_activations_);
+    matmul_many(pool_, calls, f32_activations_, alongside ? &alongside : nullptr);
     for (size_t i = 0; i < gate_.size(); ++i) gate_[i] = silu(gate_[i]) * up_[i];
     calls.clear();
     for (int64_t e = 0; e < E; ++e) {

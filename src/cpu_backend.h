@@ -31,7 +31,8 @@ public:
     void attn_output(int il) override;
     void ffn_dense(int il) override;
     void moe_route(int il) override;
-    void moe_experts(int il, bool into_x) override;
+    void moe_experts(int il, bool into_x) override { moe_experts_alongside(il, into_x, nullptr); }
+    void moe_experts_alongside(int il, bool into_x, const std::function<void()>& alongside) override;
     void add_moe_out() override;
     std::vector<const void*> download(std::initializer_list<Act> acts, int il) override;
     void upload(Act act, const void* host, int il) override;

@@ -56,16 +56,19 @@ void glm4moe_forward(const Model& model, const Placement& placement, const Backe
         other.upload(Act::h, input[0], il);
         other.upload(Act::route_ids, input[1], il);
         other.upload(Act::route_weights, input[2], il);
-        // Each side runs the experts it holds; the GPU's part is enqueued first, so that it runs
-        // while the CPU computes its part.
+        // Each side runs the experts it holds; the GPU's part is enqueued before or while the CPU
+        // computes its part, so that both run at once.
         if (other.device() == Device::gpu) {
             other.moe_experts(il, /*into_x=*/false);
             other.flush();
             ffn.moe_experts(il, /*into_x=*/true);
         } else {
-            ffn.moe_experts(il, /*into_x=*/true);
-            ffn.flush();
-            other.moe_experts(il, /*into_x=*/false);
+            // The CPU's threads start on their experts while this thread enqueues the GPU's
+            // (its share of the routed ones, copied per step, and the shared one).
+            other.moe_experts_alongside(il, /*into_x=*/false, [&] {
+                ffn.moe_experts(il, /*into_x=*/true);
+                ffn.flush();
+            });
         }
         ffn.upload(Act::moe_out, other.download({Act::moe_out}, il)[0], il);
         ffn.add_moe_out();

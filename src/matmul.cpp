@@ -3,6 +3,7 @@
 // matmul_kquants.cpp; builds without AVX2 use a portable dequantize-then-dot path.
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -64,7 +65,7 @@ struct Plan {
 };
 
 // Runs the items of every plan in one loop of the pool.
-void run_plans(ThreadPool& pool, const std::vector<Plan>& plans) {
+void run_plans(ThreadPool& pool, const std::vector<Plan>& plans, const std::function<void()>* caller_first) {
     int64_t n_items = 0, work = 0;
     for (const Plan& p : plans) {
         n_items += p.n_items;
@@ -82,10 +83,12 @@ void run_plans(ThreadPool& pool, const std::vector<Plan>& plans) {
     // Work of a few tens of microseconds is not worth waking the pool for: the hand-off costs as
     // much, and far more when the machine has more runnable threads than cores.
     const bool small = work < (int64_t{1} << 18);
-    if (pool.size() == 1 || n_items == 1 || small)
+    if (pool.size() == 1 || n_items == 1 || small) {
+        if (caller_first) (*caller_first)();
         worker(0);
-    else
-        pool.run(worker);
+    } else {
+        pool.run(worker, caller_first);
+    }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -199,8 +202,10 @@ void prepare_activations(ThreadPool& pool, const MatmulCall& c, ActFormat f, std
     (void)buf;
 }
 
-// Reused across calls on the same calling thread, so decode steps do not allocate.
-thread_local std::vector<std::vector<char>> act_buffers;
+// Reused across calls on the same calling thread, so decode steps do not allocate; one set per
+// nesting level (a matmul_many inside another's caller_first must not overwrite its activations).
+thread_local std::deque<std::vector<std::vector<char>>> act_buffers_by_depth;  // grows without moving a level
+thread_local int matmul_depth = 0;
 
 }  // namespace
 
@@ -209,8 +214,15 @@ void matmul(ThreadPool& pool, uint32_t type, const void* W, int64_t n_rows, int6
     matmul_many(pool, {MatmulCall{type, W, n_rows, k, x, ldx, n_tokens, y, ldy}}, f32_activations);
 }
 
-void matmul_many(ThreadPool& pool, const std::vector<MatmulCall>& calls, bool f32_activations) {
+void matmul_many(ThreadPool& pool, const std::vector<MatmulCall>& calls, bool f32_activations,
+                 const std::function<void()>* caller_first) {
+    if (static_cast<int>(act_buffers_by_depth.size()) <= matmul_depth) act_buffers_by_depth.resize(matmul_depth + 1);
+    std::vector<std::vector<char>>& act_buffers = act_buffers_by_depth[matmul_depth];
     if (act_buffers.size() < calls.size()) act_buffers.resize(calls.size());
+    struct Nested {
+        Nested() { ++matmul_depth; }
+        ~Nested() { --matmul_depth; }
+    } nested;
     std::vector<Plan> plans;
     std::vector<std::pair<const MatmulCall*, ActFormat>> quantized;  // inputs quantized so far, by plan
     plans.reserve(calls.size());
@@ -236,7 +248,8 @@ void matmul_many(ThreadPool& pool, const std::vector<MatmulCall>& calls, bool f3
         plans.emplace_back(chunk_fn(c.type, f32_activations), job, c.n_rows, c.n_tokens, pool.size());
         quantized.emplace_back(&c, f);
     }
-    if (!plans.empty()) run_plans(pool, plans);
+    if (!plans.empty()) run_plans(pool, plans, caller_first);
+    else if (caller_first) (*caller_first)();
 }
 
 }  // namespace glmoe

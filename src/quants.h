@@ -2,6 +2,7 @@
 // y = x W^T that every linear layer uses, for each supported GGMLType.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "ggml_types.h"
@@ -38,6 +39,8 @@ struct MatmulCall {
 };
 // Several independent matmuls as one parallel loop, each giving exactly what matmul gives: one
 // hand-off of the thread pool for all the experts of a step instead of one per matrix.
-void matmul_many(ThreadPool& pool, const std::vector<MatmulCall>& calls, bool f32_activations = false);
+// caller_first: see ThreadPool::run (run once, on the calling thread, while the workers start).
+void matmul_many(ThreadPool& pool, const std::vector<MatmulCall>& calls, bool f32_activations = false,
+                 const std::function<void()>* caller_first = nullptr);
 
 }  // namespace glmoe

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -64,11 +65,19 @@ void ThreadPool::worker_loop(int index) {
     }
 }
 
-void ThreadPool::run(const std::function<void(int)>& fn) {
-    if (n_threads_ == 1) {
-        fn(0);
+void ThreadPool::run(const std::function<void(int)>& fn, const std::function<void()>* caller_first) {
+    if (n_threads_ == 1 || running_) {
+        // (Nested in caller_first of a loop that is running: the workers are busy, so this
+        // thread runs every part itself.)
+        if (caller_first) (*caller_first)();
+        for (int t = 0; t < (running_ ? n_threads_ : 1); ++t) fn(t);
         return;
     }
+    running_ = true;
+    struct Done {
+        bool& flag;
+        ~Done() { flag = false; }
+    } done{running_};
     job_ = &fn;
     pending_.store(n_threads_ - 1, std::memory_order_relaxed);
     {
@@ -77,6 +86,13 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
         generation_.fetch_add(1, std::memory_order_release);
     }
     start_cv_.notify_all();
+    // A failure of the caller's side work is rethrown once the workers are done with fn.
+    std::exception_ptr caller_error;
+    if (caller_first) try {
+            (*caller_first)();
+        } catch (...) {
+            caller_error = std::current_exception();
+        }
     fn(0);
     // Spin for the workers to finish, but yield the core after a while: on a machine with more
     // runnable threads than cores a worker may have been preempted, and spinning here would keep
@@ -87,6 +103,7 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
         else
             std::this_thread::yield();
     }
+    if (caller_error) std::rethrow_exception(caller_error);
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {

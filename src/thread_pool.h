@@ -27,7 +27,10 @@ public:
     int size() const { return n_threads_; }
 
     // Runs fn(thread_index) once on every thread (0..size()-1) and returns when all are done.
-    void run(const std::function<void(int)>& fn);
+    // caller_first: run on the calling thread after the workers are started and before its own
+    // fn(0), to overlap other work (e.g. enqueueing GPU work) with the loop; fn must then share its
+    // work out dynamically, as the caller joins late.
+    void run(const std::function<void(int)>& fn, const std::function<void()>* caller_first = nullptr);
 
     // Splits [0, n) into contiguous chunks, at most one per thread; fn(begin, end, thread_index).
     void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
@@ -43,6 +46,7 @@ private:
     std::atomic<uint64_t> generation_{0};
     std::atomic<int> pending_{0};
     std::atomic<bool> stopping_{false};
+    bool running_ = false;  // a run() is under way (touched by the calling thread only)
 };
 
 }  // namespace glmoe
