@@ -260,7 +260,7 @@ nb::object sample_rows_py(const F32In& logits, const nb::list& rows) {
         }
         const RowSamplingArgs& a = args[r] = row_sampling_args(nb::cast<nb::dict>(rows[r]));
         const glmoe::SamplingParams& sp = a.params;
-        glmoe::Sampler(sp, static_cast<int>(n_vocab));  // the CPU's range checks
+        glmoe::Sampler::check(sp, static_cast<int>(n_vocab));
         q.u = a.u;
         q.temperature = sp.temperature;
         q.top_p = sp.top_p;

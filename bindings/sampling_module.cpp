@@ -142,7 +142,8 @@ void bind_sampling(nb::module_& m) {
     m.def("decode_sample_rows", &decode_sample_rows_py, nb::arg("ctx"), nb::arg("tokens"), nb::arg("pos"),
           nb::arg("seq"), nb::arg("want_logits"), nb::arg("rows"),
           "Context.decode_sample_rows: rows has, per flagged row, None (its logits come back in host_logits)"
-          " or a dict of sampling keywords plus u, seq, history and n_top. Returns {ids, logprobs, top, host_logits}.");
+          " or a dict of sampling keywords plus u, seq, history and n_top."
+          " Returns {ids, logprobs, top, host_logits}.");
     nb::class_<HistoryMirror>(m, "HistoryMirror", "What a device's per-sequence sampling histories hold.")
         .def(nb::init<int, int>(), nb::arg("n_seq"), nb::arg("capacity"))
         .def("sync", &HistoryMirror::sync, nb::arg("seq"), nb::arg("history"),
@@ -187,5 +188,6 @@ void bind_sampling(nb::module_& m) {
              },
              nb::arg("logits"), nb::arg("history"),
              "The distribution sample() would draw from: (token ids, probabilities).")
-        .def("reseed", &Sampler::reseed, nb::arg("seed"));
+        .def("reseed", &Sampler::reseed, nb::arg("seed"))
+        .def("uniform01", &Sampler::uniform01, "The next draw of sample()'s stream (what GPU sampling is given).");
 }

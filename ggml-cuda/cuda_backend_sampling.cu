@@ -84,10 +84,12 @@ void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
             q.bias_begin = static_cast<int32_t>(n_bias);
             q.bias_count = static_cast<int32_t>(sp.logit_bias.size());
             for (const auto& [token, bias] : sp.logit_bias) h_bias_[n_bias++] = LogitBiasEntry{token, bias};
-            const bool neutral = sp.repeat_penalty == 1.0f && sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
+            const bool neutral =
+                sp.repeat_penalty == 1.0f && sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
             if (sp.repeat_last_n != 0 && !neutral) {
                 if (!rs.history) throw std::invalid_argument("penalties need the row's history");
-                if (rs.seq < 0 || rs.seq >= KVCache::kMaxSeq) throw std::invalid_argument("bad sequence for a history");
+                if (rs.seq < 0 || rs.seq >= KVCache::kMaxSeq)
+                    throw std::invalid_argument("bad sequence for a history");
                 const size_t first = history_mirror_->sync(rs.seq, *rs.history);
                 if (first < rs.history->size()) {
                     uploads.push_back({rs.seq, first, rs.history});
@@ -168,7 +170,7 @@ void CudaBackendImpl::output_sampled(const StepOutput& out) {
                 copy_to_host(h_out_ + n_host++ * V, logits_ + i * V, sizeof(float) * V);
         end_stretch();
         wait();
-        std::memcpy(out.logits + host_rows_done * V, h_out_, sizeof(float) * n_host * V);
+        if (n_host) std::memcpy(out.logits + host_rows_done * V, h_out_, sizeof(float) * n_host * V);
         host_rows_done += n_host;
         for (int i = 0; i < n_rows; ++i) {
             const int r = r0 + i;
@@ -182,8 +184,8 @@ void CudaBackendImpl::output_sampled(const StepOutput& out) {
             out.logprobs[r] = t.logprob;
             if (t.id >= 0 && append_seq_[r] >= 0) history_mirror_->appended(append_seq_[r], t.id);
             if (rs.n_top > 0 && out.top)
-                std::memcpy(out.top + static_cast<size_t>(r) * kMaxSampledTop, h_top_ + static_cast<size_t>(i) * kMaxSampledTop,
-                            sizeof(SampledTop) * kMaxSampledTop);
+                std::memcpy(out.top + static_cast<size_t>(r) * kMaxSampledTop,
+                            h_top_ + static_cast<size_t>(i) * kMaxSampledTop, sizeof(SampledTop) * kMaxSampledTop);
         }
     }
 }

@@ -428,8 +428,8 @@ __global__ void __launch_bounds__(kThreads) top_kernel(const float* __restrict__
             warp_argmax(bv, bi);
             if (lane == 0) {
                 const bool found = bi != 0x7FFFFFFF;
-                dst[k] = SampledToken{found ? bi : -1,
-                                      found ? static_cast<float>(static_cast<double>(bv) - log_norm[blockIdx.x]) : NAN};
+                const double lp = static_cast<double>(bv) - log_norm[blockIdx.x];
+                dst[k] = SampledToken{found ? bi : -1, found ? static_cast<float>(lp) : NAN};
                 prev_x = bv;
                 prev_id = found ? bi : 0x7FFFFFFF;
             }
@@ -454,8 +454,9 @@ void sample_rows(const float* logits, float* work, int32_t* counts, double* log_
     launch_kernel(prepare_kernel, dim3(n_rows), dim3(kThreads), 0, s, logits, work, counts, log_norm, n_vocab, params,
                   bias, static_cast<const int32_t*>(history));
     check_launch("sample_rows (prepare)");
-    launch_kernel(sample_rows_kernel, dim3(n_rows), dim3(kThreads), kCandidateBytes, s, static_cast<const float*>(work),
-                  logits, static_cast<const double*>(log_norm), n_vocab, params, history, out);
+    launch_kernel(sample_rows_kernel, dim3(n_rows), dim3(kThreads), kCandidateBytes, s,
+                  static_cast<const float*>(work), logits, static_cast<const double*>(log_norm), n_vocab, params,
+                  history, out);
     check_launch("sample_rows (sample)");
     if (any_top) {
         launch_kernel(top_kernel, dim3(n_rows), dim3(kThreads), 0, s, logits, static_cast<const double*>(log_norm),

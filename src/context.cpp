@@ -274,7 +274,7 @@ void Context::decode_sample_rows(const Batch& batch, const std::vector<RowSampli
             throw std::invalid_argument("these sampling parameters are sampled on the host (typical_p with top_k "
                                         "off or above " + std::to_string(kMaxTypicalCandidates) +
                                         ", or more than " + std::to_string(kMaxRowLogitBias) + " logit_bias entries)");
-        Sampler(*r.params, model_.hparams().n_vocab);  // the CPU Sampler's range checks
+        Sampler::check(*r.params, model_.hparams().n_vocab);
         if (r.params->temperature > 0 && !(r.u >= 0.0 && r.u < 1.0))
             throw std::invalid_argument("u must lie in [0, 1)");
     }

@@ -248,6 +248,12 @@ std::vector<SlotInfo> BatchEngine::slots() const {
     return out;
 }
 
+GpuCounters BatchEngine::gpu_counters() {
+    std::unique_lock<std::mutex> lk(mu_);
+    events_cv_.wait(lk, [this] { return !step_in_flight_; });  // the engine thread counts during a step
+    return ctx_.gpu() ? ctx_.gpu()->counters() : GpuCounters{};
+}
+
 void BatchEngine::shutdown() {
     std::call_once(shutdown_once_, [this] {
         {

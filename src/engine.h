@@ -136,6 +136,8 @@ public:
     std::string kv_type_v() const { return ctx_.kv_type_v_name(); }
     size_t kv_bytes() const { return ctx_.kv_bytes(); }
     std::vector<SlotInfo> slots() const;
+    // The GPU backend's step counters (zero without one): what a step copies to the host and waits for.
+    GpuCounters gpu_counters();
 
     // Stops the engine thread, finishing every unfinished request as cancelled. Idempotent.
     void shutdown();
