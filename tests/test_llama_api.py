@@ -208,3 +208,14 @@ def test_scores_hold_n_batch_rows_without_logits_all(model_path):
     big.load_state(state)
     assert np.array_equal(np.asarray(big.eval_logits[0], np.float32), ref.scores[len(prompt) - 1])
     assert big.sample(temp=0.0) == int(np.argmax(ref.scores[len(prompt) - 1]))
+
+
+@pytest.mark.parametrize("share", [1.5, float("nan")])
+def test_a_gpu_expert_share_outside_0_1_is_refused(model_path, share):
+    with pytest.raises(ValueError, match="gpu_expert_share"):
+        glmoe.Llama(model_path, n_ctx=32, gpu_expert_share=share, verbose=False)
+
+
+def test_gpu_expert_share_is_kept_for_pickling(model_path):
+    llm = glmoe.Llama(model_path, n_ctx=32, gpu_expert_share=0.25, verbose=False)
+    assert llm.gpu_expert_share == 0.25 and llm.__getstate__()["gpu_expert_share"] == 0.25

@@ -111,6 +111,7 @@ class Llama:
         tensor_overrides: Union[str, Sequence[str], None] = None,
         n_cpu_moe: int = 0,
         cpu_moe: bool = False,
+        gpu_expert_share: Optional[float] = None,
         type_k: Optional[int] = None,
         type_v: Optional[int] = None,
         last_n_tokens_size: int = 64,
@@ -173,11 +174,15 @@ class Llama:
             raise ValueError("n_cpu_moe must be at least 0")
         self.n_cpu_moe = n_cpu_moe
         self.cpu_moe = cpu_moe
+        # glmoe's own: of each layer's routed experts in RAM, the share the GPU runs in small steps
+        # (None: the default; 0: the CPU runs them all).
+        self.gpu_expert_share = gpu_expert_share
         # llama-cpp-python's KV cache types, GGML ids (llama.cpp's -ctk/-ctv); None: f32 on the CPU, f16 on the GPU.
         self.type_k, self.type_v = type_k, type_v
         self._ctx = _core.Context(self._model, n_ctx, n_threads, embedding, n_gpu_layers=n_gpu_layers,
                                   n_ubatch=n_ubatch, tensor_overrides=self.tensor_overrides,
-                                  n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, type_k=kv_type_ids[0], type_v=kv_type_ids[1])
+                                  n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, type_k=kv_type_ids[0], type_v=kv_type_ids[1],
+                                  gpu_expert_share=-1.0 if gpu_expert_share is None else float(gpu_expert_share))
         self.tokenizer_ = GGUFTokenizer.from_gguf(model_path)
         self.metadata: Dict[str, str] = self._model.metadata()
         self.chat_format, self.chat_template = _chat_template(self.metadata, chat_format)
@@ -196,7 +201,7 @@ class Llama:
             model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
             logits_all=logits_all, embedding=embedding, draft_model=draft_model, n_ubatch=n_ubatch,
             tensor_overrides=list(self.tensor_overrides), n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
-            type_k=type_k, type_v=type_v, last_n_tokens_size=last_n_tokens_size,
+            gpu_expert_share=gpu_expert_share, type_k=type_k, type_v=type_v, last_n_tokens_size=last_n_tokens_size,
             chat_format=chat_format, verbose=verbose, **kwargs)
         if verbose:
             print(f"glmoe: loaded {model_path}: {self._model.description}", file=sys.stderr)
