@@ -219,3 +219,24 @@ def test_a_gpu_expert_share_outside_0_1_is_refused(model_path, share):
 def test_gpu_expert_share_is_kept_for_pickling(model_path):
     llm = glmoe.Llama(model_path, n_ctx=32, gpu_expert_share=0.25, verbose=False)
     assert llm.gpu_expert_share == 0.25 and llm.__getstate__()["gpu_expert_share"] == 0.25
+
+
+def test_a_completion_detokenizes_each_token_once(model_path):
+    # Each step adds its own piece to the text (pieces are context-free): a long completion must not
+    # detokenize the whole text again at every token (that made streaming quadratic).
+    llm = glmoe.Llama(model_path, n_ctx=512, verbose=False)
+    calls = []
+    detokenize = llm.detokenize
+
+    def counting(tokens, *args, **kwargs):
+        calls.append(len(tokens))
+        return detokenize(tokens, *args, **kwargs)
+
+    llm.detokenize = counting
+    texts = []
+    for stream in (False, True):
+        calls.clear()
+        out = llm.create_completion("In the beginning", max_tokens=120, temperature=0, stream=stream, stop=["zzzz"])
+        texts.append("".join(c["choices"][0]["text"] for c in out) if stream else out["choices"][0]["text"])
+        assert all(n == 1 for n in calls) and 100 <= len(calls) <= 120, (stream, len(calls))
+    assert texts[0] == texts[1] and len(texts[0]) > 100  # the same greedy text both ways

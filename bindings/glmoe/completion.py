@@ -2,6 +2,7 @@
 OpenAI's legacy completions), on Llama.generate()."""
 from __future__ import annotations
 
+import bisect
 import sys
 import time
 import uuid
@@ -145,6 +146,11 @@ class _Run:
         self.created = int(time.time())
         self.completion_tokens: List[int] = []
         self.text = b""  # completion text so far (cut at a stop string once one is found)
+        # The uncut text, grown a token's piece at a time (pieces are context-free), and where each
+        # completion token's piece starts in it: a step costs its own piece, not the whole text.
+        self._full = bytearray()
+        self._starts: List[int] = []
+        self._longest_stop = max((len(s) for s in stops), default=0)
         self.finish_reason: Optional[str] = None
         self.t_start = time.perf_counter()
         self.t_first_token: Optional[float] = None
@@ -163,13 +169,16 @@ class _Run:
                     self.finish_reason = "stop"
                     break
                 self.completion_tokens.append(token)
-                self.text = self.llm.detokenize(self.completion_tokens, prev_tokens=self.prompt_tokens,
-                                                special=self.decode_special)
-                hits = [self.text.index(s) for s in self.stops if s in self.text]
+                before = self._append_piece(token)
+                # A stop string found now ends in the new piece (an earlier one would have stopped
+                # an earlier step).
+                start = max(0, before - self._longest_stop + 1)
+                hits = [i for i in (self._full.find(s, start) for s in self.stops) if i >= 0]
                 if hits:
-                    self.text = self.text[: min(hits)]
+                    self.text = bytes(self._full[: min(hits)])
                     self.finish_reason = "stop"
                     break
+                self.text = bytes(self._full)
                 if len(self.completion_tokens) >= self.max_tokens:
                     self.finish_reason = "length"
                     break
@@ -208,16 +217,21 @@ class _Run:
             "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
 
+    def _append_piece(self, token: int) -> int:
+        """Adds the newest completion token's bytes to the uncut text; returns its length before."""
+        before = len(self._full)
+        self._starts.append(before)
+        if self.completion_tokens[0] == self.llm.token_bos():
+            # The tokenizer's leading-BOS rule (one space dropped after it) spans pieces: whole text.
+            self._full = bytearray(self.llm.detokenize(self.completion_tokens, prev_tokens=self.prompt_tokens,
+                                                       special=self.decode_special))
+        else:
+            self._full += self.llm.detokenize([token], prev_tokens=self.prompt_tokens, special=self.decode_special)
+        return before
+
     def _tokens_within(self, n_bytes: int) -> int:
         """How many completion tokens the first n_bytes of the text cover (partly or wholly)."""
-        covered, count = 0, 0
-        for i, tok in enumerate(self.completion_tokens):
-            if covered >= n_bytes:
-                break
-            covered += len(self.llm.detokenize([tok], prev_tokens=self.prompt_tokens + self.completion_tokens[:i],
-                                               special=self.decode_special))
-            count += 1
-        return count
+        return bisect.bisect_left(self._starts, n_bytes)
 
     def complete(self):
         for _ in self._steps():

@@ -116,6 +116,7 @@ class Generator:
             while True:
                 ev = await loop.run_in_executor(self._pool, poll, rid, POLL_TIMEOUT_S)
                 n_generated += len(ev["tokens"])
+                scanned = len(text)  # a stop string found below ends past here
                 if on_tokens is not None and ev["tokens"]:
                     on_tokens(ev["tokens"])
                 if logprobs is None:
@@ -133,7 +134,7 @@ class Generator:
                     raise APIError(500, f"generation failed: {ev.get('error', 'unknown error')}")
                 if done:
                     text += decoder.flush()
-                hits = [(i, s) for i, s in ((text.find(s), s) for s in stops) if i >= 0]
+                hits = [(i, s) for i, s in ((text.find(s, max(0, scanned - len(s) + 1)), s) for s in stops) if i >= 0]
                 if hits:
                     cut, stop_word = min(hits, key=lambda hit: hit[0])
                     text, reason = text[:cut], "stop"
