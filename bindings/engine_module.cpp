@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
@@ -61,6 +62,7 @@ nb::dict event_dict(const RequestEvent& ev) {
     d["finish_reason"] = optional_str(finish_reason_name(ev.finish_reason));
     d["error"] = ev.finish_reason == FinishReason::error ? nb::object(nb::str(ev.error.c_str())) : nb::none();
     d["n_prompt"] = ev.n_prompt;
+    d["n_cached"] = ev.n_cached;
     d["n_generated"] = ev.n_generated;
     d["t_prompt_ms"] = ev.t_prompt_ms;
     d["t_gen_ms"] = ev.t_gen_ms;
@@ -72,6 +74,8 @@ nb::dict event_dict(const RequestEvent& ev) {
 }  // namespace
 
 void bind_engine(nb::module_& m) {
+    nb::exception<SlotBusy>(m, "SlotBusyError", PyExc_RuntimeError);
+    nb::exception<SlotStateUnsupported>(m, "SlotStateUnsupportedError", PyExc_NotImplementedError);
     nb::class_<BatchEngine>(m, "BatchEngine",
                             "Continuous batching over n_parallel slots of n_ctx // n_parallel positions"
                             " each, run by a C++ thread; requests beyond n_parallel queue in FIFO order.")
@@ -79,10 +83,11 @@ void bind_engine(nb::module_& m) {
              [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch,
                 bool spec_suffix, int spec_max_depth, float spec_max_spec_factor, float spec_min_token_prob,
                 bool spec_adaptive, int n_gpu_layers, const std::vector<std::string>& tensor_overrides,
-                int n_cpu_moe, bool cpu_moe, int type_k, int type_v) {
+                int n_cpu_moe, bool cpu_moe, int type_k, int type_v, bool keep_slot_cache) {
                  EngineParams p{n_ctx, n_parallel, n_threads, n_batch};
                  p.type_k = type_k;
                  p.type_v = type_v;
+                 p.keep_slot_cache = keep_slot_cache;
                  p.n_gpu_layers = n_gpu_layers;
                  p.tensor_overrides = overrides_from_flags(tensor_overrides, cpu_moe, n_cpu_moe);
                  p.spec_suffix = spec_suffix;
@@ -98,12 +103,13 @@ void bind_engine(nb::module_& m) {
              nb::arg("spec_adaptive") = true, nb::arg("n_gpu_layers") = 0,
              nb::arg("tensor_overrides") = std::vector<std::string>(), nb::arg("n_cpu_moe") = 0,
              nb::arg("cpu_moe") = false, nb::arg("type_k") = kKVTypeDefault, nb::arg("type_v") = kKVTypeDefault,
-             nb::keep_alive<1, 2>(),
+             nb::arg("keep_slot_cache") = false, nb::keep_alive<1, 2>(),
              "type_k / type_v: KV cache types as GGML ids (-1: f32 on the CPU, f16 on the GPU); "
              "spec_suffix: suffix decoding, each generating slot verifying its draft within the step;"
              " spec_adaptive=False verifies every draft whole (SuffixDecoding's adaptive)."
              " tensor_overrides: -ot values (\"PATTERN=BUFFER[,...]\"), n_cpu_moe / cpu_moe: --n-cpu-moe /"
-             " --cpu-moe; a bad one raises PlacementError (a ValueError).")
+             " --cpu-moe; a bad one raises PlacementError (a ValueError). keep_slot_cache: idle slots keep"
+             " their last request's cache, reused by a request sharing its prompt prefix (slot save/restore).")
         .def("submit",
              [](BatchEngine& e, nb::handle tokens, int max_tokens, std::vector<int32_t> eog_ids,
                 float temperature, int top_k, float top_p, float min_p, float typical_p,
@@ -192,6 +198,33 @@ void bind_engine(nb::module_& m) {
                  }
                  return out;
              })
+        .def("save_slot",
+             [](BatchEngine& e, int slot) {
+                 SlotSnapshot snap;
+                 {
+                     nb::gil_scoped_release release;
+                     snap = e.save_slot(slot);
+                 }
+                 nb::list tokens;
+                 for (int32_t t : snap.tokens) tokens.append(t);
+                 return nb::make_tuple(tokens, nb::bytes(reinterpret_cast<const char*>(snap.bytes.data()),
+                                                         snap.bytes.size()));
+             },
+             nb::arg("slot"),
+             "(tokens, state bytes) of an idle slot's cache, taken between steps. IndexError: no such slot;"
+             " SlotBusyError: it serves a request; SlotStateUnsupportedError: attention layers on the GPU.")
+        .def("restore_slot",
+             [](BatchEngine& e, int slot, nb::bytes state) {
+                 const auto* p = static_cast<const uint8_t*>(state.data());
+                 std::vector<uint8_t> bytes(p, p + state.size());
+                 nb::gil_scoped_release release;
+                 return e.restore_slot(slot, bytes);
+             },
+             nb::arg("slot"), nb::arg("state"),
+             "Replaces an idle slot's cache with save_slot's bytes; returns the tokens restored. ValueError"
+             " (slot unchanged) for bytes of another model, slot context or KV types; else as save_slot.")
+        .def("erase_slot", &BatchEngine::erase_slot, nb::arg("slot"), nb::call_guard<nb::gil_scoped_release>(),
+             "Empties an idle slot's cache; returns the tokens it held. IndexError, SlotBusyError as save_slot.")
         .def("shutdown", &BatchEngine::shutdown, nb::call_guard<nb::gil_scoped_release>(),
              "Stops the engine thread; unfinished requests finish as cancelled.");
 }

@@ -201,6 +201,20 @@ std::vector<uint8_t> Context::kv_save() {
     return kv_.save(*cpu_);
 }
 
+std::string Context::kv_state_unsupported() const {
+    return n_gpu_layers() > 0 ? "saving and loading the KV cache of GPU layers is not supported yet" : "";
+}
+
+std::vector<uint8_t> Context::kv_seq_save(int seq) {
+    if (n_gpu_layers() > 0) throw std::invalid_argument(kv_state_unsupported());
+    return kv_.save_seq(seq, *cpu_);
+}
+
+int Context::kv_seq_load(int seq, const std::vector<uint8_t>& bytes, int max_cells) {
+    if (n_gpu_layers() > 0) throw std::invalid_argument(kv_state_unsupported());
+    return kv_.load_seq(seq, bytes, *cpu_, max_cells);
+}
+
 void Context::kv_load(const std::vector<uint8_t>& bytes) {
     if (n_gpu_layers() > 0) throw std::invalid_argument("loading a KV cache state into GPU layers is not supported yet");
     kv_.load(bytes, *cpu_);

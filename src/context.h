@@ -90,6 +90,11 @@ public:
     // on the GPU.
     std::vector<uint8_t> kv_save();
     void kv_load(const std::vector<uint8_t>& bytes);
+    // One sequence's part of them (KVCache::save_seq / load_seq), refused alike for GPU layers.
+    std::vector<uint8_t> kv_seq_save(int seq);
+    int kv_seq_load(int seq, const std::vector<uint8_t>& bytes, int max_cells);
+    // Why kv_save and kv_seq_save are refused ("" when they are not).
+    std::string kv_state_unsupported() const;
     const Model& model() const { return model_; }
     int n_threads() const { return pool_.size(); }
     bool embeddings() const { return embeddings_; }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 
@@ -61,6 +62,32 @@ void apply_token_mask(float* logits, int n_vocab, const std::vector<uint32_t>& m
         if (!(mask[t >> 5] >> (t & 31) & 1u)) logits[t] = neg_inf;
 }
 
+// FNV-1a over every tensor's name, type, shape and first bytes: files of one shape but other
+// weights differ in those bytes, and reading them costs a page per tensor, not the whole file.
+uint64_t model_fingerprint(const Model& model) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    const auto mix = [&h](const void* p, size_t n) {
+        for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<const uint8_t*>(p)[i]) * 0x100000001b3ull;
+    };
+    for (const GGUFTensorInfo& t : model.file().tensors()) {
+        mix(t.name.data(), t.name.size());
+        mix(&t.type, sizeof t.type);
+        mix(t.ne.data(), t.ne.size() * sizeof(int64_t));
+        mix(model.file().tensor_data(t), std::min<uint64_t>(t.n_bytes, 64));
+    }
+    return h;
+}
+
+// A saved slot: this header, its tokens, then KVCache::save_seq's bytes.
+struct SlotFileHeader {
+    uint32_t magic;
+    uint32_t n_ctx_slot;
+    uint64_t model;
+    uint32_t n_tokens;
+    uint32_t reserved;  // no padding: every byte of the file is written
+};
+constexpr uint32_t kSlotMagic = 0x54534c47;  // "GLST"
+
 }  // namespace
 
 BatchEngine::Request::Request(int64_t id, std::vector<int32_t> prompt, int max_tokens,
@@ -106,6 +133,7 @@ BatchEngine::BatchEngine(const Model& model, const EngineParams& params)
       spec_store_(params.spec_suffix ? std::make_shared<SuffixStore>(params.spec_store_bytes,
                                                                      params.spec.max_depth + params.spec.max_spec_tokens)
                                      : nullptr),
+      model_fingerprint_(model_fingerprint(model)),
       slots_(params.n_parallel) {
     thread_ = std::thread([this] { run(); });
 }
@@ -261,6 +289,12 @@ void BatchEngine::shutdown() {
             if (slots_[i].request) release_slot(i, FinishReason::cancelled);
         for (const RequestPtr& r : waiting_) finish(*r, FinishReason::cancelled);
         waiting_.clear();
+        for (const auto& t : slot_tasks_) {
+            t->error = std::make_exception_ptr(std::runtime_error("the engine is shut down"));
+            t->done = true;
+        }
+        slot_tasks_.clear();
+        events_cv_.notify_all();
     });
 }
 
@@ -271,6 +305,7 @@ void BatchEngine::run() {
     for (;;) {
         work_cv_.wait(lk, [this] { return stopping_ || has_work(); });
         if (stopping_) return;
+        run_slot_tasks();
         sample_held();
         start_waiting_requests();
         build_batch();
@@ -299,6 +334,7 @@ void BatchEngine::run() {
 }
 
 bool BatchEngine::has_work() const {
+    if (!slot_tasks_.empty()) return true;
     bool any_idle = false;
     for (const Slot& s : slots_) {
         if (s.request && (!s.request->held() || s.request->mask_ready())) return true;
@@ -326,16 +362,44 @@ void BatchEngine::sample_held() {
     }
 }
 
-void BatchEngine::start_waiting_requests() {
-    for (int i = 0; i < params_.n_parallel && !waiting_.empty(); ++i) {
-        Slot& s = slots_[i];
+int BatchEngine::pick_slot(const std::vector<int32_t>& prompt) const {
+    int best = -1;
+    size_t best_shared = 0;
+    for (int i = 0; i < params_.n_parallel; ++i) {
+        const Slot& s = slots_[i];
         if (s.request) continue;
+        const size_t n = std::min(s.cached.size(), prompt.size());
+        const size_t shared = std::mismatch(s.cached.begin(), s.cached.begin() + n, prompt.begin()).first -
+                              s.cached.begin();
+        if (best < 0 || shared > best_shared ||
+            (shared == best_shared && s.cached.size() < slots_[best].cached.size())) {
+            best = i;
+            best_shared = shared;
+        }
+    }
+    return best;
+}
+
+void BatchEngine::start_waiting_requests() {
+    while (!waiting_.empty()) {
+        const int i = pick_slot(waiting_.front()->tokens);
+        if (i < 0) return;
+        Slot& s = slots_[i];
         s.request = waiting_.front();
         waiting_.pop_front();
-        s.n_past = 0;
-        s.request->slot = i;
-        s.request->t_start = Clock::now();
+        Request& r = *s.request;
+        // The cached prefix stays; at least the prompt's last token runs again, for its logits.
+        const size_t n = std::min(s.cached.size(), static_cast<size_t>(r.n_prompt - 1));
+        const int shared = static_cast<int>(
+            std::mismatch(s.cached.begin(), s.cached.begin() + n, r.tokens.begin()).first - s.cached.begin());
+        ctx_.kv_cache().seq_rm(i, shared, -1);
+        s.cached.clear();
+        s.n_past = shared;
+        r.n_cached = r.unpolled.n_cached = shared;
+        r.slot = i;
+        r.t_start = Clock::now();
     }
+    kv_cells_used_ = ctx_.kv_cache().n_used();
 }
 
 void BatchEngine::build_batch() {
@@ -550,11 +614,17 @@ bool BatchEngine::accept_token(int slot_id, int32_t token, float logprob, std::v
 
 void BatchEngine::release_slot(int slot_id, FinishReason reason, const std::string& error) {
     Slot& s = slots_[slot_id];
+    const Request& r = *s.request;
+    // What the cache holds of the request's tokens: cells past them (a cancelled step's, rejected
+    // drafts after an end of generation) go; after an error nothing is trusted.
+    const int keep = params_.keep_slot_cache && reason != FinishReason::error
+                         ? std::min(s.n_past, static_cast<int>(r.tokens.size())) : 0;
+    s.cached.assign(r.tokens.begin(), r.tokens.begin() + keep);
     finish(*s.request, reason, error);
     s.request.reset();
-    s.n_past = 0;
+    s.n_past = keep;
     s.cancel_pending = false;
-    ctx_.kv_cache().seq_rm(slot_id, 0, -1);
+    ctx_.kv_cache().seq_rm(slot_id, keep, -1);
     kv_cells_used_ = ctx_.kv_cache().n_used();
 }
 
@@ -568,6 +638,110 @@ void BatchEngine::finish(Request& r, FinishReason reason, const std::string& err
     r.unpolled.finish_reason = reason;
     r.unpolled.error = error;
     events_cv_.notify_all();
+}
+
+// ---- slot actions -------------------------------------------------------------------------------
+
+void BatchEngine::on_engine_thread(std::function<void()> fn) {
+    auto task = std::make_shared<SlotTask>();
+    task->fn = std::move(fn);
+    std::unique_lock<std::mutex> lk(mu_);
+    if (stopping_) throw std::runtime_error("the engine is shut down");
+    slot_tasks_.push_back(task);
+    work_cv_.notify_one();
+    events_cv_.wait(lk, [&] { return task->done; });
+    if (task->error) std::rethrow_exception(task->error);
+}
+
+void BatchEngine::run_slot_tasks() {
+    for (; !slot_tasks_.empty(); slot_tasks_.pop_front()) {
+        SlotTask& t = *slot_tasks_.front();
+        try {
+            t.fn();
+        } catch (...) {
+            t.error = std::current_exception();
+        }
+        t.done = true;
+    }
+    kv_cells_used_ = ctx_.kv_cache().n_used();
+    events_cv_.notify_all();
+}
+
+BatchEngine::Slot& BatchEngine::idle_slot(int slot, bool saves_state) {
+    if (slot < 0 || slot >= params_.n_parallel)
+        throw std::out_of_range("slot " + std::to_string(slot) + " does not exist (there are " +
+                                std::to_string(params_.n_parallel) + ")");
+    const std::string why = saves_state ? ctx_.kv_state_unsupported() : "";
+    if (!why.empty()) throw SlotStateUnsupported(why);
+    if (slots_[slot].request) throw SlotBusy("slot " + std::to_string(slot) + " is processing a request");
+    return slots_[slot];
+}
+
+SlotSnapshot BatchEngine::save_slot(int slot) {
+    SlotSnapshot out;
+    on_engine_thread([&] {
+        const Slot& s = idle_slot(slot, true);
+        out.tokens = s.cached;
+        const SlotFileHeader h{kSlotMagic, static_cast<uint32_t>(n_ctx_slot_), model_fingerprint_,
+                               static_cast<uint32_t>(s.cached.size()), 0};
+        const std::vector<uint8_t> kv = ctx_.kv_seq_save(slot);
+        out.bytes.resize(sizeof h + s.cached.size() * sizeof(int32_t));
+        std::memcpy(out.bytes.data(), &h, sizeof h);
+        std::memcpy(out.bytes.data() + sizeof h, s.cached.data(), s.cached.size() * sizeof(int32_t));
+        out.bytes.insert(out.bytes.end(), kv.begin(), kv.end());
+    });
+    return out;
+}
+
+int BatchEngine::restore_slot(int slot, const std::vector<uint8_t>& bytes) {
+    int n_restored = 0;
+    on_engine_thread([&] {
+        Slot& s = idle_slot(slot, true);
+        SlotFileHeader h{};
+        if (bytes.size() < sizeof h) throw std::invalid_argument("not a glmoe slot file (too short)");
+        std::memcpy(&h, bytes.data(), sizeof h);
+        if (h.magic != kSlotMagic) throw std::invalid_argument("not a glmoe slot file");
+        if (h.model != model_fingerprint_)
+            throw std::invalid_argument("the slot file was saved with another model");
+        if (h.n_ctx_slot != static_cast<uint32_t>(n_ctx_slot_))
+            throw std::invalid_argument("the slot file was saved with a slot context of " +
+                                        std::to_string(h.n_ctx_slot) + " tokens; this server's slots hold " +
+                                        std::to_string(n_ctx_slot_) + " (-c / -np)");
+        if (h.n_tokens > static_cast<uint32_t>(n_ctx_slot_) ||
+            bytes.size() - sizeof h < h.n_tokens * sizeof(int32_t))
+            throw std::invalid_argument("the slot file is corrupt");
+        std::vector<int32_t> tokens(h.n_tokens);
+        std::memcpy(tokens.data(), bytes.data() + sizeof h, h.n_tokens * sizeof(int32_t));
+        for (int32_t t : tokens)
+            if (t < 0 || t >= n_vocab_)
+                throw std::invalid_argument("the slot file is corrupt (token id out of range)");
+        const size_t kv_at = sizeof h + h.n_tokens * sizeof(int32_t);
+        const std::vector<uint8_t> kv(bytes.begin() + kv_at, bytes.end());
+        const int n = ctx_.kv_seq_load(slot, kv, n_ctx_slot_);
+        // The cells must be the tokens' positions 0..n-1 (they are strictly increasing).
+        if (n != static_cast<int>(h.n_tokens) || ctx_.kv_cache().seq_pos_max(slot) != n - 1) {
+            ctx_.kv_cache().seq_rm(slot, 0, -1);
+            s.cached.clear();
+            s.n_past = 0;
+            throw std::invalid_argument("the slot file is corrupt (its cells are not its tokens' positions)");
+        }
+        s.cached = std::move(tokens);
+        s.n_past = n;
+        n_restored = n;
+    });
+    return n_restored;
+}
+
+int BatchEngine::erase_slot(int slot) {
+    int n_erased = 0;
+    on_engine_thread([&] {
+        Slot& s = idle_slot(slot, false);
+        n_erased = static_cast<int>(s.cached.size());
+        s.cached.clear();
+        s.n_past = 0;
+        ctx_.kv_cache().seq_rm(slot, 0, -1);
+    });
+    return n_erased;
 }
 
 }  // namespace glmoe

@@ -12,6 +12,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -40,6 +42,24 @@ struct EngineParams {
     bool spec_suffix = false;
     SuffixDraftParams spec;
     size_t spec_store_bytes = 64 << 20;
+    // Idle slots keep the cache of their last request (llama-server's slots, which save and restore
+    // act on); a request then goes to the idle slot sharing the longest prompt prefix and reuses it.
+    bool keep_slot_cache = false;
+};
+
+// Slot actions (save_slot, restore_slot, erase_slot) on a slot that serves a request.
+struct SlotBusy : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+// Slot state of a placement that cannot save it (attention layers on the GPU).
+struct SlotStateUnsupported : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// What save_slot() hands over: the slot's cached tokens, and them with their K/V cells as bytes.
+struct SlotSnapshot {
+    std::vector<int32_t> tokens;
+    std::vector<uint8_t> bytes;
 };
 
 enum class FinishReason { none, stop, length, cancelled, error };
@@ -64,6 +84,7 @@ struct RequestEvent {
     FinishReason finish_reason = FinishReason::none;
     std::string error;            // set when finish_reason is error
     int n_prompt = 0;
+    int n_cached = 0;  // prompt tokens whose K/V a kept slot cache already held (not evaluated)
     int n_generated = 0;
     double t_prompt_ms = 0;
     double t_gen_ms = 0;
@@ -137,6 +158,17 @@ public:
     size_t kv_bytes() const { return ctx_.kv_bytes(); }
     std::vector<SlotInfo> slots() const;
 
+    // llama-server's slot actions, run on the engine thread between steps so that no step sees a
+    // half-restored slot. std::out_of_range for a bad slot id, SlotBusy while the slot serves a
+    // request, SlotStateUnsupported for GPU attention layers. save_slot's bytes name the model
+    // (a fingerprint of its tensors), the slot context and the KV types; restore_slot replaces the
+    // slot's cache with them and returns the tokens restored, throwing std::invalid_argument (slot
+    // unchanged) for bytes from another model, slot context or KV types. erase_slot empties the
+    // slot's cache and returns the tokens it held.
+    SlotSnapshot save_slot(int slot);
+    int restore_slot(int slot, const std::vector<uint8_t>& bytes);
+    int erase_slot(int slot);
+
     // Stops the engine thread, finishing every unfinished request as cancelled. Idempotent.
     void shutdown();
 
@@ -164,6 +196,7 @@ private:
         int mask_index = -1;
         std::vector<float> held_logits;
         int n_top_logprobs = 0;
+        int n_cached = 0;  // prompt tokens reused from the slot's kept cache
 
         bool held() const { return !held_logits.empty(); }
         bool mask_ready() const { return mask_index == n_generated(); }
@@ -178,6 +211,7 @@ private:
         RequestPtr request;  // null: idle
         int n_past = 0;      // positions in the KV cache
         bool cancel_pending = false;
+        std::vector<int32_t> cached;  // idle: the tokens at positions 0.. whose K/V its cells hold
         SlotState state() const;
     };
 
@@ -191,6 +225,13 @@ private:
     };
 
     void run();
+    // Runs fn on the engine thread between steps (under mu_) and waits for it; rethrows its exception.
+    void on_engine_thread(std::function<void()> fn);
+    void run_slot_tasks();
+    // Throws std::out_of_range, SlotBusy, and for saves_state SlotStateUnsupported.
+    Slot& idle_slot(int slot, bool saves_state);
+    // The idle slot for a request with this prompt: the longest shared prefix, then the least cached.
+    int pick_slot(const std::vector<int32_t>& prompt) const;
     bool has_work() const;
     void start_waiting_requests();
     // Fills batch_ and logit_slots_ (the slot of each logits row; a slot's rows are adjacent).
@@ -219,6 +260,14 @@ private:
     const int n_vocab_;
     Context ctx_;  // touched only by the engine thread, or under mu_ while no step is in flight
     const std::shared_ptr<SuffixStore> spec_store_;  // null: no drafting
+    const uint64_t model_fingerprint_;  // what a saved slot names its model by
+
+    struct SlotTask {
+        std::function<void()> fn;
+        bool done = false;
+        std::exception_ptr error;
+    };
+    std::deque<std::shared_ptr<SlotTask>> slot_tasks_;  // under mu_
 
     mutable std::mutex mu_;
     std::condition_variable work_cv_;    // engine thread: new request, cancel, shutdown

@@ -248,6 +248,16 @@ std::string kv_types_text(uint32_t type_k, uint32_t type_v) {
     return "K " + kv_type_name(type_k) + ", V " + kv_type_name(type_v);
 }
 
+void check_types(uint32_t type_k, uint32_t type_v, KVRows& rows) {
+    if (type_k != rows.type_k() || type_v != rows.type_v())
+        throw std::invalid_argument("KV cache state was saved with KV types " + kv_types_text(type_k, type_v) +
+                                    ", but this context stores " + kv_types_text(rows.type_k(), rows.type_v()) +
+                                    " (-ctk/-ctv, type_k/type_v): load it into a context with the same types");
+}
+
+// "KVS1": one sequence's state (save_seq).
+constexpr uint32_t kSeqStateMagic = 0x4b565331;
+
 }  // namespace
 
 std::vector<uint8_t> KVCache::save(KVRows& rows) const {
@@ -293,10 +303,7 @@ void KVCache::load(const std::vector<uint8_t>& in, KVRows& rows) {
     take(in, at, widths.data(), widths.size());
     if (header[1] != static_cast<uint32_t>(n_ctx()) || widths != width)
         throw std::invalid_argument("KV cache state is from a context of another size or model");
-    if (header[3] != rows.type_k() || header[4] != rows.type_v())
-        throw std::invalid_argument("KV cache state was saved with KV types " + kv_types_text(header[3], header[4]) +
-                                    ", but this context stores " + kv_types_text(rows.type_k(), rows.type_v()) +
-                                    " (-ctk/-ctv, type_k/type_v): load it into a context with the same types");
+    check_types(header[3], header[4], rows);
     uint32_t n_used_cells;
     take(in, at, &n_used_cells);
     if (n_used_cells > static_cast<uint32_t>(n_ctx())) throw std::invalid_argument("KV cache state is corrupt");
@@ -321,6 +328,66 @@ void KVCache::load(const std::vector<uint8_t>& in, KVRows& rows) {
             take(in, at, rows.v(static_cast<int>(il), c), v_bytes);
         }
     }
+}
+
+std::vector<uint8_t> KVCache::save_seq(int seq, KVRows& rows) const {
+    const std::vector<int32_t>& cells = seq_cells(seq);
+    const std::vector<int64_t> width = widths_of(rows);
+    std::vector<uint8_t> out;
+    const uint32_t header[5] = {kSeqStateMagic, static_cast<uint32_t>(width.size()), rows.type_k(), rows.type_v(),
+                                static_cast<uint32_t>(cells.size())};
+    put(out, header, 5);
+    put(out, width.data(), width.size());
+    for (int32_t c : cells) put(out, &cells_[c].pos);
+    for (size_t il = 0; il < width.size(); ++il) {
+        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
+        for (int32_t c : cells) {
+            put(out, rows.k(static_cast<int>(il), c), k_bytes);
+            put(out, rows.v(static_cast<int>(il), c), v_bytes);
+        }
+    }
+    return out;
+}
+
+int KVCache::load_seq(int seq, const std::vector<uint8_t>& in, KVRows& rows, int max_cells) {
+    check_seq(seq);
+    const std::vector<int64_t> width = widths_of(rows);
+    size_t at = 0;
+    uint32_t header[5];
+    take(in, at, header, 1);
+    if (header[0] != kSeqStateMagic) throw std::invalid_argument("not a glmoe sequence KV state");
+    take(in, at, header + 1, 4);
+    std::vector<int64_t> widths(header[1] == width.size() ? header[1] : 0);
+    take(in, at, widths.data(), widths.size());
+    if (widths != width) throw std::invalid_argument("KV state is from a model of another shape");
+    check_types(header[2], header[3], rows);
+    const uint32_t n = header[4];
+    if (n > static_cast<uint32_t>(std::max(max_cells, 0)))
+        throw std::invalid_argument("KV state holds " + std::to_string(n) + " cells, more than the " +
+                                    std::to_string(max_cells) + " a sequence may have here");
+    std::vector<int32_t> pos(n);
+    take(in, at, pos.data(), n);
+    for (uint32_t i = 0; i < n; ++i)  // each position once, in order: what seq_cells() lists
+        if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1])) throw std::invalid_argument("KV state is corrupt");
+    size_t payload = 0;
+    for (int64_t w : width) payload += (row_bytes(rows.type_k(), w) + row_bytes(rows.type_v(), w)) * n;
+    if (in.size() - at != payload) throw std::invalid_argument("KV state has the wrong size");
+    // Cells only seq holds come free when it is cleared; a shared one stays with its other sequences.
+    int freed = 0;
+    for (int32_t c : seq_cells_[seq]) freed += cells_[c].seqs == (uint64_t{1} << seq);
+    if (static_cast<int64_t>(n) > n_ctx() - n_used_ + freed)
+        throw KVCacheFull("KV cache is full: restoring " + std::to_string(n) + " cells, " +
+                          std::to_string(n_ctx() - n_used_ + freed) + " free");
+    seq_rm(seq, 0, -1);
+    const std::vector<int32_t> cells = allocate(std::vector<int32_t>(n, seq), pos);
+    for (size_t il = 0; il < width.size(); ++il) {
+        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
+        for (int32_t c : cells) {
+            take(in, at, rows.k(static_cast<int>(il), c), k_bytes);
+            take(in, at, rows.v(static_cast<int>(il), c), v_bytes);
+        }
+    }
+    return static_cast<int>(n);
 }
 
 }  // namespace glmoe

@@ -72,6 +72,12 @@ public:
     // shape or KV types.
     std::vector<uint8_t> save(KVRows& rows) const;
     void load(const std::vector<uint8_t>& bytes, KVRows& rows);
+    // One sequence's cells (by position) and their K/V rows as bytes, and back: load_seq() replaces
+    // seq's cells with the saved ones and returns how many. It throws std::invalid_argument for bytes
+    // from another model shape or KV types, or with more than max_cells cells, and KVCacheFull when
+    // the free cells cannot take them; in both cases the cache and rows are unchanged.
+    std::vector<uint8_t> save_seq(int seq, KVRows& rows) const;
+    int load_seq(int seq, const std::vector<uint8_t>& bytes, KVRows& rows, int max_cells);
 
 private:
     struct Cell {

@@ -69,7 +69,8 @@ def _load(state: ServerState, settings: Settings) -> None:
                                    spec_min_token_prob=settings.spec_min_token_prob,
                                    n_gpu_layers=settings.n_gpu_layers,
                                    tensor_overrides=settings.tensor_overrides, n_cpu_moe=settings.n_cpu_moe,
-                                   cpu_moe=settings.cpu_moe, type_k=settings.type_k, type_v=settings.type_v)
+                                   cpu_moe=settings.cpu_moe, type_k=settings.type_k, type_v=settings.type_v,
+                                   keep_slot_cache=settings.slot_save_path is not None)
         state.chat_template = settings.chat_template or model.metadata().get("tokenizer.chat_template")
         state.model, state.tokenizer = model, tokenizer
         generator = Generator(engine, tokenizer, settings.n_parallel, settings.spec_suffix)

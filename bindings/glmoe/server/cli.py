@@ -86,7 +86,6 @@ REFUSED_FLAGS = [
     (["--no-slots"], 0, "glmoe always serves /slots"),
     (["--reranking", "--rerank"], 0, "reranking is not supported"),
     (["--cache-reuse"], 1, "KV cache reuse by shifting is not supported yet"),
-    (["--slot-save-path"], 1, "saving and restoring slots is not supported yet"),
     (["--props"], 0, "changing global properties through POST /props is not supported (GET /props is served)"),
     (["--lora"], 1, "LoRA adapters are not supported"), (["--lora-scaled"], 2, "LoRA adapters are not supported"),
     (["--rope-scaling"], 1, "RoPE scaling is not supported"), (["--rope-scale"], 1, "RoPE scaling is not supported"),
@@ -216,6 +215,9 @@ def parser() -> argparse.ArgumentParser:
                      help=CACHE_TYPE_HELP.format("K"))
     gpu.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", type=cache_type_arg, default=-1, metavar="TYPE",
                      help=CACHE_TYPE_HELP.format("V"))
+    ap.add_argument("--slot-save-path", metavar="DIR",
+                    help="directory for POST /slots/{id}?action=save|restore files (created if missing); with it "
+                         "idle slots keep their cache for the next request sharing its prompt prefix")
     unused = ap.add_argument_group("accepted for llama.cpp compatibility, unused")
     unused.add_argument("-ub", "--ubatch-size", type=int)
     unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
@@ -297,7 +299,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
                     n_batch=args.batch_size, n_gpu_layers=args.gpu_layers,
                     tensor_overrides=list(args.override_tensor), cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
-                    type_k=args.cache_type_k, type_v=args.cache_type_v, alias=args.alias,
+                    type_k=args.cache_type_k, type_v=args.cache_type_v, slot_save_path=args.slot_save_path,
+                    alias=args.alias,
                     api_key=args.api_key, chat_template=template,
                     api_keys=read_api_keys(args.api_key_file) if args.api_key_file else [],
                     n_predict=args.n_predict, sampling_defaults=sampling, reasoning_format=args.reasoning_format,
@@ -379,6 +382,13 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                         if field == err["loc"][0])
             ap.error(f"{flag}: {err['msg']}")
     check_overrides(ap, args.override_tensor)
+    if args.slot_save_path is not None:
+        if not args.slot_save_path:
+            ap.error("--slot-save-path: give a directory")
+        try:
+            os.makedirs(args.slot_save_path, exist_ok=True)
+        except OSError as e:
+            ap.error(f"--slot-save-path {args.slot_save_path}: not a usable directory: {e.strerror or e}")
 
 
 def unused_flags(args: argparse.Namespace) -> str:

@@ -25,6 +25,7 @@ VALUE_FLAGS = {
     "LLAMA_ARG_POOLING": "--pooling", "LLAMA_ARG_N_GPU_LAYERS": "--gpu-layers",
     "LLAMA_ARG_OVERRIDE_TENSOR": "--override-tensor", "LLAMA_ARG_N_CPU_MOE": "--n-cpu-moe",
     "LLAMA_ARG_CACHE_TYPE_K": "--cache-type-k", "LLAMA_ARG_CACHE_TYPE_V": "--cache-type-v",
+    "LLAMA_ARG_SLOT_SAVE_PATH": "--slot-save-path",
     "LLAMA_ARG_FLASH_ATTN": "--flash-attn", "LLAMA_ARG_CACHE_REUSE": "--cache-reuse",
     "LLAMA_ARG_ROPE_SCALING_TYPE": "--rope-scaling", "LLAMA_ARG_ROPE_SCALE": "--rope-scale",
     "LLAMA_ARG_ROPE_FREQ_BASE": "--rope-freq-base", "LLAMA_ARG_ROPE_FREQ_SCALE": "--rope-freq-scale",

@@ -170,7 +170,9 @@ class Generator:
 
     def _timings(self, ev: dict, n_prompt: int, n_generated: int) -> Dict[str, float]:
         """llama.cpp server's timings object; draft_n / draft_n_accepted when drafting is on."""
-        t = {"prompt_n": n_prompt, "prompt_ms": ev["t_prompt_ms"],
+        cache_n = ev.get("n_cached", 0)  # prompt tokens a kept slot cache held: not evaluated
+        n_prompt -= cache_n
+        t = {"cache_n": cache_n, "prompt_n": n_prompt, "prompt_ms": ev["t_prompt_ms"],
              "prompt_per_token_ms": ev["t_prompt_ms"] / max(n_prompt, 1),
              "prompt_per_second": 1000.0 * n_prompt / ev["t_prompt_ms"] if ev["t_prompt_ms"] > 0 else 0.0,
              "predicted_n": n_generated, "predicted_ms": ev["t_gen_ms"],

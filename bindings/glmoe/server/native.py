@@ -2,7 +2,7 @@
 /completion and /completions (its native completion, streamed as llama.cpp streams it, n_cmpl choices
 per prompt), GET and POST /props, POST /apply-template, chat token counting, the embeddings endpoints
 (with --embedding), CORS as llama.cpp answers it, and a 501 naming what is missing for llama.cpp's
-endpoints glmoe lacks (/infill, /rerank, /v1/responses, slot actions ...).
+endpoints glmoe lacks (/infill, /rerank, /v1/responses ...); slot actions are in slots.py.
 Completions run through the same Generator as /v1/completions, chat prompts through the same
 template path as /v1/chat/completions; fields are checked in native_fields.py."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..chat import token_piece
-from . import embeddings, limits
+from . import embeddings, limits, slots
 from .cli import glmoe_version
 from .errors import APIError, bad_request
 from .choices import check_n, choice_sampling, merged, text_of
@@ -47,7 +47,6 @@ UNSUPPORTED_ANY_METHOD = {
     "/v1/stream": "resumable streams are not supported",
     "/tools": "server-side tools are not supported", "/cors-proxy": "the web UI's CORS proxy is not supported",
 }
-NO_SLOT_ACTIONS = "saving, restoring and erasing slots is not supported (llama-server --slot-save-path is refused)"
 INPUT_TOKENS = ("/chat/completions/input_tokens", "/v1/chat/completions/input_tokens")
 ROUTES = {"/completion", "/completions", "/props", "/apply-template", "/embedding", "/embeddings", "/v1/embeddings",
           *INPUT_TOKENS, *UNSUPPORTED, *UNSUPPORTED_ANY_METHOD}
@@ -160,7 +159,7 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
                 "tokens_predicted": finish.n_generated, "tokens_evaluated": finish.n_prompt,
                 "generation_settings": params, "prompt": prompt_text, "has_new_line": "\n" in content,
                 "truncated": False, "stop_type": stop_type, "stopping_word": finish.stop_word,
-                "tokens_cached": 0, "timings": {"cache_n": 0, **finish.timings}}
+                "tokens_cached": finish.timings.get("cache_n", 0), "timings": {"cache_n": 0, **finish.timings}}
 
     @app.post("/completion")
     @app.post("/completions")  # llama.cpp's own, as /completion (OpenAI's is /v1/completions)
@@ -311,7 +310,7 @@ def register(app, state, settings, tokenize_prompt: Callable, chat_prompt: Calla
         app.post(path)(refuse(message))
     for path, message in UNSUPPORTED_ANY_METHOD.items():
         app.api_route(path, methods=["GET", "POST", "DELETE"])(refuse(message))
-    app.post("/slots/{id_slot}")(refuse(NO_SLOT_ACTIONS))
+    slots.register(app, state, settings)
 
     @app.get("/lora-adapters")
     async def lora_adapters():

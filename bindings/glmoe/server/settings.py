@@ -23,6 +23,9 @@ class Settings:
     # llama.cpp's -ctk/-ctv as GGML type ids; -1: f32 on the CPU, f16 on the GPU.
     type_k: int = -1
     type_v: int = -1
+    # llama.cpp's --slot-save-path: the directory of saved slots (None: slot actions are refused);
+    # with it, idle slots keep their cache for the next request that shares its prompt prefix.
+    slot_save_path: Optional[str] = None
     alias: Optional[str] = None
     api_key: Optional[str] = None
     api_keys: List[str] = dataclasses.field(default_factory=list)  # more keys (--api-key-file), any one works
