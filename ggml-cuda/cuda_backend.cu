@@ -232,15 +232,21 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
 
 void CudaBackendImpl::start_streaming() {
     const std::vector<ExpertStreamer::Layer> layers = streamable_layers();
-    size_t pinned = 0;
+    size_t pinned = 0, mapped = 0;
     for (const ExpertStreamer::Layer& l : layers)
-        for (size_t mb : l.matrix_bytes) pinned += mb * n_streamed_;
-    // Pinned pages cannot be swapped or reclaimed: leave the rest of the host room.
+        for (size_t mb : l.matrix_bytes) {
+            pinned += mb * n_streamed_;
+            mapped += mb * hp_.n_expert;
+        }
+    // Pinned pages cannot be swapped or reclaimed, and the CPU reads the rest of the experts from
+    // the mapped file, whose pages must stay in RAM too (or every step would wait on the disk):
+    // both, and room for the rest of the host.
     const uint64_t reserve = uint64_t{4} << 30;
     const uint64_t available = host_memory_available();
     std::string why_not;
-    if (available != UINT64_MAX && pinned + reserve > available) {
-        why_not = "pinning " + mib(pinned) + " would leave less than " + mib(reserve) + " of " + mib(available) + " free";
+    if (available != UINT64_MAX && pinned + mapped + reserve > available) {
+        why_not = "pinning " + mib(pinned) + " beside the " + mib(mapped) + " of mapped experts would leave less than " +
+                  mib(reserve) + " of " + mib(available) + " free";
     } else {
         try {
             streamer_ = std::make_unique<ExpertStreamer>(layers, n_streamed_, stream_slot_, pool_);
