@@ -3,6 +3,9 @@
 #include "quants.h"
 
 #include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <stdexcept>
 #include <string>
 
@@ -28,20 +31,44 @@ const TypeTraits& checked_traits(uint32_t type, int64_t n) {
     return tr;
 }
 
+#if defined(__AVX2__)
+// y[0..31] = d * q for 32 signed bytes q: the scalar loops' exact conversion and one product each.
+inline void scale_bytes_avx2(__m256i q, float d, float* y) {
+    const __m256 dv = _mm256_set1_ps(d);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), dv));
+    _mm256_storeu_ps(y + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), dv));
+    _mm256_storeu_ps(y + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), dv));
+    _mm256_storeu_ps(y + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), dv));
+}
+#endif
+
+// (These also read q8_0 / q4_0 KV cache rows, so the vector paths matter for attention.)
 void dequant_q8_0(const BlockQ8_0* b, float* y, int64_t nb) {
     for (int64_t i = 0; i < nb; ++i, y += 32) {
         const float d = half_to_f32(b[i].d);
+#if defined(__AVX2__)
+        scale_bytes_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[i].qs)), d, y);
+#else
         for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(b[i].qs[j]) * d;
+#endif
     }
 }
 
 void dequant_q4_0(const BlockQ4_0* b, float* y, int64_t nb) {
     for (int64_t i = 0; i < nb; ++i, y += 32) {
         const float d = half_to_f32(b[i].d);
+#if defined(__AVX2__)
+        // Low nibbles are elements 0-15, high nibbles 16-31.
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs));
+        const __m256i both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+        scale_bytes_avx2(_mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8)), d, y);
+#else
         for (int j = 0; j < 16; ++j) {
             y[j] = d * static_cast<float>((b[i].qs[j] & 0x0F) - 8);
             y[j + 16] = d * static_cast<float>((b[i].qs[j] >> 4) - 8);
         }
+#endif
     }
 }
 
