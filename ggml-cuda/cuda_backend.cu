@@ -148,7 +148,7 @@ void CudaBackendImpl::lay_out(Arena& a) {
     d_in_ = a.array<int32_t>(static_cast<size_t>(kInputs) * n);
     for (uint8_t*& slot : borrow_slots_) slot = borrow_bytes ? static_cast<uint8_t*>(a.reserve(borrow_bytes)) : nullptr;
     const std::vector<ExpertStreamer::Layer> streamed = streamable_layers();
-    stream_slot_ = streamed.empty() ? nullptr : static_cast<uint8_t*>(a.reserve(ExpertStreamer::slot_bytes(streamed, n_streamed_)));
+    stream_slot_ = streamed.empty() ? nullptr : static_cast<uint8_t*>(a.reserve(ExpertStreamer::slot_layout(streamed, n_streamed_)));
     memory_.compute = a.used() - compute_start;
 }
 

@@ -17,11 +17,13 @@ void check(cudaError_t e, const char* what) {
 
 }  // namespace
 
-size_t ExpertStreamer::slot_bytes(const std::vector<Layer>& layers, int n_streamed) {
+// The slot holds matrix m of experts [0, n_streamed) at offset[m], room for the widest layer's.
+size_t ExpertStreamer::slot_layout(const std::vector<Layer>& layers, int n_streamed, size_t offset[kMatrices]) {
     size_t total = 0;
     for (int m = 0; m < kMatrices; ++m) {
         size_t widest = 0;
         for (const Layer& l : layers) widest = std::max(widest, l.matrix_bytes[m]);
+        if (offset) offset[m] = total;
         total += widest * n_streamed;
     }
     return total;
@@ -29,13 +31,7 @@ size_t ExpertStreamer::slot_bytes(const std::vector<Layer>& layers, int n_stream
 
 ExpertStreamer::ExpertStreamer(const std::vector<Layer>& layers, int n_streamed, uint8_t* slot, ThreadPool& pool)
     : n_streamed_(n_streamed), slot_(slot) {
-    size_t offset = 0;
-    for (int m = 0; m < kMatrices; ++m) {
-        slot_offset_[m] = offset;
-        size_t widest = 0;
-        for (const Layer& l : layers) widest = std::max(widest, l.matrix_bytes[m]);
-        offset += widest * n_streamed;
-    }
+    slot_layout(layers, n_streamed, slot_offset_);
     for (const Layer& l : layers)
         for (int m = 0; m < kMatrices; ++m) pinned_bytes_ += l.matrix_bytes[m] * n_streamed;
     check(cudaHostAlloc(&host_, pinned_bytes_, cudaHostAllocDefault), "allocating pinned memory for streamed experts");

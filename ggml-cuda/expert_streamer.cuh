@@ -24,8 +24,9 @@ public:
         const void* stack[kMatrices] = {};     // the mapped file's expert stacks
         size_t matrix_bytes[kMatrices] = {};  // one expert's matrix
     };
-    // Bytes of the device slot: n_streamed experts of the widest layer.
-    static size_t slot_bytes(const std::vector<Layer>& layers, int n_streamed);
+    // Bytes of the device slot: n_streamed experts of the widest layer; offset (if given) gets
+    // where each matrix kind starts in it.
+    static size_t slot_layout(const std::vector<Layer>& layers, int n_streamed, size_t offset[kMatrices] = nullptr);
     // Pinned copies of experts [0, n_streamed) of each layer, made by the pool's threads. Throws
     // GpuError when the pinned memory cannot be had.
     ExpertStreamer(const std::vector<Layer>& layers, int n_streamed, uint8_t* slot, ThreadPool& pool);

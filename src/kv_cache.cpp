@@ -244,6 +244,36 @@ std::vector<int64_t> widths_of(KVRows& rows) {
     return w;
 }
 
+// The K and V rows of `cells`, layer by layer (each cell's K row, then its V row): what a state
+// holds after its cell table.
+size_t rows_bytes(KVRows& rows, const std::vector<int64_t>& width, size_t n_cells) {
+    size_t bytes = 0;
+    for (int64_t w : width) bytes += (row_bytes(rows.type_k(), w) + row_bytes(rows.type_v(), w)) * n_cells;
+    return bytes;
+}
+
+void put_rows(std::vector<uint8_t>& out, KVRows& rows, const std::vector<int64_t>& width,
+              const std::vector<int32_t>& cells) {
+    for (size_t il = 0; il < width.size(); ++il) {
+        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
+        for (int32_t c : cells) {
+            put(out, rows.k(static_cast<int>(il), c), k_bytes);
+            put(out, rows.v(static_cast<int>(il), c), v_bytes);
+        }
+    }
+}
+
+void take_rows(const std::vector<uint8_t>& in, size_t& at, KVRows& rows, const std::vector<int64_t>& width,
+               const std::vector<int32_t>& cells) {
+    for (size_t il = 0; il < width.size(); ++il) {
+        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
+        for (int32_t c : cells) {
+            take(in, at, rows.k(static_cast<int>(il), c), k_bytes);
+            take(in, at, rows.v(static_cast<int>(il), c), v_bytes);
+        }
+    }
+}
+
 std::string kv_types_text(uint32_t type_k, uint32_t type_v) {
     return "K " + kv_type_name(type_k) + ", V " + kv_type_name(type_v);
 }
@@ -277,13 +307,7 @@ std::vector<uint8_t> KVCache::save(KVRows& rows) const {
         put(out, &cells_[c].pos);
         put(out, &cells_[c].seqs);
     }
-    for (size_t il = 0; il < width.size(); ++il) {
-        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
-        for (int32_t c : used) {
-            put(out, rows.k(static_cast<int>(il), c), k_bytes);
-            put(out, rows.v(static_cast<int>(il), c), v_bytes);
-        }
-    }
+    put_rows(out, rows, width, used);
     return out;
 }
 
@@ -316,18 +340,11 @@ void KVCache::load(const std::vector<uint8_t>& in, KVRows& rows) {
         take(in, at, &cells[used[i]].seqs);
         if (!cells[used[i]].seqs) throw std::invalid_argument("KV cache state is corrupt");
     }
-    size_t payload = 0;
-    for (int64_t w : width) payload += (row_bytes(rows.type_k(), w) + row_bytes(rows.type_v(), w)) * n_used_cells;
+    const size_t payload = rows_bytes(rows, width, n_used_cells);
     if (in.size() - at != payload) throw std::invalid_argument("KV cache state has the wrong size");
     cells_ = std::move(cells);
     rebuild_index();
-    for (size_t il = 0; il < width.size(); ++il) {
-        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
-        for (int32_t c : used) {
-            take(in, at, rows.k(static_cast<int>(il), c), k_bytes);
-            take(in, at, rows.v(static_cast<int>(il), c), v_bytes);
-        }
-    }
+    take_rows(in, at, rows, width, used);
 }
 
 std::vector<uint8_t> KVCache::save_seq(int seq, KVRows& rows) const {
@@ -339,13 +356,7 @@ std::vector<uint8_t> KVCache::save_seq(int seq, KVRows& rows) const {
     put(out, header, 5);
     put(out, width.data(), width.size());
     for (int32_t c : cells) put(out, &cells_[c].pos);
-    for (size_t il = 0; il < width.size(); ++il) {
-        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
-        for (int32_t c : cells) {
-            put(out, rows.k(static_cast<int>(il), c), k_bytes);
-            put(out, rows.v(static_cast<int>(il), c), v_bytes);
-        }
-    }
+    put_rows(out, rows, width, cells);
     return out;
 }
 
@@ -369,8 +380,7 @@ int KVCache::load_seq(int seq, const std::vector<uint8_t>& in, KVRows& rows, int
     take(in, at, pos.data(), n);
     for (uint32_t i = 0; i < n; ++i)  // each position once, in order: what seq_cells() lists
         if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1])) throw std::invalid_argument("KV state is corrupt");
-    size_t payload = 0;
-    for (int64_t w : width) payload += (row_bytes(rows.type_k(), w) + row_bytes(rows.type_v(), w)) * n;
+    const size_t payload = rows_bytes(rows, width, n);
     if (in.size() - at != payload) throw std::invalid_argument("KV state has the wrong size");
     // Cells only seq holds come free when it is cleared; a shared one stays with its other sequences.
     int freed = 0;
@@ -380,13 +390,7 @@ int KVCache::load_seq(int seq, const std::vector<uint8_t>& in, KVRows& rows, int
                           std::to_string(n_ctx() - n_used_ + freed) + " free");
     seq_rm(seq, 0, -1);
     const std::vector<int32_t> cells = allocate(std::vector<int32_t>(n, seq), pos);
-    for (size_t il = 0; il < width.size(); ++il) {
-        const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
-        for (int32_t c : cells) {
-            take(in, at, rows.k(static_cast<int>(il), c), k_bytes);
-            take(in, at, rows.v(static_cast<int>(il), c), v_bytes);
-        }
-    }
+    take_rows(in, at, rows, width, cells);
     return static_cast<int>(n);
 }
 
