@@ -1,5 +1,6 @@
 // glmoe._core.cuda_ops.attention_decode / attention_prefill: the CUDA attention kernels on numpy
-// arrays, for tests. K/V caches are float16 arrays passed as their bits (arr.view(np.uint16)).
+// arrays, for tests. K/V caches are raw rows [n_cells, row bytes] of type_k / type_v: float16 bits
+// (arr.view(np.uint16)) for F16, the block bytes (uint8) for Q8_0 / Q4_0.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
@@ -17,27 +18,37 @@ using cuda_test::upload;
 namespace {
 
 using F32In = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
-using F16In = nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using KVIn = nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// Values per row of a raw cache of `type` (a KV type of the kernels).
+int64_t row_values(const KVIn& cache, uint32_t type) {
+    if (!cuda::kv_type_supported(type)) throw nb::value_error("KV types must be F16 (1), Q8_0 (8) or Q4_0 (2)");
+    const int64_t bytes = static_cast<int64_t>(cache.nbytes() / std::max<size_t>(cache.shape(0), 1));
+    const int64_t per32 = cuda::kv_row_bytes(type, 32);
+    if (bytes % per32 != 0) throw nb::value_error("cache row bytes are not whole blocks of the type");
+    return bytes / per32 * 32;
+}
 using I32In = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // Checks shapes and indices (a bad index would read outside the device arrays), uploads, runs the
 // kernel with the output poisoned, and returns out [n_tok, n_head * head_dim]. q_stride 0: q rows
 // are packed [n_head * head_dim]; otherwise q rows are q_stride wide (q.shape(1) == q_stride) and
 // only their first n_head * head_dim columns are read (as the fused qkv rows the model passes).
-nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const F16In& k_cache, const F16In& v_cache,
+nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const KVIn& k_cache, const KVIn& v_cache,
                                             const I32In& cells, const I32In& cell_start, const I32In& n_visible,
                                             int n_head, int n_head_kv, float scale, int max_visible,
-                                            int64_t q_stride) {
+                                            int64_t q_stride, uint32_t type_k, uint32_t type_v) {
     const int64_t n_tok = q.shape(0), n_cells = k_cache.shape(0);
-    if (n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || k_cache.shape(1) % n_head_kv != 0)
+    const int64_t kv_width = row_values(k_cache, type_k);
+    if (n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || kv_width % n_head_kv != 0)
         throw nb::value_error("bad head counts");
-    const int head_dim = static_cast<int>(k_cache.shape(1) / n_head_kv);
+    const int head_dim = static_cast<int>(kv_width / n_head_kv);
     const size_t q_width = static_cast<size_t>(n_head) * head_dim;
     if (q_stride < 0 || (q_stride == 0 && q.shape(1) != q_width) ||
         (q_stride > 0 && (q.shape(1) != static_cast<size_t>(q_stride) || q.shape(1) < q_width)))
         throw nb::value_error("q must be [n_tok, n_head * head_dim], or [n_tok, q_stride] with q_stride >= that");
     if (v_cache.shape(0) != k_cache.shape(0) ||
-        v_cache.shape(1) != k_cache.shape(1) || cell_start.shape(0) != static_cast<size_t>(n_tok) ||
+        row_values(v_cache, type_v) != kv_width || cell_start.shape(0) != static_cast<size_t>(n_tok) ||
         n_visible.shape(0) != static_cast<size_t>(n_tok))
         throw nb::value_error("array shapes disagree");
     int most = 1;
@@ -53,8 +64,8 @@ nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const F
     if (max_visible <= 0) max_visible = most;  // 0: the tight bound
 
     auto dq = upload<float>(q);
-    auto dk = upload<uint16_t>(k_cache);
-    auto dv = upload<uint16_t>(v_cache);
+    DeviceArray<uint8_t> dk(static_cast<const uint8_t*>(k_cache.data()), k_cache.nbytes());
+    DeviceArray<uint8_t> dv(static_cast<const uint8_t*>(v_cache.data()), v_cache.nbytes());
     auto dcells = upload<int32_t>(cells);
     auto dstart = upload<int32_t>(cell_start);
     auto dvis = upload<int32_t>(n_visible);
@@ -63,8 +74,10 @@ nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const F
 
     cuda::AttentionArgs a;
     a.q = dq.get();
-    a.k_cache = reinterpret_cast<const half*>(dk.get());
-    a.v_cache = reinterpret_cast<const half*>(dv.get());
+    a.k_cache = dk.get();
+    a.v_cache = dv.get();
+    a.type_k = type_k;
+    a.type_v = type_v;
     a.cells = dcells.get();
     a.cell_start = dstart.get();
     a.n_visible = dvis.get();
@@ -92,25 +105,30 @@ nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const F
 void bind_cuda_attention(nb::module_& m) {
     m.def(
         "attention_decode",
-        [](const F32In& q, const F16In& k, const F16In& v, const I32In& cells, const I32In& cell_start,
-           const I32In& n_visible, int n_head, int n_head_kv, float scale, int max_visible, int64_t q_stride) {
+        [](const F32In& q, const KVIn& k, const KVIn& v, const I32In& cells, const I32In& cell_start,
+           const I32In& n_visible, int n_head, int n_head_kv, float scale, int max_visible, int64_t q_stride,
+           uint32_t type_k, uint32_t type_v) {
             return run_attention(true, q, k, v, cells, cell_start, n_visible, n_head, n_head_kv, scale, max_visible,
-                                 q_stride);
+                                 q_stride, type_k, type_v);
         },
         nb::arg("q"), nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("cells"), nb::arg("cell_start"),
         nb::arg("n_visible"), nb::arg("n_head"), nb::arg("n_head_kv"), nb::arg("scale"), nb::arg("max_visible") = 0,
-        nb::arg("q_stride") = 0,
+        nb::arg("q_stride") = 0, nb::arg("type_k") = 1, nb::arg("type_v") = 1,
         "Split-K decode attention. q f32 [n_tok, n_head*D]; k_cache, v_cache float16 bits (uint16) "
         "[n_cells, n_head_kv*D]; token t sees cells[cell_start[t] : cell_start[t] + n_visible[t]]. "
         "max_visible: the split bucket (0: max(n_visible)). q_stride: 0, or q.shape[1] for wider q rows "
-        "of which the first n_head*D columns are read (a multiple of 4). Returns out f32 [n_tok, n_head*D].");
+        "of which the first n_head*D columns are read (a multiple of 4). type_k/type_v: GGML ids of the cache "
+        "rows (1 F16; 8 Q8_0, 2 Q4_0: raw block bytes, uint8). Returns out f32 [n_tok, n_head*D].");
     m.def(
         "attention_prefill",
-        [](const F32In& q, const F16In& k, const F16In& v, const I32In& cells, const I32In& cell_start,
-           const I32In& n_visible, int n_head, int n_head_kv, float scale, int64_t q_stride) {
-            return run_attention(false, q, k, v, cells, cell_start, n_visible, n_head, n_head_kv, scale, 0, q_stride);
+        [](const F32In& q, const KVIn& k, const KVIn& v, const I32In& cells, const I32In& cell_start,
+           const I32In& n_visible, int n_head, int n_head_kv, float scale, int64_t q_stride, uint32_t type_k,
+           uint32_t type_v) {
+            return run_attention(false, q, k, v, cells, cell_start, n_visible, n_head, n_head_kv, scale, 0, q_stride,
+                                 type_k, type_v);
         },
         nb::arg("q"), nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("cells"), nb::arg("cell_start"),
         nb::arg("n_visible"), nb::arg("n_head"), nb::arg("n_head_kv"), nb::arg("scale"), nb::arg("q_stride") = 0,
+        nb::arg("type_k") = 1, nb::arg("type_v") = 1,
         "Tensor-core prompt attention: as attention_decode, all tokens sharing cell_start[0].");
 }

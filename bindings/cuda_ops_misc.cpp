@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda_test_util.h"
+#include "ggml_types.h"
 #include "kernels.h"
 
 namespace nb = nanobind;
@@ -96,11 +97,23 @@ nb::object rms_norm_q8_py(const F32In& x, const F32In& w, float eps) {
                           nb::ndarray<nb::numpy, int8_t>(qv->data(), 2, sq, oq));
 }
 
-// Returns (qkv after the op, k_cache, v_cache); the caches are [n_cells, n_head_kv * head_dim]
-// float16 bits (uint16), poisoned with 0xFFFF where not written.
+// A cache of n_cells rows of `type` as numpy: F16 as float16 bits (uint16) [n_cells, width], a
+// quantized type as its block bytes (uint8) [n_cells, row bytes].
+nb::object cache_to_numpy(const DeviceArray<uint8_t>& d, uint32_t type, size_t n_cells, size_t width) {
+    auto bytes = to_numpy(d, {n_cells, d.size() / n_cells});
+    if (type != glmoe::GGML_TYPE_F16) return nb::cast(bytes);
+    return nb::module_::import_("numpy").attr("ascontiguousarray")(bytes).attr("view")("uint16").attr("reshape")(
+        n_cells, width);
+}
+
+// Returns (qkv after the op, k_cache, v_cache); the caches are [n_cells] rows of n_head_kv * head_dim
+// values of type_k / type_v (cache_to_numpy), poisoned with 0xFF bytes where not written.
 nb::object qkv_prepare_py(const F32In& qkv, std::optional<F32In> bias, std::optional<F32In> q_norm,
                           std::optional<F32In> k_norm, const I32In& pos, const I32In& cells, int n_cells, int n_head,
-                          int n_head_kv, int head_dim, int n_rot, float eps, float freq_base) {
+                          int n_head_kv, int head_dim, int n_rot, float eps, float freq_base, uint32_t type_k,
+                          uint32_t type_v) {
+    need(glmoe::cuda::kv_type_supported(type_k) && glmoe::cuda::kv_type_supported(type_v),
+         "KV types must be F16 (1), Q8_0 (8) or Q4_0 (2)");
     need(qkv.ndim() == 2, "qkv must be 2-d");
     const size_t n = qkv.shape(0), width = qkv.shape(1);
     need(width == static_cast<size_t>(n_head + 2 * n_head_kv) * head_dim, "qkv width does not match the heads");
@@ -119,7 +132,10 @@ nb::object qkv_prepare_py(const F32In& qkv, std::optional<F32In> bias, std::opti
     if (bias) d_bias.emplace(bias->data(), bias->size());
     if (q_norm) d_qn.emplace(q_norm->data(), q_norm->size());
     if (k_norm) d_kn.emplace(k_norm->data(), k_norm->size());
-    DeviceArray<uint16_t> d_k(n_cells * kv_width), d_v(n_cells * kv_width);
+    need(head_dim % 32 == 0 || (type_k == glmoe::GGML_TYPE_F16 && type_v == glmoe::GGML_TYPE_F16),
+         "quantized KV rows need head_dim % 32 == 0");
+    DeviceArray<uint8_t> d_k(n_cells * glmoe::cuda::kv_row_bytes(type_k, kv_width));
+    DeviceArray<uint8_t> d_v(n_cells * glmoe::cuda::kv_row_bytes(type_v, kv_width));
     d_k.fill_bytes(0xFF);
     d_v.fill_bytes(0xFF);
 
@@ -130,8 +146,10 @@ nb::object qkv_prepare_py(const F32In& qkv, std::optional<F32In> bias, std::opti
     a.k_norm = d_kn ? d_kn->get() : nullptr;
     a.pos = d_pos.get();
     a.cells = d_cells.get();
-    a.k_cache = reinterpret_cast<half*>(d_k.get());
-    a.v_cache = reinterpret_cast<half*>(d_v.get());
+    a.k_cache = d_k.get();
+    a.v_cache = d_v.get();
+    a.type_k = type_k;
+    a.type_v = type_v;
     a.n = static_cast<int>(n);
     a.n_head = n_head;
     a.n_head_kv = n_head_kv;
@@ -141,7 +159,8 @@ nb::object qkv_prepare_py(const F32In& qkv, std::optional<F32In> bias, std::opti
     a.freq_base = freq_base;
     glmoe::cuda::qkv_prepare(a, nullptr);
     const size_t nc = static_cast<size_t>(n_cells);
-    return nb::make_tuple(to_numpy(d_qkv, {n, width}), to_numpy(d_k, {nc, kv_width}), to_numpy(d_v, {nc, kv_width}));
+    return nb::make_tuple(to_numpy(d_qkv, {n, width}), cache_to_numpy(d_k, type_k, nc, kv_width),
+                          cache_to_numpy(d_v, type_v, nc, kv_width));
 }
 
 nb::object swiglu_py(const F32In& g, const F32In& u) {
@@ -253,7 +272,9 @@ void bind_cuda_misc(nb::module_& m) {
     m.def("qkv_prepare", &qkv_prepare_py, nb::arg("qkv"), nb::arg("bias").none(), nb::arg("q_norm").none(),
           nb::arg("k_norm").none(), nb::arg("pos"), nb::arg("cells"), nb::arg("n_cells"), nb::arg("n_head"),
           nb::arg("n_head_kv"), nb::arg("head_dim"), nb::arg("n_rot"), nb::arg("eps"), nb::arg("freq_base"),
-          "Bias, qk-norm and neox rope; returns (qkv, k_cache, v_cache), caches as float16 bits (uint16).");
+          nb::arg("type_k") = 1, nb::arg("type_v") = 1,
+          "Bias, qk-norm and neox rope; returns (qkv, k_cache, v_cache), caches as float16 bits (uint16) for "
+          "F16, as block bytes (uint8, [n_cells, row bytes]) for Q8_0 (8) / Q4_0 (2).");
     m.def("swiglu", &swiglu_py, nb::arg("g"), nb::arg("u"), "silu(g) * u, flattened.");
     m.def("moe_route", &moe_route_py, nb::arg("logits"), nb::arg("bias").none(), nb::arg("n_used"),
           nb::arg("n_groups") = 1, nb::arg("n_group_used") = 1, nb::arg("norm") = false, nb::arg("scale") = 1.0f,

@@ -10,6 +10,8 @@
 // tensor-core work, which then costs as much as the memory stream on an H100.)
 //
 // The cells of a split go through a cp.async pipeline in tiles of 64 (one 16-cell slice per warp);
+// Quantized K or V (kv_tile.cuh) goes through the same pipeline as raw row slices; each warp then
+// dequantizes its 16 cells into f16 rows of its own (no block barrier) before the same mma code.
 // each thread fetches the cell indices of a tile one iteration before it issues the tile's copies,
 // so the index load (a dependent global read) stays off the critical path. Each warp keeps its own
 // online-softmax state (max, sum, output in base-2 exponent units); the four are merged in shared
@@ -25,6 +27,7 @@
 
 #include "cuda_common.cuh"
 #include "kernels.h"
+#include "kv_tile.cuh"
 #include "mma_primitives.cuh"
 
 namespace glmoe::cuda {
@@ -63,6 +66,7 @@ struct Cfg {
     static constexpr size_t kStageBytes = 2 * kTile * kStride * sizeof(half);            // K, V
     static constexpr size_t kMergeBytes = kWarps * kRows * (D + 2) * sizeof(float);      // per-warp states
     static constexpr size_t kSmem = kQBytes + std::max(kStages * kStageBytes, kMergeBytes);
+    static constexpr size_t kWorkBytes = kTile * kStride * sizeof(half);  // one side's dequantized tile
     static_assert(kThreads % kChunks == 0 && kTile % kRowStep == 0, "load mapping");
 };
 
@@ -98,8 +102,35 @@ struct DecodeParams {
     float* part_ml;      // [n_tok][n_head][n_split][2]: max (base 2), sum
 };
 
-// grid: (n_split, n_head_kv * n_hgroups, n_tok).
+// Shared memory of the quantized path: staged raw/f16 rows of both sides per stage, then a
+// dequantized tile per quantized side (the merge reuses it all).
 template <int D>
+__host__ __device__ inline int quant_stage_bytes(uint32_t type_k, uint32_t type_v) {
+    constexpr int kF16Row = Cfg<D>::kStride * 2;
+    const int k = type_k == GGML_TYPE_F16 ? kF16Row : kv_raw_pitch(type_k, D);
+    const int v = type_v == GGML_TYPE_F16 ? kF16Row : kv_raw_pitch(type_v, D);
+    return kTile * (k + v);
+}
+
+template <int D>
+size_t quant_smem(uint32_t type_k, uint32_t type_v) {
+    using C = Cfg<D>;
+    const size_t work = C::kWorkBytes * ((type_k != GGML_TYPE_F16) + (type_v != GGML_TYPE_F16));
+    return C::kQBytes + std::max(C::kStages * quant_stage_bytes<D>(type_k, type_v) + work, C::kMergeBytes);
+}
+
+// The largest quant_smem of any pair of types (the kernel opts in once for it).
+template <int D>
+size_t quant_smem_max() {
+    size_t most = 0;
+    for (uint32_t k : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0})
+        for (uint32_t v : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0}) most = std::max(most, quant_smem<D>(k, v));
+    return most;
+}
+
+// grid: (n_split, n_head_kv * n_hgroups, n_tok). kF16: both sides f16 (read by the mma straight
+// from the stage); otherwise the types come from p.a at run time.
+template <int D, bool kF16>
 __global__ void __launch_bounds__(kThreads, Cfg<D>::kMinBlocks) attention_decode_kernel(const DecodeParams p) {
     pdl_enter();
     using C = Cfg<D>;
@@ -145,8 +176,15 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kMinBlocks) attention_decode
     // This thread's share of a tile: 16-byte column piece lc of rows lr + k * kRowStep (consecutive
     // threads cover a row's contiguous bytes: coalesced).
     const int lc = tid % C::kChunks, lr = tid / C::kChunks;
-    const half* k_base = a.k_cache + static_cast<int64_t>(kvh) * D + lc * 8;
-    const half* v_base = a.v_cache + static_cast<int64_t>(kvh) * D + lc * 8;
+    const half* k_base = static_cast<const half*>(a.k_cache) + static_cast<int64_t>(kvh) * D + lc * 8;
+    const half* v_base = static_cast<const half*>(a.v_cache) + static_cast<int64_t>(kvh) * D + lc * 8;
+    const KVSide side_k = kv_side(a.k_cache, a.type_k, a.n_head_kv, kvh, D);
+    const KVSide side_v = kv_side(a.v_cache, a.type_v, a.n_head_kv, kvh, D);
+    const int k_row = kv_stage_row_bytes(side_k, S), v_row = kv_stage_row_bytes(side_v, S);
+    const int stage_bytes = kTile * (k_row + v_row);
+    uint8_t* const stage0 = reinterpret_cast<uint8_t*>(kv);
+    half* const work_k = reinterpret_cast<half*>(stage0 + C::kStages * stage_bytes);
+    half* const work_v = work_k + (side_k.quant ? kTile * S : 0);
     // Cell indices of tile i for this thread's rows; -1 past `end` (nothing read).
     auto fetch_cells = [&](int i, int (&idx)[C::kLoads]) {
 #pragma unroll
@@ -158,14 +196,24 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kMinBlocks) attention_decode
     // Copies tile i (cells past `end` are zero-filled: V rows must not hold NaN garbage, since a
     // masked p = 0 times NaN would still poison the output).
     auto load_tile = [&](int i, const int (&idx)[C::kLoads]) {
-        half* ks = kv + (i % C::kStages) * 2 * kTile * S + lr * S + lc * 8;
-        half* vs = ks + kTile * S;
+        if constexpr (kF16) {
+            half* ks = kv + (i % C::kStages) * 2 * kTile * S + lr * S + lc * 8;
+            half* vs = ks + kTile * S;
 #pragma unroll
-        for (int k = 0; k < C::kLoads; ++k) {
-            const bool ok = idx[k] >= 0;
-            const int64_t off = (ok ? idx[k] : 0) * kv_width;
-            cp_async16(ks + k * C::kRowStep * S, k_base + off, ok);
-            cp_async16(vs + k * C::kRowStep * S, v_base + off, ok);
+            for (int k = 0; k < C::kLoads; ++k) {
+                const bool ok = idx[k] >= 0;
+                const int64_t off = (ok ? idx[k] : 0) * kv_width;
+                cp_async16(ks + k * C::kRowStep * S, k_base + off, ok);
+                cp_async16(vs + k * C::kRowStep * S, v_base + off, ok);
+            }
+        } else {
+            uint8_t* st = stage0 + (i % C::kStages) * stage_bytes;
+#pragma unroll
+            for (int k = 0; k < C::kLoads; ++k) {
+                const int r = lr + k * C::kRowStep;
+                kv_stage_piece(side_k, st + r * k_row, idx[k], lc, C::kChunks, idx[k] >= 0);
+                kv_stage_piece(side_v, st + kTile * k_row + r * v_row, idx[k], lc, C::kChunks, idx[k] >= 0);
+            }
         }
     };
 
@@ -220,6 +268,20 @@ __global__ void __launch_bounds__(kThreads, Cfg<D>::kMinBlocks) attention_decode
         if (c0 >= end) continue;                        // warp-uniform: nothing visible here
         const half* ks = kv + (i % C::kStages) * 2 * kTile * S + warp * 16 * S;
         const half* vs = ks + kTile * S;
+        if constexpr (!kF16) {
+            const uint8_t* st = stage0 + (i % C::kStages) * stage_bytes;
+            ks = reinterpret_cast<const half*>(st) + warp * 16 * S;
+            vs = reinterpret_cast<const half*>(st + kTile * k_row) + warp * 16 * S;
+            if (side_k.quant) {
+                kv_dequant_rows<D>(side_k.type, st, side_k.pitch, work_k, S, warp * 16, 16, lane, 32);
+                ks = work_k + warp * 16 * S;
+            }
+            if (side_v.quant) {
+                kv_dequant_rows<D>(side_v.type, st + kTile * k_row, side_v.pitch, work_v, S, warp * 16, 16, lane, 32);
+                vs = work_v + warp * 16 * S;
+            }
+            __syncwarp();
+        }
 
         // s = q . k for 16 heads x 16 cells; even and odd k-steps in separate accumulators, two
         // independent mma chains per 8-cell half (shorter dependency chains, same work).
@@ -473,10 +535,17 @@ __global__ void __launch_bounds__(kMergeThreads)
 
 template <int D>
 void launch_decode(const DecodeParams& p, cudaStream_t s) {
-    static std::atomic<uint64_t> done{0};
-    allow_smem(attention_decode_kernel<D>, Cfg<D>::kSmem, done, "attention_decode");
     const dim3 grid(p.n_split, p.a.n_head_kv * p.n_hgroups, p.a.n_tok);
-    launch_kernel(attention_decode_kernel<D>, grid, dim3(kThreads), Cfg<D>::kSmem, s, p);
+    if (p.a.type_k == GGML_TYPE_F16 && p.a.type_v == GGML_TYPE_F16) {
+        static std::atomic<uint64_t> done{0};
+        allow_smem(attention_decode_kernel<D, true>, Cfg<D>::kSmem, done, "attention_decode");
+        launch_kernel(attention_decode_kernel<D, true>, grid, dim3(kThreads), Cfg<D>::kSmem, s, p);
+    } else {
+        static std::atomic<uint64_t> done{0};
+        allow_smem(attention_decode_kernel<D, false>, quant_smem_max<D>(), done, "attention_decode");
+        launch_kernel(attention_decode_kernel<D, false>, grid, dim3(kThreads), quant_smem<D>(p.a.type_k, p.a.type_v),
+                      s, p);
+    }
     check_launch("attention_decode");
     if (p.n_split > 1) {
         launch_kernel(attention_merge_kernel<D>, dim3(p.a.n_head, p.a.n_tok), dim3(kMergeThreads), 0, s, p.part_o, p.part_ml, p.a.out,
@@ -527,6 +596,8 @@ void attention_decode(const AttentionArgs& a, float* scratch, cudaStream_t s) {
     p.part_o = scratch;
     p.part_ml = scratch ? scratch + static_cast<size_t>(a.n_tok) * a.n_head * p.n_split * a.head_dim : nullptr;
     if (p.n_split > 1 && scratch == nullptr) throw std::invalid_argument("attention_decode: scratch missing");
+    if (!kv_type_supported(a.type_k) || !kv_type_supported(a.type_v))
+        throw std::invalid_argument("attention_decode: KV types must be F16, Q8_0 or Q4_0");
     switch (a.head_dim) {
         case 64: launch_decode<64>(p, s); break;
         case 128: launch_decode<128>(p, s); break;

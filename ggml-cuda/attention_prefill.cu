@@ -12,6 +12,9 @@
 // the largest n_visible of its rows, a warp skips tiles past the largest of its own rows, and only
 // tiles that cross some row's n_visible pay for the element-wise mask.
 //
+// Quantized K or V (kv_tile.cuh) is staged as raw row slices through the same pipeline, then the
+// block dequantizes the tile into f16 rows (one barrier more per tile) that the same mma code reads.
+//
 // Precision: q * scale and p are rounded to f16 (K and V are f16 already), so a score carries a
 // relative error of ~2^-11 of |q||k| and each weight ~2^-11: outputs agree with f32 math to ~1e-3
 // relative, as the decode kernel's do.
@@ -24,6 +27,7 @@
 
 #include "cuda_common.cuh"
 #include "kernels.h"
+#include "kv_tile.cuh"
 #include "mma_primitives.cuh"
 
 namespace glmoe::cuda {
@@ -45,10 +49,42 @@ struct Cfg {
     static constexpr size_t kQBytes = kBM * kStride * sizeof(half);
     static constexpr size_t kStageBytes = 2 * kBN * kStride * sizeof(half);  // K, V
     static constexpr size_t kSmem = kQBytes + kStages * kStageBytes + kBM * sizeof(int);
+    static constexpr size_t kWorkBytes = kBN * kStride * sizeof(half);  // one side's dequantized tile
 };
 
-// grid: (ceil(n_tok * group / kBM), n_head_kv).
+// Shared memory of the quantized path: q, the stages (raw or f16 rows of both sides), a
+// dequantized tile per quantized side, then the rows' n_visible.
 template <int D>
+__host__ __device__ inline int quant_stage_bytes(uint32_t type_k, uint32_t type_v) {
+    constexpr int kF16Row = Cfg<D>::kStride * 2;
+    const int k = type_k == GGML_TYPE_F16 ? kF16Row : kv_raw_pitch(type_k, D);
+    const int v = type_v == GGML_TYPE_F16 ? kF16Row : kv_raw_pitch(type_v, D);
+    return kBN * (k + v);
+}
+
+template <int D>
+__host__ __device__ inline size_t quant_work_bytes(uint32_t type_k, uint32_t type_v) {
+    return Cfg<D>::kWorkBytes * ((type_k != GGML_TYPE_F16) + (type_v != GGML_TYPE_F16));
+}
+
+template <int D>
+size_t quant_smem(uint32_t type_k, uint32_t type_v) {
+    using C = Cfg<D>;
+    return C::kQBytes + C::kStages * quant_stage_bytes<D>(type_k, type_v) + quant_work_bytes<D>(type_k, type_v) +
+           kBM * sizeof(int);
+}
+
+template <int D>
+size_t quant_smem_max() {
+    size_t most = 0;
+    for (uint32_t k : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0})
+        for (uint32_t v : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0}) most = std::max(most, quant_smem<D>(k, v));
+    return most;
+}
+
+// grid: (ceil(n_tok * group / kBM), n_head_kv). kF16: both sides f16, read by the mma straight from
+// the stage; otherwise the types come from `a` at run time.
+template <int D, bool kF16>
 __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const AttentionArgs a) {
     pdl_enter();
     using C = Cfg<D>;
@@ -56,11 +92,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
     extern __shared__ __align__(16) unsigned char smem[];
     half* qs = reinterpret_cast<half*>(smem);
     half* kv = qs + kBM * S;  // stage i: K at kv + i * 2 * kBN * S, V after it
-    int* row_nv = reinterpret_cast<int*>(kv + C::kStages * 2 * kBN * S);
-    __shared__ int block_nv;
-
     const int group = a.n_head / a.n_head_kv;
     const int kvh = blockIdx.y;
+    const KVSide side_k = kv_side(a.k_cache, a.type_k, a.n_head_kv, kvh, D);
+    const KVSide side_v = kv_side(a.v_cache, a.type_v, a.n_head_kv, kvh, D);
+    const int k_row = kv_stage_row_bytes(side_k, S), v_row = kv_stage_row_bytes(side_v, S);
+    const int stage_bytes = kBN * (k_row + v_row);
+    uint8_t* const stage0 = reinterpret_cast<uint8_t*>(kv);
+    half* const work_k = reinterpret_cast<half*>(stage0 + C::kStages * stage_bytes);
+    half* const work_v = work_k + (side_k.quant ? kBN * S : 0);
+    int* const row_nv = kF16 ? reinterpret_cast<int*>(kv + C::kStages * 2 * kBN * S)
+                             : reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(work_k) +
+                                                      quant_work_bytes<D>(a.type_k, a.type_v));
+    __shared__ int block_nv;
+
     const int rb = gridDim.x - 1 - blockIdx.x;  // later tokens see more cells: start those first
     const int64_t n_rows = static_cast<int64_t>(a.n_tok) * group;
     const int64_t row0 = static_cast<int64_t>(rb) * kBM;
@@ -80,8 +125,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
 
     const int64_t kv_width = static_cast<int64_t>(a.n_head_kv) * D;
     const int32_t* cells = a.cells + a.cell_start[0];
-    const half* k_base = a.k_cache + static_cast<int64_t>(kvh) * D;
-    const half* v_base = a.v_cache + static_cast<int64_t>(kvh) * D;
+    const half* k_base = static_cast<const half*>(a.k_cache) + static_cast<int64_t>(kvh) * D;
+    const half* v_base = static_cast<const half*>(a.v_cache) + static_cast<int64_t>(kvh) * D;
 
     // Cells past n_cells are zero-filled: V rows must not hold NaN garbage (p = 0 times NaN).
     auto load_tile = [&](int i) {
@@ -94,8 +139,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
             const int cell_idx = i * kBN + r;
             const bool ok = cell_idx < n_cells;
             const int64_t cell = ok ? cells[cell_idx] : 0;
-            cp_async16(ks + r * S + c * 8, k_base + cell * kv_width + c * 8, ok);
-            cp_async16(vs + r * S + c * 8, v_base + cell * kv_width + c * 8, ok);
+            if constexpr (kF16) {
+                cp_async16(ks + r * S + c * 8, k_base + cell * kv_width + c * 8, ok);
+                cp_async16(vs + r * S + c * 8, v_base + cell * kv_width + c * 8, ok);
+            } else {
+                uint8_t* st = stage0 + (i % C::kStages) * stage_bytes;
+                kv_stage_piece(side_k, st + r * k_row, cell, c, kChunks, ok);
+                kv_stage_piece(side_v, st + kBN * k_row + r * v_row, cell, c, kChunks, ok);
+            }
         }
     };
     for (int s = 0; s < C::kStages - 1; ++s) {
@@ -144,10 +195,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
         if (i + C::kStages - 1 < n_tiles) load_tile(i + C::kStages - 1);
         cp_async_commit();
 
-        const int c0 = i * kBN;
-        if (c0 >= warp_nv) continue;  // warp-uniform: no row of this warp sees the tile
         const half* ks = kv + (i % C::kStages) * 2 * kBN * S;
         const half* vs = ks + kBN * S;
+        if constexpr (!kF16) {
+            const uint8_t* st = stage0 + (i % C::kStages) * stage_bytes;
+            ks = reinterpret_cast<const half*>(st);
+            vs = reinterpret_cast<const half*>(st + kBN * k_row);
+            if (side_k.quant) {
+                kv_dequant_rows<D>(side_k.type, st, side_k.pitch, work_k, S, 0, kBN, tid, kThreads);
+                ks = work_k;
+            }
+            if (side_v.quant) {
+                kv_dequant_rows<D>(side_v.type, st + kBN * k_row, side_v.pitch, work_v, S, 0, kBN, tid, kThreads);
+                vs = work_v;
+            }
+            __syncthreads();  // the dequantized tile is complete (the next loop top guards its reuse)
+        }
+
+        const int c0 = i * kBN;
+        if (c0 >= warp_nv) continue;  // warp-uniform: no row of this warp sees the tile
 
         float s[kBN / 8][4];
 #pragma unroll
@@ -256,11 +322,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
 
 template <int D>
 void launch_prefill(const AttentionArgs& a, cudaStream_t s) {
-    static std::atomic<uint64_t> done{0};
-    allow_smem(attention_prefill_kernel<D>, Cfg<D>::kSmem, done, "attention_prefill");
     const int64_t rows = static_cast<int64_t>(a.n_tok) * (a.n_head / a.n_head_kv);
     const dim3 grid(static_cast<unsigned>((rows + kBM - 1) / kBM), a.n_head_kv);
-    launch_kernel(attention_prefill_kernel<D>, grid, dim3(kThreads), Cfg<D>::kSmem, s, a);
+    if (a.type_k == GGML_TYPE_F16 && a.type_v == GGML_TYPE_F16) {
+        static std::atomic<uint64_t> done{0};
+        allow_smem(attention_prefill_kernel<D, true>, Cfg<D>::kSmem, done, "attention_prefill");
+        launch_kernel(attention_prefill_kernel<D, true>, grid, dim3(kThreads), Cfg<D>::kSmem, s, a);
+    } else {
+        static std::atomic<uint64_t> done{0};
+        allow_smem(attention_prefill_kernel<D, false>, quant_smem_max<D>(), done, "attention_prefill");
+        launch_kernel(attention_prefill_kernel<D, false>, grid, dim3(kThreads), quant_smem<D>(a.type_k, a.type_v), s,
+                      a);
+    }
     check_launch("attention_prefill");
 }
 
@@ -272,6 +345,8 @@ void attention_prefill(const AttentionArgs& a, cudaStream_t s) {
         throw std::invalid_argument("attention_prefill: n_head must be a multiple of n_head_kv");
     if (a.q_stride != 0 && (a.q_stride < static_cast<int64_t>(a.n_head) * a.head_dim || a.q_stride % 4 != 0))
         throw std::invalid_argument("attention_prefill: q_stride must be >= n_head * head_dim and a multiple of 4");
+    if (!kv_type_supported(a.type_k) || !kv_type_supported(a.type_v))
+        throw std::invalid_argument("attention_prefill: KV types must be F16, Q8_0 or Q4_0");
     switch (a.head_dim) {
         case 64: launch_prefill<64>(a, s); break;
         case 128: launch_prefill<128>(a, s); break;

@@ -24,7 +24,7 @@ void CudaBackendImpl::lay_out(Arena& a) {
     post_norm_.assign(hp_.n_layer, nullptr);
     qkv_width_ = nq_max_ = ff_max_ = 0;
     slots_max_ = 1;
-    size_t kv_bytes = 0, borrow_bytes = 0;
+    size_t kv_bytes = 0, kv_k_bytes = 0, borrow_bytes = 0;
     for (int il = 0; il < hp_.n_layer; ++il) {
         const LayerWeights& w = model_.layer(il);
         const LayerHParams& lh = hp_.layers[il];
@@ -60,8 +60,11 @@ void CudaBackendImpl::lay_out(Arena& a) {
             }
             l.wo = upload_weight(a, w.wo);
             const size_t before = a.used();
-            l.k_cache = a.array<half>(static_cast<size_t>(p_.n_ctx) * nkv);
-            l.v_cache = a.array<half>(static_cast<size_t>(p_.n_ctx) * nkv);
+            l.k_row_bytes = kv_row_bytes(p_.type_k, nkv);
+            l.v_row_bytes = kv_row_bytes(p_.type_v, nkv);
+            l.k_cache = a.reserve(static_cast<size_t>(p_.n_ctx) * l.k_row_bytes);
+            kv_k_bytes += static_cast<size_t>(p_.n_ctx) * l.k_row_bytes;
+            l.v_cache = a.reserve(static_cast<size_t>(p_.n_ctx) * l.v_row_bytes);
             kv_bytes += a.used() - before;
             qkv_width_ = std::max(qkv_width_, nq + 2 * nkv);
             nq_max_ = std::max(nq_max_, nq);
@@ -112,6 +115,7 @@ void CudaBackendImpl::lay_out(Arena& a) {
     }
     memory_.weights = a.weights() - weights_before;
     memory_.kv = kv_bytes;
+    memory_.kv_k = kv_k_bytes;
     const size_t compute_start = a.used();
     k_max_ = std::max({H, nq_max_, ff_max_});
 
@@ -181,6 +185,9 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     const std::string why_not = unsupported(model);
     if (!why_not.empty()) throw GpuError("the GPU backend does not support " + why_not);
     if (params.n_ctx <= 0 || params.n_ubatch <= 0) throw GpuError("n_ctx and n_ubatch must be positive");
+    if (!kv_type_supported(params.type_k) || !kv_type_supported(params.type_v))
+        throw std::invalid_argument("the GPU's KV cache stores f16, q8_0 or q4_0, not " + type_name(params.type_k) +
+                                    "/" + type_name(params.type_v));
     U_ = std::max(params.n_ubatch, kMaxMmvTokens);
     // From this many tokens a step copies a layer's routed experts from RAM instead of sending its
     // tokens to the CPU. Default 4 x experts / experts used per token (64 for GLM-4.5-Air): on the

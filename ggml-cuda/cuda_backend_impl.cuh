@@ -110,7 +110,8 @@ struct DevLayer {
     const float *qkv_bias = nullptr, *q_norm = nullptr, *k_norm = nullptr;
     std::vector<QKVPart> qkv;
     WeightView wo;
-    half *k_cache = nullptr, *v_cache = nullptr;
+    void *k_cache = nullptr, *v_cache = nullptr;  // rows of GpuParams::type_k / type_v
+    int64_t k_row_bytes = 0, v_row_bytes = 0;
     int n_head = 0, n_head_kv = 0;
     // FFN side: router and dense FFN.
     const float* probs_bias = nullptr;
@@ -159,6 +160,15 @@ public:
     const GpuCounters& counters() const override { return counters_; }
     GpuMemory memory() const override { return memory_; }
     int streamed_experts(int il) const override { return streamer_ && layers_[il].borrows ? streamer_->n_streamed() : 0; }
+    // KVRows: the layers whose attention runs here, copied through the host a layer at a time.
+    int n_layers() const override { return static_cast<int>(layers_.size()); }
+    int64_t width(int il) const override;
+    uint32_t type_k() const override { return p_.type_k; }
+    uint32_t type_v() const override { return p_.type_v; }
+    uint8_t* k(int il, int32_t cell) override;
+    uint8_t* v(int il, int32_t cell) override;
+    void read_rows(int il, const std::vector<int32_t>& cells, uint8_t* k_out, uint8_t* v_out) override;
+    void write_rows(int il, const std::vector<int32_t>& cells, const uint8_t* k_in, const uint8_t* v_in) override;
 
 private:
     void lay_out(Arena& a);

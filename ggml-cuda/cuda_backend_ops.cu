@@ -88,6 +88,8 @@ void CudaBackendImpl::qkv_prepare(int il) {
     qa.cells = in(IN_CELL);
     qa.k_cache = l.k_cache;
     qa.v_cache = l.v_cache;
+    qa.type_k = p_.type_k;
+    qa.type_v = p_.type_v;
     qa.n = n_;
     qa.n_head = l.n_head;
     qa.n_head_kv = l.n_head_kv;
@@ -108,6 +110,8 @@ void CudaBackendImpl::attention(int il) {
         a.q_stride = width;
         a.k_cache = l.k_cache;
         a.v_cache = l.v_cache;
+        a.type_k = p_.type_k;
+        a.type_v = p_.type_v;
         a.cells = seq_cells_;
         a.cell_start = in(IN_START) + t0;
         a.n_visible = in(IN_NVIS) + t0;

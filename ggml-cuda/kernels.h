@@ -76,13 +76,17 @@ void mm_experts(const ExpertSet& w, const float* x, const int32_t* offsets, cons
                 const int32_t* dst_row, int64_t max_pairs_per_expert, float* y, cudaStream_t s);
 
 // ---- attention ---------------------------------------------------------------------------------
-// KV cache of one layer: k_cache/v_cache [n_cells][kv_width] half, kv_width = n_head_kv * head_dim.
+// KV cache of one layer: k_cache/v_cache [n_cells] rows of kv_width = n_head_kv * head_dim values
+// of type_k / type_v: F16, or Q8_0 / Q4_0 (llama.cpp's 32-value blocks along the whole row, as the
+// CPU stores them: kv_row_bytes). Quantized rows are dequantized to f16 in shared memory as a tile
+// arrives (a value q * d rounded to f16 once), so they cost what f16 rows cost past the load.
 // Query token t attends to cells[cell_start[t] .. cell_start[t] + n_visible[t]) (the host lists a
 // sequence's cells in position order, so causality is a prefix). q, out: [n_tok][n_head * head_dim].
 struct AttentionArgs {
     const float* q = nullptr;
-    const half* k_cache = nullptr;
-    const half* v_cache = nullptr;
+    const void* k_cache = nullptr;
+    const void* v_cache = nullptr;
+    uint32_t type_k = 1, type_v = 1;      // GGML ids (1: F16)
     const int32_t* cells = nullptr;
     const int32_t* cell_start = nullptr;  // [n_tok]
     const int32_t* n_visible = nullptr;   // [n_tok], each >= 1
@@ -100,6 +104,10 @@ struct AttentionArgs {
 // Few query tokens, each possibly of another sequence (decode, drafts). Uses `scratch` (device,
 // attention_decode_scratch_bytes) for partial results of the split over the KV length. A token's
 // output does not depend on the other tokens of a launch of up to 8 (batch invariance).
+// Whether the attention kernels and qkv_prepare store / read KV rows of this type (F16, Q8_0, Q4_0).
+bool kv_type_supported(uint32_t type);
+// Bytes of one KV row of `width` values of `type` (a supported type; width a multiple of 32).
+int64_t kv_row_bytes(uint32_t type, int64_t width);
 size_t attention_decode_scratch_bytes(int n_tok, int n_head, int n_head_kv, int head_dim, int max_visible);
 void attention_decode(const AttentionArgs& a, float* scratch, cudaStream_t s);
 // Many query tokens of one sequence (prompt chunk): all share cell_start[0]; n_visible may differ.
@@ -114,7 +122,9 @@ void rms_norm(const float* x, const float* w, int64_t n, int64_t cols, float eps
 void rms_norm_q8(const float* x, const float* w, int64_t n, int64_t cols, float eps, float* out, BlockQ8* out_q8,
                  cudaStream_t s);
 // Adds bias (nullable), per-head rms norm (norm weights nullable) and neox rope on the first
-// n_rot dims of q and k heads, then stores k and v as half into the cache rows cells[t].
+// n_rot dims of q and k heads, then stores k and v into the cache rows cells[t], in type_k /
+// type_v (AttentionArgs): F16 rounded to nearest, Q8_0 / Q4_0 blocks rounded as the CPU's
+// quantize_row (bit for bit the bytes the CPU backend would store).
 // qkv: [n][(n_head + 2 * n_head_kv) * head_dim] (q, then k, then v), updated in place (q part).
 struct QKVArgs {
     float* qkv = nullptr;
@@ -123,8 +133,9 @@ struct QKVArgs {
     const float* k_norm = nullptr;
     const int32_t* pos = nullptr;
     const int32_t* cells = nullptr;
-    half* k_cache = nullptr;
-    half* v_cache = nullptr;
+    void* k_cache = nullptr;
+    void* v_cache = nullptr;
+    uint32_t type_k = 1, type_v = 1;  // GGML ids (1: F16)
     int n = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_rot = 0;
     float eps = 1e-5f, freq_base = 10000.0f;
 };

@@ -9,6 +9,7 @@
 #include "cuda_common.cuh"
 #include "ggml_types.h"
 #include "kernels.h"
+#include "kv_tile.cuh"
 #include "quantize_block.cuh"
 
 namespace glmoe::cuda {
@@ -141,6 +142,55 @@ struct RopeFreqs {
     double inv_freq[kMaxRotPairs];
 };
 
+// One 32-value block of a KV row, a value per lane, rounded as the CPU's quantize_row (src/
+// quantize_row.cpp): each step in its own IEEE rounding (_rn intrinsics: nothing fused), so the
+// bytes match the CPU's and a saved state is the same whichever device wrote it.
+__device__ __forceinline__ void store_q8_0_block(float x, int lane, uint8_t* blk) {
+    const float amax = warp_max(fabsf(x));
+    const float d = __fdiv_rn(amax, 127.0f);
+    const float id = d != 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
+    if (lane == 0) *reinterpret_cast<__half*>(blk) = __float2half_rn(d);
+    blk[2 + lane] = static_cast<uint8_t>(static_cast<int8_t>(roundf(__fmul_rn(x, id))));
+}
+
+__device__ __forceinline__ void store_q4_0_block(float x, int lane, uint8_t* blk) {
+    // The value of largest magnitude, the first one on a tie, keeps its sign: it maps to -8.
+    float best = fabsf(x);
+    int at = lane;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float b = __shfl_xor_sync(kFullMask, best, o);
+        const int i = __shfl_xor_sync(kFullMask, at, o);
+        if (b > best || (b == best && i < at)) {
+            best = b;
+            at = i;
+        }
+    }
+    const float signed_max = __shfl_sync(kFullMask, x, at);
+    const float d = __fdiv_rn(signed_max, -8.0f);
+    const float id = d != 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
+    const int nib = min(15, max(0, __float2int_rz(__fadd_rn(__fmul_rn(x, id), 8.5f))));
+    const int high = __shfl_down_sync(kFullMask, nib, 16);  // value lane + 16: the high nibble
+    if (lane == 0) *reinterpret_cast<__half*>(blk) = __float2half_rn(d);
+    if (lane < 16) blk[2 + lane] = static_cast<uint8_t>(nib | (high << 4));
+}
+
+// vals[0..D) (shared memory, written before a __syncthreads) into one kv head's slice of a
+// quantized cache row; every thread of the block calls it.
+__device__ void store_kv_head_quantized(uint32_t type, const float* vals, uint8_t* dst, int D) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    for (int b = warp; b < D / 32; b += n_warps) {
+        const float x = vals[b * 32 + lane];
+        if (type == GGML_TYPE_Q8_0) store_q8_0_block(x, lane, dst + b * 34);
+        else store_q4_0_block(x, lane, dst + b * 18);
+    }
+}
+
+__device__ __forceinline__ uint8_t* kv_head_row(void* cache, uint32_t type, int cell, int n_head_kv, int kvh, int D) {
+    const int64_t head_bytes = kv_head_bytes(type, D);
+    return static_cast<uint8_t*>(cache) + (static_cast<int64_t>(cell) * n_head_kv + kvh) * head_bytes;
+}
+
 // One block per (token, head); heads 0..n_head-1 are q, then n_head_kv k heads, then v heads.
 __global__ void qkv_prepare_kernel(QKVArgs a, RopeFreqs freqs) {
     pdl_enter();
@@ -155,7 +205,15 @@ __global__ void qkv_prepare_kernel(QKVArgs a, RopeFreqs freqs) {
 
     if (h >= a.n_head + a.n_head_kv) {  // v: bias, then straight into the cache
         if (cell < 0) return;
-        half* dst = a.v_cache + cell * kv_width + static_cast<int64_t>(h - a.n_head - a.n_head_kv) * D;
+        if (a.type_v != GGML_TYPE_F16) {
+            for (int i = threadIdx.x; i < D; i += blockDim.x) head[i] = row[i] + (bias ? bias[i] : 0.0f);
+            __syncthreads();
+            const int kvh = h - a.n_head - a.n_head_kv;
+            store_kv_head_quantized(a.type_v, head, kv_head_row(a.v_cache, a.type_v, cell, a.n_head_kv, kvh, D), D);
+            return;
+        }
+        half* dst =
+            static_cast<half*>(a.v_cache) + cell * kv_width + static_cast<int64_t>(h - a.n_head - a.n_head_kv) * D;
         for (int i = threadIdx.x; i < D; i += blockDim.x) dst[i] = __float2half_rn(row[i] + (bias ? bias[i] : 0.0f));
         return;
     }
@@ -192,8 +250,11 @@ __global__ void qkv_prepare_kernel(QKVArgs a, RopeFreqs freqs) {
 
     if (is_q) {
         for (int i = threadIdx.x; i < D; i += blockDim.x) row[i] = head[i];
+    } else if (cell >= 0 && a.type_k != GGML_TYPE_F16) {
+        uint8_t* dst = kv_head_row(a.k_cache, a.type_k, cell, a.n_head_kv, h - a.n_head, D);
+        store_kv_head_quantized(a.type_k, head, dst, D);
     } else if (cell >= 0) {
-        half* dst = a.k_cache + cell * kv_width + static_cast<int64_t>(h - a.n_head) * D;
+        half* dst = static_cast<half*>(a.k_cache) + cell * kv_width + static_cast<int64_t>(h - a.n_head) * D;
         for (int i = threadIdx.x; i < D; i += blockDim.x) dst[i] = __float2half_rn(head[i]);
     }
 }
@@ -425,6 +486,14 @@ void rms_norm(const float* x, const float* w, int64_t n, int64_t cols, float eps
     rms_norm_q8(x, w, n, cols, eps, out, nullptr, s);
 }
 
+bool kv_type_supported(uint32_t type) {
+    return type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
+}
+
+int64_t kv_row_bytes(uint32_t type, int64_t width) {
+    return type == GGML_TYPE_F16 ? width * 2 : width / 32 * kv_block_bytes(type);
+}
+
 void qkv_prepare(const QKVArgs& a, cudaStream_t s) {
     require(a.n >= 0, "qkv_prepare", "n must be >= 0");
     if (a.n == 0) return;
@@ -434,6 +503,10 @@ void qkv_prepare(const QKVArgs& a, cudaStream_t s) {
             "n_rot must be even, <= head_dim and <= " + std::to_string(2 * kMaxRotPairs));
     require(a.n_head + 2 * a.n_head_kv <= 65535, "qkv_prepare", "too many heads");
     require(std::isfinite(a.freq_base) && a.freq_base > 0.0f, "qkv_prepare", "freq_base must be positive");
+    require(kv_type_supported(a.type_k) && kv_type_supported(a.type_v), "qkv_prepare",
+            "KV types must be F16, Q8_0 or Q4_0");
+    require(a.head_dim % 32 == 0 || (a.type_k == GGML_TYPE_F16 && a.type_v == GGML_TYPE_F16), "qkv_prepare",
+            "quantized KV rows need head_dim % 32 == 0");
     // inv_freq exactly as the CPU forms it (double pow), passed by value: no device buffer needed.
     RopeFreqs freqs{};
     for (int i = 0; i < a.n_rot / 2; ++i)

@@ -11,6 +11,7 @@
 
 #include "devices.h"
 #include "glm4moe.h"
+#include "placed_kv_rows.h"
 
 namespace glmoe {
 
@@ -42,21 +43,21 @@ int default_threads(int n) {
     return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// What the K and V rows of the layers whose attention runs on `d` store. The GPU keeps f16 rows
-// (its attention kernels read nothing else yet), so any other explicit type is refused while a
-// layer's attention is there; cpu_as_gpu stands in for the GPU and is refused alike.
+// What the K and V rows of the layers whose attention runs on `d` store. The GPU's kernels read
+// f16, q8_0 and q4_0 rows, so another explicit type is refused while a layer's attention is there;
+// cpu_as_gpu stands in for the GPU and is refused alike.
 KVTypes kv_types_on(Device d, const Placement& placement, const ContextParams& p) {
     check_kv_type(p.type_k, "type_k");
     check_kv_type(p.type_v, "type_v");
     const int n_gpu = placement.n_layers_with_attn_on(Device::gpu);
     for (const auto& [type, flag, name] :
          {std::tuple{p.type_k, "-ctk", "type_k"}, std::tuple{p.type_v, "-ctv", "type_v"}})
-        if (n_gpu > 0 && type != kKVTypeDefault && type != GGML_TYPE_F16)
+        if (n_gpu > 0 && type != kKVTypeDefault && !CudaBackend::kv_type_supported(static_cast<uint32_t>(type)))
             throw std::invalid_argument(std::string(flag) + " " + kv_type_name(type) + " (" + name + "=" +
                                         std::to_string(type) + ") is not implemented for layers on the GPU yet (" +
                                         std::to_string(n_gpu) + (n_gpu == 1 ? " layer's" : " layers'") +
-                                        " attention is there, and the GPU's KV "
-                                        "cache is f16): give " + flag + " f16, or keep attention on the CPU");
+                                        " attention is there, and the GPU's KV cache stores f16, q8_0 or q4_0): "
+                                        "give " + flag + " one of those, or keep attention on the CPU");
     const uint32_t fallback = d == Device::gpu && !p.cpu_as_gpu ? GGML_TYPE_F16 : GGML_TYPE_F32;
     KVTypes t;
     t.k = p.type_k == kKVTypeDefault ? fallback : static_cast<uint32_t>(p.type_k);
@@ -102,6 +103,9 @@ Context::Context(const Model& model, const ContextParams& params)
         gp.f32_activations = params.f32_activations;
         gp.expert_borrow_min_tokens = params.expert_borrow_min_tokens;
         gp.streamed_experts = n_streamed;
+        const KVTypes gpu_kv = kv_types_on(Device::gpu, placement_, params);
+        gp.type_k = gpu_kv.k;
+        gp.type_v = gpu_kv.v;
         gpu_ = CudaBackend::create(model, placement_, gp, pool_);
         for (int il = 0; il < model.hparams().n_layer; ++il)
             placement_.layers[il].gpu_streamed_experts = gpu_->streamed_experts(il);
@@ -151,7 +155,7 @@ std::string Context::placement_summary() const {
     // As llama.cpp's llama_kv_cache line: the whole cache, K and V apart.
     size_t k_bytes = cpu_->kv_k_bytes(), v_bytes = cpu_->kv_v_bytes();
     if (cpu_as_gpu_) k_bytes += cpu_as_gpu_->kv_k_bytes(), v_bytes += cpu_as_gpu_->kv_v_bytes();
-    if (gpu_) k_bytes += gpu_->memory().kv / 2, v_bytes += gpu_->memory().kv - gpu_->memory().kv / 2;
+    if (gpu_) k_bytes += gpu_->memory().kv_k, v_bytes += gpu_->memory().kv - gpu_->memory().kv_k;
     s += "KV cache size = " + mib(k_bytes + v_bytes) + " (" + std::to_string(kv_.n_ctx()) + " cells, " +
          std::to_string(n_layer) + " layers), K (" + kv_type_k_name() + "): " + mib(k_bytes) + ", V (" +
          kv_type_v_name() + "): " + mib(v_bytes) + "\n";
@@ -181,14 +185,14 @@ std::string joined_names(const std::vector<uint32_t>& types) {
 std::string Context::kv_type_k_name() const {
     std::vector<uint32_t> types;
     if (placement_.n_layers_with_attn_on(Device::cpu) > 0 || n_gpu_layers() == 0) types.push_back(cpu_->type_k());
-    if (n_gpu_layers() > 0) types.push_back(cpu_as_gpu_ ? cpu_as_gpu_->type_k() : uint32_t{GGML_TYPE_F16});
+    if (n_gpu_layers() > 0) types.push_back(cpu_as_gpu_ ? cpu_as_gpu_->type_k() : gpu_->type_k());
     return joined_names(types);
 }
 
 std::string Context::kv_type_v_name() const {
     std::vector<uint32_t> types;
     if (placement_.n_layers_with_attn_on(Device::cpu) > 0 || n_gpu_layers() == 0) types.push_back(cpu_->type_v());
-    if (n_gpu_layers() > 0) types.push_back(cpu_as_gpu_ ? cpu_as_gpu_->type_v() : uint32_t{GGML_TYPE_F16});
+    if (n_gpu_layers() > 0) types.push_back(cpu_as_gpu_ ? cpu_as_gpu_->type_v() : gpu_->type_v());
     return joined_names(types);
 }
 
@@ -197,8 +201,8 @@ size_t Context::kv_bytes() const {
 }
 
 std::vector<uint8_t> Context::kv_save() {
-    if (n_gpu_layers() > 0) throw std::invalid_argument("saving the KV cache of GPU layers is not supported yet");
-    return kv_.save(*cpu_);
+    PlacedKVRows rows(placement_, *cpu_, cpu_as_gpu_ ? static_cast<KVRows*>(cpu_as_gpu_.get()) : gpu_.get());
+    return kv_.save(rows);
 }
 
 std::string Context::kv_state_unsupported() const {
@@ -216,8 +220,8 @@ int Context::kv_seq_load(int seq, const std::vector<uint8_t>& bytes, int max_cel
 }
 
 void Context::kv_load(const std::vector<uint8_t>& bytes) {
-    if (n_gpu_layers() > 0) throw std::invalid_argument("loading a KV cache state into GPU layers is not supported yet");
-    kv_.load(bytes, *cpu_);
+    PlacedKVRows rows(placement_, *cpu_, cpu_as_gpu_ ? static_cast<KVRows*>(cpu_as_gpu_.get()) : gpu_.get());
+    kv_.load(bytes, rows);
 }
 
 void Context::check_batch(const Batch& b) const {

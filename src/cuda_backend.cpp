@@ -23,6 +23,10 @@ std::string CudaBackend::unsupported(const Model& model) {
     return "";
 }
 
+bool CudaBackend::kv_type_supported(uint32_t type) {
+    return type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
+}
+
 #ifndef GLMOE_CUDA
 std::unique_ptr<CudaBackend> CudaBackend::create(const Model&, const Placement&, const GpuParams&, ThreadPool&) {
     throw GpuError("this build of glmoe has no CUDA backend");

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "backend.h"
+#include "ggml_types.h"
 
 namespace glmoe {
 
@@ -34,6 +35,8 @@ struct GpuParams {
     // Experts [0, n) of each such layer run here in smaller steps (placement.h's
     // gpu_streamed_experts); 0: none. The backend may stream fewer (streamed_experts()).
     int streamed_experts = 0;
+    // What the KV rows store (GGML ids): F16, Q8_0 or Q4_0 (kv_types_supported).
+    uint32_t type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
 };
 
 struct GpuCounters {
@@ -47,10 +50,13 @@ struct GpuCounters {
 // Device memory by use, as llama.cpp's load log lists buffer sizes.
 struct GpuMemory {
     size_t weights = 0, kv = 0, compute = 0;
+    size_t kv_k = 0;  // the K rows' share of kv
     size_t pinned_experts = 0;  // host memory: the pinned copy of streamed experts
 };
 
-class CudaBackend : public Backend {
+// The backend's KV rows (KVRows) are in device memory: k()/v() are not available; read_rows and
+// write_rows copy a layer's rows through the host (saving and loading a state).
+class CudaBackend : public Backend, public KVRows {
 public:
     // Steps of up to this many tokens run the matrix-vector and decode-attention kernels, which
     // give each token bitwise the same result whatever else is in the step; bigger steps use the
@@ -59,6 +65,9 @@ public:
 
     // Why the GPU backend cannot run this model ("" when it can), e.g. an unsupported head size.
     static std::string unsupported(const Model& model);
+    // Whether the GPU's KV rows can be of this type (F16, Q8_0, Q4_0); true for every type in a
+    // build without CUDA, which never makes a CudaBackend.
+    static bool kv_type_supported(uint32_t type);
     // Throws GpuError when there is no GPU or the weights, cache and buffers do not fit.
     // The pool's threads copy RAM-placed experts into pinned memory for big steps (from the
     // forward's thread, while the CPU backend is idle).

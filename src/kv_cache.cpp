@@ -9,6 +9,22 @@
 
 namespace glmoe {
 
+void KVRows::read_rows(int il, const std::vector<int32_t>& cells, uint8_t* k_out, uint8_t* v_out) {
+    const size_t kb = row_bytes(type_k(), width(il)), vb = row_bytes(type_v(), width(il));
+    for (size_t i = 0; i < cells.size(); ++i) {
+        std::memcpy(k_out + i * kb, k(il, cells[i]), kb);
+        std::memcpy(v_out + i * vb, v(il, cells[i]), vb);
+    }
+}
+
+void KVRows::write_rows(int il, const std::vector<int32_t>& cells, const uint8_t* k_in, const uint8_t* v_in) {
+    const size_t kb = row_bytes(type_k(), width(il)), vb = row_bytes(type_v(), width(il));
+    for (size_t i = 0; i < cells.size(); ++i) {
+        std::memcpy(k(il, cells[i]), k_in + i * kb, kb);
+        std::memcpy(v(il, cells[i]), v_in + i * vb, vb);
+    }
+}
+
 KVCache::KVCache(int n_ctx) : cells_(n_ctx > 0 ? n_ctx : 0), seq_cells_(kMaxSeq), seq_epoch_(kMaxSeq, 0) {
     if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive");
     free_.reset(n_ctx);
@@ -254,23 +270,31 @@ size_t rows_bytes(KVRows& rows, const std::vector<int64_t>& width, size_t n_cell
 
 void put_rows(std::vector<uint8_t>& out, KVRows& rows, const std::vector<int64_t>& width,
               const std::vector<int32_t>& cells) {
+    std::vector<uint8_t> k_rows, v_rows;
     for (size_t il = 0; il < width.size(); ++il) {
         const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
-        for (int32_t c : cells) {
-            put(out, rows.k(static_cast<int>(il), c), k_bytes);
-            put(out, rows.v(static_cast<int>(il), c), v_bytes);
+        k_rows.resize(k_bytes * cells.size());
+        v_rows.resize(v_bytes * cells.size());
+        rows.read_rows(static_cast<int>(il), cells, k_rows.data(), v_rows.data());
+        for (size_t i = 0; i < cells.size(); ++i) {  // each cell's K row, then its V row
+            put(out, k_rows.data() + i * k_bytes, k_bytes);
+            put(out, v_rows.data() + i * v_bytes, v_bytes);
         }
     }
 }
 
 void take_rows(const std::vector<uint8_t>& in, size_t& at, KVRows& rows, const std::vector<int64_t>& width,
                const std::vector<int32_t>& cells) {
+    std::vector<uint8_t> k_rows, v_rows;
     for (size_t il = 0; il < width.size(); ++il) {
         const size_t k_bytes = row_bytes(rows.type_k(), width[il]), v_bytes = row_bytes(rows.type_v(), width[il]);
-        for (int32_t c : cells) {
-            take(in, at, rows.k(static_cast<int>(il), c), k_bytes);
-            take(in, at, rows.v(static_cast<int>(il), c), v_bytes);
+        k_rows.resize(k_bytes * cells.size());
+        v_rows.resize(v_bytes * cells.size());
+        for (size_t i = 0; i < cells.size(); ++i) {
+            take(in, at, k_rows.data() + i * k_bytes, k_bytes);
+            take(in, at, v_rows.data() + i * v_bytes, v_bytes);
         }
+        rows.write_rows(static_cast<int>(il), cells, k_rows.data(), v_rows.data());
     }
 }
 

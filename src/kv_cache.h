@@ -29,6 +29,10 @@ public:
     virtual uint32_t type_v() const = 0;
     virtual uint8_t* k(int il, int32_t cell) = 0;
     virtual uint8_t* v(int il, int32_t cell) = 0;
+    // Layer il's rows of `cells`, K rows back to back in k_out and V rows in v_out (write_rows: the
+    // other way). Through k() and v() here; rows kept off the host (the GPU's) override both.
+    virtual void read_rows(int il, const std::vector<int32_t>& cells, uint8_t* k_out, uint8_t* v_out);
+    virtual void write_rows(int il, const std::vector<int32_t>& cells, const uint8_t* k_in, const uint8_t* v_in);
 };
 
 class KVCache {

@@ -206,19 +206,20 @@ def test_block_that_does_not_divide_the_row_is_refused(tmp_path):
     assert context(path, QT.BF16, QT.F16).kv_type_v == "f16"
 
 
-def test_gpu_layers_take_only_f16(float_model):
-    """Layers with attention on the GPU keep its f16 cache: f16 is accepted, anything else is an
-    error naming the flag (cpu_as_gpu stands in for the GPU, with the same rule)."""
+def test_gpu_layers_take_what_the_gpu_stores(float_model):
+    """Layers with attention on the GPU store f16, q8_0 or q4_0; anything else is an error naming the
+    flag (cpu_as_gpu stands in for the GPU, with the same rule)."""
     on_gpu = dict(n_gpu_layers=2, cpu_as_gpu=True)
-    for t, flag in ((QT.Q8_0, "-ctk q8_0 (type_k=8)"), (QT.F32, "-ctk f32 (type_k=0)")):
+    for t, flag in ((QT.BF16, "-ctk bf16 (type_k=30)"), (QT.F32, "-ctk f32 (type_k=0)")):
         message = (f"{flag} is not implemented for layers on the GPU yet (1 layer's attention is there, and the "
-                   "GPU's KV cache is f16): give -ctk f16")
+                   "GPU's KV cache stores f16, q8_0 or q4_0): give -ctk one of those")
         with pytest.raises(ValueError, match=re.escape(message)):
             context(float_model, t, QT.F16, **on_gpu)
-    with pytest.raises(ValueError, match=r"-ctv q4_0 \(type_v=2\) is not implemented for layers on the GPU yet"):
-        context(float_model, QT.F16, QT.Q4_0, **on_gpu)
-    ctx = context(float_model, QT.F16, QT.F16, **on_gpu)
-    assert (ctx.kv_type_k, ctx.kv_type_v) == ("f16", "f16")
+    with pytest.raises(ValueError, match=r"-ctv bf16 \(type_v=30\) is not implemented for layers on the GPU yet"):
+        context(float_model, QT.F16, QT.BF16, **on_gpu)
+    for k, v in ((QT.F16, QT.F16), (QT.Q8_0, QT.Q4_0)):
+        ctx = context(float_model, k, v, **on_gpu)
+        assert (ctx.kv_type_k, ctx.kv_type_v) == (k.name.lower(), v.name.lower())
     # Given nothing, each device keeps its own type (the stand-in keeps the CPU's f32).
     plain = _core.Context(_core.Model(float_model), 256, 2, **on_gpu)
     assert plain.kv_type_k == "f32"

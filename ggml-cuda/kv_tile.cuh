@@ -1,0 +1,114 @@
+// KV rows in a quantized type (Q8_0, Q4_0: llama.cpp's 32-value blocks, 2-byte scale first) as the
+// attention kernels stage them: one kv head's slice of a row is copied raw into shared memory
+// with 4-byte cp.async (blocks of 34 or 18 bytes are only 2-byte aligned one by one, but a head's
+// slice of D >= 64 values is a whole number of block pairs: 4-byte aligned), then dequantized to
+// f16 rows laid out as the f16 kernels' tiles, which the tensor cores read unchanged.
+#pragma once
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda_common.cuh"
+#include "ggml_types.h"
+#include "mma_primitives.cuh"
+
+namespace glmoe::cuda {
+
+__host__ __device__ constexpr int kv_block_bytes(uint32_t type) {
+    return type == GGML_TYPE_Q8_0 ? 34 : type == GGML_TYPE_Q4_0 ? 18 : 64;  // F16: 32 halves
+}
+
+// Bytes of one kv head's slice (D values) of a row.
+__host__ __device__ constexpr int kv_head_bytes(uint32_t type, int D) { return D / 32 * kv_block_bytes(type); }
+
+// The raw slice's pitch in shared memory (16-byte multiple: stage rows stay aligned).
+__host__ __device__ constexpr int kv_raw_pitch(uint32_t type, int D) { return (kv_head_bytes(type, D) + 15) & ~15; }
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+
+// One side (K or V) of a tile: how its rows are stored in global memory and staged.
+struct KVSide {
+    const uint8_t* head0;  // the kv head's slice of cell 0's row
+    int64_t row_bytes;     // global row pitch
+    uint32_t type;
+    int words;             // 4-byte words per head slice (quantized types)
+    int pitch;             // raw bytes per staged row (quantized types)
+    bool quant;
+};
+
+__device__ __forceinline__ KVSide kv_side(const void* cache, uint32_t type, int n_head_kv, int kvh, int D) {
+    KVSide s;
+    s.type = type;
+    s.quant = type != GGML_TYPE_F16;
+    s.row_bytes = static_cast<int64_t>(n_head_kv) * kv_head_bytes(type, D);
+    s.head0 = static_cast<const uint8_t*>(cache) + static_cast<int64_t>(kvh) * kv_head_bytes(type, D);
+    s.words = kv_head_bytes(type, D) / 4;
+    s.pitch = kv_raw_pitch(type, D);
+    return s;
+}
+
+// Bytes one staged row of this side takes: the raw slice, or an f16 row of `stride` halves.
+__device__ __forceinline__ int kv_stage_row_bytes(const KVSide& s, int stride) {
+    return s.quant ? s.pitch : stride * static_cast<int>(sizeof(half));
+}
+
+// Thread piece `lc` of `n_pieces` of the cell's row into staged row `dst`: an f16 row takes
+// 16-byte piece lc (n_pieces == D / 8); a raw slice takes words lc, lc + n_pieces, ...
+// `valid` false zero-fills (a quantized zero row dequantizes to zeros: no NaN in masked V).
+__device__ __forceinline__ void kv_stage_piece(const KVSide& s, uint8_t* dst, int64_t cell, int lc, int n_pieces,
+                                               bool valid) {
+    const uint8_t* src = s.head0 + (valid ? cell : 0) * s.row_bytes;
+    if (!s.quant) {
+        cp_async16(dst + lc * 16, src + lc * 16, valid);
+        return;
+    }
+    for (int w = lc; w < s.words; w += n_pieces) cp_async4(dst + w * 4, src + w * 4, valid);
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Values 8u .. 8u + 7 of a staged raw slice, as 8 halves (each q * d rounded to f16 once).
+__device__ __forceinline__ uint4 kv_dequant8(uint32_t type, const uint8_t* raw, int u) {
+    const int b = u >> 2, sub = u & 3;
+    const uint8_t* blk = raw + b * kv_block_bytes(type);
+    const float d = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
+    float v[8];
+    if (type == GGML_TYPE_Q8_0) {
+        const uint16_t* q = reinterpret_cast<const uint16_t*>(blk + 2 + sub * 8);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint16_t pair = q[j];
+            v[2 * j] = d * static_cast<float>(static_cast<int8_t>(pair & 0xFF));
+            v[2 * j + 1] = d * static_cast<float>(static_cast<int8_t>(pair >> 8));
+        }
+    } else {  // Q4_0: values 0-15 in the low nibbles of qs[0..15], 16-31 in the high ones
+        const uint16_t* q = reinterpret_cast<const uint16_t*>(blk + 2 + (sub & 1) * 8);
+        const int shift = sub >= 2 ? 4 : 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t pair = q[j];
+            v[2 * j] = d * static_cast<float>(static_cast<int>((pair >> shift) & 0xF) - 8);
+            v[2 * j + 1] = d * static_cast<float>(static_cast<int>((pair >> (8 + shift)) & 0xF) - 8);
+        }
+    }
+    return make_uint4(pack_half2(v[0], v[1]), pack_half2(v[2], v[3]), pack_half2(v[4], v[5]), pack_half2(v[6], v[7]));
+}
+
+// Rows [r0, r0 + n_rows) of a staged raw tile (pitch bytes apart) as f16 rows of `stride` halves,
+// spread over `n_threads` threads (thread index `tid` among them).
+template <int D>
+__device__ __forceinline__ void kv_dequant_rows(uint32_t type, const uint8_t* raw, int pitch, half* out, int stride,
+                                                int r0, int n_rows, int tid, int n_threads) {
+    constexpr int kUnits = D / 8;
+    for (int i = tid; i < n_rows * kUnits; i += n_threads) {
+        const int r = r0 + i / kUnits, u = i % kUnits;
+        *reinterpret_cast<uint4*>(out + r * stride + u * 8) = kv_dequant8(type, raw + r * pitch, u);
+    }
+}
+
+}  // namespace glmoe::cuda
