@@ -4,6 +4,8 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
@@ -13,6 +15,7 @@
 #include "cuda_test_util.h"
 #include "ggml_types.h"
 #include "kernels.h"
+#include "sampling_args.h"
 
 namespace nb = nanobind;
 using namespace glmoe::cuda_test;
@@ -257,6 +260,84 @@ nb::object sample_tokens_py(const F32In& logits, float temperature, int top_k, f
     return nb::cast(to_numpy(d_out, {n_rows}));
 }
 
+// logits [n_rows, n_vocab]; rows: a dict per row (row_sampling_args; "seq" unused) or None (skipped).
+// Returns (ids, logprobs, top [n_rows][(id, logprob)...], histories after the kernel's appends).
+nb::object sample_rows_py(const F32In& logits, const nb::list& rows) {
+    need(logits.ndim() == 2, "logits must be [n_rows, n_vocab]");
+    const size_t n_rows = logits.shape(0), n_vocab = logits.shape(1);
+    need(rows.size() == n_rows, "one entry of rows per row of logits");
+    std::vector<glmoe::cuda::RowSampleParams> params(n_rows);
+    std::vector<glmoe::cuda::LogitBiasEntry> bias;
+    std::vector<int32_t> history;
+    std::vector<RowSamplingArgs> args(n_rows);
+    bool any_top = false;
+    for (size_t r = 0; r < n_rows; ++r) {
+        glmoe::cuda::RowSampleParams& q = params[r];
+        if (rows[r].is_none()) {
+            q.skip = 1;
+            continue;
+        }
+        const RowSamplingArgs& a = args[r] = row_sampling_args(nb::cast<nb::dict>(rows[r]));
+        const glmoe::SamplingParams& sp = a.params;
+        glmoe::Sampler::check(sp, static_cast<int>(n_vocab));
+        q.u = a.u;
+        q.temperature = sp.temperature;
+        q.top_p = sp.top_p;
+        q.min_p = sp.min_p;
+        q.log_min_p = sp.min_p > 0.0f ? std::log(static_cast<double>(sp.min_p)) : 0.0;
+        q.typical_p = sp.typical_p;
+        q.repeat_penalty = sp.repeat_penalty;
+        q.presence_penalty = sp.presence_penalty;
+        q.frequency_penalty = sp.frequency_penalty;
+        q.top_k = sp.top_k;
+        q.repeat_last_n = sp.repeat_last_n;
+        q.n_top = std::min(a.n_top, glmoe::cuda::kRowSampleMaxTop);
+        any_top = any_top || q.n_top > 0;
+        q.bias_begin = static_cast<int32_t>(bias.size());
+        q.bias_count = static_cast<int32_t>(sp.logit_bias.size());
+        for (const auto& [t, b] : sp.logit_bias) bias.push_back({t, b});
+        q.hist_begin = static_cast<int32_t>(history.size());
+        q.hist_len = static_cast<int32_t>(a.history.size());
+        q.append = 1;
+        history.insert(history.end(), a.history.begin(), a.history.end());
+        history.push_back(-1);  // room for the appended token
+    }
+    DeviceArray<float> d_logits = upload<float>(logits), d_work(n_rows * n_vocab);
+    DeviceArray<int32_t> d_counts(n_rows * n_vocab);
+    d_counts.fill_bytes(0);
+    DeviceArray<double> d_norm(n_rows);
+    DeviceArray<glmoe::cuda::RowSampleParams> d_params(params.data(), n_rows);
+    DeviceArray<glmoe::cuda::LogitBiasEntry> d_bias(bias.data(), bias.size());
+    DeviceArray<int32_t> d_hist(history.data(), history.size());
+    DeviceArray<glmoe::cuda::SampledToken> d_out(n_rows), d_top(n_rows * glmoe::cuda::kRowSampleMaxTop);
+    d_out.fill_bytes(0xFF);
+    glmoe::cuda::sample_rows(d_logits.get(), d_work.get(), d_counts.get(), d_norm.get(), static_cast<int>(n_rows),
+                             static_cast<int>(n_vocab), d_params.get(), d_bias.get(), d_hist.get(), d_out.get(),
+                             d_top.get(), any_top, nullptr);
+    check(cudaDeviceSynchronize(), "sample_rows");
+    const std::vector<glmoe::cuda::SampledToken> out = d_out.download(), top = d_top.download();
+    const std::vector<int32_t> hist = d_hist.download();
+    const std::vector<int32_t> counts = d_counts.download();
+    for (int32_t c : counts) need(c == 0, "penalty counts must be left at zero");
+    nb::list ids, logprobs, tops, histories;
+    for (size_t r = 0; r < n_rows; ++r) {
+        ids.append(params[r].skip ? -3 : out[r].id);
+        logprobs.append(params[r].skip ? 0.0 : static_cast<double>(out[r].logprob));
+        nb::list t;
+        for (int k = 0; k < params[r].n_top && top[r * glmoe::cuda::kRowSampleMaxTop + k].id >= 0; ++k)
+            t.append(nb::make_tuple(top[r * glmoe::cuda::kRowSampleMaxTop + k].id,
+                                    static_cast<double>(top[r * glmoe::cuda::kRowSampleMaxTop + k].logprob)));
+        tops.append(t);
+        if (params[r].skip) {
+            histories.append(nb::list());
+            continue;
+        }
+        histories.append(std::vector<int32_t>(hist.begin() + params[r].hist_begin,
+                                               hist.begin() + params[r].hist_begin + params[r].hist_len + 1));
+    }
+    return nb::make_tuple(ids, logprobs, tops, histories);
+}
+
 }  // namespace
 
 void bind_cuda_misc(nb::module_& m) {
@@ -286,4 +367,7 @@ void bind_cuda_misc(nb::module_& m) {
     m.def("sample_tokens", &sample_tokens_py, nb::arg("logits"), nb::arg("temperature"), nb::arg("top_k") = 0,
           nb::arg("top_p") = 1.0f, nb::arg("min_p") = 0.0f, nb::arg("u").none() = nb::none(),
           "Sampled token per row of logits [n_rows, n_vocab] with uniform numbers u [n_rows].");
+    m.def("sample_rows", &sample_rows_py, nb::arg("logits"), nb::arg("rows"),
+          "The per-row sampling chain: rows has a dict of sampling keywords plus u, history and n_top (or None)"
+          " per row of logits [n_rows, n_vocab]. Returns (ids, logprobs, top, histories with the appended id).");
 }

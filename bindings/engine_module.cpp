@@ -164,6 +164,20 @@ void bind_engine(nb::module_& m) {
                      "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")
         .def_prop_ro("kv_type_v", &BatchEngine::kv_type_v, "The V cache's type, as kv_type_k.")
         .def_prop_ro("kv_bytes", &BatchEngine::kv_bytes, "Bytes of the KV cache on every device together.")
+        .def("gpu_counters",
+             [](BatchEngine& e) {
+                 GpuCounters k;
+                 {
+                     nb::gil_scoped_release release;
+                     k = e.gpu_counters();
+                 }
+                 nb::dict d;
+                 d["steps"] = k.steps;
+                 d["device_to_host_copies"] = k.device_to_host_copies;
+                 d["host_syncs"] = k.host_syncs;
+                 return d;
+             },
+             "The GPU backend's step counters (zeros without a GPU); read them while no request runs.")
         .def("stats",
              [](const BatchEngine& e) {
                  const EngineStats s = e.stats();

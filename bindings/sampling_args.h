@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <vector>
 
 #include "sampling.h"
 
@@ -27,3 +28,15 @@ glmoe::SamplingParams make_sampling_params(float temperature, int top_k, float t
         nanobind::arg("repeat_last_n") = 64, nanobind::arg("presence_penalty") = 0.0f,            \
         nanobind::arg("frequency_penalty") = 0.0f, nanobind::arg("logit_bias") = nanobind::none(), \
         nanobind::arg("seed") = nanobind::none()
+
+// A row of per-row sampling (Context.decode_sample_rows, cuda_ops.sample_rows) from a dict of the
+// keyword arguments above (missing ones take SamplingParams' defaults) plus "u" (the draw),
+// "seq", "history" (the sequence's tokens so far) and "n_top" (top logprobs); unknown keys are refused.
+struct RowSamplingArgs {
+    glmoe::SamplingParams params;
+    double u = 0;
+    int seq = 0;
+    std::vector<int32_t> history;
+    int n_top = 0;
+};
+RowSamplingArgs row_sampling_args(const nanobind::dict& row);

@@ -143,6 +143,7 @@ void CudaBackendImpl::lay_out(Arena& a) {
     seq_cells_ = a.array<int32_t>(static_cast<size_t>(KVCache::kMaxSeq) * p_.n_ctx);
     ids_ = a.array<int32_t>(n);
     if (placement_.output == Device::gpu) logits_ = a.array<float>(static_cast<size_t>(kLogitRows) * hp_.n_vocab);
+    lay_out_sampling(a);
     size_t scratch_bytes = 0;
     for (int il = 0; il < hp_.n_layer; ++il)
         if (layers_[il].attn)
@@ -233,6 +234,7 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     if (borrow_slots_[0]) stager_ = std::make_unique<ExpertStager>(borrow_slots_, pool_);
     if (stream_slot_) start_streaming();
     if (params.f32_activations) allocate_f32_scratch();
+    init_sampling();
     const std::vector<float> ones(U_, 1.0f);
     ck(cudaMemcpy(ones_, ones.data(), sizeof(float) * U_, cudaMemcpyHostToDevice), "uploading constants");
 }
@@ -281,6 +283,7 @@ CudaBackendImpl::~CudaBackendImpl() {
     if (h_in_) cudaFreeHost(h_in_);
     if (h_out_) cudaFreeHost(h_out_);
     if (h_ids_) cudaFreeHost(h_ids_);
+    free_sampling();
     if (arena_) cudaFree(arena_);
     if (stream_) cudaStreamDestroy(stream_);
 }
@@ -409,8 +412,11 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
     stretch_state_ = Stretch::fresh;
     stretch_ = 0;
     const int n_rows = out.kind == StepOutput::Kind::none ? 0 : static_cast<int>(out.rows.size());
+    host_rows_ = 0;
+    any_top_ = false;
+    if (out.kind == StepOutput::Kind::sampled && n_rows > 0) stage_row_sampling(out);
     key_ = GraphKey{n, bucket_, 0, n_rows, static_cast<int>(out.kind), out.sampling.temperature, out.sampling.top_k,
-                    out.sampling.top_p, out.sampling.min_p};
+                    out.sampling.top_p, out.sampling.min_p, host_rows_, any_top_};
     copy_to_device(d_in_, h_in_, sizeof(int32_t) * IN_ROWS * U_);
 }
 
@@ -513,6 +519,7 @@ void CudaBackendImpl::output(const StepOutput& out) {
         wait();
         return;
     }
+    if (out.kind == StepOutput::Kind::sampled) return output_sampled(out);
     for (int i = 0; i < n_rows_total; ++i) {
         host_in(IN_ROWS)[i] = out.rows[i];
         const float ui = ids_out && out.u ? out.u[i] : 0.0f;

@@ -17,6 +17,7 @@
 #include "expert_streamer.cuh"
 #include "ggml_types.h"
 #include "kernels.h"
+#include "sample_history.h"
 
 namespace glmoe {
 
@@ -213,6 +214,14 @@ private:
     bool fused(int il) const;
     int32_t* in(int which) const { return d_in_ + static_cast<size_t>(which) * U_; }
     int32_t* host_in(int which) const { return h_in_ + static_cast<size_t>(which) * U_; }
+    // Per-row sampling (cuda_backend_sampling.cu): its device buffers (with the output head), pinned
+    // host buffers, the step's parameters and history uploads (in begin_step, outside any graph, so
+    // that replays read them from fixed addresses), and the output of a Kind::sampled step.
+    void lay_out_sampling(Arena& a);
+    void init_sampling();
+    void free_sampling();
+    void stage_row_sampling(const StepOutput& out);
+    void output_sampled(const StepOutput& out);
 
     const Model& model_;
     const HParams& hp_;
@@ -271,10 +280,29 @@ private:
     int stretch_ = 0;
     // Graphs by (tokens, KV bucket, stretch, output rows, output kind, sampling): what decides
     // the course of a step's ops.
-    using GraphKey = std::tuple<int, int, int, int, int, float, int, float, float>;
+    // Per-row sampling adds which rows go to the host and whether any row wants top logprobs.
+    using GraphKey = std::tuple<int, int, int, int, int, float, int, float, float, uint64_t, bool>;
     GraphKey key_;
     std::map<GraphKey, cudaGraphExec_t> graphs_;
     GpuCounters counters_;
+
+    // Per-row sampling: device buffers (null without the output head here) and their pinned mirrors.
+    float* work_ = nullptr;       // kLogitRows rows: logits after bias and penalties
+    int32_t* counts_ = nullptr;   // kLogitRows rows: penalty counts, zero between steps
+    double* log_norm_ = nullptr;  // kLogitRows
+    RowSampleParams* row_params_ = nullptr;
+    LogitBiasEntry* bias_ = nullptr;  // U x kMaxRowLogitBias
+    int32_t* history_ = nullptr;      // KVCache::kMaxSeq x n_ctx
+    SampledToken *sampled_ = nullptr, *top_ = nullptr;
+    RowSampleParams* h_row_params_ = nullptr;
+    LogitBiasEntry* h_bias_ = nullptr;
+    SampledToken *h_sampled_ = nullptr, *h_top_ = nullptr;
+    int32_t* h_hist_ = nullptr;  // staging of history uploads, grown on demand
+    size_t h_hist_cap_ = 0;
+    std::unique_ptr<HistoryMirror> history_mirror_;
+    std::vector<int> append_seq_;  // per row of the step: the sequence its kernel appends to, or -1
+    uint64_t host_rows_ = 0;       // rows (of the first 64) whose logits go to the host
+    bool any_top_ = false;
 };
 
 }  // namespace glmoe

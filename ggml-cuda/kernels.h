@@ -176,6 +176,45 @@ struct SampleParams {
 void sample_tokens(const float* logits, int n_rows, int n_vocab, const SampleParams& p, const float* u,
                    int32_t* out_ids, cudaStream_t s);
 
+// ---- per-row sampling (sample_rows.cu) -----------------------------------------------------------
+// The CPU Sampler's whole chain (src/sampling.cpp) per row, each row with its own parameters:
+// logit bias -> repeat/presence/frequency penalties over the row's history window -> top_k ->
+// typical_p -> top_p -> min_p -> temperature -> draw with u. typical_p < 1 needs at most
+// kRowSampleMaxCandidates tokens after top_k (the kernel sorts them in shared memory); a row
+// beyond that gets id -2, so callers route such rows elsewhere.
+constexpr int kRowSampleMaxCandidates = 2048;
+constexpr int kRowSampleMaxTop = 20;  // top logprobs per row
+struct RowSampleParams {
+    double u = 0;                 // the draw in [0, 1); unused when greedy
+    double log_min_p = 0;         // std::log(min_p) from the host, so the cut is the CPU's exactly
+    float temperature = 0;        // <= 0: greedy
+    float top_p = 1, min_p = 0, typical_p = 1;
+    float repeat_penalty = 1, presence_penalty = 0, frequency_penalty = 0;
+    int32_t top_k = 0;
+    int32_t repeat_last_n = 0;    // -1: the whole history
+    int32_t hist_begin = 0;       // the row's history: history[hist_begin, hist_begin + hist_len)
+    int32_t hist_len = 0;
+    int32_t append = 0;           // 1: the sampled id goes to history[hist_begin + hist_len]
+    int32_t bias_begin = 0, bias_count = 0;  // its entries of the logit-bias array
+    int32_t n_top = 0;            // most likely raw-logit tokens to report (<= kRowSampleMaxTop)
+    int32_t skip = 0;             // 1: not sampled here (its logits go to the host)
+};
+struct LogitBiasEntry {
+    int32_t token;
+    float bias;
+};
+// id: the token (-1: every logit -inf, nothing to sample); logprob: its log-softmax under the raw logits.
+struct SampledToken {
+    int32_t id;
+    float logprob;
+};
+// logits: n_rows raw rows; work / counts: scratch of the same shape (counts all zero before and
+// after); log_norm: n_rows. top: n_rows x kRowSampleMaxTop (most likely first, id -1 past the end),
+// written only when any_top. All pointers are device memory.
+void sample_rows(const float* logits, float* work, int32_t* counts, double* log_norm, int n_rows, int n_vocab,
+                 const RowSampleParams* params, const LogitBiasEntry* bias, int32_t* history, SampledToken* out,
+                 SampledToken* top, bool any_top, cudaStream_t s);
+
 // Checks the last launch; throws std::runtime_error naming `what`.
 void check_launch(const char* what);
 

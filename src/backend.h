@@ -22,6 +22,7 @@
 #include "kv_cache.h"
 #include "model.h"
 #include "placement.h"
+#include "sampling.h"
 
 namespace glmoe {
 
@@ -44,18 +45,43 @@ struct DeviceSampling {
     float min_p = 0.0f;
 };
 
+// Per-row sampling on the backend that runs the output head (StepOutput::Kind::sampled): the CPU
+// Sampler's whole chain with the row's own parameters and draw. A row without params brings its
+// logits back instead (rows the device cannot sample, e.g. under a grammar mask).
+struct RowSampling {
+    const SamplingParams* params = nullptr;         // null: this row's logits go to the host
+    int seq = 0;                                    // whose device-held history the penalties read
+    const std::vector<int32_t>* history = nullptr;  // that sequence's tokens so far, oldest first
+    double u = 0;                                   // the draw (Sampler::uniform01); unused when greedy
+    int n_top = 0;                                  // most likely tokens to report with logprobs
+};
+// Limits of device sampling: rows beyond them sample on the host (Context::samples_row_on_gpu).
+constexpr int kMaxSampledTop = 20;
+constexpr int kMaxRowLogitBias = 1024;
+constexpr int kMaxTypicalCandidates = 2048;  // typical_p < 1 needs top_k in [1, this] (or a vocabulary this small)
+struct SampledTop {
+    int32_t id;  // -1 past the end (a vocabulary smaller than asked)
+    float logprob;
+};
+
 // What the step hands back, for the tokens `rows` (step indices).
 struct StepOutput {
     enum class Kind {
         none,       // nothing: the step only fills the KV cache
         logits,     // n_vocab floats per row (an embeddings context: the normed hidden state, n_embd)
         token_ids,  // one sampled token per row
+        sampled,    // per row: row_sampling's token, its logprob and top logprobs, or (no params) its logits
     } kind = Kind::logits;
     std::vector<int32_t> rows;
     float* logits = nullptr;      // host
     int32_t* ids = nullptr;       // host
     DeviceSampling sampling;
     const float* u = nullptr;     // token_ids: one uniform draw per row (host)
+    // sampled: per row its sampling (input), then ids, logprobs and kMaxSampledTop top entries
+    // (filled where n_top > 0) per row; logits holds the rows without params, in row order.
+    const RowSampling* row_sampling = nullptr;
+    float* logprobs = nullptr;
+    SampledTop* top = nullptr;
 };
 
 // Activations that cross between backends.

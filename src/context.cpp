@@ -270,6 +270,48 @@ void Context::decode_sample(const Batch& batch, const DeviceSampling& sampling, 
     });
 }
 
+bool Context::samples_row_on_gpu(const SamplingParams& p) const {
+    if (!samples_on_gpu() || p.logit_bias.size() > static_cast<size_t>(kMaxRowLogitBias)) return false;
+    const int n_vocab = model_.hparams().n_vocab;
+    return p.typical_p >= 1.0f || n_vocab <= kMaxTypicalCandidates || (p.top_k > 0 && p.top_k <= kMaxTypicalCandidates);
+}
+
+void Context::decode_sample_rows(const Batch& batch, const std::vector<RowSampling>& rows, SampledRows& out) {
+    if (!samples_on_gpu()) throw std::logic_error("decode_sample_rows needs the output head on the GPU");
+    check_batch(batch);
+    size_t n_rows = 0;
+    for (uint8_t w : batch.want_logits) n_rows += w != 0;
+    if (rows.size() != n_rows) throw std::invalid_argument("decode_sample_rows needs one RowSampling per flagged row");
+    size_t n_host = 0;
+    for (const RowSampling& r : rows) {
+        if (!r.params) {
+            ++n_host;
+            continue;
+        }
+        if (!samples_row_on_gpu(*r.params))
+            throw std::invalid_argument("these sampling parameters are sampled on the host (typical_p with top_k "
+                                        "off or above " + std::to_string(kMaxTypicalCandidates) +
+                                        ", or more than " + std::to_string(kMaxRowLogitBias) + " logit_bias entries)");
+        Sampler::check(*r.params, model_.hparams().n_vocab);
+        if (r.params->temperature > 0 && !(r.u >= 0.0 && r.u < 1.0))
+            throw std::invalid_argument("u must lie in [0, 1)");
+    }
+    run_allocated(batch, [&](const std::vector<int32_t>& cells) {
+        out.ids.assign(n_rows, -1);
+        out.logprobs.assign(n_rows, 0.0f);
+        out.top.assign(n_rows * kMaxSampledTop, SampledTop{-1, 0.0f});
+        out.host_logits.resize(n_host * model_.hparams().n_vocab);
+        StepOutput proto;
+        proto.kind = StepOutput::Kind::sampled;
+        proto.ids = out.ids.data();
+        proto.logprobs = out.logprobs.data();
+        proto.top = out.top.data();
+        proto.logits = out.host_logits.data();
+        proto.row_sampling = rows.data();
+        forward(batch, cells, proto);
+    });
+}
+
 void Context::run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward) {
     const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
     try {
@@ -290,7 +332,7 @@ void Context::forward(const Batch& batch, const std::vector<int32_t>& cells, con
     const int64_t width = n_outputs_per_token();
     // The CPU backend takes any batch at once; the GPU's buffers hold n_ubatch tokens.
     const int64_t chunk = gpu_ ? n_ubatch_ : n;
-    int64_t rows_done = 0;
+    int64_t rows_done = 0, host_rows_done = 0;
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         const int64_t c1 = std::min(n, c0 + chunk);
         Step step;
@@ -304,10 +346,16 @@ void Context::forward(const Batch& batch, const std::vector<int32_t>& cells, con
         for (int64_t t = c0; t < c1; ++t)
             if (batch.want_logits[t]) out.rows.push_back(static_cast<int32_t>(t - c0));
         if (out.rows.empty()) out.kind = StepOutput::Kind::none;
-        if (proto.logits) out.logits = proto.logits + rows_done * width;
+        // Per-row sampling returns logits only for the rows without params, packed.
+        const bool sampled = proto.kind == StepOutput::Kind::sampled;
+        if (proto.logits) out.logits = proto.logits + (sampled ? host_rows_done : rows_done) * width;
         if (proto.ids) out.ids = proto.ids + rows_done;
         if (proto.u) out.u = proto.u + rows_done;
+        if (proto.row_sampling) out.row_sampling = proto.row_sampling + rows_done;
+        if (proto.logprobs) out.logprobs = proto.logprobs + rows_done;
+        if (proto.top) out.top = proto.top + rows_done * kMaxSampledTop;
         glm4moe_forward(model_, placement_, backends, step, out);
+        for (size_t i = 0; sampled && i < out.rows.size(); ++i) host_rows_done += !out.row_sampling[i].params;
         rows_done += static_cast<int64_t>(out.rows.size());
     }
 }

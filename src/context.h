@@ -68,6 +68,22 @@ public:
     void decode_sample(const Batch& batch, const DeviceSampling& sampling, const std::vector<float>& u,
                        std::vector<int32_t>& ids);
     bool samples_on_gpu() const { return gpu_ && placement_.output == Device::gpu && !embeddings_; }
+    // The flagged rows with params in `rows` (one per flagged row) are sampled on the GPU, each with
+    // its own parameters and draw (RowSampling), and only their ids, logprobs (the chosen token's
+    // log-softmax under the raw logits) and top logprobs (n_top of kMaxSampledTop slots per row)
+    // come back; the rows without params bring their logits into host_logits, in row order. The GPU
+    // keeps each sequence's history for the penalties, uploading only what changed. Needs
+    // samples_on_gpu(); every row with params must pass samples_row_on_gpu().
+    struct SampledRows {
+        std::vector<int32_t> ids;       // -1: every logit was -inf, nothing could be sampled
+        std::vector<float> logprobs;
+        std::vector<SampledTop> top;    // rows x kMaxSampledTop
+        std::vector<float> host_logits; // rows without params x n_vocab
+    };
+    void decode_sample_rows(const Batch& batch, const std::vector<RowSampling>& rows, SampledRows& out);
+    // Whether the GPU's chain takes these parameters: typical_p needs few enough candidates, and
+    // the logit bias is bounded (the rest stays on the host's Sampler).
+    bool samples_row_on_gpu(const SamplingParams& p) const;
     // Layers whose attention (and KV cache) is on the GPU.
     int n_gpu_layers() const { return placement_.n_layers_with_attn_on(Device::gpu); }
     // Largest step whose per-token outputs do not depend on what else is in it (the CPU engine's

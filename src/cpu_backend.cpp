@@ -367,7 +367,8 @@ void CpuBackend::upload(Act a, const void* host, int il) {
 
 void CpuBackend::output(const StepOutput& out) {
     if (out.kind == StepOutput::Kind::none || out.rows.empty()) return;
-    if (out.kind == StepOutput::Kind::token_ids) throw std::logic_error("the CPU backend does not sample");
+    if (out.kind == StepOutput::Kind::token_ids || out.kind == StepOutput::Kind::sampled)
+        throw std::logic_error("the CPU backend does not sample");
     const int64_t H = hp_.n_embd, n_out = static_cast<int64_t>(out.rows.size());
     h_.resize(std::max<size_t>(h_.size(), n_out * H));
     float* normed = embeddings_ ? out.logits : h_.data();

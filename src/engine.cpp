@@ -276,6 +276,12 @@ std::vector<SlotInfo> BatchEngine::slots() const {
     return out;
 }
 
+GpuCounters BatchEngine::gpu_counters() {
+    std::unique_lock<std::mutex> lk(mu_);
+    events_cv_.wait(lk, [this] { return !step_in_flight_; });  // the engine thread counts during a step
+    return ctx_.gpu() ? ctx_.gpu()->counters() : GpuCounters{};
+}
+
 void BatchEngine::shutdown() {
     std::call_once(shutdown_once_, [this] {
         {
@@ -460,9 +466,50 @@ void BatchEngine::build_batch() {
     }
 }
 
-bool BatchEngine::try_decode(const Batch& batch, std::vector<float>& logits, std::string& error) {
+// The GPU path has no token masks: constrained (grammar) requests keep the host path, whose Sampler
+// runs under the mask. So do drafted slots (verify_draft walks their rows on the host) and
+// parameters the GPU's chain does not take (Context::samples_row_on_gpu). A step may mix both.
+void BatchEngine::plan_gpu_sampling() {
+    row_sampling_.clear();
+    if (!ctx_.samples_on_gpu()) return;
+    const size_t n_rows = logit_slots_.size();
+    row_sampling_.resize(n_rows);
+    for (size_t row = 0; row < n_rows; ++row) {
+        const int slot = logit_slots_[row];
+        const bool one_row = (row == 0 || logit_slots_[row - 1] != slot) &&
+                             (row + 1 == n_rows || logit_slots_[row + 1] != slot);
+        Request& r = *slots_[slot].request;
+        if (!one_row || r.constrained || !r.draft.empty() || !ctx_.samples_row_on_gpu(r.sampler.params())) continue;
+        RowSampling& rs = row_sampling_[row];
+        rs.params = &r.sampler.params();
+        rs.seq = slot;
+        rs.history = &r.tokens;
+        rs.n_top = r.n_top_logprobs;
+        // The draw the host Sampler would make for this token: one seed, one stream on either path.
+        rs.u = r.sampler.params().temperature > 0.0f ? r.sampler.uniform01() : 0.0;
+    }
+}
+
+bool BatchEngine::try_decode(const Batch& batch, const std::vector<RowSampling>& rows, StepRows& out,
+                             std::string& error) {
     try {
-        ctx_.decode(batch, logits);
+        if (rows.empty()) {
+            ctx_.decode(batch, out.logits);
+            return true;
+        }
+        ctx_.decode_sample_rows(batch, rows, gpu_rows_);
+        const size_t V = n_vocab_;
+        out.logits.resize(rows.size() * V);
+        size_t host = 0;
+        for (size_t i = 0; i < rows.size(); ++i)
+            if (!rows[i].params) {
+                std::copy(gpu_rows_.host_logits.begin() + host * V, gpu_rows_.host_logits.begin() + (host + 1) * V,
+                          out.logits.begin() + i * V);
+                ++host;
+            }
+        out.ids = gpu_rows_.ids;
+        out.logprobs = gpu_rows_.logprobs;
+        out.top = gpu_rows_.top;
         return true;
     } catch (const std::exception& e) {
         error = *e.what() ? e.what() : "decode failed";
@@ -472,10 +519,22 @@ bool BatchEngine::try_decode(const Batch& batch, std::vector<float>& logits, std
     return false;
 }
 
+void BatchEngine::copy_rows(const StepRows& from, size_t first, size_t n, StepRows& to, size_t at) const {
+    const size_t V = n_vocab_;
+    if (from.logits.size() >= (first + n) * V)
+        std::copy(from.logits.begin() + first * V, from.logits.begin() + (first + n) * V, to.logits.begin() + at * V);
+    if (from.ids.empty()) return;
+    std::copy(from.ids.begin() + first, from.ids.begin() + first + n, to.ids.begin() + at);
+    std::copy(from.logprobs.begin() + first, from.logprobs.begin() + first + n, to.logprobs.begin() + at);
+    std::copy(from.top.begin() + first * kMaxSampledTop, from.top.begin() + (first + n) * kMaxSampledTop,
+              to.top.begin() + at * kMaxSampledTop);
+}
+
 void BatchEngine::decode_step() {
     step_errors_.assign(params_.n_parallel, {});
+    plan_gpu_sampling();
     std::string error;
-    if (try_decode(batch_, logits_, error)) return;
+    if (try_decode(batch_, row_sampling_, step_rows_, error)) return;
 
     std::vector<int> batch_slots;
     for (int32_t s : batch_.seq)
@@ -484,9 +543,14 @@ void BatchEngine::decode_step() {
         step_errors_[batch_slots[0]] = error;
         return;
     }
-    logits_.assign(logit_slots_.size() * n_vocab_, 0.0f);
+    const size_t n_rows = logit_slots_.size();
+    step_rows_.logits.assign(n_rows * n_vocab_, 0.0f);
+    step_rows_.ids.assign(row_sampling_.empty() ? 0 : n_rows, -1);
+    step_rows_.logprobs.assign(step_rows_.ids.size(), 0.0f);
+    step_rows_.top.assign(step_rows_.ids.size() * kMaxSampledTop, SampledTop{-1, 0.0f});
     Batch one;
-    std::vector<float> one_logits;
+    StepRows one_rows;
+    std::vector<RowSampling> one_sampling;
     for (int slot : batch_slots) {
         one = Batch{};
         for (size_t t = 0; t < batch_.size(); ++t)
@@ -496,11 +560,16 @@ void BatchEngine::decode_step() {
                 one.seq.push_back(slot);
                 one.want_logits.push_back(batch_.want_logits[t]);
             }
-        if (!try_decode(one, one_logits, step_errors_[slot])) continue;
         // A slot's logits rows are adjacent, in batch order.
-        const auto row = std::find(logit_slots_.begin(), logit_slots_.end(), slot);
-        if (row != logit_slots_.end())
-            std::copy(one_logits.begin(), one_logits.end(), logits_.begin() + (row - logit_slots_.begin()) * n_vocab_);
+        const size_t first = std::find(logit_slots_.begin(), logit_slots_.end(), slot) - logit_slots_.begin();
+        const size_t n = std::count(logit_slots_.begin(), logit_slots_.end(), slot);
+        one_sampling.clear();
+        if (!row_sampling_.empty())
+            one_sampling.assign(row_sampling_.begin() + first, row_sampling_.begin() + first + n);
+        // A slot with no logits row still runs through the plain path (it only fills the cache).
+        const std::vector<RowSampling> none;
+        if (!try_decode(one, n ? one_sampling : none, one_rows, step_errors_[slot])) continue;
+        if (n) copy_rows(one_rows, 0, n, step_rows_, first);
     }
 }
 
@@ -510,8 +579,24 @@ void BatchEngine::sample_outputs(std::vector<Sampled>& out) {
         for (n_rows = 1; row + n_rows < logit_slots_.size() && logit_slots_[row + n_rows] == slot;) ++n_rows;
         if (!step_errors_[slot].empty()) continue;
         Request& r = *slots_[slot].request;
-        const float* logits = logits_.data() + row * n_vocab_;
+        const float* logits = step_rows_.logits.data() + row * n_vocab_;
         try {
+            if (!row_sampling_.empty() && row_sampling_[row].params) {  // sampled on the GPU
+                const int32_t id = step_rows_.ids[row];
+                if (id < 0) throw std::invalid_argument("every token has logit -inf; nothing can be sampled");
+                Sampled s{slot, {id}, {step_rows_.logprobs[row]}, {}};
+                if (r.n_top_logprobs > 0) {
+                    std::vector<TokenLogprob> top;
+                    for (int k = 0; k < r.n_top_logprobs; ++k) {
+                        const SampledTop& e = step_rows_.top[row * kMaxSampledTop + k];
+                        if (e.id < 0) break;
+                        top.push_back(TokenLogprob{e.id, e.logprob});
+                    }
+                    s.top.push_back(std::move(top));
+                }
+                out.push_back(std::move(s));
+                continue;
+            }
             if (r.constrained) {
                 {
                     std::lock_guard<std::mutex> lk(mu_);  // set_token_mask() writes the mask under it

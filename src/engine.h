@@ -157,6 +157,8 @@ public:
     std::string kv_type_v() const { return ctx_.kv_type_v_name(); }
     size_t kv_bytes() const { return ctx_.kv_bytes(); }
     std::vector<SlotInfo> slots() const;
+    // The GPU backend's step counters (zero without one): what a step copies to the host and waits for.
+    GpuCounters gpu_counters();
 
     // llama-server's slot actions, run on the engine thread between steps so that no step sees a
     // half-restored slot. std::out_of_range for a bad slot id, SlotBusy while the slot serves a
@@ -239,7 +241,19 @@ private:
     // Runs batch_. A failed decode leaves the cache unchanged, so a failed batch of several
     // sequences is retried one sequence at a time: only those whose own tokens fail get an error.
     void decode_step();
-    bool try_decode(const Batch& batch, std::vector<float>& logits, std::string& error);
+    // A step's results per logits row: logits for the rows sampled here, the token, its logprob
+    // and top logprobs for the rows the GPU sampled.
+    struct StepRows {
+        std::vector<float> logits;      // rows x n_vocab (GPU-sampled rows: unset)
+        std::vector<int32_t> ids;
+        std::vector<float> logprobs;
+        std::vector<SampledTop> top;    // rows x kMaxSampledTop
+    };
+    // Which rows the GPU samples (row_sampling_; empty when the context cannot), drawing their u.
+    void plan_gpu_sampling();
+    bool try_decode(const Batch& batch, const std::vector<RowSampling>& rows, StepRows& out, std::string& error);
+    // The rows [first, first + n) of `from` into `to` at row `at`.
+    void copy_rows(const StepRows& from, size_t first, size_t n, StepRows& to, size_t at) const;
     void sample_outputs(std::vector<Sampled>& out);
     // A constrained request's token from `logits` with the tokens outside `mask` at -inf; its
     // logprob and top logprobs (if asked) under the unmasked logits.
@@ -289,7 +303,9 @@ private:
     Batch batch_;
     std::vector<int> logit_slots_;
     std::vector<std::string> step_errors_;  // per slot; empty: no error
-    std::vector<float> logits_;
+    std::vector<RowSampling> row_sampling_;  // per logits row; params null: sampled on the host
+    StepRows step_rows_;
+    Context::SampledRows gpu_rows_;
     std::vector<float> masked_;        // a constrained slot's logits row with its mask applied
     std::vector<uint32_t> step_mask_;  // its mask, taken from the request under mu_
 

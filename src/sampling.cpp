@@ -23,6 +23,15 @@ void require_unit_interval(float value, const char* name) {
 }  // namespace
 
 Sampler::Sampler(const SamplingParams& params, int n_vocab) : params_(params), n_vocab_(n_vocab) {
+    check(params, n_vocab);
+    work_.resize(n_vocab);
+    counts_.assign(n_vocab, 0);
+    cands_.reserve(n_vocab);
+    probs_.reserve(n_vocab);
+    reseed(params.seed);
+}
+
+void Sampler::check(const SamplingParams& params, int n_vocab) {
     require(n_vocab > 0, "n_vocab must be positive");
     require(std::isfinite(params.temperature), "temperature must be finite");
     require_unit_interval(params.top_p, "top_p");
@@ -42,11 +51,6 @@ Sampler::Sampler(const SamplingParams& params, int n_vocab) : params_(params), n
         require(!std::isnan(bias) && bias != std::numeric_limits<float>::infinity(),
                 "logit_bias for token " + std::to_string(token) + " must be a number below +inf");
     }
-    work_.resize(n_vocab);
-    counts_.assign(n_vocab, 0);
-    cands_.reserve(n_vocab);
-    probs_.reserve(n_vocab);
-    reseed(params.seed);
 }
 
 void Sampler::reseed(uint32_t seed) {

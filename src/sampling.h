@@ -34,6 +34,8 @@ class Sampler {
 public:
     // Throws std::invalid_argument for parameters outside the ranges above.
     Sampler(const SamplingParams& params, int n_vocab);
+    // The constructor's checks alone (no buffers, no seeding): for samplers that run elsewhere.
+    static void check(const SamplingParams& params, int n_vocab);
 
     // Picks a token from logits[n_vocab]; history is the tokens so far, oldest first.
     // The draw is u = genrand_res53() of std::mt19937 (as Python's random.random()), and the

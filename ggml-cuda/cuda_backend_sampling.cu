@@ -1,0 +1,193 @@
+// The CUDA backend's per-row sampling (StepOutput::Kind::sampled; kernels in sample_rows.cu).
+// Everything that changes from step to step (parameters, draws, logit biases, new history tokens)
+// is uploaded in begin_step before a graph is captured or replayed, into buffers at fixed
+// addresses; the output then costs one device-to-host copy of ids and logprobs (a second for top
+// logprobs, one per row whose logits the host wants) and one wait.
+#include "cuda_backend_impl.cuh"
+
+namespace glmoe {
+
+static_assert(kRowSampleMaxTop == kMaxSampledTop, "backend.h and kernels.h agree on top logprobs");
+static_assert(kRowSampleMaxCandidates == kMaxTypicalCandidates, "backend.h and kernels.h agree on typical_p");
+static_assert(sizeof(SampledToken) == sizeof(SampledTop), "top entries are copied as they are");
+
+void CudaBackendImpl::lay_out_sampling(Arena& a) {
+    if (placement_.output != Device::gpu || p_.embeddings) return;
+    const size_t rows = kLogitRows, n = static_cast<size_t>(U_);
+    work_ = a.array<float>(rows * hp_.n_vocab);
+    counts_ = a.array<int32_t>(rows * hp_.n_vocab);
+    log_norm_ = a.array<double>(rows);
+    row_params_ = a.array<RowSampleParams>(n);
+    bias_ = a.array<LogitBiasEntry>(n * kMaxRowLogitBias);
+    history_ = a.array<int32_t>(static_cast<size_t>(KVCache::kMaxSeq) * p_.n_ctx);
+    sampled_ = a.array<SampledToken>(n);
+    top_ = a.array<SampledToken>(n * kMaxSampledTop);
+}
+
+void CudaBackendImpl::init_sampling() {
+    if (!sampled_) return;
+    const size_t n = static_cast<size_t>(U_);
+    ck(cudaMemset(counts_, 0, sizeof(int32_t) * kLogitRows * hp_.n_vocab), "clearing penalty counts");
+    ck(cudaMallocHost(&h_row_params_, sizeof(RowSampleParams) * n), "allocating pinned memory");
+    ck(cudaMallocHost(&h_bias_, sizeof(LogitBiasEntry) * n * kMaxRowLogitBias), "allocating pinned memory");
+    ck(cudaMallocHost(&h_sampled_, sizeof(SampledToken) * kLogitRows), "allocating pinned memory");
+    ck(cudaMallocHost(&h_top_, sizeof(SampledToken) * kLogitRows * kMaxSampledTop), "allocating pinned memory");
+    history_mirror_ = std::make_unique<HistoryMirror>(KVCache::kMaxSeq, p_.n_ctx);
+}
+
+void CudaBackendImpl::free_sampling() {
+    for (void* ptr : {static_cast<void*>(h_row_params_), static_cast<void*>(h_bias_), static_cast<void*>(h_sampled_),
+                      static_cast<void*>(h_top_), static_cast<void*>(h_hist_)})
+        if (ptr) cudaFreeHost(ptr);
+}
+
+void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
+    if (!sampled_) throw std::logic_error("per-row sampling needs the output head on the GPU");
+    const int n_rows = static_cast<int>(out.rows.size());
+    append_seq_.assign(n_rows, -1);
+    // A sequence sampled in two rows of one step cannot take both tokens: no appends for it.
+    std::vector<int> rows_of_seq(KVCache::kMaxSeq, 0);
+    struct Upload {
+        int seq;
+        size_t first;
+        const std::vector<int32_t>* history;
+    };
+    std::vector<Upload> uploads;
+    size_t n_bias = 0, n_upload = 0;
+    try {
+        for (int r = 0; r < n_rows; ++r) {
+            const RowSampling& rs = out.row_sampling[r];
+            RowSampleParams q{};
+            if (!rs.params) {
+                q.skip = 1;
+                if (r < 64) host_rows_ |= uint64_t{1} << r;
+                h_row_params_[r] = q;
+                continue;
+            }
+            const SamplingParams& sp = *rs.params;
+            q.u = rs.u;
+            q.temperature = sp.temperature;
+            q.top_p = sp.top_p;
+            q.min_p = sp.min_p;
+            q.log_min_p = sp.min_p > 0.0f ? std::log(static_cast<double>(sp.min_p)) : 0.0;
+            q.typical_p = sp.typical_p;
+            q.repeat_penalty = sp.repeat_penalty;
+            q.presence_penalty = sp.presence_penalty;
+            q.frequency_penalty = sp.frequency_penalty;
+            q.top_k = sp.top_k;
+            q.repeat_last_n = sp.repeat_last_n;
+            q.n_top = std::clamp(rs.n_top, 0, kMaxSampledTop);
+            any_top_ = any_top_ || q.n_top > 0;
+            if (sp.logit_bias.size() > static_cast<size_t>(kMaxRowLogitBias))
+                throw std::invalid_argument("GPU sampling takes at most " + std::to_string(kMaxRowLogitBias) +
+                                            " logit_bias entries per row");
+            q.bias_begin = static_cast<int32_t>(n_bias);
+            q.bias_count = static_cast<int32_t>(sp.logit_bias.size());
+            for (const auto& [token, bias] : sp.logit_bias) h_bias_[n_bias++] = LogitBiasEntry{token, bias};
+            const bool neutral =
+                sp.repeat_penalty == 1.0f && sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
+            if (sp.repeat_last_n != 0 && !neutral) {
+                if (!rs.history) throw std::invalid_argument("penalties need the row's history");
+                if (rs.seq < 0 || rs.seq >= KVCache::kMaxSeq)
+                    throw std::invalid_argument("bad sequence for a history");
+                const size_t first = history_mirror_->sync(rs.seq, *rs.history);
+                if (first < rs.history->size()) {
+                    uploads.push_back({rs.seq, first, rs.history});
+                    n_upload += rs.history->size() - first;
+                }
+                q.hist_begin = rs.seq * p_.n_ctx;
+                q.hist_len = static_cast<int32_t>(rs.history->size());
+                if (rs.history->size() < static_cast<size_t>(p_.n_ctx)) {
+                    q.append = 1;
+                    append_seq_[r] = rs.seq;
+                    ++rows_of_seq[rs.seq];
+                }
+            }
+            h_row_params_[r] = q;
+        }
+        for (int r = 0; r < n_rows; ++r)
+            if (append_seq_[r] >= 0 && rows_of_seq[append_seq_[r]] > 1) {
+                h_row_params_[r].append = 0;
+                history_mirror_->forget(append_seq_[r]);
+                append_seq_[r] = -1;
+            }
+        if (n_upload > h_hist_cap_) {  // the previous step has ended, so its staging is free
+            if (h_hist_) cudaFreeHost(h_hist_);
+            h_hist_ = nullptr;
+            h_hist_cap_ = 0;
+            ck(cudaMallocHost(&h_hist_, sizeof(int32_t) * n_upload), "allocating pinned memory");
+            h_hist_cap_ = n_upload;
+        }
+        size_t staged = 0;
+        for (const Upload& u : uploads) {
+            const size_t count = u.history->size() - u.first;
+            std::copy(u.history->begin() + u.first, u.history->end(), h_hist_ + staged);
+            ck(cudaMemcpyAsync(history_ + static_cast<size_t>(u.seq) * p_.n_ctx + u.first, h_hist_ + staged,
+                               sizeof(int32_t) * count, cudaMemcpyHostToDevice, stream_),
+               "history upload");
+            staged += count;
+        }
+        ck(cudaMemcpyAsync(row_params_, h_row_params_, sizeof(RowSampleParams) * n_rows, cudaMemcpyHostToDevice,
+                           stream_),
+           "sampling parameters");
+        if (n_bias)
+            ck(cudaMemcpyAsync(bias_, h_bias_, sizeof(LogitBiasEntry) * n_bias, cudaMemcpyHostToDevice, stream_),
+               "logit bias");
+    } catch (...) {
+        // Whatever the record claims for these sequences may not have reached the device.
+        for (int r = 0; r < n_rows; ++r) {
+            const RowSampling& rs = out.row_sampling[r];
+            if (rs.params && rs.seq >= 0 && rs.seq < KVCache::kMaxSeq) history_mirror_->forget(rs.seq);
+        }
+        throw;
+    }
+}
+
+void CudaBackendImpl::output_sampled(const StepOutput& out) {
+    const int64_t H = hp_.n_embd, V = hp_.n_vocab;
+    const int n_rows_total = static_cast<int>(out.rows.size());
+    for (int i = 0; i < n_rows_total; ++i) host_in(IN_ROWS)[i] = out.rows[i];
+    copy_to_device(in(IN_ROWS), host_in(IN_ROWS), sizeof(int32_t) * U_);
+    int64_t host_rows_done = 0;
+    for (int r0 = 0; r0 < n_rows_total; r0 += kLogitRows) {
+        const int n_rows = std::min(kLogitRows, n_rows_total - r0);
+        if (!skip()) {
+            gather_rows(x_, in(IN_ROWS) + r0, n_rows, H, h_, stream_);
+            cuda::rms_norm(h_, output_norm_, n_rows, H, hp_.rms_eps, h_, stream_);
+        }
+        for (int c0 = 0; c0 < n_rows; c0 += kMaxMmvTokens)
+            linear(output_, h_ + c0 * H, nullptr, std::min(kMaxMmvTokens, n_rows - c0), logits_ + c0 * V, V, false);
+        if (!skip())
+            sample_rows(logits_, work_, counts_, log_norm_, n_rows, static_cast<int>(V), row_params_ + r0, bias_,
+                        history_, sampled_ + r0, top_ + static_cast<size_t>(r0) * kMaxSampledTop, any_top_, stream_);
+        copy_to_host(h_sampled_, sampled_ + r0, sizeof(SampledToken) * n_rows);
+        if (any_top_)
+            copy_to_host(h_top_, top_ + static_cast<size_t>(r0) * kMaxSampledTop,
+                         sizeof(SampledToken) * n_rows * kMaxSampledTop);
+        int n_host = 0;
+        for (int i = 0; i < n_rows; ++i)
+            if (!out.row_sampling[r0 + i].params)
+                copy_to_host(h_out_ + n_host++ * V, logits_ + i * V, sizeof(float) * V);
+        end_stretch();
+        wait();
+        if (n_host) std::memcpy(out.logits + host_rows_done * V, h_out_, sizeof(float) * n_host * V);
+        host_rows_done += n_host;
+        for (int i = 0; i < n_rows; ++i) {
+            const int r = r0 + i;
+            const RowSampling& rs = out.row_sampling[r];
+            if (!rs.params) continue;
+            const SampledToken t = h_sampled_[i];
+            if (t.id == -2)
+                throw std::logic_error("typical_p over more than " + std::to_string(kMaxTypicalCandidates) +
+                                       " candidates is sampled on the host (Context::samples_row_on_gpu)");
+            out.ids[r] = t.id;
+            out.logprobs[r] = t.logprob;
+            if (t.id >= 0 && append_seq_[r] >= 0) history_mirror_->appended(append_seq_[r], t.id);
+            if (rs.n_top > 0 && out.top)
+                std::memcpy(out.top + static_cast<size_t>(r) * kMaxSampledTop,
+                            h_top_ + static_cast<size_t>(i) * kMaxSampledTop, sizeof(SampledTop) * kMaxSampledTop);
+        }
+    }
+}
+
+}  // namespace glmoe
