@@ -25,6 +25,7 @@
 # Builds go to build/hybrid-lcpp and build/hybrid-glmoe (git-ignored; LCPP_BUILD, GLMOE_BUILD) and
 # are reused, so a second call on a warm machine skips them, and a build cut short by the budget
 # resumes there. LCPP_CMAKE_ARGS, GLMOE_CMAKE_ARGS: extra CMake arguments (split on spaces).
+# LCPP_BENCH: a prebuilt llama.cpp llama-bench (its shared libraries beside it): no llama.cpp build.
 set -u
 t0=$SECONDS
 src=${1:?usage: tools/hybrid_compare.sh LLAMA_CPP_SRC OUT_DIR [GLMOE_BENCH]}
@@ -70,13 +71,18 @@ command -v ninja > /dev/null 2>&1 && gen=(-G Ninja)
 } 2>&1 | tee "$out/env.txt"
 
 # A build folder configured for another source tree is started afresh.
-if [ -f "$lcpp/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$src" "$lcpp/CMakeCache.txt"; then
-    rm -rf "$lcpp"
-fi
-( timeout "$(upto 120)" cmake -S "$src" -B "$lcpp" "${gen[@]}" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+if [ -n "${LCPP_BENCH:-}" ]; then
+    lcpp=$(cd "$(dirname "$LCPP_BENCH")/.." && pwd)
+    true &
+else
+    if [ -f "$lcpp/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$src" "$lcpp/CMakeCache.txt"; then
+        rm -rf "$lcpp"
+    fi
+    ( timeout "$(upto 120)" cmake -S "$src" -B "$lcpp" "${gen[@]}" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release "${lcpp_args[@]}" \
     && timeout "$(upto 120)" cmake --build "$lcpp" --target llama-bench -j"$jobs" ) > "$out/llama.cpp-build.log" 2>&1 &
+fi
 lcpp_job=$!
 
 model_job=
