@@ -7,6 +7,7 @@ import os
 import threading
 
 import httpx
+import numpy as np
 import pytest
 
 import server_harness as harness
@@ -234,7 +235,10 @@ def test_engine_busy_slot_and_reuse(tiny):
         e.restore_slot(1, state)
         got, ev = run(e, PROMPT_IDS, 8)
         assert got == want and ev["n_cached"] == len(PROMPT_IDS) - 1
-        rid = e.submit(PROMPT_IDS, 0, [], temperature=0)
+        # Constrained: after its first token it waits for the next mask, so it holds its slot
+        # however fast the model runs.
+        allow_all = np.full(e.mask_words, 0xFFFFFFFF, dtype=np.uint32)
+        rid = e.submit(PROMPT_IDS, 0, [], temperature=0, token_mask=allow_all)
         e.poll(rid, 10.0)
         (busy,) = [s["id"] for s in e.slots() if s["request_id"] == rid]
         for action in (lambda: e.save_slot(busy), lambda: e.erase_slot(busy), lambda: e.restore_slot(busy, state)):
