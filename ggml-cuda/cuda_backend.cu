@@ -408,7 +408,12 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
         flush_pending(n);
     }
 
-    graphs_on_ = n <= kMaxMmvTokens;
+    // A step's launches depend on n, the KV bucket and the attention groups; without prompt runs
+    // (a decode batch, however many sequences) the groups follow from n, so the step is replayable,
+    // unless it borrows experts (their copies are ordered by events on a stream of their own).
+    const bool prompt_runs = std::any_of(attn_groups_.begin(), attn_groups_.end(),
+                                         [](const std::pair<int, int>& g) { return g.second < 0; });
+    graphs_on_ = !prompt_runs && !(stager_ && n >= borrow_min_tokens_);
     stretch_state_ = Stretch::fresh;
     stretch_ = 0;
     const int n_rows = out.kind == StepOutput::Kind::none ? 0 : static_cast<int>(out.rows.size());

@@ -149,6 +149,35 @@ def test_mixed_sequences_in_one_batch(model_case):
         assert relative_errors(got[i:i + 1], ref[None])[0] < 1e-4, i
 
 
+def test_batched_decode_steps_replay_graphs(model_case):
+    """Continuous batching's decode steps, 12 sequences at different depths (more than the
+    matrix-vector kernels take, so the tensor-core path): the first step is captured as graphs,
+    the later ones replay them, and every step's logits match the CPU engine's."""
+    name, model = model_case
+    rng = np.random.default_rng()
+    n_seq, steps = 12, 4
+    prompts = [rng.integers(0, model.n_vocab, int(n)).tolist() for n in rng.integers(3, 12, n_seq)]
+    gpu = _core.Context(model, 512, 16, n_gpu_layers=-1)
+    ref = _core.Context(model, 512, 16, f32_activations=True)
+    for ctx in (gpu, ref):
+        for s, p in enumerate(prompts):
+            ctx.decode(np.asarray(p, np.int32), np.arange(len(p), dtype=np.int32), np.full(len(p), s, np.int32),
+                       np.zeros(len(p), np.uint8))
+    pos = np.asarray([len(p) for p in prompts], np.int32)
+    seq = np.arange(n_seq, dtype=np.int32)
+    want = np.ones(n_seq, np.uint8)
+    counters = []
+    for _ in range(steps):
+        tok = rng.integers(0, model.n_vocab, n_seq).astype(np.int32)
+        got = gpu.decode(tok, pos, seq, want)
+        assert_close(name, relative_errors(got, ref.decode(tok, pos, seq, want)))
+        pos = pos + 1
+        counters.append(gpu.gpu_counters())
+    # Captured in the first step (same KV bucket throughout), replayed as they are in the others.
+    assert counters[0]["graph_captures"] >= 1 and counters[-1]["graph_captures"] == counters[0]["graph_captures"]
+    assert counters[-1]["graph_replays"] - counters[0]["graph_replays"] >= steps - 1
+
+
 def test_ngl_zero_is_the_cpu_engine(model_case):
     _, model = model_case
     tokens = np.random.default_rng().integers(0, model.n_vocab, 12).tolist()
