@@ -4,6 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "context.h"
@@ -14,6 +15,7 @@
 #include "kv_types.h"
 #include "quantize_row.h"
 #include "quants.h"
+#include "sampling.h"
 #include "thread_pool.h"
 
 namespace nb = nanobind;
@@ -166,6 +168,29 @@ std::vector<int32_t> context_decode_sample(Context& ctx, I32Vector tokens, I32Ve
     return ids;
 }
 
+// One flagged row sampled on the device by `sampler`'s whole chain (its parameters, its next draw;
+// penalties over `history`); only the id comes back. Sequence 0's history is mirrored on the
+// device, so `history` is the same list growing by the tokens sampled, as Llama keeps it.
+int32_t context_decode_sample_with(Context& ctx, I32Vector tokens, I32Vector pos, I32Vector seq, U8Vector want_logits,
+                                   Sampler& sampler, I32Vector history) {
+    const Batch b = make_batch(tokens, pos, seq, want_logits);
+    if (std::count(b.want_logits.begin(), b.want_logits.end(), 1) != 1)
+        throw nb::value_error("decode_sample_with samples one flagged row");
+    if (!ctx.samples_on_gpu() || !ctx.samples_row_on_gpu(sampler.params()))
+        throw nb::value_error("this context cannot sample these parameters on the device (see samples_with)");
+    const std::vector<int32_t> hist(history.data(), history.data() + history.shape(0));
+    RowSampling row{&sampler.params(), b.seq[std::find(b.want_logits.begin(), b.want_logits.end(), 1) -
+                                             b.want_logits.begin()],
+                    &hist, sampler.params().temperature > 0.0f ? sampler.uniform01() : 0.0, 0};
+    Context::SampledRows out;
+    {
+        nb::gil_scoped_release release;
+        ctx.decode_sample_rows(b, {row}, out);
+    }
+    if (out.ids[0] < 0) throw nb::value_error("every token has logit -inf; nothing can be sampled");
+    return out.ids[0];
+}
+
 }  // namespace
 
 #ifdef GLMOE_CUDA
@@ -261,6 +286,14 @@ NB_MODULE(_core, m) {
         .def("decode_sample", &context_decode_sample, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"),
              nb::arg("want_logits"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,
              nb::arg("min_p") = 0.0f, nb::arg("u") = std::vector<float>{})
+        .def("decode_sample_with", &context_decode_sample_with, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"),
+             nb::arg("want_logits"), nb::arg("sampler"), nb::arg("history"),
+             "Runs the batch and samples its one flagged row on the GPU with the Sampler's chain and"
+             " next draw (the token Sampler.sample would give on the same logits); returns the id.")
+        .def("samples_with", [](const Context& c, const Sampler& s) {
+                 return c.samples_on_gpu() && c.samples_row_on_gpu(s.params());
+             }, nb::arg("sampler"), "Whether decode_sample_with takes this Sampler (the output head on the"
+             " GPU; typical_p and logit_bias within the device chain's limits).")
         .def_prop_ro("n_gpu_layers", &Context::n_gpu_layers)
         .def_prop_ro("kv_type_k", &Context::kv_type_k_name,
                      "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")

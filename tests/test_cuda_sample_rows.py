@@ -7,11 +7,13 @@ rounding (1e-9, far above double's 1e-16 relative error of sums of at most 15155
 boundary of the CPU's cumulative distribution, either neighbour is accepted; nowhere else."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 
+import glmoe
 from glmoe import _core
 from glmoe.tools.make_model import ModelSpec, write_model
 
@@ -168,10 +170,15 @@ def test_all_banned_gives_minus_one_and_wide_typical_is_refused():
 # ---- through the model ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpu_sampling") / "m.gguf"
     write_model(str(path), ModelSpec(**CPU_CONFIGS["kquants-groups-qknorm-tied"]))
-    return _core.Model(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return _core.Model(model_path)
 
 
 def prefill(ctx, prompt, seq=0):
@@ -288,3 +295,30 @@ def test_engine_gpu_path_matches_the_host_sampler(model):
         logits = ctx.decode(np.asarray([token], np.int32), np.asarray([len(history) - 1], np.int32),
                             np.zeros(1, np.int32), np.ones(1, np.uint8))[0]
     assert len(tokens) == 24
+
+
+@pytest.mark.parametrize("params", [dict(temp=0.0), dict(temp=0.9, top_k=40, top_p=0.95, min_p=0.05,
+                                                          repeat_penalty=1.3, presence_penalty=0.2,
+                                                          frequency_penalty=0.1, seed=11)])
+def test_llama_generate_samples_in_the_step(model_path, model, params):
+    """Llama(n_gpu_layers=-1).generate samples each token on the GPU inside its decode step: one
+    device-to-host copy a step (the id), and the tokens of a host loop of Context.decode and the
+    Sampler with the same parameters and seed."""
+    llm = glmoe.Llama(model_path, n_gpu_layers=-1, n_ctx=128, verbose=False)
+    prompt = np.random.default_rng(3).integers(0, model.n_vocab, 9).tolist()
+    before = llm._ctx.gpu_counters()
+    got = list(itertools.islice(llm.generate(prompt, **params), 20))
+    after = llm._ctx.gpu_counters()
+    assert after["device_to_host_copies"] - before["device_to_host_copies"] == after["steps"] - before["steps"]
+
+    ctx = _core.Context(model, 128, 2, n_gpu_layers=-1)
+    keys = {k: v for k, v in params.items() if k not in ("temp", "seed")}
+    sampler = _core.Sampler(model.n_vocab, temperature=params["temp"], seed=params.get("seed", 0),
+                            repeat_last_n=llm.last_n_tokens_size, **keys)
+    logits = prefill(ctx, prompt)[0]
+    history = list(prompt)
+    for k, token in enumerate(got):
+        assert token == sampler.sample(logits, np.asarray(history, np.int32)), k
+        history.append(token)
+        logits = ctx.decode(np.asarray([token], np.int32), np.asarray([len(history) - 1], np.int32),
+                            np.zeros(1, np.int32), np.ones(1, np.uint8))[0]

@@ -380,7 +380,10 @@ class Llama:
         with self._locked():
             self._eval(tokens)
 
-    def _eval(self, tokens: Sequence[int]):
+    def _eval(self, tokens: Sequence[int], sampler: Optional[_core.Sampler] = None) -> Optional[int]:
+        """With a sampler (one _samples_on_device takes), the last token's row is sampled on the GPU
+        inside its step and the token returned; its logits never reach the host, so scores keep
+        the previous row there."""
         if self._embedding:
             raise ValueError("eval() needs logits: this Llama was created with embedding=True")
         tokens = self._checked_tokens(tokens)
@@ -390,13 +393,26 @@ class Llama:
             chunk = tokens[start : start + self.n_batch]
             n_past, n = self.n_tokens, len(chunk)
             want = np.ones(n, dtype=np.uint8) if self._logits_all else np.eye(1, n, n - 1, dtype=np.uint8)[0]
-            logits = self._ctx.decode(chunk, np.arange(n_past, n_past + n, dtype=np.int32), np.zeros(n, np.int32), want)
+            pos = np.arange(n_past, n_past + n, dtype=np.int32)
+            if sampler is not None and start + n == len(tokens):
+                self.input_ids[n_past : n_past + n] = chunk  # the history the penalties read, this chunk included
+                token = self._ctx.decode_sample_with(chunk, pos, np.zeros(n, np.int32), want, sampler,
+                                                     self.input_ids[: n_past + n])
+                self.n_tokens += n
+                return token
+            logits = self._ctx.decode(chunk, pos, np.zeros(n, np.int32), want)
             self.input_ids[n_past : n_past + n] = chunk
             if self._logits_all:
                 self.scores[n_past : n_past + n, :] = logits
             else:
                 self.scores[self._score_row(n_past + n - 1), :] = logits[0]
             self.n_tokens += n
+
+    def _samples_on_device(self, sampler: _core.Sampler, constraint) -> bool:
+        """Whether generation samples on the GPU inside the decode step (only ids come back): the
+        output head is there, the parameters fit its chain, and nothing needs each token's logits
+        on the host (a grammar's mask, logits_all's scores)."""
+        return constraint is None and not self._logits_all and self._ctx.samples_with(sampler)
 
     def _checked_tokens(self, tokens: Sequence[int]) -> np.ndarray:
         """tokens as int32, if they fit in the context after n_tokens and are in the vocabulary."""
@@ -515,6 +531,10 @@ class Llama:
             yield from self._generate_drafted(todo, sampler)
             return
         self.last_draft_stats = None
+        if self._samples_on_device(sampler, constraint):
+            while True:
+                todo = [self._eval(todo, sampler)]
+                yield todo[0]
         while True:
             self._eval(todo)
             history = self.input_ids[: self.n_tokens].astype(np.int32, copy=False)
