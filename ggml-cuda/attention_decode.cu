@@ -105,27 +105,11 @@ struct DecodeParams {
 // Shared memory of the quantized path: staged raw/f16 rows of both sides per stage, then a
 // dequantized tile per quantized side (the merge reuses it all).
 template <int D>
-__host__ __device__ inline int quant_stage_bytes(uint32_t type_k, uint32_t type_v) {
-    constexpr int kF16Row = Cfg<D>::kStride * 2;
-    const int k = type_k == GGML_TYPE_F16 ? kF16Row : kv_raw_pitch(type_k, D);
-    const int v = type_v == GGML_TYPE_F16 ? kF16Row : kv_raw_pitch(type_v, D);
-    return kTile * (k + v);
-}
-
-template <int D>
 size_t quant_smem(uint32_t type_k, uint32_t type_v) {
     using C = Cfg<D>;
-    const size_t work = C::kWorkBytes * ((type_k != GGML_TYPE_F16) + (type_v != GGML_TYPE_F16));
-    return C::kQBytes + std::max(C::kStages * quant_stage_bytes<D>(type_k, type_v) + work, C::kMergeBytes);
-}
-
-// The largest quant_smem of any pair of types (the kernel opts in once for it).
-template <int D>
-size_t quant_smem_max() {
-    size_t most = 0;
-    for (uint32_t k : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0})
-        for (uint32_t v : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0}) most = std::max(most, quant_smem<D>(k, v));
-    return most;
+    const size_t work = C::kWorkBytes * kv_quantized_sides(type_k, type_v);
+    return C::kQBytes + std::max(C::kStages * kv_stage_bytes(type_k, type_v, kTile, C::kStride, D) + work,
+                                 C::kMergeBytes);
 }
 
 // grid: (n_split, n_head_kv * n_hgroups, n_tok). kF16: both sides f16 (read by the mma straight
@@ -542,7 +526,7 @@ void launch_decode(const DecodeParams& p, cudaStream_t s) {
         launch_kernel(attention_decode_kernel<D, true>, grid, dim3(kThreads), Cfg<D>::kSmem, s, p);
     } else {
         static std::atomic<uint64_t> done{0};
-        allow_smem(attention_decode_kernel<D, false>, quant_smem_max<D>(), done, "attention_decode");
+        allow_smem(attention_decode_kernel<D, false>, kv_smem_max(quant_smem<D>), done, "attention_decode");
         launch_kernel(attention_decode_kernel<D, false>, grid, dim3(kThreads), quant_smem<D>(p.a.type_k, p.a.type_v),
                       s, p);
     }

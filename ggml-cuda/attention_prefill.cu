@@ -55,31 +55,10 @@ struct Cfg {
 // Shared memory of the quantized path: q, the stages (raw or f16 rows of both sides), a
 // dequantized tile per quantized side, then the rows' n_visible.
 template <int D>
-__host__ __device__ inline int quant_stage_bytes(uint32_t type_k, uint32_t type_v) {
-    constexpr int kF16Row = Cfg<D>::kStride * 2;
-    const int k = type_k == GGML_TYPE_F16 ? kF16Row : kv_raw_pitch(type_k, D);
-    const int v = type_v == GGML_TYPE_F16 ? kF16Row : kv_raw_pitch(type_v, D);
-    return kBN * (k + v);
-}
-
-template <int D>
-__host__ __device__ inline size_t quant_work_bytes(uint32_t type_k, uint32_t type_v) {
-    return Cfg<D>::kWorkBytes * ((type_k != GGML_TYPE_F16) + (type_v != GGML_TYPE_F16));
-}
-
-template <int D>
 size_t quant_smem(uint32_t type_k, uint32_t type_v) {
     using C = Cfg<D>;
-    return C::kQBytes + C::kStages * quant_stage_bytes<D>(type_k, type_v) + quant_work_bytes<D>(type_k, type_v) +
-           kBM * sizeof(int);
-}
-
-template <int D>
-size_t quant_smem_max() {
-    size_t most = 0;
-    for (uint32_t k : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0})
-        for (uint32_t v : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0}) most = std::max(most, quant_smem<D>(k, v));
-    return most;
+    return C::kQBytes + C::kStages * kv_stage_bytes(type_k, type_v, kBN, C::kStride, D) +
+           C::kWorkBytes * kv_quantized_sides(type_k, type_v) + kBM * sizeof(int);
 }
 
 // grid: (ceil(n_tok * group / kBM), n_head_kv). kF16: both sides f16, read by the mma straight from
@@ -103,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
     half* const work_v = work_k + (side_k.quant ? kBN * S : 0);
     int* const row_nv = kF16 ? reinterpret_cast<int*>(kv + C::kStages * 2 * kBN * S)
                              : reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(work_k) +
-                                                      quant_work_bytes<D>(a.type_k, a.type_v));
+                                                      C::kWorkBytes * kv_quantized_sides(a.type_k, a.type_v));
     __shared__ int block_nv;
 
     const int rb = gridDim.x - 1 - blockIdx.x;  // later tokens see more cells: start those first
@@ -330,7 +309,7 @@ void launch_prefill(const AttentionArgs& a, cudaStream_t s) {
         launch_kernel(attention_prefill_kernel<D, true>, grid, dim3(kThreads), Cfg<D>::kSmem, s, a);
     } else {
         static std::atomic<uint64_t> done{0};
-        allow_smem(attention_prefill_kernel<D, false>, quant_smem_max<D>(), done, "attention_prefill");
+        allow_smem(attention_prefill_kernel<D, false>, kv_smem_max(quant_smem<D>), done, "attention_prefill");
         launch_kernel(attention_prefill_kernel<D, false>, grid, dim3(kThreads), quant_smem<D>(a.type_k, a.type_v), s,
                       a);
     }

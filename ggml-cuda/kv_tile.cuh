@@ -24,6 +24,28 @@ __host__ __device__ constexpr int kv_head_bytes(uint32_t type, int D) { return D
 // The raw slice's pitch in shared memory (16-byte multiple: stage rows stay aligned).
 __host__ __device__ constexpr int kv_raw_pitch(uint32_t type, int D) { return (kv_head_bytes(type, D) + 15) & ~15; }
 
+// Shared-memory sizing of the attention kernels' quantized path (host side):
+// one staged row of a side: the raw slice, or an f16 row of `stride` halves;
+__host__ __device__ constexpr int kv_staged_row_bytes(uint32_t type, int stride, int D) {
+    return type == GGML_TYPE_F16 ? stride * 2 : kv_raw_pitch(type, D);
+}
+// one pipeline stage of `rows` K rows and `rows` V rows;
+__host__ __device__ constexpr int kv_stage_bytes(uint32_t type_k, uint32_t type_v, int rows, int stride, int D) {
+    return rows * (kv_staged_row_bytes(type_k, stride, D) + kv_staged_row_bytes(type_v, stride, D));
+}
+// the sides that need a dequantized tile of their own;
+__host__ __device__ constexpr int kv_quantized_sides(uint32_t type_k, uint32_t type_v) {
+    return (type_k != GGML_TYPE_F16) + (type_v != GGML_TYPE_F16);
+}
+// the most smem(type_k, type_v) over every pair of KV types (a kernel opts in once for it).
+template <class Smem>
+size_t kv_smem_max(Smem smem) {
+    size_t most = 0;
+    for (uint32_t k : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0})
+        for (uint32_t v : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0}) most = most > smem(k, v) ? most : smem(k, v);
+    return most;
+}
+
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
 }
