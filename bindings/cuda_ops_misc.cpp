@@ -15,6 +15,7 @@
 #include "cuda_test_util.h"
 #include "ggml_types.h"
 #include "kernels.h"
+#include "row_sample_params.h"
 #include "sampling_args.h"
 
 namespace nb = nanobind;
@@ -280,21 +281,9 @@ nb::object sample_rows_py(const F32In& logits, const nb::list& rows) {
         const RowSamplingArgs& a = args[r] = row_sampling_args(nb::cast<nb::dict>(rows[r]));
         const glmoe::SamplingParams& sp = a.params;
         glmoe::Sampler::check(sp, static_cast<int>(n_vocab));
-        q.u = a.u;
-        q.temperature = sp.temperature;
-        q.top_p = sp.top_p;
-        q.min_p = sp.min_p;
-        q.log_min_p = sp.min_p > 0.0f ? std::log(static_cast<double>(sp.min_p)) : 0.0;
-        q.typical_p = sp.typical_p;
-        q.repeat_penalty = sp.repeat_penalty;
-        q.presence_penalty = sp.presence_penalty;
-        q.frequency_penalty = sp.frequency_penalty;
-        q.top_k = sp.top_k;
-        q.repeat_last_n = sp.repeat_last_n;
-        q.n_top = std::min(a.n_top, glmoe::cuda::kRowSampleMaxTop);
+        q = glmoe::cuda::row_sample_params(sp, a.u, a.n_top);
         any_top = any_top || q.n_top > 0;
         q.bias_begin = static_cast<int32_t>(bias.size());
-        q.bias_count = static_cast<int32_t>(sp.logit_bias.size());
         for (const auto& [t, b] : sp.logit_bias) bias.push_back({t, b});
         q.hist_begin = static_cast<int32_t>(history.size());
         q.hist_len = static_cast<int32_t>(a.history.size());

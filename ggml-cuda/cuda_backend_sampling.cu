@@ -4,6 +4,7 @@
 // addresses; the output then costs one device-to-host copy of ids and logprobs (a second for top
 // logprobs, one per row whose logits the host wants) and one wait.
 #include "cuda_backend_impl.cuh"
+#include "row_sample_params.h"
 
 namespace glmoe {
 
@@ -65,24 +66,12 @@ void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
                 continue;
             }
             const SamplingParams& sp = *rs.params;
-            q.u = rs.u;
-            q.temperature = sp.temperature;
-            q.top_p = sp.top_p;
-            q.min_p = sp.min_p;
-            q.log_min_p = sp.min_p > 0.0f ? std::log(static_cast<double>(sp.min_p)) : 0.0;
-            q.typical_p = sp.typical_p;
-            q.repeat_penalty = sp.repeat_penalty;
-            q.presence_penalty = sp.presence_penalty;
-            q.frequency_penalty = sp.frequency_penalty;
-            q.top_k = sp.top_k;
-            q.repeat_last_n = sp.repeat_last_n;
-            q.n_top = std::clamp(rs.n_top, 0, kMaxSampledTop);
+            q = cuda::row_sample_params(sp, rs.u, rs.n_top);
             any_top_ = any_top_ || q.n_top > 0;
             if (sp.logit_bias.size() > static_cast<size_t>(kMaxRowLogitBias))
                 throw std::invalid_argument("GPU sampling takes at most " + std::to_string(kMaxRowLogitBias) +
                                             " logit_bias entries per row");
             q.bias_begin = static_cast<int32_t>(n_bias);
-            q.bias_count = static_cast<int32_t>(sp.logit_bias.size());
             for (const auto& [token, bias] : sp.logit_bias) h_bias_[n_bias++] = LogitBiasEntry{token, bias};
             const bool neutral =
                 sp.repeat_penalty == 1.0f && sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
