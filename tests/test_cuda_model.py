@@ -257,8 +257,10 @@ def test_engine_runs_on_the_gpu(model_case):
         logits = run_positions(_core.Context(model, 64, 2, n_gpu_layers=-1), seq[:-1], [len(seq) - 1])
         for i, tok in enumerate(out):
             row = logits[len(prompt) - 1 + i]
-            # Decode steps round activations to 8 bits, the batched re-run to bf16: a few percent.
-            assert row[tok] >= row.max() - 0.15 * row.std(), (i, tok, int(np.argmax(row)))
+            # Decode steps round activations to 8 bits, the batched re-run to bf16: a few percent,
+            # and a routing flip moves a row further (seen on the H100: 0.22 std, 1 run in 6). A
+            # wrong token sits near the mean, 2-3 std below the max.
+            assert row[tok] >= row.max() - 0.3 * row.std(), (i, tok, int(np.argmax(row)))
 
 
 @pytest.fixture(scope="module")
