@@ -169,8 +169,9 @@ std::vector<int32_t> context_decode_sample(Context& ctx, I32Vector tokens, I32Ve
 }
 
 // One flagged row sampled on the device by `sampler`'s whole chain (its parameters, its next draw;
-// penalties over `history`); only the id comes back. Sequence 0's history is mirrored on the
-// device, so `history` is the same list growing by the tokens sampled, as Llama keeps it.
+// penalties over `history`); only the id comes back. The row's sequence keeps its history on the
+// device and only what changed is uploaded, so `history` is best one list growing by the tokens
+// sampled, as Llama keeps it.
 int32_t context_decode_sample_with(Context& ctx, I32Vector tokens, I32Vector pos, I32Vector seq, U8Vector want_logits,
                                    Sampler& sampler, I32Vector history) {
     const Batch b = make_batch(tokens, pos, seq, want_logits);
