@@ -179,7 +179,9 @@ int32_t context_decode_sample_with(Context& ctx, I32Vector tokens, I32Vector pos
         throw nb::value_error("decode_sample_with samples one flagged row");
     if (!ctx.samples_on_gpu() || !ctx.samples_row_on_gpu(sampler.params()))
         throw nb::value_error("this context cannot sample these parameters on the device (see samples_with)");
-    const std::vector<int32_t> hist(history.data(), history.data() + history.shape(0));
+    // Only penalties read the history: without them it is not copied (a whole context per token).
+    std::vector<int32_t> hist;
+    if (sampler.params().penalizes()) hist.assign(history.data(), history.data() + history.shape(0));
     RowSampling row{&sampler.params(), b.seq[std::find(b.want_logits.begin(), b.want_logits.end(), 1) -
                                              b.want_logits.begin()],
                     &hist, sampler.params().temperature > 0.0f ? sampler.uniform01() : 0.0, 0};

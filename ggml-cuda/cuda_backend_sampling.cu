@@ -73,9 +73,7 @@ void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
                                             " logit_bias entries per row");
             q.bias_begin = static_cast<int32_t>(n_bias);
             for (const auto& [token, bias] : sp.logit_bias) h_bias_[n_bias++] = LogitBiasEntry{token, bias};
-            const bool neutral =
-                sp.repeat_penalty == 1.0f && sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
-            if (sp.repeat_last_n != 0 && !neutral) {
+            if (sp.penalizes()) {
                 if (!rs.history) throw std::invalid_argument("penalties need the row's history");
                 if (rs.seq < 0 || rs.seq >= KVCache::kMaxSeq)
                     throw std::invalid_argument("bad sequence for a history");

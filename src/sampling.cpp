@@ -69,9 +69,7 @@ void Sampler::apply_bias_and_penalties(const float* logits, const std::vector<in
     for (const auto& [token, bias] : params_.logit_bias) work_[token] += bias;
 
     const SamplingParams& p = params_;
-    if (p.repeat_last_n == 0 ||
-        (p.repeat_penalty == 1.0f && p.presence_penalty == 0.0f && p.frequency_penalty == 0.0f))
-        return;
+    if (!p.penalizes()) return;
     const size_t window = p.repeat_last_n < 0 ? history.size()
                                               : std::min<size_t>(history.size(), p.repeat_last_n);
     const auto begin = history.end() - window;

@@ -28,6 +28,11 @@ struct SamplingParams {
     float frequency_penalty = 0.0f;
     std::vector<std::pair<int32_t, float>> logit_bias;  // added to the logits; -inf bans a token
     uint32_t seed = kRandomSeed;
+
+    // Whether the penalties change any logit, so that sampling reads the history.
+    bool penalizes() const {
+        return repeat_last_n != 0 && !(repeat_penalty == 1.0f && presence_penalty == 0.0f && frequency_penalty == 0.0f);
+    }
 };
 
 class Sampler {
