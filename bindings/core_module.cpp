@@ -194,6 +194,35 @@ int32_t context_decode_sample_with(Context& ctx, I32Vector tokens, I32Vector pos
     return out.ids[0];
 }
 
+// Whether steps sampled by `sampler` can overlap (Context::begin_sampled takes no penalties).
+bool context_overlaps_with(const Context& ctx, const Sampler& sampler) {
+    return ctx.overlaps() && ctx.samples_row_on_gpu(sampler.params()) && !sampler.params().penalizes();
+}
+
+// Overlapped decoding of one sequence (Context::begin_sampled): one token at `pos`, its row sampled
+// on the device by `sampler`'s chain and next draw. token may be sampled_token(0), the token the
+// step begun just before samples.
+void context_begin_sampled_with(Context& ctx, int32_t token, int32_t pos, int32_t seq, Sampler& sampler) {
+    if (!context_overlaps_with(ctx, sampler))
+        throw nb::value_error("this context cannot overlap these steps (see overlaps_with)");
+    const Batch b{{token}, {pos}, {seq}, {1}};
+    const RowSampling row{&sampler.params(), seq, nullptr,
+                          sampler.params().temperature > 0.0f ? sampler.uniform01() : 0.0, 0};
+    nb::gil_scoped_release release;
+    ctx.begin_sampled(b, {row});
+}
+
+int32_t context_end_sampled_one(Context& ctx) {
+    Context::SampledRows out;
+    {
+        nb::gil_scoped_release release;
+        ctx.end_sampled(out);
+    }
+    if (out.ids.size() != 1) throw nb::value_error("end_sampled_one ended a step of several rows");
+    if (out.ids[0] < 0) throw nb::value_error("every token has logit -inf; nothing can be sampled");
+    return out.ids[0];
+}
+
 }  // namespace
 
 #ifdef GLMOE_CUDA
@@ -218,6 +247,8 @@ NB_MODULE(_core, m) {
           nb::arg("n_threads") = 1);
     m.def("type_name", &type_name);
     m.def("built_with_cuda", &built_with_cuda);
+    m.def("sampled_token", &sampled_token, nb::arg("row"),
+          "The token id placeholder for row `row` of the step begun before (begin_sampled_with).");
     m.def("cuda_device_count", &cuda_device_count);
     m.def("cuda_device_summary", &cuda_device_summary);
     bind_sampling(m);
@@ -297,6 +328,16 @@ NB_MODULE(_core, m) {
                  return c.samples_on_gpu() && c.samples_row_on_gpu(s.params());
              }, nb::arg("sampler"), "Whether decode_sample_with takes this Sampler (the output head on the"
              " GPU; typical_p and logit_bias within the device chain's limits).")
+        .def("begin_sampled_with", &context_begin_sampled_with, nb::arg("token"), nb::arg("pos"), nb::arg("seq"),
+             nb::arg("sampler"),
+             "Begins a step of one token (or sampled_token(0): the one the step begun before samples) whose"
+             " row the device samples with the Sampler's chain and next draw; returns without waiting.")
+        .def("end_sampled_one", &context_end_sampled_one,
+             "Waits for the oldest step begun by begin_sampled_with and returns the token it sampled.")
+        .def("overlaps_with", &context_overlaps_with, nb::arg("sampler"),
+             "Whether begin_sampled_with takes this Sampler: the whole model on the GPU, parameters within"
+             " the device chain, no penalties.")
+        .def_prop_ro("n_pending", &Context::n_pending)
         .def_prop_ro("n_gpu_layers", &Context::n_gpu_layers)
         .def_prop_ro("kv_type_k", &Context::kv_type_k_name,
                      "The K cache's type (\"q8_0\"; \"f32/f16\" if CPU and GPU differ).")

@@ -83,11 +83,12 @@ void bind_engine(nb::module_& m) {
              [](BatchEngine* self, const Model& model, int n_ctx, int n_parallel, int n_threads, int n_batch,
                 bool spec_suffix, int spec_max_depth, float spec_max_spec_factor, float spec_min_token_prob,
                 bool spec_adaptive, int n_gpu_layers, const std::vector<std::string>& tensor_overrides,
-                int n_cpu_moe, bool cpu_moe, int type_k, int type_v, bool keep_slot_cache) {
+                int n_cpu_moe, bool cpu_moe, int type_k, int type_v, bool keep_slot_cache, bool overlap) {
                  EngineParams p{n_ctx, n_parallel, n_threads, n_batch};
                  p.type_k = type_k;
                  p.type_v = type_v;
                  p.keep_slot_cache = keep_slot_cache;
+                 p.overlap = overlap;
                  p.n_gpu_layers = n_gpu_layers;
                  p.tensor_overrides = overrides_from_flags(tensor_overrides, cpu_moe, n_cpu_moe);
                  p.spec_suffix = spec_suffix;
@@ -103,13 +104,15 @@ void bind_engine(nb::module_& m) {
              nb::arg("spec_adaptive") = true, nb::arg("n_gpu_layers") = 0,
              nb::arg("tensor_overrides") = std::vector<std::string>(), nb::arg("n_cpu_moe") = 0,
              nb::arg("cpu_moe") = false, nb::arg("type_k") = kKVTypeDefault, nb::arg("type_v") = kKVTypeDefault,
-             nb::arg("keep_slot_cache") = false, nb::keep_alive<1, 2>(),
+             nb::arg("keep_slot_cache") = false, nb::arg("overlap") = true, nb::keep_alive<1, 2>(),
              "type_k / type_v: KV cache types as GGML ids (-1: f32 on the CPU, f16 on the GPU); "
              "spec_suffix: suffix decoding, each generating slot verifying its draft within the step;"
              " spec_adaptive=False verifies every draft whole (SuffixDecoding's adaptive)."
              " tensor_overrides: -ot values (\"PATTERN=BUFFER[,...]\"), n_cpu_moe / cpu_moe: --n-cpu-moe /"
              " --cpu-moe; a bad one raises PlacementError (a ValueError). keep_slot_cache: idle slots keep"
-             " their last request's cache, reused by a request sharing its prompt prefix (slot save/restore).")
+             " their last request's cache, reused by a request sharing its prompt prefix (slot save/restore)."
+             " overlap=False: never begin a step before the previous one's tokens are read (the same output;"
+             " for measuring what overlapping gains).")
         .def("submit",
              [](BatchEngine& e, nb::handle tokens, int max_tokens, std::vector<int32_t> eog_ids,
                 float temperature, int top_k, float top_p, float min_p, float typical_p,
@@ -192,6 +195,7 @@ void bind_engine(nb::module_& m) {
                  d["prompt_tokens_total"] = s.prompt_tokens_total;
                  d["generated_tokens_total"] = s.generated_tokens_total;
                  d["decode_steps_total"] = s.decode_steps_total;
+                 d["overlapped_steps_total"] = s.overlapped_steps_total;
                  d["t_busy_ms_total"] = s.t_busy_ms_total;
                  d["draft_tokens_total"] = s.draft_tokens_total;
                  d["draft_accepted_total"] = s.draft_accepted_total;

@@ -219,10 +219,13 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     ck(cudaMalloc(&arena_, dry.used()), "allocating GPU memory");
     Arena real(arena_);
     lay_out(real);
-    ck(cudaMallocHost(&h_in_, sizeof(int32_t) * kInputs * U_), "allocating pinned memory");
+    for (int32_t*& set : h_in_sets_) {
+        ck(cudaMallocHost(&set, sizeof(int32_t) * kInputs * U_), "allocating pinned memory");
+        std::memset(set, 0, sizeof(int32_t) * kInputs * U_);
+    }
+    h_in_ = h_in_sets_[0];
     ck(cudaMallocHost(&h_out_, sizeof(float) * kLogitRows * std::max(hp_.n_vocab, hp_.n_embd)), "allocating pinned memory");
     ck(cudaMallocHost(&h_ids_, sizeof(int32_t) * U_), "allocating pinned memory");
-    std::memset(h_in_, 0, sizeof(int32_t) * kInputs * U_);
     for (HostActs* b : {&down_, &up_}) {
         const size_t rows = static_cast<size_t>(U_), H = hp_.n_embd;
         ck(cudaMallocHost(&b->x, sizeof(float) * rows * H), "allocating pinned memory");
@@ -280,7 +283,8 @@ CudaBackendImpl::~CudaBackendImpl() {
         for (void* ptr : {static_cast<void*>(b->x), static_cast<void*>(b->h), static_cast<void*>(b->moe_out),
                           static_cast<void*>(b->route_w), static_cast<void*>(b->route_ids)})
             if (ptr) cudaFreeHost(ptr);
-    if (h_in_) cudaFreeHost(h_in_);
+    for (int32_t* set : h_in_sets_)
+        if (set) cudaFreeHost(set);
     if (h_out_) cudaFreeHost(h_out_);
     if (h_ids_) cudaFreeHost(h_ids_);
     free_sampling();
@@ -342,15 +346,24 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
         if (cudaStreamEndCapture(stream_, &partial) == cudaSuccess && partial) cudaGraphDestroy(partial);
         cudaGetLastError();
         stretch_state_ = Stretch::fresh;
+        mirrors_.assign(mirrors_.size(), Mirror{});  // its cell-list scatter never ran
     }
     n_ = n;
     h_q8_valid_ = false;
     ++counters_.steps;
+    // The previous step may still run (overlapped decoding): this one stages in the other set.
+    staging_ ^= 1;
+    h_in_ = h_in_sets_[staging_];
+    h_row_params_ = h_row_params_sets_[staging_];
+    h_bias_ = h_bias_sets_[staging_];
 
     // Mirror each sequence's position-ordered cell list on the device: usually only the newest
-    // cells are appended, so only those are uploaded. (Outside any graph: this changes each step.)
+    // cells are appended (one per token of the step), and those go up with the step's inputs, n
+    // entries at most, scattered by the step's first kernel. A longer catch-up (a list rebuilt
+    // after a removal) is copied on its own, before the step.
     const bool has_attn = placement_.n_layers_with_attn_on(Device::gpu) > 0;
-    int max_vis = 1;
+    int max_vis = 1, n_mirror = 0;
+    bool tokens_from_device = false;
     for (int t = 0; t < n; ++t) {
         const int s = step.seq[t];
         int nvis = 1;
@@ -359,10 +372,17 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
             Mirror& mir = mirrors_[s];
             const uint64_t epoch = kv.seq_epoch(s);
             if (mir.epoch != epoch || mir.n > list.size()) mir.n = 0;
-            if (list.size() > mir.n)
-                ck(cudaMemcpyAsync(seq_cells_ + static_cast<size_t>(s) * p_.n_ctx + mir.n, list.data() + mir.n,
+            const size_t base = static_cast<size_t>(s) * p_.n_ctx;
+            if (list.size() - mir.n <= static_cast<size_t>(n - n_mirror)) {
+                for (size_t j = mir.n; j < list.size(); ++j, ++n_mirror) {
+                    host_in(IN_MIRROR_AT)[n_mirror] = static_cast<int32_t>(base + j);
+                    host_in(IN_MIRROR_CELL)[n_mirror] = list[j];
+                }
+            } else {
+                ck(cudaMemcpyAsync(seq_cells_ + base + mir.n, list.data() + mir.n,
                                    sizeof(int32_t) * (list.size() - mir.n), cudaMemcpyHostToDevice, stream_),
                    "cell list");
+            }
             mir.epoch = epoch;
             mir.n = list.size();
             // Visible: the cells at positions <= pos[t], a prefix of the position-ordered list.
@@ -371,6 +391,7 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
             nvis = std::max(static_cast<int>(end - list.begin()), 1);
         }
         host_in(IN_TOKEN)[t] = step.token[t];
+        tokens_from_device = tokens_from_device || step.token[t] < 0;
         host_in(IN_POS)[t] = step.pos[t];
         host_in(IN_CELL)[t] = step.cells[t];
         host_in(IN_START)[t] = s * p_.n_ctx;
@@ -417,12 +438,23 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
     stretch_state_ = Stretch::fresh;
     stretch_ = 0;
     const int n_rows = out.kind == StepOutput::Kind::none ? 0 : static_cast<int>(out.rows.size());
+    if (tokens_from_device && !sampled_) throw std::logic_error("tokens from the device need sampling here");
+    tokens_from_device_ = tokens_from_device;
     host_rows_ = 0;
     any_top_ = false;
     if (out.kind == StepOutput::Kind::sampled && n_rows > 0) stage_row_sampling(out);
     key_ = GraphKey{n, bucket_, 0, n_rows, static_cast<int>(out.kind), out.sampling.temperature, out.sampling.top_k,
-                    out.sampling.top_p, out.sampling.min_p, host_rows_, any_top_};
-    copy_to_device(d_in_, h_in_, sizeof(int32_t) * IN_ROWS * U_);
+                    out.sampling.top_p, out.sampling.min_p, host_rows_, any_top_, tokens_from_device_};
+    std::fill(host_in(IN_MIRROR_AT) + n_mirror, host_in(IN_MIRROR_AT) + n, -1);
+    const bool ids_out = out.kind == StepOutput::Kind::token_ids;
+    for (int i = 0; i < n_rows; ++i) {
+        host_in(IN_ROWS)[i] = out.rows[i];
+        const float ui = ids_out && out.u ? out.u[i] : 0.0f;
+        std::memcpy(&host_in(IN_U)[i], &ui, sizeof ui);
+    }
+    // Outside the graphs (no capture has begun yet): the source alternates between the sets.
+    ck(cudaMemcpyAsync(d_in_, h_in_, sizeof(int32_t) * kInputs * U_, cudaMemcpyHostToDevice, stream_), "copy to GPU");
+    if (has_attn && !skip()) scatter_values(in(IN_MIRROR_AT), in(IN_MIRROR_CELL), n, seq_cells_, stream_);
 }
 
 void CudaBackendImpl::allocate_f32_scratch() {
@@ -525,12 +557,6 @@ void CudaBackendImpl::output(const StepOutput& out) {
         return;
     }
     if (out.kind == StepOutput::Kind::sampled) return output_sampled(out);
-    for (int i = 0; i < n_rows_total; ++i) {
-        host_in(IN_ROWS)[i] = out.rows[i];
-        const float ui = ids_out && out.u ? out.u[i] : 0.0f;
-        std::memcpy(&host_in(IN_U)[i], &ui, sizeof ui);
-    }
-    copy_to_device(in(IN_ROWS), host_in(IN_ROWS), sizeof(int32_t) * 2 * U_);
     const int64_t width = p_.embeddings ? H : hp_.n_vocab;
     for (int r0 = 0; r0 < n_rows_total; r0 += kLogitRows) {
         const int n_rows = std::min(kLogitRows, n_rows_total - r0);
@@ -541,9 +567,7 @@ void CudaBackendImpl::output(const StepOutput& out) {
         if (p_.embeddings) {
             copy_to_host(h_out_, h_, sizeof(float) * n_rows * H);
         } else {
-            for (int c0 = 0; c0 < n_rows; c0 += kMaxMmvTokens)
-                linear(output_, h_ + c0 * H, nullptr, std::min(kMaxMmvTokens, n_rows - c0),
-                       logits_ + static_cast<int64_t>(c0) * hp_.n_vocab, hp_.n_vocab, false);
+            output_head(h_, n_rows, logits_);
             if (ids_out) {
                 if (!skip()) {
                     SampleParams sp;

@@ -161,6 +161,7 @@ public:
     const GpuCounters& counters() const override { return counters_; }
     GpuMemory memory() const override { return memory_; }
     int streamed_experts(int il) const override { return streamer_ && layers_[il].borrows ? streamer_->n_streamed() : 0; }
+    void finish_sampled(int32_t* ids, float* logprobs, SampledTop* top) override;
     // KVRows: the layers whose attention runs here, copied through the host a layer at a time.
     int n_layers() const override { return static_cast<int>(layers_.size()); }
     int64_t width(int il) const override;
@@ -194,6 +195,11 @@ private:
     // h quantized for the matrix-vector kernels, unless the norm already did it.
     const BlockQ8* h_q8(bool needed);
     void linear(const WeightView& w, const float* xin, const BlockQ8* xq, int n, float* y, int64_t y_stride, bool acc);
+    // logits [n_rows][n_vocab] of the normed rows h (n_rows <= kLogitRows): up to kMaxMmvTokens
+    // rows by the matrix-vector kernel (each row's bits as alone), more by mm's tensor-core tiles,
+    // which read the output matrix (the model's largest) once where 8-row passes read it once per
+    // 8 rows (PERFORMANCE.md: half the time at 32 rows).
+    void output_head(const float* h, int n_rows, float* logits);
     void swiglu_ffn(const ExpertSet& gate, const ExpertSet& up, const ExpertSet& down, float* out, bool acc);
     // Each token's `routes` (expert, weight) pairs are in moe_ids_ / moe_w_.
     void routed_experts(const DevLayer& l, const ExpertSet& gate, const ExpertSet& up, const ExpertSet& down,
@@ -257,9 +263,16 @@ private:
     float* f32_scratch_[6] = {};
     size_t f32_scratch_floats_[6] = {};
 
-    // Step inputs: kInputs int32 arrays of U entries, pinned on the host and mirrored on the device.
-    enum { IN_TOKEN, IN_POS, IN_CELL, IN_START, IN_NVIS, IN_ROWS, IN_U, kInputs };
-    int32_t* h_in_ = nullptr;
+    // Step inputs: kInputs int32 arrays of U entries, pinned on the host and mirrored on the device
+    // in one copy before the step's graphs. The pinned staging (inputs, sampling parameters, logit
+    // biases) is two sets used in turn: a step may begin while the previous one runs (overlapped
+    // decoding), never while the one before that does, so a set is free when its turn comes.
+    // IN_MIRROR_AT / IN_MIRROR_CELL: the step's new entries of the cell-list mirrors (index into
+    // seq_cells_, -1 past the last; the cell), uploaded with the inputs and scattered on the device.
+    enum { IN_TOKEN, IN_POS, IN_CELL, IN_START, IN_NVIS, IN_MIRROR_AT, IN_MIRROR_CELL, IN_ROWS, IN_U, kInputs };
+    int32_t* h_in_ = nullptr;  // this step's set
+    int32_t* h_in_sets_[2] = {};
+    int staging_ = 0;
     int32_t* d_in_ = nullptr;
     float* h_out_ = nullptr;    // pinned: kLogitRows x max(n_vocab, n_embd)
     int32_t* h_ids_ = nullptr;  // pinned: U
@@ -280,8 +293,9 @@ private:
     int stretch_ = 0;
     // Graphs by (tokens, KV bucket, stretch, output rows, output kind, sampling): what decides
     // the course of a step's ops.
-    // Per-row sampling adds which rows go to the host and whether any row wants top logprobs.
-    using GraphKey = std::tuple<int, int, int, int, int, float, int, float, float, uint64_t, bool>;
+    // Per-row sampling adds which rows go to the host and whether any row wants top logprobs;
+    // overlapped decoding, whether tokens come from the previous step's samples.
+    using GraphKey = std::tuple<int, int, int, int, int, float, int, float, float, uint64_t, bool, bool>;
     GraphKey key_;
     std::map<GraphKey, cudaGraphExec_t> graphs_;
     GpuCounters counters_;
@@ -294,15 +308,31 @@ private:
     LogitBiasEntry* bias_ = nullptr;  // U x kMaxRowLogitBias
     int32_t* history_ = nullptr;      // KVCache::kMaxSeq x n_ctx
     SampledToken *sampled_ = nullptr, *top_ = nullptr;
-    RowSampleParams* h_row_params_ = nullptr;
+    RowSampleParams* h_row_params_ = nullptr;  // this step's set
     LogitBiasEntry* h_bias_ = nullptr;
-    SampledToken *h_sampled_ = nullptr, *h_top_ = nullptr;
+    RowSampleParams* h_row_params_sets_[2] = {};
+    LogitBiasEntry* h_bias_sets_[2] = {};
+    // A sampled step's rows land in one of these pinned slots, in turn, outside its graphs; a
+    // deferred step's slot stays taken until finish_sampled() reads it.
+    struct SampledOut {
+        SampledToken *ids = nullptr, *top = nullptr;  // pinned: U, U x kMaxSampledTop
+        cudaEvent_t landed = nullptr;
+        bool pending = false;
+        int n_rows = 0;
+        std::vector<uint8_t> on_device;  // per row: sampled here (else its logits went to the host)
+        std::vector<int> n_top, append_seq;
+    };
+    SampledOut outs_[kMaxDeferredSteps];
+    int out_next_ = 0;     // the slot the next sampled step takes
+    int out_pending_ = 0;  // deferred steps not yet finished (the oldest: out_next_ - out_pending_)
+    void read_sampled(SampledOut& o, int32_t* ids, float* logprobs, SampledTop* top);
     int32_t* h_hist_ = nullptr;  // staging of history uploads, grown on demand
     size_t h_hist_cap_ = 0;
     std::unique_ptr<HistoryMirror> history_mirror_;
     std::vector<int> append_seq_;  // per row of the step: the sequence its kernel appends to, or -1
     uint64_t host_rows_ = 0;       // rows (of the first 64) whose logits go to the host
     bool any_top_ = false;
+    bool tokens_from_device_ = false;  // this step's tokens include sampled_token(r) entries
 };
 
 }  // namespace glmoe

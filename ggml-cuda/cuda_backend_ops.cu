@@ -29,6 +29,10 @@ void CudaBackendImpl::linear(const WeightView& w, const float* xin, const BlockQ
     }
 }
 
+void CudaBackendImpl::output_head(const float* h, int n_rows, float* logits) {
+    linear(output_, h, nullptr, n_rows, logits, hp_.n_vocab, false);
+}
+
 WeightView CudaBackendImpl::dequantized(const WeightView& w, int64_t n_matrices, int slot) {
     if (!w) return w;
     const size_t floats = static_cast<size_t>(w.rows) * n_matrices * w.cols;
@@ -53,6 +57,7 @@ ExpertSet CudaBackendImpl::dequantized(const ExpertSet& s, int slot) {
 
 void CudaBackendImpl::embed(const Weight&) {
     if (skip()) return;
+    if (tokens_from_device_) resolve_tokens(in(IN_TOKEN), n_, sampled_, stream_);
     get_rows(embd_, in(IN_TOKEN), n_, x_, stream_);
 }
 

@@ -2,7 +2,8 @@
 // Everything that changes from step to step (parameters, draws, logit biases, new history tokens)
 // is uploaded in begin_step before a graph is captured or replayed, into buffers at fixed
 // addresses; the output then costs one device-to-host copy of ids and logprobs (a second for top
-// logprobs, one per row whose logits the host wants) and one wait.
+// logprobs, one per row whose logits the host wants) and one wait, which a deferred step leaves to
+// finish_sampled() so that the host can begin the next step first.
 #include "cuda_backend_impl.cuh"
 #include "row_sample_params.h"
 
@@ -29,17 +30,29 @@ void CudaBackendImpl::init_sampling() {
     if (!sampled_) return;
     const size_t n = static_cast<size_t>(U_);
     ck(cudaMemset(counts_, 0, sizeof(int32_t) * kLogitRows * hp_.n_vocab), "clearing penalty counts");
-    ck(cudaMallocHost(&h_row_params_, sizeof(RowSampleParams) * n), "allocating pinned memory");
-    ck(cudaMallocHost(&h_bias_, sizeof(LogitBiasEntry) * n * kMaxRowLogitBias), "allocating pinned memory");
-    ck(cudaMallocHost(&h_sampled_, sizeof(SampledToken) * kLogitRows), "allocating pinned memory");
-    ck(cudaMallocHost(&h_top_, sizeof(SampledToken) * kLogitRows * kMaxSampledTop), "allocating pinned memory");
+    for (int set = 0; set < 2; ++set) {
+        ck(cudaMallocHost(&h_row_params_sets_[set], sizeof(RowSampleParams) * n), "allocating pinned memory");
+        ck(cudaMallocHost(&h_bias_sets_[set], sizeof(LogitBiasEntry) * n * kMaxRowLogitBias),
+           "allocating pinned memory");
+    }
+    for (SampledOut& o : outs_) {
+        ck(cudaMallocHost(&o.ids, sizeof(SampledToken) * n), "allocating pinned memory");
+        ck(cudaMallocHost(&o.top, sizeof(SampledToken) * n * kMaxSampledTop), "allocating pinned memory");
+        ck(cudaEventCreateWithFlags(&o.landed, cudaEventDisableTiming), "creating an event");
+    }
     history_mirror_ = std::make_unique<HistoryMirror>(KVCache::kMaxSeq, p_.n_ctx);
 }
 
 void CudaBackendImpl::free_sampling() {
-    for (void* ptr : {static_cast<void*>(h_row_params_), static_cast<void*>(h_bias_), static_cast<void*>(h_sampled_),
-                      static_cast<void*>(h_top_), static_cast<void*>(h_hist_)})
+    for (void* ptr : {static_cast<void*>(h_row_params_sets_[0]), static_cast<void*>(h_row_params_sets_[1]),
+                      static_cast<void*>(h_bias_sets_[0]), static_cast<void*>(h_bias_sets_[1]),
+                      static_cast<void*>(h_hist_)})
         if (ptr) cudaFreeHost(ptr);
+    for (SampledOut& o : outs_) {
+        for (void* ptr : {static_cast<void*>(o.ids), static_cast<void*>(o.top)})
+            if (ptr) cudaFreeHost(ptr);
+        if (o.landed) cudaEventDestroy(o.landed);
+    }
 }
 
 void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
@@ -133,8 +146,8 @@ void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
 void CudaBackendImpl::output_sampled(const StepOutput& out) {
     const int64_t H = hp_.n_embd, V = hp_.n_vocab;
     const int n_rows_total = static_cast<int>(out.rows.size());
-    for (int i = 0; i < n_rows_total; ++i) host_in(IN_ROWS)[i] = out.rows[i];
-    copy_to_device(in(IN_ROWS), host_in(IN_ROWS), sizeof(int32_t) * U_);
+    SampledOut& o = outs_[out_next_];
+    if (o.pending) throw std::logic_error("more than kMaxDeferredSteps deferred steps outstanding");
     int64_t host_rows_done = 0;
     for (int r0 = 0; r0 < n_rows_total; r0 += kLogitRows) {
         const int n_rows = std::min(kLogitRows, n_rows_total - r0);
@@ -142,38 +155,76 @@ void CudaBackendImpl::output_sampled(const StepOutput& out) {
             gather_rows(x_, in(IN_ROWS) + r0, n_rows, H, h_, stream_);
             cuda::rms_norm(h_, output_norm_, n_rows, H, hp_.rms_eps, h_, stream_);
         }
-        for (int c0 = 0; c0 < n_rows; c0 += kMaxMmvTokens)
-            linear(output_, h_ + c0 * H, nullptr, std::min(kMaxMmvTokens, n_rows - c0), logits_ + c0 * V, V, false);
+        output_head(h_, n_rows, logits_);
         if (!skip())
             sample_rows(logits_, work_, counts_, log_norm_, n_rows, static_cast<int>(V), row_params_ + r0, bias_,
                         history_, sampled_ + r0, top_ + static_cast<size_t>(r0) * kMaxSampledTop, any_top_, stream_);
-        copy_to_host(h_sampled_, sampled_ + r0, sizeof(SampledToken) * n_rows);
-        if (any_top_)
-            copy_to_host(h_top_, top_ + static_cast<size_t>(r0) * kMaxSampledTop,
-                         sizeof(SampledToken) * n_rows * kMaxSampledTop);
         int n_host = 0;
         for (int i = 0; i < n_rows; ++i)
             if (!out.row_sampling[r0 + i].params)
                 copy_to_host(h_out_ + n_host++ * V, logits_ + i * V, sizeof(float) * V);
-        end_stretch();
-        wait();
-        if (n_host) std::memcpy(out.logits + host_rows_done * V, h_out_, sizeof(float) * n_host * V);
-        host_rows_done += n_host;
-        for (int i = 0; i < n_rows; ++i) {
-            const int r = r0 + i;
-            const RowSampling& rs = out.row_sampling[r];
-            if (!rs.params) continue;
-            const SampledToken t = h_sampled_[i];
-            if (t.id == -2)
-                throw std::logic_error("typical_p over more than " + std::to_string(kMaxTypicalCandidates) +
-                                       " candidates is sampled on the host (Context::samples_row_on_gpu)");
-            out.ids[r] = t.id;
-            out.logprobs[r] = t.logprob;
-            if (t.id >= 0 && append_seq_[r] >= 0) history_mirror_->appended(append_seq_[r], t.id);
-            if (rs.n_top > 0 && out.top)
-                std::memcpy(out.top + static_cast<size_t>(r) * kMaxSampledTop,
-                            h_top_ + static_cast<size_t>(i) * kMaxSampledTop, sizeof(SampledTop) * kMaxSampledTop);
+        if (n_host) {  // h_out_ holds one pass: hand it over before the next pass refills it
+            if (out.deferred) throw std::logic_error("a deferred step samples every row on the GPU");
+            end_stretch();
+            wait();
+            std::memcpy(out.logits + host_rows_done * V, h_out_, sizeof(float) * n_host * V);
+            host_rows_done += n_host;
         }
+    }
+    end_stretch();
+    // The sampled ids of every pass in one copy, outside the graphs (each step in its own slot,
+    // so that the host may read one while the next step runs): a step waits once, however many
+    // passes it took.
+    ++counters_.device_to_host_copies;
+    ck(cudaMemcpyAsync(o.ids, sampled_, sizeof(SampledToken) * n_rows_total, cudaMemcpyDeviceToHost, stream_),
+       "copy to host");
+    if (any_top_) {
+        ++counters_.device_to_host_copies;
+        ck(cudaMemcpyAsync(o.top, top_, sizeof(SampledToken) * n_rows_total * kMaxSampledTop, cudaMemcpyDeviceToHost,
+                           stream_),
+           "copy to host");
+    }
+    ck(cudaEventRecord(o.landed, stream_), "recording an event");
+    o.n_rows = n_rows_total;
+    o.on_device.resize(n_rows_total);
+    o.n_top.resize(n_rows_total);
+    for (int r = 0; r < n_rows_total; ++r) {
+        o.on_device[r] = out.row_sampling[r].params != nullptr;
+        o.n_top[r] = out.row_sampling[r].n_top;
+    }
+    o.append_seq.assign(append_seq_.begin(), append_seq_.begin() + n_rows_total);
+    out_next_ = (out_next_ + 1) % kMaxDeferredSteps;
+    if (out.deferred) {
+        o.pending = true;
+        ++out_pending_;
+        return;
+    }
+    read_sampled(o, out.ids, out.logprobs, out.top);
+}
+
+void CudaBackendImpl::finish_sampled(int32_t* ids, float* logprobs, SampledTop* top) {
+    if (out_pending_ == 0) throw std::logic_error("finish_sampled without a deferred step");
+    SampledOut& o = outs_[(out_next_ - out_pending_ + kMaxDeferredSteps) % kMaxDeferredSteps];
+    --out_pending_;
+    o.pending = false;
+    read_sampled(o, ids, logprobs, top);
+}
+
+void CudaBackendImpl::read_sampled(SampledOut& o, int32_t* ids, float* logprobs, SampledTop* top) {
+    ck(cudaEventSynchronize(o.landed), "GPU step");
+    ++counters_.host_syncs;
+    for (int r = 0; r < o.n_rows; ++r) {
+        if (!o.on_device[r]) continue;
+        const SampledToken t = o.ids[r];
+        if (t.id == -2)
+            throw std::logic_error("typical_p over more than " + std::to_string(kMaxTypicalCandidates) +
+                                   " candidates is sampled on the host (Context::samples_row_on_gpu)");
+        ids[r] = t.id;
+        logprobs[r] = t.logprob;
+        if (t.id >= 0 && o.append_seq[r] >= 0) history_mirror_->appended(o.append_seq[r], t.id);
+        if (o.n_top[r] > 0 && top)
+            std::memcpy(top + static_cast<size_t>(r) * kMaxSampledTop, o.top + static_cast<size_t>(r) * kMaxSampledTop,
+                        sizeof(SampledTop) * kMaxSampledTop);
     }
 }
 

@@ -140,6 +140,8 @@ struct QKVArgs {
     float eps = 1e-5f, freq_base = 10000.0f;
 };
 void qkv_prepare(const QKVArgs& a, cudaStream_t s);
+// dst[at[i]] = values[i] for i < n where at[i] >= 0 (all on the device; distinct targets).
+void scatter_values(const int32_t* at, const int32_t* values, int n, int32_t* dst, cudaStream_t s);
 // dst[i][:] = src[rows[i]][:] for i < n (rows on the device).
 void gather_rows(const float* src, const int32_t* rows, int n, int64_t cols, float* dst, cudaStream_t s);
 // out[i] = silu(g[i]) * u[i].
@@ -214,6 +216,10 @@ struct SampledToken {
 void sample_rows(const float* logits, float* work, int32_t* counts, double* log_norm, int n_rows, int n_vocab,
                  const RowSampleParams* params, const LogitBiasEntry* bias, int32_t* history, SampledToken* out,
                  SampledToken* top, bool any_top, cudaStream_t s);
+// Token feedback between overlapped decode steps: tokens[i] < 0 becomes sampled[-1 - tokens[i]].id,
+// the token an earlier step sampled in that row (0 when it sampled none, id -1; the host drops that
+// row's output). tokens: n entries, device memory, rewritten in place.
+void resolve_tokens(int32_t* tokens, int n, const SampledToken* sampled, cudaStream_t s);
 
 // Checks the last launch; throws std::runtime_error naming `what`.
 void check_launch(const char* what);

@@ -28,6 +28,8 @@ namespace glmoe {
 
 // One forward's tokens (a micro-batch); host arrays of n entries. Cells are already allocated in
 // kv, whose per-sequence lists say which cells each token sees (its sequence's, pos <= its own).
+// A token may be sampled_token(r): the one the previous step sampled in its row r, which only
+// the device knows yet (overlapped decoding, Context::begin_sampled; the GPU backend only).
 struct Step {
     int n = 0;
     const int32_t* token = nullptr;
@@ -55,6 +57,7 @@ struct RowSampling {
     double u = 0;                                   // the draw (Sampler::uniform01); unused when greedy
     int n_top = 0;                                  // most likely tokens to report with logprobs
 };
+constexpr int32_t sampled_token(int row) { return -1 - row; }
 // Limits of device sampling: rows beyond them sample on the host (Context::samples_row_on_gpu).
 constexpr int kMaxSampledTop = 20;
 constexpr int kMaxRowLogitBias = 1024;
@@ -82,6 +85,9 @@ struct StepOutput {
     const RowSampling* row_sampling = nullptr;
     float* logprobs = nullptr;
     SampledTop* top = nullptr;
+    // sampled, every row with params: output() only enqueues the step, and the GPU backend's
+    // finish_sampled() hands its rows over later (ids, logprobs and top above are then unused).
+    bool deferred = false;
 };
 
 // Activations that cross between backends.

@@ -224,22 +224,34 @@ void Context::kv_load(const std::vector<uint8_t>& bytes) {
     kv_.load(bytes, rows);
 }
 
-void Context::check_batch(const Batch& b) const {
+void Context::check_batch(const Batch& b, int rows_from_device) const {
     const size_t n = b.token.size();
     if (n == 0) throw std::invalid_argument("empty batch");
     if (b.pos.size() != n || b.seq.size() != n || b.want_logits.size() != n)
         throw std::invalid_argument("batch arrays differ in length");
     const int n_vocab = model_.hparams().n_vocab;
     for (size_t i = 0; i < n; ++i) {
-        if (b.token[i] < 0 || b.token[i] >= n_vocab)
-            throw std::invalid_argument("token id " + std::to_string(b.token[i]) + " out of range [0, " +
-                                        std::to_string(n_vocab) + ")");
         KVCache::check_seq(b.seq[i]);
+        const int32_t t = b.token[i];
+        if ((t < 0 && -1 - t >= rows_from_device) || t >= n_vocab)
+            throw std::invalid_argument("token id " + std::to_string(t) + " out of range [0, " +
+                                        std::to_string(n_vocab) + ")" +
+                                        (t < 0 && rows_from_device > 0
+                                             ? " (nor a row of the previous step's " +
+                                                   std::to_string(rows_from_device) + ")"
+                                             : ""));
     }
 }
 
+void Context::check_none_pending(const char* what) const {
+    if (!pending_rows_.empty())
+        throw std::logic_error(std::string(what) + " while overlapped steps are pending (end_sampled them first)");
+}
+
 void Context::decode(const Batch& batch, std::vector<float>& logits) {
+    check_none_pending("decode");
     check_batch(batch);
+    last_sampled_rows_ = 0;
     size_t n_rows = 0;
     for (uint8_t w : batch.want_logits) n_rows += w != 0;
     run_allocated(batch, [&](const std::vector<int32_t>& cells) {
@@ -254,7 +266,9 @@ void Context::decode(const Batch& batch, std::vector<float>& logits) {
 void Context::decode_sample(const Batch& batch, const DeviceSampling& sampling, const std::vector<float>& u,
                             std::vector<int32_t>& ids) {
     if (!samples_on_gpu()) throw std::logic_error("decode_sample needs the output head on the GPU");
+    check_none_pending("decode_sample");
     check_batch(batch);
+    last_sampled_rows_ = 0;
     size_t n_rows = 0;
     for (uint8_t w : batch.want_logits) n_rows += w != 0;
     if (sampling.temperature > 0 && u.size() != n_rows)
@@ -276,9 +290,7 @@ bool Context::samples_row_on_gpu(const SamplingParams& p) const {
     return p.typical_p >= 1.0f || n_vocab <= kMaxTypicalCandidates || (p.top_k > 0 && p.top_k <= kMaxTypicalCandidates);
 }
 
-void Context::decode_sample_rows(const Batch& batch, const std::vector<RowSampling>& rows, SampledRows& out) {
-    if (!samples_on_gpu()) throw std::logic_error("decode_sample_rows needs the output head on the GPU");
-    check_batch(batch);
+size_t Context::check_row_sampling(const Batch& batch, const std::vector<RowSampling>& rows) const {
     size_t n_rows = 0;
     for (uint8_t w : batch.want_logits) n_rows += w != 0;
     if (rows.size() != n_rows) throw std::invalid_argument("decode_sample_rows needs one RowSampling per flagged row");
@@ -296,6 +308,15 @@ void Context::decode_sample_rows(const Batch& batch, const std::vector<RowSampli
         if (r.params->temperature > 0 && !(r.u >= 0.0 && r.u < 1.0))
             throw std::invalid_argument("u must lie in [0, 1)");
     }
+    return n_host;
+}
+
+void Context::decode_sample_rows(const Batch& batch, const std::vector<RowSampling>& rows, SampledRows& out) {
+    if (!samples_on_gpu()) throw std::logic_error("decode_sample_rows needs the output head on the GPU");
+    check_none_pending("decode_sample_rows");
+    check_batch(batch);
+    const size_t n_host = check_row_sampling(batch, rows), n_rows = rows.size();
+    last_sampled_rows_ = 0;
     run_allocated(batch, [&](const std::vector<int32_t>& cells) {
         out.ids.assign(n_rows, -1);
         out.logprobs.assign(n_rows, 0.0f);
@@ -310,15 +331,65 @@ void Context::decode_sample_rows(const Batch& batch, const std::vector<RowSampli
         proto.row_sampling = rows.data();
         forward(batch, cells, proto);
     });
+    last_sampled_rows_ = static_cast<int>(n_rows);
 }
 
-void Context::run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward) {
+bool Context::overlaps() const {
+    if (!samples_on_gpu() || cpu_as_gpu_ || placement_.embd != Device::gpu) return false;
+    for (const LayerPlacement& l : placement_.layers)
+        if (l.attn != Device::gpu || l.ffn != Device::gpu || l.experts != Device::gpu || l.shared != Device::gpu)
+            return false;
+    return true;
+}
+
+void Context::begin_sampled(const Batch& batch, const std::vector<RowSampling>& rows) {
+    if (!overlaps()) throw std::logic_error("overlapped decoding needs the whole model on the GPU");
+    if (pending_rows_.size() >= static_cast<size_t>(CudaBackend::kMaxDeferredSteps))
+        throw std::logic_error("too many overlapped steps pending (end_sampled the oldest first)");
+    check_batch(batch, last_sampled_rows_);
+    if (batch.size() > static_cast<size_t>(n_ubatch_))
+        throw std::invalid_argument("an overlapped step takes at most n_ubatch (" + std::to_string(n_ubatch_) +
+                                    ") tokens");
+    if (check_row_sampling(batch, rows) > 0)
+        throw std::invalid_argument("an overlapped step samples every flagged row on the GPU");
+    for (const RowSampling& r : rows)
+        if (r.params->penalizes())
+            throw std::invalid_argument("an overlapped step takes no penalties (their history is a step behind)");
+    last_sampled_rows_ = 0;
+    run_allocated(
+        batch,
+        [&](const std::vector<int32_t>& cells) {
+            StepOutput proto;
+            proto.kind = StepOutput::Kind::sampled;
+            proto.row_sampling = rows.data();
+            proto.deferred = true;
+            forward(batch, cells, proto);
+        },
+        /*timed=*/false);
+    pending_rows_.push_back(rows.size());
+    last_sampled_rows_ = static_cast<int>(rows.size());
+}
+
+void Context::end_sampled(SampledRows& out) {
+    if (pending_rows_.empty()) throw std::logic_error("end_sampled without a step begun");
+    const size_t n_rows = pending_rows_.front();
+    pending_rows_.pop_front();
+    out.ids.assign(n_rows, -1);
+    out.logprobs.assign(n_rows, 0.0f);
+    out.top.assign(n_rows * kMaxSampledTop, SampledTop{-1, 0.0f});
+    out.host_logits.clear();
+    gpu_->finish_sampled(out.ids.data(), out.logprobs.data(), out.top.data());
+}
+
+void Context::run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward,
+                            bool timed) {
     const std::vector<int32_t> cells = kv_.allocate(batch.seq, batch.pos);
     try {
         const auto t0 = std::chrono::steady_clock::now();
         forward(cells);
-        step_costs_.record(static_cast<int>(batch.size()),
-                           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        if (timed)
+            step_costs_.record(static_cast<int>(batch.size()),
+                               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     } catch (...) {
         for (size_t i = 0; i < cells.size(); ++i) kv_.seq_rm(batch.seq[i], batch.pos[i], batch.pos[i] + 1);
         throw;

@@ -3,6 +3,7 @@
 // at different positions (prompt chunks and decode steps together), as continuous batching needs.
 #pragma once
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -81,6 +82,18 @@ public:
         std::vector<float> host_logits; // rows without params x n_vocab
     };
     void decode_sample_rows(const Batch& batch, const std::vector<RowSampling>& rows, SampledRows& out);
+    // Overlapped decoding, when the whole model is on the GPU (overlaps()): begin_sampled enqueues
+    // a decode_sample_rows step and returns without waiting for it; end_sampled waits for the
+    // oldest step begun so and hands over its rows (host_logits stays empty). Meanwhile the host
+    // begins the next step, whose tokens may be sampled_token(r) (backend.h): the token that the
+    // step begun just before samples in its row r, so that the GPU never waits for the host
+    // between steps. Every row samples on the GPU without penalties (the history they read is the
+    // host's, a step behind). At most CudaBackend::kMaxDeferredSteps steps are pending; the other
+    // decode calls need none pending. A begin that throws leaves the cache unchanged.
+    bool overlaps() const;
+    void begin_sampled(const Batch& batch, const std::vector<RowSampling>& rows);
+    void end_sampled(SampledRows& out);
+    int n_pending() const { return static_cast<int>(pending_rows_.size()); }
     // Whether the GPU's chain takes these parameters: typical_p needs few enough candidates, and
     // the logit bias is bounded (the rest stays on the host's Sampler).
     bool samples_row_on_gpu(const SamplingParams& p) const;
@@ -119,10 +132,16 @@ public:
     int64_t n_outputs_per_token() const;
 
 private:
-    void check_batch(const Batch& batch) const;
+    // Tokens sampled_token(r) are allowed for r < rows_from_device (else every token is an id).
+    void check_batch(const Batch& batch, int rows_from_device = 0) const;
+    void check_none_pending(const char* what) const;
+    // The checks of decode_sample_rows' rows; returns how many bring their logits to the host.
+    size_t check_row_sampling(const Batch& batch, const std::vector<RowSampling>& rows) const;
     // Allocates the batch's KV cells, runs `forward` on them and counts the tokens; on an
     // exception the cells are released again, so a failed batch leaves the cache unchanged.
-    void run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward);
+    // `timed`: the forward waits for its results, so its wall time is the step's cost.
+    void run_allocated(const Batch& batch, const std::function<void(const std::vector<int32_t>&)>& forward,
+                       bool timed = true);
     // The forward over the batch, in micro-batches of n_ubatch tokens when a GPU takes part;
     // `proto` says what to return (rows are filled in per micro-batch).
     void forward(const Batch& batch, const std::vector<int32_t>& cells, const StepOutput& proto);
@@ -138,6 +157,8 @@ private:
     std::unique_ptr<CpuBackend> cpu_as_gpu_;   // ContextParams::cpu_as_gpu
     uint64_t n_evaluated_ = 0;
     StepCostModel step_costs_;
+    std::deque<size_t> pending_rows_;  // rows of each step begun and not yet ended, oldest first
+    int last_sampled_rows_ = 0;        // rows the last step sampled on the GPU (0: it sampled none)
 };
 
 }  // namespace glmoe

@@ -3,7 +3,8 @@
 // the layers whose attention runs there. Ops only enqueue work on one stream; a decode step of up
 // to kInvariantBatch tokens is captured as CUDA graphs, one per stretch between two crossings to
 // the host (one graph for a step that stays on the GPU), and replayed. Inside a step the only
-// device-to-host traffic is the result and, in hybrid steps, the activations that cross.
+// device-to-host traffic is the result and, in hybrid steps, the activations that cross. A sampled
+// step may return before it has run (deferred), so that the host prepares the next one meanwhile.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -81,6 +82,11 @@ public:
     // (GpuParams::streamed_experts; 0 when the layer's experts are not in RAM, or pinned memory
     // could not be had).
     virtual int streamed_experts(int il) const = 0;
+    // The rows of the oldest deferred sampled step (StepOutput::deferred), in row order, once it
+    // has run: waits for it, then fills n_rows ids, logprobs and n_rows x kMaxSampledTop top
+    // entries (where the row asked for them). Two deferred steps may be outstanding.
+    virtual void finish_sampled(int32_t* ids, float* logprobs, SampledTop* top) = 0;
+    static constexpr int kMaxDeferredSteps = 2;
 };
 
 }  // namespace glmoe

@@ -259,6 +259,7 @@ EngineStats BatchEngine::stats() const {
     s.prompt_tokens_total = prompt_tokens_total_;
     s.generated_tokens_total = generated_tokens_total_;
     s.decode_steps_total = decode_steps_total_;
+    s.overlapped_steps_total = overlapped_steps_total_;
     s.t_busy_ms_total = t_busy_ms_total_;
     s.draft_tokens_total = draft_tokens_total_;
     s.draft_accepted_total = draft_accepted_total_;
@@ -278,7 +279,9 @@ std::vector<SlotInfo> BatchEngine::slots() const {
 
 GpuCounters BatchEngine::gpu_counters() {
     std::unique_lock<std::mutex> lk(mu_);
+    ++between_steps_wanted_;
     events_cv_.wait(lk, [this] { return !step_in_flight_; });  // the engine thread counts during a step
+    --between_steps_wanted_;
     return ctx_.gpu() ? ctx_.gpu()->counters() : GpuCounters{};
 }
 
@@ -323,19 +326,112 @@ void BatchEngine::run() {
         step_in_flight_ = true;
         lk.unlock();
         const auto t0 = Clock::now();
+        step_errors_.assign(params_.n_parallel, {});
+        plan_gpu_sampling();
+        if (overlappable() && run_overlapped(lk, t0)) continue;
         std::vector<Sampled> sampled;
         decode_step();
         sample_outputs(sampled);
         lk.lock();
         step_in_flight_ = false;
-        t_busy_ms_total_ += ms_between(t0, Clock::now());
-        ++decode_steps_total_;
+        end_step(sampled, t0);
+    }
+}
 
-        for (int i = 0; i < params_.n_parallel; ++i)
-            if (slots_[i].cancel_pending) release_slot(i, FinishReason::cancelled);
-        apply_step(sampled);
-        kv_cells_used_ = ctx_.kv_cache().n_used();
-        events_cv_.notify_all();
+void BatchEngine::end_step(const std::vector<Sampled>& sampled, Clock::time_point t0) {
+    t_busy_ms_total_ += ms_between(t0, Clock::now());
+    ++decode_steps_total_;
+    for (int i = 0; i < params_.n_parallel; ++i)
+        if (slots_[i].cancel_pending) release_slot(i, FinishReason::cancelled);
+    apply_step(sampled);
+    kv_cells_used_ = ctx_.kv_cache().n_used();
+    events_cv_.notify_all();
+}
+
+bool BatchEngine::overlappable() const {
+    if (!params_.overlap || !ctx_.overlaps() || row_sampling_.size() != batch_.size()) return false;
+    for (size_t i = 0; i < batch_.size(); ++i) {
+        const RowSampling& rs = row_sampling_[i];
+        // One token per slot (plan_gpu_sampling gives params only to a slot's only row).
+        if (!rs.params || rs.params->penalizes() || slots_[batch_.seq[i]].request->drafter) return false;
+    }
+    return true;
+}
+
+bool BatchEngine::next_overlapped(Batch& next, std::vector<int>& next_slots) const {
+    next = Batch{};
+    next_slots.clear();
+    if (stopping_ || !slot_tasks_.empty() || between_steps_wanted_ > 0) return false;
+    int n_busy = 0;
+    for (const Slot& s : slots_) {
+        if (s.cancel_pending) return false;
+        n_busy += s.request != nullptr;
+    }
+    // A request waiting for an idle slot, or a busy slot outside this step (a prompt, a held
+    // constrained request), goes first: the overlapped run ends.
+    if (n_busy != static_cast<int>(batch_.size()) || (!waiting_.empty() && n_busy < params_.n_parallel)) return false;
+    for (size_t i = 0; i < batch_.size(); ++i) {
+        const int slot = batch_.seq[i];
+        const Request& r = *slots_[slot].request;
+        // After this step's token (not known yet) the request needs more.
+        if (r.n_generated() + 1 >= r.max_tokens || static_cast<int>(r.tokens.size()) + 1 >= n_ctx_slot_) continue;
+        next.token.push_back(sampled_token(static_cast<int>(i)));
+        next.pos.push_back(batch_.pos[i] + 1);
+        next.seq.push_back(slot);
+        next.want_logits.push_back(1);
+        next_slots.push_back(slot);
+    }
+    return next.size() > 0;
+}
+
+bool BatchEngine::run_overlapped(std::unique_lock<std::mutex>& lk, Clock::time_point t0) {
+    try {
+        ctx_.begin_sampled(batch_, row_sampling_);
+    } catch (const std::exception&) {
+        return false;  // the plain path runs the step and reports what fails, per slot
+    }
+    Batch next;
+    std::vector<int> next_slots;
+    std::vector<RowSampling> next_rows;
+    for (;;) {
+        lk.lock();
+        bool begun = next_overlapped(next, next_slots);
+        lk.unlock();
+        if (begun) {
+            next_rows.clear();
+            for (int slot : next_slots) next_rows.push_back(row_sampling_of(slot));
+            try {
+                ctx_.begin_sampled(next, next_rows);
+            } catch (const std::exception&) {
+                begun = false;  // e.g. a full cache: the plain path takes the next step
+            }
+        }
+        std::vector<Sampled> sampled;
+        try {
+            ctx_.end_sampled(gpu_rows_);
+            step_rows_.ids = gpu_rows_.ids;
+            step_rows_.logprobs = gpu_rows_.logprobs;
+            step_rows_.top = gpu_rows_.top;
+            sample_outputs(sampled);
+        } catch (const std::exception& e) {
+            for (int32_t slot : batch_.seq) step_errors_[slot] = *e.what() ? e.what() : "decode failed";
+        }
+        lk.lock();
+        const auto t_end = Clock::now();
+        end_step(sampled, t0);
+        if (!begun) {
+            step_in_flight_ = false;
+            return true;
+        }
+        // The begun step becomes this one; rows of slots that end_step just freed are dropped
+        // when its output comes (their cells are gone already).
+        ++overlapped_steps_total_;
+        std::swap(batch_, next);
+        logit_slots_ = next_slots;
+        std::swap(row_sampling_, next_rows);
+        step_errors_.assign(params_.n_parallel, {});
+        t0 = t_end;
+        lk.unlock();
     }
 }
 
@@ -478,16 +574,22 @@ void BatchEngine::plan_gpu_sampling() {
         const int slot = logit_slots_[row];
         const bool one_row = (row == 0 || logit_slots_[row - 1] != slot) &&
                              (row + 1 == n_rows || logit_slots_[row + 1] != slot);
-        Request& r = *slots_[slot].request;
+        const Request& r = *slots_[slot].request;
         if (!one_row || r.constrained || !r.draft.empty() || !ctx_.samples_row_on_gpu(r.sampler.params())) continue;
-        RowSampling& rs = row_sampling_[row];
-        rs.params = &r.sampler.params();
-        rs.seq = slot;
-        rs.history = &r.tokens;
-        rs.n_top = r.n_top_logprobs;
-        // The draw the host Sampler would make for this token: one seed, one stream on either path.
-        rs.u = r.sampler.params().temperature > 0.0f ? r.sampler.uniform01() : 0.0;
+        row_sampling_[row] = row_sampling_of(slot);
     }
+}
+
+RowSampling BatchEngine::row_sampling_of(int slot) {
+    Request& r = *slots_[slot].request;
+    RowSampling rs;
+    rs.params = &r.sampler.params();
+    rs.seq = slot;
+    rs.history = &r.tokens;
+    rs.n_top = r.n_top_logprobs;
+    // The draw the host Sampler would make for this token: one seed, one stream on either path.
+    rs.u = r.sampler.params().temperature > 0.0f ? r.sampler.uniform01() : 0.0;
+    return rs;
 }
 
 bool BatchEngine::try_decode(const Batch& batch, const std::vector<RowSampling>& rows, StepRows& out,
@@ -531,8 +633,6 @@ void BatchEngine::copy_rows(const StepRows& from, size_t first, size_t n, StepRo
 }
 
 void BatchEngine::decode_step() {
-    step_errors_.assign(params_.n_parallel, {});
-    plan_gpu_sampling();
     std::string error;
     if (try_decode(batch_, row_sampling_, step_rows_, error)) return;
 
@@ -577,7 +677,8 @@ void BatchEngine::sample_outputs(std::vector<Sampled>& out) {
     for (size_t row = 0, n_rows; row < logit_slots_.size(); row += n_rows) {
         const int slot = logit_slots_[row];
         for (n_rows = 1; row + n_rows < logit_slots_.size() && logit_slots_[row + n_rows] == slot;) ++n_rows;
-        if (!step_errors_[slot].empty()) continue;
+        // No request: an overlapped step's row of a slot that finished meanwhile.
+        if (!step_errors_[slot].empty() || !slots_[slot].request) continue;
         Request& r = *slots_[slot].request;
         const float* logits = step_rows_.logits.data() + row * n_vocab_;
         try {

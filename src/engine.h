@@ -45,6 +45,9 @@ struct EngineParams {
     // Idle slots keep the cache of their last request (llama-server's slots, which save and restore
     // act on); a request then goes to the idle slot sharing the longest prompt prefix and reuses it.
     bool keep_slot_cache = false;
+    // Overlapped decoding (BatchEngine::run_overlapped) where the step allows it; false: every step
+    // waits for the previous one's tokens (the same output; for measuring the difference).
+    bool overlap = true;
 };
 
 // Slot actions (save_slot, restore_slot, erase_slot) on a slot that serves a request.
@@ -97,6 +100,7 @@ struct EngineStats {
     int requests_waiting, requests_running;
     int kv_cells_used, kv_cells_total;
     uint64_t prompt_tokens_total, generated_tokens_total, decode_steps_total;
+    uint64_t overlapped_steps_total;  // steps begun before the previous step's tokens were read
     double t_busy_ms_total;
     uint64_t draft_tokens_total, draft_accepted_total;
 };
@@ -251,6 +255,21 @@ private:
     };
     // Which rows the GPU samples (row_sampling_; empty when the context cannot), drawing their u.
     void plan_gpu_sampling();
+    // The sampling of the slot's next token on the GPU (draws its u).
+    RowSampling row_sampling_of(int slot);
+    // Overlapped decoding (Context::begin_sampled): a step of one GPU-sampled token per slot, no
+    // penalties or drafts, is followed by the next one (each slot a token further, its token the
+    // one this step samples) before this step's tokens reach the host, as long as nothing else
+    // waits for the engine (a new request, a slot action, a cancel, shutdown, gpu_counters).
+    bool overlappable() const;
+    // The step to begin after batch_ (under mu_); false when the overlapped run should end.
+    bool next_overlapped(Batch& next, std::vector<int>& next_slots) const;
+    // Runs batch_ and the steps begun after it, each step's tokens applied while the next one
+    // runs; returns with mu_ held and no step in flight, or false (mu_ not held, nothing run)
+    // when batch_ could not begin so.
+    bool run_overlapped(std::unique_lock<std::mutex>& lk, Clock::time_point t0);
+    // A step's bookkeeping once its tokens are known (under mu_): timing, cancels, apply_step.
+    void end_step(const std::vector<Sampled>& sampled, Clock::time_point t0);
     bool try_decode(const Batch& batch, const std::vector<RowSampling>& rows, StepRows& out, std::string& error);
     // The rows [first, first + n) of `from` into `to` at row `at`.
     void copy_rows(const StepRows& from, size_t first, size_t n, StepRows& to, size_t at) const;
@@ -292,10 +311,12 @@ private:
     int64_t next_id_ = 1;
     bool stopping_ = false;
     bool step_in_flight_ = false;  // the engine thread is decoding or sampling without mu_
+    int between_steps_wanted_ = 0; // callers waiting for no step in flight: overlapped runs end
     int kv_cells_used_ = 0;        // cached so stats() does not read the cache during a step
     int prefill_cursor_ = 0;       // slot where the next step's prompt chunks start
 
     uint64_t prompt_tokens_total_ = 0, generated_tokens_total_ = 0, decode_steps_total_ = 0;
+    uint64_t overlapped_steps_total_ = 0;
     uint64_t draft_tokens_total_ = 0, draft_accepted_total_ = 0;
     double t_busy_ms_total_ = 0;
 

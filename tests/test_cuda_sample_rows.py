@@ -266,6 +266,25 @@ def test_engine_step_copies_only_ids_and_waits_once(model):
     engine.shutdown()
 
 
+def test_engine_step_of_many_rows_waits_once(model):
+    """Steps sampling more rows than one output-head pass takes (32) still copy the ids once and
+    wait once: 40 sequences decode together."""
+    n = 40
+    engine = _core.BatchEngine(model, 32 * n, n_parallel=n, n_threads=2, n_gpu_layers=-1)
+    rng = np.random.default_rng(5)
+    before, steps_before = engine.gpu_counters(), engine.stats()["decode_steps_total"]
+    rids = [engine.submit(rng.integers(0, model.n_vocab, 6).tolist(), 12, [], **SAMPLING, seed=i) for i in range(n)]
+    for rid in rids:
+        while not (ev := engine.poll(rid, 5.0))["finished"]:
+            pass
+        assert ev["finish_reason"] == "length" and ev["n_generated"] == 12
+    after, steps = engine.gpu_counters(), engine.stats()["decode_steps_total"] - steps_before
+    engine.shutdown()
+    assert steps < n * 12  # sequences shared steps
+    assert after["device_to_host_copies"] - before["device_to_host_copies"] == steps
+    assert after["host_syncs"] - before["host_syncs"] == steps
+
+
 def test_engine_gpu_path_matches_the_host_sampler(model):
     """The engine's GPU-sampled tokens, logprobs and top logprobs for a seeded request equal a host
     loop of Context.decode and the Sampler with the same seed (one request: the same steps)."""

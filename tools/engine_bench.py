@@ -7,7 +7,8 @@ step copies to the host and waits for (the GPU backend's counters; zeros on the 
     python tools/engine_bench.py MODEL.gguf -ngl 99 -npp 16 -ntg 128 -npl 1,8,32,64
 
 Also, with --llama, `Llama`'s streaming time per output token (TPOT) for one sequence, the path
-llama-cpp-python users take (compare with llama-bench's tg at the same depth)."""
+llama-cpp-python users take (compare with llama-bench's tg at the same depth). --no-overlap runs
+both with every step waiting for the previous one's tokens (what overlapped decoding gains)."""
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,10 @@ def wait_all(engine, ids: list, n_gen: int) -> dict:
 
 
 def engine_row(model, n_parallel: int, n_prompt: int, n_gen: int, n_gpu_layers: int, n_threads: int,
-               seed: int) -> dict:
+               seed: int, overlap: bool) -> dict:
     n_ctx = n_parallel * (n_prompt + n_gen + 8)
     engine = _core.BatchEngine(model, n_ctx=n_ctx, n_parallel=n_parallel, n_threads=n_threads,
-                               n_gpu_layers=n_gpu_layers)
+                               n_gpu_layers=n_gpu_layers, overlap=overlap)
     rng = np.random.default_rng(seed)
     n_vocab = model.n_vocab
     prompts = [rng.integers(1000, min(n_vocab, 30000), n_prompt, dtype=np.int32) for _ in range(n_parallel)]
@@ -65,12 +66,22 @@ def engine_row(model, n_parallel: int, n_prompt: int, n_gen: int, n_gpu_layers: 
         "total_tps": n_parallel * n_gen / (t1 - t0),
         "step_ms": (stats1["t_busy_ms_total"] - stats0["t_busy_ms_total"]) / max(steps, 1),
         "steps": steps,
+        "overlapped": stats1["overlapped_steps_total"] - stats0["overlapped_steps_total"],
         "d2h_per_step": (after["device_to_host_copies"] - before["device_to_host_copies"]) / gpu_steps,
         "syncs_per_step": (after["host_syncs"] - before["host_syncs"]) / gpu_steps,
     }
 
 
-def llama_tpot(path: str, n_gpu_layers: int, n_gen: int, n_threads: int) -> float:
+def stepping(self, todo, sampler):
+    """Llama's generate() without overlapping (each step waits for its token): --no-overlap."""
+    while True:
+        todo = [self._eval(todo, sampler)]
+        yield todo[0]
+
+
+def llama_tpot(path: str, n_gpu_layers: int, n_gen: int, n_threads: int, overlap: bool) -> float:
+    if not overlap:
+        glmoe.Llama._generate_overlapped = stepping
     llm = glmoe.Llama(path, n_gpu_layers=n_gpu_layers, n_ctx=max(512, n_gen + 64), verbose=False,
                       n_threads=n_threads or None)
     times = []
@@ -92,16 +103,19 @@ def main() -> None:
     ap.add_argument("-npl", default="1,8,32", help="sequence counts, comma-separated")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--llama", action="store_true", help="also Llama's streaming TPOT (one sequence)")
+    ap.add_argument("--no-overlap", action="store_true", help="every step waits for the previous one's tokens")
     args = ap.parse_args()
     model = _core.Model(args.model)
-    print("| B | prompt s | decode t/s (all) | total t/s | step ms | steps | D2H copies/step | host syncs/step |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    overlap = not args.no_overlap
+    print("| B | prompt s | decode t/s (all) | total t/s | step ms | steps | overlapped | D2H copies/step "
+          "| host syncs/step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in (int(x) for x in args.npl.split(",")):
-        r = engine_row(model, b, args.npp, args.ntg, args.n_gpu_layers, args.threads, args.seed)
+        r = engine_row(model, b, args.npp, args.ntg, args.n_gpu_layers, args.threads, args.seed, overlap)
         print(f"| {r['B']} | {r['prompt_s']:.3f} | {r['decode_tps']:.1f} | {r['total_tps']:.1f} | {r['step_ms']:.2f} "
-              f"| {r['steps']} | {r['d2h_per_step']:.2f} | {r['syncs_per_step']:.2f} |", flush=True)
+              f"| {r['steps']} | {r['overlapped']} | {r['d2h_per_step']:.2f} | {r['syncs_per_step']:.2f} |", flush=True)
     if args.llama:
-        tpot = llama_tpot(args.model, args.n_gpu_layers, args.ntg, args.threads)
+        tpot = llama_tpot(args.model, args.n_gpu_layers, args.ntg, args.threads, overlap)
         print(f"Llama stream, 1 sequence, {args.ntg} tokens: TPOT median {tpot:.3f} ms = {1e3 / tpot:.1f} t/s")
 
 

@@ -532,6 +532,9 @@ class Llama:
             return
         self.last_draft_stats = None
         if self._samples_on_device(sampler, constraint):
+            if self._ctx.overlaps_with(sampler):
+                yield from self._generate_overlapped(todo, sampler)
+                return
             while True:
                 todo = [self._eval(todo, sampler)]
                 yield todo[0]
@@ -547,6 +550,37 @@ class Llama:
                 constraint.accept(token)
             yield token
             todo = [token]
+
+    def _generate_overlapped(self, todo: List[int], sampler: _core.Sampler) -> Iterator[int]:
+        """generate() with the whole model on the GPU: the step that evaluates a token (and samples
+        the next) is begun before the token is yielded, and each next step before the host has read
+        the token it evaluates, so that the GPU runs while the caller and Python take their turn.
+        The same tokens as stepping one at a time; a step begun for a token the caller never asks
+        past is dropped with its cache cell when the generator closes."""
+        token = self._eval(todo, sampler)
+        from_device = _core.sampled_token(0)
+        try:
+            if self.n_tokens < self._n_ctx:
+                self._ctx.begin_sampled_with(token, self.n_tokens, 0, sampler)
+                while True:
+                    yield token  # its step runs meanwhile
+                    self.input_ids[self.n_tokens] = token
+                    self.n_tokens += 1
+                    if self.n_tokens >= self._n_ctx:
+                        token = self._ctx.end_sampled_one()
+                        break
+                    self._ctx.begin_sampled_with(from_device, self.n_tokens, 0, sampler)
+                    token = self._ctx.end_sampled_one()
+        finally:
+            while self._ctx.n_pending:  # a dropped step: its token is never used
+                try:
+                    self._ctx.end_sampled_one()
+                except ValueError:
+                    pass
+            self._ctx.kv_seq_rm(-1, self.n_tokens, -1)
+        while True:  # the context is full: eval() refuses the next token as it would stepping singly
+            yield token
+            token = self._eval([token], sampler)
 
     def _generate_drafted(self, todo: List[int], sampler: _core.Sampler) -> Iterator[int]:
         """generate() with speculative drafts: each step evaluates the sampled token and a draft to

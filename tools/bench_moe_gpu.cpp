@@ -1,0 +1,190 @@
+// Micro benchmark of the batched-decode GPU kernels, per number of tokens in the step: the routed
+// expert FFN by each path the CUDA backend can take (per-pair matrix-vector, tensor-core
+// mm_experts) and the dense projections and output head (mmv in chunks of kMaxMmvTokens, mm).
+// Prints time per call and the weight bytes the call must read (experts the step routes to, once)
+// per second, to choose the backend's crossover points by measurement. Development only.
+// usage: bench_moe_gpu [tokens, comma list] [expert type] [shared / dense type]
+//   defaults: 1,2,4,8,16,32,64,128 Q4_K Q8_0 (GLM-4.5-Air's shapes: 4096 wide, 128 experts of 1408,
+//   8 routed + 1 shared per token, attention 96 x 128 q heads, 8 kv heads).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ggml_types.h"
+#include "kernels.h"
+#include "quants.h"
+
+using namespace glmoe;
+using namespace glmoe::cuda;
+
+namespace {
+
+void ck(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+template <typename T>
+T* device(size_t n, int byte = 0) {
+    T* p = nullptr;
+    ck(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc");
+    ck(cudaMemset(p, byte, std::max<size_t>(n, 1) * sizeof(T)), "cudaMemset");
+    return p;
+}
+
+// Weight bytes of a small repeating pattern: the kernels' time does not depend on the values.
+WeightView weights(uint32_t type, int64_t rows, int64_t cols, int64_t n_matrices) {
+    WeightView w;
+    w.type = type;
+    w.rows = rows;
+    w.cols = cols;
+    w.row_bytes = row_bytes(type, cols);
+    w.matrix_bytes = w.row_bytes * rows;
+    w.data = device<uint8_t>(w.matrix_bytes * n_matrices + 16, 0x11);
+    return w;
+}
+
+// llama.cpp's fallback for a row that is not a whole number of the type's blocks (Air's expert
+// down matrices: rows of 1408 hold no whole number of 256-element K-quant super-blocks).
+uint32_t fitting(uint32_t type, int64_t cols) {
+    if (cols % type_traits(type).block_size == 0) return type;
+    return type == GGML_TYPE_Q6_K ? GGML_TYPE_Q8_0 : GGML_TYPE_Q5_0;
+}
+
+uint32_t type_by_name(const std::string& name) {
+    for (uint32_t t = 0; t < 64; ++t)
+        if (type_traits(t).supported && name == type_name(t)) return t;
+    throw std::invalid_argument("unknown type " + name);
+}
+
+// Median microseconds of `reps` runs of fn (after one warm-up run).
+double time_us(const std::function<void()>& fn, int reps = 20) {
+    cudaEvent_t a, b;
+    ck(cudaEventCreate(&a), "event");
+    ck(cudaEventCreate(&b), "event");
+    fn();
+    ck(cudaDeviceSynchronize(), "warm-up");
+    std::vector<float> ms(reps);
+    for (int i = 0; i < reps; ++i) {
+        ck(cudaEventRecord(a), "record");
+        fn();
+        ck(cudaEventRecord(b), "record");
+        ck(cudaEventSynchronize(b), "sync");
+        ck(cudaEventElapsedTime(&ms[i], a, b), "elapsed");
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    std::nth_element(ms.begin(), ms.begin() + reps / 2, ms.end());
+    return 1000.0 * ms[reps / 2];
+}
+
+void row(const char* what, int n, double us, double bytes) {
+    std::printf("| %-22s | %4d | %9.1f | %7.0f |\n", what, n, us, bytes / us / 1e3);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+    std::vector<int> tokens = {1, 2, 4, 8, 16, 32, 64, 128};
+    if (argc > 1) {
+        tokens.clear();
+        std::stringstream ss(argv[1]);
+        for (std::string item; std::getline(ss, item, ',');) tokens.push_back(std::atoi(item.c_str()));
+    }
+    const uint32_t t_exp = type_by_name(argc > 2 ? argv[2] : "Q4_K");
+    const uint32_t t_dense = type_by_name(argc > 3 ? argv[3] : "Q8_0");
+    const int64_t H = 4096, F = 1408, E = 128, K = 8, S = K + 1, NQ = 96 * 128, QKV = NQ + 2 * 8 * 128, V = 151552;
+    const int64_t kLogitRows = 32;  // the backend's output-head rows per pass
+    const int n_max = *std::max_element(tokens.begin(), tokens.end());
+    const int64_t pairs_max = static_cast<int64_t>(n_max) * S;
+
+    ExpertSet gate, up, down;
+    gate.routed = weights(t_exp, F, H, E);
+    up.routed = weights(t_exp, F, H, E);
+    down.routed = weights(fitting(t_exp, F), H, F, E);
+    gate.shared = weights(t_dense, F, H, 1);
+    up.shared = weights(t_dense, F, H, 1);
+    down.shared = weights(fitting(t_dense, F), H, F, 1);
+    gate.n_routed = up.n_routed = down.n_routed = static_cast<int>(E);
+    const WeightView qkv = weights(t_dense, QKV, H, 1), wo = weights(t_dense, H, NQ, 1);
+    const WeightView output = weights(t_dense, V, H, 1);
+
+    float* x = device<float>(n_max * std::max(H, NQ));
+    float* g = device<float>(pairs_max * F);
+    float* u = device<float>(pairs_max * F);
+    float* act = device<float>(pairs_max * F);
+    float* y = device<float>(std::max(pairs_max * std::max(H, QKV), kLogitRows * V));
+    BlockQ8* xq = device<BlockQ8>(pairs_max * (std::max(H, NQ) / 32));
+    BlockQ8* aq = device<BlockQ8>(pairs_max * (F / 32));
+    int32_t* ids = device<int32_t>(pairs_max);
+    int32_t* counts = device<int32_t>(E + 1);
+    int32_t* offsets = device<int32_t>(E + 2);
+    int32_t* src = device<int32_t>(pairs_max);
+    int32_t* dst = device<int32_t>(pairs_max);
+
+    std::printf("experts %s (down %s; shared %s), dense %s; GB/s: weight bytes the call needs once / time\n",
+                type_name(t_exp).c_str(), type_name(down.routed.type).c_str(), type_name(t_dense).c_str(),
+                type_name(t_dense).c_str());
+    std::printf("| kernel path            | tok  | us / call | GB/s    |\n|---|---:|---:|---:|\n");
+    std::mt19937 gen(7);
+    const double exp_bytes = 2.0 * gate.routed.matrix_bytes + down.routed.matrix_bytes;
+    const double shared_bytes = 2.0 * gate.shared.matrix_bytes + down.shared.matrix_bytes;
+    for (const int n : tokens) {
+        // Each token routes to K distinct experts, uniformly, then the shared expert.
+        std::vector<int32_t> h_ids(static_cast<size_t>(n) * S);
+        std::set<int> used;
+        std::vector<int> all(E);
+        for (int e = 0; e < E; ++e) all[e] = e;
+        for (int t = 0; t < n; ++t) {
+            std::shuffle(all.begin(), all.end(), gen);
+            for (int j = 0; j < K; ++j) h_ids[t * S + j] = all[j], used.insert(all[j]);
+            h_ids[t * S + K] = static_cast<int32_t>(E);
+        }
+        ck(cudaMemcpy(ids, h_ids.data(), h_ids.size() * sizeof(int32_t), cudaMemcpyHostToDevice), "ids");
+        const double bytes = used.size() * exp_bytes + shared_bytes;
+        const int64_t n_pairs = static_cast<int64_t>(n) * S;
+        if (n <= kMaxMmvTokens) {
+            row("experts per pair", n, time_us([&] {
+                    quantize_q8(x, n, H, H, xq, nullptr);
+                    mmv_swiglu(gate, up, x, xq, ids, n, S, act, nullptr);
+                    quantize_q8(act, n_pairs, F, F, aq, nullptr);
+                    mmv_experts(down, act, aq, true, ids, n, S, y, nullptr);
+                }), bytes);
+        }
+        row("experts mm_experts", n, time_us([&] {
+                moe_group(ids, n, S, E + 1, counts, offsets, src, dst, nullptr);
+                mm_experts(gate, x, offsets, src, dst, n, g, nullptr);
+                mm_experts(up, x, offsets, src, dst, n, u, nullptr);
+                swiglu(g, u, n_pairs * F, act, nullptr);
+                mm_experts(down, act, offsets, dst, dst, n, y, nullptr);
+            }), bytes);
+        for (const auto& [name, w] : {std::pair<const char*, const WeightView*>{"qkv", &qkv}, {"wo", &wo},
+                                      {"output", &output}}) {
+            if (w == &output && n > kLogitRows) continue;
+            const double wb = static_cast<double>(w->matrix_bytes);
+            const int chunk = kMaxMmvTokens;
+            const std::string label = std::string(name) + (n <= chunk ? " mmv" : " mmv chunks");
+            row(label.c_str(), n, time_us([&] {
+                    for (int t0 = 0; t0 < n; t0 += chunk) {
+                        const int nt = std::min(chunk, n - t0);
+                        quantize_q8(x + t0 * w->cols, nt, w->cols, w->cols, xq, nullptr);
+                        mmv(*w, x + t0 * w->cols, xq, nt, y + t0 * w->rows, w->rows, false, nullptr);
+                    }
+                }), wb);
+            row((std::string(name) + " mm").c_str(), n, time_us([&] { mm(*w, x, n, y, w->rows, false, nullptr); }), wb);
+        }
+    }
+    return 0;
+} catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_moe_gpu: %s\n", e.what());
+    return 1;
+}
