@@ -399,5 +399,14 @@ NB_MODULE(_core, m) {
         .def("kv_load_state", [](Context& c, nb::bytes state) {
             const uint8_t* p = static_cast<const uint8_t*>(state.data());
             c.kv_load(std::vector<uint8_t>(p, p + state.size()));
-        }, nb::arg("state"));
+        }, nb::arg("state"))
+        .def("kv_seq_state", [](Context& c, int seq) {
+            const std::vector<uint8_t> bytes = c.kv_seq_save(seq);
+            return nb::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+        }, nb::arg("seq"), "One sequence's cells and their K/V rows (what a server slot file holds after its tokens).")
+        .def("kv_seq_load_state", [](Context& c, int seq, nb::bytes state, int max_cells) {
+            const uint8_t* p = static_cast<const uint8_t*>(state.data());
+            return c.kv_seq_load(seq, std::vector<uint8_t>(p, p + state.size()), max_cells);
+        }, nb::arg("seq"), nb::arg("state"), nb::arg("max_cells"),
+             "Replaces sequence seq's cells with kv_seq_state's bytes (at most max_cells); returns the cells.");
 }

@@ -230,7 +230,8 @@ void bind_engine(nb::module_& m) {
              },
              nb::arg("slot"),
              "(tokens, state bytes) of an idle slot's cache, taken between steps. IndexError: no such slot;"
-             " SlotBusyError: it serves a request; SlotStateUnsupportedError: attention layers on the GPU.")
+             " SlotBusyError: it serves a request; SlotStateUnsupportedError: CPU and GPU layers"
+             " storing different KV types (-ctk/-ctv give both one type).")
         .def("restore_slot",
              [](BatchEngine& e, int slot, nb::bytes state) {
                  const auto* p = static_cast<const uint8_t*>(state.data());

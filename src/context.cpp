@@ -200,27 +200,38 @@ size_t Context::kv_bytes() const {
     return cpu_->kv_bytes() + (cpu_as_gpu_ ? cpu_as_gpu_->kv_bytes() : 0) + (gpu_ ? gpu_->memory().kv : 0);
 }
 
+PlacedKVRows Context::kv_rows() const {
+    return PlacedKVRows(placement_, *cpu_, cpu_as_gpu_ ? static_cast<KVRows*>(cpu_as_gpu_.get()) : gpu_.get());
+}
+
 std::vector<uint8_t> Context::kv_save() {
-    PlacedKVRows rows(placement_, *cpu_, cpu_as_gpu_ ? static_cast<KVRows*>(cpu_as_gpu_.get()) : gpu_.get());
+    PlacedKVRows rows = kv_rows();
     return kv_.save(rows);
 }
 
 std::string Context::kv_state_unsupported() const {
-    return n_gpu_layers() > 0 ? "saving and loading the KV cache of GPU layers is not supported yet" : "";
+    try {
+        const PlacedKVRows rows = kv_rows();
+        rows.type_k();
+        rows.type_v();
+    } catch (const std::invalid_argument& e) {
+        return e.what();
+    }
+    return "";
 }
 
 std::vector<uint8_t> Context::kv_seq_save(int seq) {
-    if (n_gpu_layers() > 0) throw std::invalid_argument(kv_state_unsupported());
-    return kv_.save_seq(seq, *cpu_);
+    PlacedKVRows rows = kv_rows();
+    return kv_.save_seq(seq, rows);
 }
 
 int Context::kv_seq_load(int seq, const std::vector<uint8_t>& bytes, int max_cells) {
-    if (n_gpu_layers() > 0) throw std::invalid_argument(kv_state_unsupported());
-    return kv_.load_seq(seq, bytes, *cpu_, max_cells);
+    PlacedKVRows rows = kv_rows();
+    return kv_.load_seq(seq, bytes, rows, max_cells);
 }
 
 void Context::kv_load(const std::vector<uint8_t>& bytes) {
-    PlacedKVRows rows(placement_, *cpu_, cpu_as_gpu_ ? static_cast<KVRows*>(cpu_as_gpu_.get()) : gpu_.get());
+    PlacedKVRows rows = kv_rows();
     kv_.load(bytes, rows);
 }
 

@@ -16,6 +16,7 @@
 #include "kv_cache.h"
 #include "kv_types.h"
 #include "model.h"
+#include "placed_kv_rows.h"
 #include "placement.h"
 #include "step_cost.h"
 #include "thread_pool.h"
@@ -115,14 +116,15 @@ public:
     const StepCostModel& step_costs() const { return step_costs_; }
 
     KVCache& kv_cache() { return kv_; }
-    // The KV cache (cells and their K/V rows) as bytes, and back; refused while layers' K/V are
-    // on the GPU.
+    // The KV cache (cells and their K/V rows) as bytes, and back, every layer's rows from the
+    // backend that runs its attention (PlacedKVRows: the same bytes whatever the placement).
     std::vector<uint8_t> kv_save();
     void kv_load(const std::vector<uint8_t>& bytes);
-    // One sequence's part of them (KVCache::save_seq / load_seq), refused alike for GPU layers.
+    // One sequence's part of them (KVCache::save_seq / load_seq).
     std::vector<uint8_t> kv_seq_save(int seq);
     int kv_seq_load(int seq, const std::vector<uint8_t>& bytes, int max_cells);
-    // Why kv_save and kv_seq_save are refused ("" when they are not).
+    // Why a state cannot be saved or loaded here ("" when it can): the CPU's and the GPU's layers
+    // store different KV types (a state holds one K and one V type).
     std::string kv_state_unsupported() const;
     const Model& model() const { return model_; }
     int n_threads() const { return pool_.size(); }
@@ -134,6 +136,7 @@ public:
 private:
     // Tokens sampled_token(r) are allowed for r < rows_from_device (else every token is an id).
     void check_batch(const Batch& batch, int rows_from_device = 0) const;
+    PlacedKVRows kv_rows() const;
     void check_none_pending(const char* what) const;
     // The checks of decode_sample_rows' rows; returns how many bring their logits to the host.
     size_t check_row_sampling(const Batch& batch, const std::vector<RowSampling>& rows) const;

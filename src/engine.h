@@ -54,7 +54,7 @@ struct EngineParams {
 struct SlotBusy : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
-// Slot state of a placement that cannot save it (attention layers on the GPU).
+// Slot state of a placement that cannot save it (its CPU and GPU layers store different KV types).
 struct SlotStateUnsupported : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
@@ -166,7 +166,8 @@ public:
 
     // llama-server's slot actions, run on the engine thread between steps so that no step sees a
     // half-restored slot. std::out_of_range for a bad slot id, SlotBusy while the slot serves a
-    // request, SlotStateUnsupported for GPU attention layers. save_slot's bytes name the model
+    // request, SlotStateUnsupported where the CPU's and the GPU's layers store different KV types
+    // (Context::kv_state_unsupported). save_slot's bytes name the model
     // (a fingerprint of its tensors), the slot context and the KV types; restore_slot replaces the
     // slot's cache with them and returns the tokens restored, throwing std::invalid_argument (slot
     // unchanged) for bytes from another model, slot context or KV types. erase_slot empties the

@@ -234,5 +234,35 @@ def test_mixed_placement_state(model_case):
     assert full.kv_state() == state
     default = _core.Context(model, 128, 2, n_gpu_layers=2)
     run_positions(default, tokens[:4], [4])
-    with pytest.raises(ValueError, match=r"the CPU's layers store f32 and the GPU's f16: give -ctk \(type_k\)"):
-        default.kv_state()
+    for save in (default.kv_state, lambda: default.kv_seq_state(0)):
+        with pytest.raises(ValueError, match=r"the CPU's layers store f32 and the GPU's f16: give -ctk \(type_k\)"):
+            save()
+
+
+def test_engine_slot_saves_and_restores_on_the_gpu(model_case):
+    """A server slot's save and restore with every layer on the GPU (its rows copied through the
+    host): restored into the other slot, the two slots hold the same cache, so two requests that
+    continue it reuse it (n_cached) and, in one batch of two, give the same tokens."""
+    _, model = model_case
+    prompt = np.random.default_rng(12).integers(0, model.n_vocab, 5).tolist()
+    engine = _core.BatchEngine(model, 256, n_parallel=2, n_threads=2, n_gpu_layers=-1, keep_slot_cache=True,
+                               **kv(QT.Q8_0, QT.Q8_0))
+
+    def finish(rid):
+        out = []
+        while not (ev := engine.poll(rid, 10.0))["finished"]:
+            out += ev["tokens"]
+        return out + ev["tokens"], ev
+
+    first, _ = finish(engine.submit(prompt, 6, [], temperature=0.0))
+    slot = next(s["id"] for s in engine.slots() if s["n_past"] > 0)
+    tokens, data = engine.save_slot(slot)
+    assert tokens == (prompt + first)[:len(tokens)] and len(tokens) >= len(prompt)
+    assert engine.restore_slot(1 - slot, data) == len(tokens)
+    assert engine.save_slot(1 - slot) == (tokens, data)
+    follow = prompt + first + [int(first[-1])]
+    rids = [engine.submit(follow, 4, [], temperature=0.0) for _ in range(2)]
+    (a, ev_a), (b, ev_b) = finish(rids[0]), finish(rids[1])
+    assert a == b and len(a) == 4
+    assert ev_a["n_cached"] == ev_b["n_cached"] == len(tokens)
+    engine.shutdown()

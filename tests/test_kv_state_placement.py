@@ -71,3 +71,24 @@ def test_state_of_another_size_is_refused(model):
     b = _core.Context(model, 64, 2, f32_activations=True, type_k=8, type_v=8, n_gpu_layers=2, cpu_as_gpu=True)
     with pytest.raises(ValueError, match="another size or model"):
         b.kv_load_state(a.kv_state())
+
+
+@pytest.mark.parametrize("src,dst", [("cpu", "gpu"), ("gpu", "mixed"), ("mixed", "cpu")])
+def test_sequence_state_moves_between_placements(model, src, dst):
+    """One sequence's state (a server slot file's KV part) saves and loads on every placement, into
+    another sequence, and decoding goes on from it as where it was saved."""
+    a = context(model, src, QT.Q8_0, QT.Q4_0)
+    decode_all(a, TOKENS[:7], seq=1)
+    decode_all(a, TOKENS[:30])
+    state = a.kv_seq_state(0)
+    b = context(model, dst, QT.Q8_0, QT.Q4_0)
+    decode_all(b, TOKENS[:5], seq=1)  # another sequence, left alone
+    assert b.kv_seq_load_state(1, state, 64) == 30
+    assert b.kv_used == 30 and b.kv_seq_state(1) == state
+    expected = decode_all(a, TOKENS[30:36], start=30)
+    got = decode_all(b, TOKENS[30:36], start=30, seq=1)
+    assert np.array_equal(got, expected)
+    with pytest.raises(ValueError, match="more than the 20"):
+        b.kv_seq_load_state(0, state, 20)
+    assert b.kv_used == 36
+
