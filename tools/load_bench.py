@@ -88,7 +88,7 @@ def summarize(results: List[dict], wall: float) -> dict:
 
 def markdown_row(label: str, clients: int, s: dict) -> str:
     return (f"| {label} | {clients} | {s['requests']} | {s['ttft_ms_p50']:.0f} / {s['ttft_ms_p90']:.0f} / "
-            f"{s['ttft_ms_p99']:.0f} | {s['tpot_ms_p50']:.1f} / {s['tpot_ms_p90']:.1f} / {s['tpot_ms_p99']:.1f} | "
+            f"{s['ttft_ms_p99']:.0f} | {s['tpot_ms_p50']:.2f} / {s['tpot_ms_p90']:.2f} / {s['tpot_ms_p99']:.2f} | "
             f"{s['tokens']} | {s['tok_per_s']:.1f} |")
 
 
