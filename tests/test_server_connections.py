@@ -292,3 +292,32 @@ def test_big_bodies_are_parsed_in_a_thread(monkeypatch):
     monkeypatch.setattr(json, "loads", loads_on_loop)  # what Starlette's Request.json() calls
     assert real_loads(client.post("/echo", json={"content": "a" * 100_000}).content) == {"n": 100_000}
     assert parsed_in_thread == [100_000 + len('{"content":""}')]
+
+
+def test_connections_of_the_listening_socket_send_without_delay():
+    """Streamed chunks go out as written: the connections accepted on llama-server's socket have
+    Nagle's algorithm off (TCP_NODELAY), which asyncio sets only for a socket of protocol TCP; with
+    it on, each chunk after the head waited for the client's delayed ACK."""
+    import asyncio
+
+    from glmoe.server.cli import listen_socket
+
+    async def accepted_nodelay() -> int:
+        sock = listen_socket("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                s = transport.get_extra_info("socket")
+                seen.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        client = socket.create_connection(sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            client.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
