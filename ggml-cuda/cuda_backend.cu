@@ -219,11 +219,10 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     ck(cudaMalloc(&arena_, dry.used()), "allocating GPU memory");
     Arena real(arena_);
     lay_out(real);
-    for (int32_t*& set : h_in_sets_) {
-        ck(cudaMallocHost(&set, sizeof(int32_t) * kInputs * U_), "allocating pinned memory");
-        std::memset(set, 0, sizeof(int32_t) * kInputs * U_);
+    for (Staging& set : staging_) {
+        ck(cudaMallocHost(&set.in, sizeof(int32_t) * kInputs * U_), "allocating pinned memory");
+        std::memset(set.in, 0, sizeof(int32_t) * kInputs * U_);
     }
-    h_in_ = h_in_sets_[0];
     ck(cudaMallocHost(&h_out_, sizeof(float) * kLogitRows * std::max(hp_.n_vocab, hp_.n_embd)), "allocating pinned memory");
     ck(cudaMallocHost(&h_ids_, sizeof(int32_t) * U_), "allocating pinned memory");
     for (HostActs* b : {&down_, &up_}) {
@@ -283,8 +282,8 @@ CudaBackendImpl::~CudaBackendImpl() {
         for (void* ptr : {static_cast<void*>(b->x), static_cast<void*>(b->h), static_cast<void*>(b->moe_out),
                           static_cast<void*>(b->route_w), static_cast<void*>(b->route_ids)})
             if (ptr) cudaFreeHost(ptr);
-    for (int32_t* set : h_in_sets_)
-        if (set) cudaFreeHost(set);
+    for (Staging& set : staging_)
+        if (set.in) cudaFreeHost(set.in);
     if (h_out_) cudaFreeHost(h_out_);
     if (h_ids_) cudaFreeHost(h_ids_);
     free_sampling();
@@ -352,10 +351,7 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
     h_q8_valid_ = false;
     ++counters_.steps;
     // The previous step may still run (overlapped decoding): this one stages in the other set.
-    staging_ ^= 1;
-    h_in_ = h_in_sets_[staging_];
-    h_row_params_ = h_row_params_sets_[staging_];
-    h_bias_ = h_bias_sets_[staging_];
+    stage_ ^= 1;
 
     // Mirror each sequence's position-ordered cell list on the device: usually only the newest
     // cells are appended (one per token of the step), and those go up with the step's inputs, n
@@ -453,7 +449,8 @@ void CudaBackendImpl::begin_step(const Step& step, const StepOutput& out) {
         std::memcpy(&host_in(IN_U)[i], &ui, sizeof ui);
     }
     // Outside the graphs (no capture has begun yet): the source alternates between the sets.
-    ck(cudaMemcpyAsync(d_in_, h_in_, sizeof(int32_t) * kInputs * U_, cudaMemcpyHostToDevice, stream_), "copy to GPU");
+    ck(cudaMemcpyAsync(d_in_, staged().in, sizeof(int32_t) * kInputs * U_, cudaMemcpyHostToDevice, stream_),
+       "copy to GPU");
     if (has_attn && !skip()) scatter_values(in(IN_MIRROR_AT), in(IN_MIRROR_CELL), n, seq_cells_, stream_);
 }
 

@@ -219,7 +219,7 @@ private:
     // Whether this step runs layer il's shared expert fused into its routed experts.
     bool fused(int il) const;
     int32_t* in(int which) const { return d_in_ + static_cast<size_t>(which) * U_; }
-    int32_t* host_in(int which) const { return h_in_ + static_cast<size_t>(which) * U_; }
+    int32_t* host_in(int which) const { return staged().in + static_cast<size_t>(which) * U_; }
     // Per-row sampling (cuda_backend_sampling.cu): its device buffers (with the output head), pinned
     // host buffers, the step's parameters and history uploads (in begin_step, outside any graph, so
     // that replays read them from fixed addresses), and the output of a Kind::sampled step.
@@ -270,9 +270,14 @@ private:
     // IN_MIRROR_AT / IN_MIRROR_CELL: the step's new entries of the cell-list mirrors (index into
     // seq_cells_, -1 past the last; the cell), uploaded with the inputs and scattered on the device.
     enum { IN_TOKEN, IN_POS, IN_CELL, IN_START, IN_NVIS, IN_MIRROR_AT, IN_MIRROR_CELL, IN_ROWS, IN_U, kInputs };
-    int32_t* h_in_ = nullptr;  // this step's set
-    int32_t* h_in_sets_[2] = {};
-    int staging_ = 0;
+    struct Staging {
+        int32_t* in = nullptr;                  // kInputs x U
+        RowSampleParams* row_params = nullptr;  // U (with the output head here)
+        LogitBiasEntry* bias = nullptr;         // U x kMaxRowLogitBias
+    };
+    Staging staging_[2];
+    int stage_ = 0;  // the set this step fills
+    const Staging& staged() const { return staging_[stage_]; }
     int32_t* d_in_ = nullptr;
     float* h_out_ = nullptr;    // pinned: kLogitRows x max(n_vocab, n_embd)
     int32_t* h_ids_ = nullptr;  // pinned: U
@@ -308,10 +313,6 @@ private:
     LogitBiasEntry* bias_ = nullptr;  // U x kMaxRowLogitBias
     int32_t* history_ = nullptr;      // KVCache::kMaxSeq x n_ctx
     SampledToken *sampled_ = nullptr, *top_ = nullptr;
-    RowSampleParams* h_row_params_ = nullptr;  // this step's set
-    LogitBiasEntry* h_bias_ = nullptr;
-    RowSampleParams* h_row_params_sets_[2] = {};
-    LogitBiasEntry* h_bias_sets_[2] = {};
     // A sampled step's rows land in one of these pinned slots, in turn, outside its graphs; a
     // deferred step's slot stays taken until finish_sampled() reads it.
     struct SampledOut {

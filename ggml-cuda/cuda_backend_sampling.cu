@@ -30,10 +30,9 @@ void CudaBackendImpl::init_sampling() {
     if (!sampled_) return;
     const size_t n = static_cast<size_t>(U_);
     ck(cudaMemset(counts_, 0, sizeof(int32_t) * kLogitRows * hp_.n_vocab), "clearing penalty counts");
-    for (int set = 0; set < 2; ++set) {
-        ck(cudaMallocHost(&h_row_params_sets_[set], sizeof(RowSampleParams) * n), "allocating pinned memory");
-        ck(cudaMallocHost(&h_bias_sets_[set], sizeof(LogitBiasEntry) * n * kMaxRowLogitBias),
-           "allocating pinned memory");
+    for (Staging& set : staging_) {
+        ck(cudaMallocHost(&set.row_params, sizeof(RowSampleParams) * n), "allocating pinned memory");
+        ck(cudaMallocHost(&set.bias, sizeof(LogitBiasEntry) * n * kMaxRowLogitBias), "allocating pinned memory");
     }
     for (SampledOut& o : outs_) {
         ck(cudaMallocHost(&o.ids, sizeof(SampledToken) * n), "allocating pinned memory");
@@ -44,10 +43,10 @@ void CudaBackendImpl::init_sampling() {
 }
 
 void CudaBackendImpl::free_sampling() {
-    for (void* ptr : {static_cast<void*>(h_row_params_sets_[0]), static_cast<void*>(h_row_params_sets_[1]),
-                      static_cast<void*>(h_bias_sets_[0]), static_cast<void*>(h_bias_sets_[1]),
-                      static_cast<void*>(h_hist_)})
-        if (ptr) cudaFreeHost(ptr);
+    for (Staging& set : staging_)
+        for (void* ptr : {static_cast<void*>(set.row_params), static_cast<void*>(set.bias)})
+            if (ptr) cudaFreeHost(ptr);
+    if (h_hist_) cudaFreeHost(h_hist_);
     for (SampledOut& o : outs_) {
         for (void* ptr : {static_cast<void*>(o.ids), static_cast<void*>(o.top)})
             if (ptr) cudaFreeHost(ptr);
@@ -58,6 +57,8 @@ void CudaBackendImpl::free_sampling() {
 void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
     if (!sampled_) throw std::logic_error("per-row sampling needs the output head on the GPU");
     const int n_rows = static_cast<int>(out.rows.size());
+    RowSampleParams* const h_row_params = staged().row_params;
+    LogitBiasEntry* const h_bias = staged().bias;
     append_seq_.assign(n_rows, -1);
     // A sequence sampled in two rows of one step cannot take both tokens: no appends for it.
     std::vector<int> rows_of_seq(KVCache::kMaxSeq, 0);
@@ -75,7 +76,7 @@ void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
             if (!rs.params) {
                 q.skip = 1;
                 if (r < 64) host_rows_ |= uint64_t{1} << r;
-                h_row_params_[r] = q;
+                h_row_params[r] = q;
                 continue;
             }
             const SamplingParams& sp = *rs.params;
@@ -85,7 +86,7 @@ void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
                 throw std::invalid_argument("GPU sampling takes at most " + std::to_string(kMaxRowLogitBias) +
                                             " logit_bias entries per row");
             q.bias_begin = static_cast<int32_t>(n_bias);
-            for (const auto& [token, bias] : sp.logit_bias) h_bias_[n_bias++] = LogitBiasEntry{token, bias};
+            for (const auto& [token, bias] : sp.logit_bias) h_bias[n_bias++] = LogitBiasEntry{token, bias};
             if (sp.penalizes()) {
                 if (!rs.history) throw std::invalid_argument("penalties need the row's history");
                 if (rs.seq < 0 || rs.seq >= KVCache::kMaxSeq)
@@ -103,11 +104,11 @@ void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
                     ++rows_of_seq[rs.seq];
                 }
             }
-            h_row_params_[r] = q;
+            h_row_params[r] = q;
         }
         for (int r = 0; r < n_rows; ++r)
             if (append_seq_[r] >= 0 && rows_of_seq[append_seq_[r]] > 1) {
-                h_row_params_[r].append = 0;
+                h_row_params[r].append = 0;
                 history_mirror_->forget(append_seq_[r]);
                 append_seq_[r] = -1;
             }
@@ -127,11 +128,11 @@ void CudaBackendImpl::stage_row_sampling(const StepOutput& out) {
                "history upload");
             staged += count;
         }
-        ck(cudaMemcpyAsync(row_params_, h_row_params_, sizeof(RowSampleParams) * n_rows, cudaMemcpyHostToDevice,
+        ck(cudaMemcpyAsync(row_params_, h_row_params, sizeof(RowSampleParams) * n_rows, cudaMemcpyHostToDevice,
                            stream_),
            "sampling parameters");
         if (n_bias)
-            ck(cudaMemcpyAsync(bias_, h_bias_, sizeof(LogitBiasEntry) * n_bias, cudaMemcpyHostToDevice, stream_),
+            ck(cudaMemcpyAsync(bias_, h_bias, sizeof(LogitBiasEntry) * n_bias, cudaMemcpyHostToDevice, stream_),
                "logit bias");
     } catch (...) {
         // Whatever the record claims for these sequences may not have reached the device.

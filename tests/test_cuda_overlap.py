@@ -11,26 +11,13 @@ import pytest
 
 import glmoe
 from glmoe import _core
-from glmoe.tools.make_model import ModelSpec, write_model
 
 from cuda_support import cuda_only
-from test_engine import CONFIGS as CPU_CONFIGS
+from test_cuda_sample_rows import model, model_path  # noqa: F401 (fixtures: the same test model)
 
 pytestmark = cuda_only
 
 PLAIN = dict(temperature=0.9, top_k=40, top_p=0.95, min_p=0.05, logit_bias={5: 1.5})
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("overlap") / "m.gguf"
-    write_model(str(path), ModelSpec(**CPU_CONFIGS["kquants-groups-qknorm-tied"]))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def model(model_path):
-    return _core.Model(model_path)
 
 
 def one(token, pos, seq=0):
