@@ -195,6 +195,10 @@ private:
     // h quantized for the matrix-vector kernels, unless the norm already did it.
     const BlockQ8* h_q8(bool needed);
     void linear(const WeightView& w, const float* xin, const BlockQ8* xq, int n, float* y, int64_t y_stride, bool acc);
+    // y = W x for n tokens by matrix-vector passes of up to kMaxMmvTokens tokens (xq: x quantized,
+    // or null where W is a float type or x is quantized here into q8b_).
+    void mmv_passes(const WeightView& w, const float* xin, const BlockQ8* xq, int n, float* y, int64_t y_stride,
+                    bool acc);
     // logits [n_rows][n_vocab] of the normed rows h (n_rows <= kLogitRows): up to kMaxMmvTokens
     // rows by the matrix-vector kernel (each row's bits as alone), more by mm's tensor-core tiles,
     // which read the output matrix (the model's largest) once where 8-row passes read it once per

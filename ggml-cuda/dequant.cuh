@@ -23,11 +23,23 @@ namespace glmoe::cuda::dq {
 
 // ---- small helpers -------------------------------------------------------------------------
 
+// kGlobal: read-only global memory (the non-coherent path); otherwise a plain load, for blocks
+// a kernel has staged in shared memory.
+template <bool kGlobal = true>
 __device__ __forceinline__ uint32_t ld_u16(const uint8_t* p) {
-    return __ldg(reinterpret_cast<const unsigned short*>(p));
+    const auto* q = reinterpret_cast<const unsigned short*>(p);
+    return kGlobal ? __ldg(q) : *q;
 }
-__device__ __forceinline__ uint32_t ld_u32(const uint8_t* p) { return __ldg(reinterpret_cast<const unsigned int*>(p)); }
-__device__ __forceinline__ uint4 ld_u128(const uint8_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+template <bool kGlobal = true>
+__device__ __forceinline__ uint32_t ld_u32(const uint8_t* p) {
+    const auto* q = reinterpret_cast<const unsigned int*>(p);
+    return kGlobal ? __ldg(q) : *q;
+}
+template <bool kGlobal = true>
+__device__ __forceinline__ uint4 ld_u128(const uint8_t* p) {
+    const auto* q = reinterpret_cast<const uint4*>(p);
+    return kGlobal ? __ldg(q) : *q;
+}
 
 __device__ __forceinline__ float f16_bits_to_f32(uint32_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
 
@@ -39,13 +51,14 @@ template <int NW>
 struct Span {
     uint32_t raw[NW + 1];
     uint32_t shift;  // 0 or 16
+    template <bool kGlobal = true>
     __device__ __forceinline__ void load(const uint8_t* p) {
         const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-        const unsigned int* base = reinterpret_cast<const unsigned int*>(a & ~uintptr_t(3));
+        const uint8_t* base = reinterpret_cast<const uint8_t*>(a & ~uintptr_t(3));
         shift = (a & 2) ? 16u : 0u;
 #pragma unroll
-        for (int i = 0; i < NW; ++i) raw[i] = __ldg(base + i);
-        raw[NW] = shift ? __ldg(base + NW) : 0u;
+        for (int i = 0; i < NW; ++i) raw[i] = ld_u32<kGlobal>(base + 4 * i);
+        raw[NW] = shift ? ld_u32<kGlobal>(base + 4 * NW) : 0u;
     }
     __device__ __forceinline__ uint32_t word(int i) const { return __funnelshift_r(raw[i], raw[i + 1], shift); }
 };
@@ -181,10 +194,11 @@ template <>
 struct GroupLoader<GGML_TYPE_Q8_0> {
     uint32_t d;
     Span<8> qs;
+    template <bool kGlobal = true>
     __device__ __forceinline__ void load(const uint8_t* row, int64_t g, int64_t) {
         const uint8_t* b = row + g * 34;
-        d = ld_u16(b);
-        qs.load(b + 2);
+        d = ld_u16<kGlobal>(b);
+        qs.template load<kGlobal>(b + 2);
     }
     __device__ __forceinline__ void to_f32(float* o) const {
         const float df = f16_bits_to_f32(d);
@@ -218,10 +232,11 @@ template <>
 struct GroupLoader<GGML_TYPE_Q4_0> {
     uint32_t d;
     Span<4> qs;
+    template <bool kGlobal = true>
     __device__ __forceinline__ void load(const uint8_t* row, int64_t g, int64_t) {
         const uint8_t* b = row + g * 18;
-        d = ld_u16(b);
-        qs.load(b + 2);
+        d = ld_u16<kGlobal>(b);
+        qs.template load<kGlobal>(b + 2);
     }
     __device__ __forceinline__ void to_f32(float* o) const {
         const float df = f16_bits_to_f32(d);
@@ -252,10 +267,11 @@ template <>
 struct GroupLoader<GGML_TYPE_Q5_0> {
     uint32_t d;
     Span<5> hq;  // word 0: qh, words 1-4: qs
+    template <bool kGlobal = true>
     __device__ __forceinline__ void load(const uint8_t* row, int64_t g, int64_t) {
         const uint8_t* b = row + g * 22;
-        d = ld_u16(b);
-        hq.load(b + 2);
+        d = ld_u16<kGlobal>(b);
+        hq.template load<kGlobal>(b + 2);
     }
     // Quants of elements 4i..4i+3 (lo) and 16+4i..16+4i+3 (hi), one per byte.
     __device__ __forceinline__ void quants(int i, uint32_t qh, uint32_t& lo, uint32_t& hi) const {
@@ -300,16 +316,17 @@ struct GroupLoaderK45 {
     uint4 q[2];   // the 32-byte qs chunk holding sub-blocks 2c (low nibbles) and 2c+1 (high)
     uint4 h[2];   // Q5_K: qh (bit s of byte e: bit 4 of element e of sub-block s)
     int sub;
+    template <bool kGlobal = true>
     __device__ __forceinline__ void load(const uint8_t* row, int64_t g, int64_t) {
         const uint8_t* b = row + (g >> 3) * kBytes;
         sub = static_cast<int>(g & 7);
-        head = ld_u128(b);
+        head = ld_u128<kGlobal>(b);
         const uint8_t* c = b + kQs + 32 * (sub >> 1);
-        q[0] = ld_u128(c);
-        q[1] = ld_u128(c + 16);
+        q[0] = ld_u128<kGlobal>(c);
+        q[1] = ld_u128<kGlobal>(c + 16);
         if constexpr (kQ5) {
-            h[0] = ld_u128(b + 16);
-            h[1] = ld_u128(b + 32);
+            h[0] = ld_u128<kGlobal>(b + 16);
+            h[1] = ld_u128<kGlobal>(b + 32);
         }
     }
     // Quants of elements 4i..4i+3 of the sub-block, one per byte.
@@ -357,14 +374,15 @@ struct GroupLoader<GGML_TYPE_Q6_K> {
     uint32_t sc2;  // the group's two int8 scales
     uint32_t d;
     int sub;
+    template <bool kGlobal = true>
     __device__ __forceinline__ void load(const uint8_t* row, int64_t g, int64_t) {
         const uint8_t* b = row + (g >> 3) * 210;
         sub = static_cast<int>(g & 7);
         const int hh = sub >> 2, qq = sub & 3;
-        ql.load(b + 64 * hh + 32 * (qq & 1));
-        qh.load(b + 128 + 32 * hh);
-        sc2 = ld_u16(b + 192 + 8 * hh + 2 * qq);
-        d = ld_u16(b + 208);
+        ql.template load<kGlobal>(b + 64 * hh + 32 * (qq & 1));
+        qh.template load<kGlobal>(b + 128 + 32 * hh);
+        sc2 = ld_u16<kGlobal>(b + 192 + 8 * hh + 2 * qq);
+        d = ld_u16<kGlobal>(b + 208);
     }
     __device__ __forceinline__ uint32_t quants(int i) const {  // elements 4i..4i+3, one per byte
         const int qq = sub & 3;

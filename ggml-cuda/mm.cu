@@ -1,10 +1,11 @@
 // Prefill matrix multiplication on tensor cores: y[token][row] = sum_c W[row][c] x[token][c] for
 // many tokens, W in its GGUF type. Each block computes 128 weight rows x BN tokens; per K step of 64
-// it dequantizes the weight tile straight from the GGUF blocks into bf16 shared memory (so quantized
-// weights are read once per token tile and never expanded in global memory), converts the f32
-// activations to bf16 (bf16, not f16: GLM activations can exceed the f16 range), and runs
-// mma.sync m16n8k16 bf16 -> f32. Global loads of step s+1 are issued before the MMAs of step s and
-// decoded after them (double-buffered shared tiles, one barrier per step).
+// it dequantizes the weight tile from the GGUF blocks (staged in shared memory as the file holds
+// them, below) into bf16 shared memory (so quantized weights are read once per token tile and never
+// expanded in global memory), converts the f32 activations to bf16 (bf16, not f16: GLM activations
+// can exceed the f16 range), and runs mma.sync m16n8k16 bf16 -> f32. The activations of step s+1
+// are loaded before the MMAs of step s and stored after them (double-buffered shared tiles, one
+// barrier per step).
 // The same kernel serves mm_experts: blockIdx.z picks the expert, whose token list is a slice of
 // the grouped (src_row, dst_row) pairs read on the device, so there is no host sync.
 #include <cuda_bf16.h>
@@ -16,6 +17,7 @@
 #include "ggml_types.h"
 #include "cuda_common.cuh"
 #include "kernels.h"
+#include "mma_primitives.cuh"
 
 namespace glmoe::cuda {
 namespace {
@@ -43,10 +45,6 @@ struct MmParams {
     bool x_vec;               // x rows can be read as float4
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
@@ -66,13 +64,50 @@ __device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, const uint
 // so the 8 rows an ldmatrix phase reads (same logical chunk) hit 8 different bank groups.
 __device__ __forceinline__ int swz(int r, int c) { return r * kChunks + (c ^ (r & 7)); }
 
+// Decode-sized calls (up to kMaxStagedTokens tokens, or pairs an expert) stage quantized
+// weights: a span of columns of each of the tile's rows (a K-quant super-block of 256, or four
+// 32-element blocks) is copied into shared memory with 16-byte cp.async copies, a row's bytes by
+// consecutive threads, a few steps ahead of its use; each 64-column step then decodes its groups
+// from shared memory. Loaded from global memory group by group (up to ten narrow loads a thread per
+// step, each touching 16 rows' cache lines), a tile with few tokens was bound by its L1 traffic at
+// a third of DRAM bandwidth (H100, bench_moe_gpu: the output head at 32 tokens 769 -> 540 us,
+// the attention output 328 -> 260). Prompt batches keep loading weights group by group into
+// registers, one step ahead (unmeasured with staging: left as it was); so do float weights. The
+// decoded values, hence the results, are the same bits either way.
+constexpr int kMaxStagedTokens = 64;
+constexpr bool staged(uint32_t t) { return t != GGML_TYPE_F32 && t != GGML_TYPE_F16 && t != GGML_TYPE_BF16; }
+constexpr bool k_quant(uint32_t t) { return t == GGML_TYPE_Q4_K || t == GGML_TYPE_Q5_K || t == GGML_TYPE_Q6_K; }
+constexpr int block_elems(uint32_t t) { return k_quant(t) ? 256 : 32; }
+constexpr int block_bytes(uint32_t t) {
+    return t == GGML_TYPE_Q4_K ? 144 : t == GGML_TYPE_Q5_K ? 176 : t == GGML_TYPE_Q6_K ? 210
+         : t == GGML_TYPE_Q8_0 ? 34 : t == GGML_TYPE_Q4_0 ? 18 : t == GGML_TYPE_Q5_0 ? 22 : 0;
+}
+constexpr int span_cols(uint32_t t) { return k_quant(t) ? 256 : 128; }  // columns per staged span
+constexpr int span_bytes(uint32_t t) { return block_bytes(t) * (span_cols(t) / block_elems(t)); }
+// 16-byte granules of one row's span: its bytes, plus up to 14 where rows are only 2-byte aligned
+// (Q4_K / Q5_K rows stay 16-byte aligned).
+constexpr int span_granules(uint32_t t) {
+    return (span_bytes(t) + (t == GGML_TYPE_Q4_K || t == GGML_TYPE_Q5_K ? 0 : 14) + 15) / 16;
+}
+// Spans in flight: three of the short 32-element-block spans (two steps each), two K-quant ones.
+constexpr int span_stages(uint32_t t) { return k_quant(t) ? 2 : 3; }
+constexpr size_t stage_bytes(uint32_t t) {
+    return staged(t) ? static_cast<size_t>(span_stages(t)) * kBM * span_granules(t) * 16 : 0;
+}
+// The dynamic shared memory of a kernel for these types (the larger of the two).
+constexpr size_t dynamic_smem(uint32_t tr, uint32_t ts) {
+    return stage_bytes(tr) > stage_bytes(ts) ? stage_bytes(tr) : stage_bytes(ts);
+}
+
 // One block's tile: rows blockIdx.y * 128 .., tokens p0 .. p0 + count - 1 of the pair list.
-template <uint32_t T, int BN>
+// kStage: stage quantized weights (decode-sized batches; prompts keep the register path).
+template <uint32_t T, int BN, bool kStage>
 __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, size_t row_bytes, int64_t p0, int count,
-                                        uint4 (*ws)[kBM * kChunks], uint4 (*xs)[BN * kChunks]) {
+                                        uint4 (*ws)[kBM * kChunks], uint4 (*xs)[BN * kChunks], uint8_t* stage) {
     constexpr int WN = BN / 2;                  // tokens per warp
     constexpr int NI = WN / 8;                  // n8 MMA tiles per warp
     constexpr int XP = BN * 16 / kThreads;      // float4 activation loads per thread per step
+    constexpr bool kStaged = kStage && staged(T);
     // F32 groups are 32 registers raw: convert at load time so the prefetch holds 16.
     constexpr bool kEager = T == GGML_TYPE_F32;
     static_assert(NI % 2 == 0 && XP >= 1, "tile shape");
@@ -99,43 +134,81 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
         xsrc[i] = t < count ? (p.src_row ? p.src_row[p0 + t] : static_cast<int>(p0 + t)) : -1;
     }
 
-    dq::GroupLoader<T> gl;
-    uint32_t pre[kEager ? 16 : 1];
-    bool g_ok = false;
-    float4 xv[XP];
+    // ---- staged weights: span j of every tile row into stage j % NS ----
+    constexpr int NG = staged(T) ? span_granules(T) : 1, NS = span_stages(T);
+    constexpr int kSpanSteps = span_cols(T) / kBK, kSpanGroups = span_cols(T) / 32;
+    const int n_spans = (cols + span_cols(T) - 1) / span_cols(T);
+    auto span_row = [&](int j, int r) {  // start of row r's bytes of span j in its stage
+        return stage + (j % NS) * (kBM * NG * 16) + r * (NG * 16);
+    };
+    auto issue = [&](int j) {
+        if (kStaged && j < n_spans) {
+            const int64_t begin = static_cast<int64_t>(j) * span_bytes(T);
+            const int64_t len = min(static_cast<int64_t>(span_bytes(T)), static_cast<int64_t>(row_bytes) - begin);
+#pragma unroll 1
+            for (int idx = tid; idx < kBM * NG; idx += kThreads) {
+                const int r = idx / NG, gi = idx % NG;
+                const uint8_t* row = w + min(row0 + r, p.rows - 1) * static_cast<int64_t>(row_bytes);
+                const uintptr_t first = reinterpret_cast<uintptr_t>(row + begin);
+                const uintptr_t src = (first & ~uintptr_t(15)) + 16 * static_cast<uintptr_t>(gi);
+                // Granules past the span are zero-filled, not read (one that holds any of the
+                // span's bytes lies inside the row's allocation).
+                const bool inside = src < first + len;
+                cp_async16(span_row(j, r) + 16 * gi, reinterpret_cast<const void*>(inside ? src : first & ~uintptr_t(15)),
+                           inside);
+            }
+        }
+        cp_async_commit();  // always, so that the count of groups in flight stays fixed
+    };
 
-    auto load = [&](int s) {
+    // One step's global loads, held in registers until they are stored to shared memory.
+    struct Fetched {
+        dq::GroupLoader<T> gl;
+        uint32_t pre[kEager ? 16 : 1];
+        bool g_ok;
+        float4 xv[XP];
+    };
+    auto load = [&](Fetched& f, int s) {
         const int g = 2 * s + lh;
-        g_ok = g < n_groups;  // the last step of an odd group count has one group
-        if (g_ok) {
-            gl.load(wrow, g, cols);
-            if constexpr (kEager) gl.to_bf16(pre);
+        f.g_ok = g < n_groups;  // the last step of an odd group count has one group
+        if constexpr (!kStaged) {
+            if (f.g_ok) {
+                f.gl.load(wrow, g, cols);
+                if constexpr (kEager) f.gl.to_bf16(f.pre);
+            }
         }
         const int k = kBK * s + 4 * xc;
 #pragma unroll
         for (int i = 0; i < XP; ++i) {
-            xv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            f.xv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
             if (xsrc[i] >= 0 && k < cols) {
                 const float* xp = p.x + static_cast<int64_t>(xsrc[i]) * cols + k;
                 if (p.x_vec) {
-                    xv[i] = __ldg(reinterpret_cast<const float4*>(xp));
+                    f.xv[i] = __ldg(reinterpret_cast<const float4*>(xp));
                 } else {  // rows not 16-byte aligned (float weights with cols % 4 != 0)
-                    xv[i].x = __ldg(xp);
-                    if (k + 1 < cols) xv[i].y = __ldg(xp + 1);
-                    if (k + 2 < cols) xv[i].z = __ldg(xp + 2);
-                    if (k + 3 < cols) xv[i].w = __ldg(xp + 3);
+                    f.xv[i].x = __ldg(xp);
+                    if (k + 1 < cols) f.xv[i].y = __ldg(xp + 1);
+                    if (k + 2 < cols) f.xv[i].z = __ldg(xp + 2);
+                    if (k + 3 < cols) f.xv[i].w = __ldg(xp + 3);
                 }
             }
         }
     };
-    auto store = [&](int buf) {
+    auto store = [&](Fetched& f, int s, int buf) {
         uint32_t o[16];
-        if (g_ok) {
-            if constexpr (kEager) {
+        if (f.g_ok) {
+            if constexpr (kStaged) {
+                // Group 2 s + lh from this row's staged span (copied from its 16-byte-aligned start).
+                const int j = s / kSpanSteps;
+                const uint8_t* span = span_row(j, lr) +
+                                      ((reinterpret_cast<uintptr_t>(wrow) + static_cast<int64_t>(j) * span_bytes(T)) & 15);
+                f.gl.template load<false>(span, (2 * s + lh) % kSpanGroups, cols);
+                f.gl.to_bf16(o);
+            } else if constexpr (kEager) {
 #pragma unroll
-                for (int i = 0; i < 16; ++i) o[i] = pre[i];
+                for (int i = 0; i < 16; ++i) o[i] = f.pre[i];
             } else {
-                gl.to_bf16(o);
+                f.gl.to_bf16(o);
             }
         } else {
 #pragma unroll
@@ -148,7 +221,7 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
         for (int i = 0; i < XP; ++i) {
             const int t = (tid >> 4) + 16 * i;
             uint2* dst = reinterpret_cast<uint2*>(&xs[buf][swz(t, xc >> 1)]) + (xc & 1);
-            *dst = make_uint2(dq::pack_bf16(xv[i].x, xv[i].y), dq::pack_bf16(xv[i].z, xv[i].w));
+            *dst = make_uint2(dq::pack_bf16(f.xv[i].x, f.xv[i].y), dq::pack_bf16(f.xv[i].z, f.xv[i].w));
         }
     };
 
@@ -188,15 +261,32 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
         }
     };
 
-    load(0);
-    store(0);
+    Fetched f;
+    if constexpr (kStaged) {
+#pragma unroll
+        for (int j = 0; j < NS; ++j) issue(j);
+        cp_async_wait<NS - 1>();
+        __syncthreads();  // span 0 staged, by all threads
+    }
+    load(f, 0);
+    store(f, 0, 0);
     __syncthreads();
 #pragma unroll 1
     for (int s = 0; s < n_steps; ++s) {
         const bool more = s + 1 < n_steps;
-        if (more) load(s + 1);
+        if (more) load(f, s + 1);
         compute(s & 1);
-        if (more) store((s + 1) & 1);  // the buffer step s-1 read: released by the last barrier
+        if (more) {
+            if (kStaged && (s + 1) % kSpanSteps == 0) {
+                // Step s + 1 opens span j: wait until it is staged (by every thread), then refill
+                // the stage of span j - 1, last decoded in the previous step, with span j + NS - 1.
+                const int j = (s + 1) / kSpanSteps;
+                cp_async_wait<NS - 2>();
+                __syncthreads();
+                issue(j + NS - 1);
+            }
+            store(f, s + 1, (s + 1) & 1);  // the buffer step s-1 read: released by the last barrier
+        }
         __syncthreads();
     }
 
@@ -228,11 +318,13 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
 // fastest, so the blocks sharing a weight tile run together and it is read from DRAM about once.
 // One kernel per type (pair): a single kernel switching over all types spilled registers.
 // TS != TR: the shared expert has its own type, in the same launch.
-template <int BN, uint32_t TR, uint32_t TS>
+template <int BN, uint32_t TR, uint32_t TS, bool kStage>
 __global__ void __launch_bounds__(kThreads, 2) mm_kernel(const MmParams p) {
     pdl_enter();
     __shared__ uint4 ws[2][kBM * kChunks];  // 2 x 16 KiB
     __shared__ uint4 xs[2][BN * kChunks];   // 2 x 8 KiB at BN = 64
+    extern __shared__ uint4 stage_smem[];   // with kStage, dynamic_smem(TR, TS): staged weight bytes
+    uint8_t* const stage = reinterpret_cast<uint8_t*>(stage_smem);
     const uint8_t* w = p.w;
     size_t row_bytes = p.row_bytes;
     int64_t p0;
@@ -257,32 +349,41 @@ __global__ void __launch_bounds__(kThreads, 2) mm_kernel(const MmParams p) {
     }
     if constexpr (TR != TS) {
         if (shared) {
-            mm_tile<TS, BN>(p, w, row_bytes, p0, count, ws, xs);
+            mm_tile<TS, BN, kStage>(p, w, row_bytes, p0, count, ws, xs, stage);
             return;
         }
     }
-    mm_tile<TR, BN>(p, w, row_bytes, p0, count, ws, xs);
+    mm_tile<TR, BN, kStage>(p, w, row_bytes, p0, count, ws, xs, stage);
 }
 
 using Launcher = void (*)(const MmParams&, dim3, cudaStream_t);
 
-template <int BN, uint32_t TR, uint32_t TS>
+template <int BN, uint32_t TR, uint32_t TS, bool kStage>
 void launch(const MmParams& p, dim3 grid, cudaStream_t s) {
-    launch_kernel(mm_kernel<BN, TR, TS>, grid, dim3(kThreads), 0, s, p);
+    constexpr size_t smem = kStage ? dynamic_smem(TR, TS) : 0;
+    // Two blocks of up to 108 KiB per SM: the shared memory opt-in, and the carveout that fits them.
+    static const bool attr_ok =
+        smem == 0 || (cudaFuncSetAttribute(mm_kernel<BN, TR, TS, kStage>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)) == cudaSuccess &&
+                      cudaFuncSetAttribute(mm_kernel<BN, TR, TS, kStage>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           cudaSharedmemCarveoutMaxShared) == cudaSuccess);
+    if (!attr_ok) throw std::runtime_error("mm: cannot set the kernel's shared memory size");
+    launch_kernel(mm_kernel<BN, TR, TS, kStage>, grid, dim3(kThreads), smem, s, p);
 }
 
-template <int BN>
+// Float weights are never staged: one kernel for them whatever kStage asks.
+template <int BN, bool kStage>
 Launcher launcher(uint32_t t) {
     switch (t) {
-        case GGML_TYPE_F32: return &launch<BN, GGML_TYPE_F32, GGML_TYPE_F32>;
-        case GGML_TYPE_F16: return &launch<BN, GGML_TYPE_F16, GGML_TYPE_F16>;
-        case GGML_TYPE_BF16: return &launch<BN, GGML_TYPE_BF16, GGML_TYPE_BF16>;
-        case GGML_TYPE_Q8_0: return &launch<BN, GGML_TYPE_Q8_0, GGML_TYPE_Q8_0>;
-        case GGML_TYPE_Q4_0: return &launch<BN, GGML_TYPE_Q4_0, GGML_TYPE_Q4_0>;
-        case GGML_TYPE_Q5_0: return &launch<BN, GGML_TYPE_Q5_0, GGML_TYPE_Q5_0>;
-        case GGML_TYPE_Q4_K: return &launch<BN, GGML_TYPE_Q4_K, GGML_TYPE_Q4_K>;
-        case GGML_TYPE_Q5_K: return &launch<BN, GGML_TYPE_Q5_K, GGML_TYPE_Q5_K>;
-        case GGML_TYPE_Q6_K: return &launch<BN, GGML_TYPE_Q6_K, GGML_TYPE_Q6_K>;
+        case GGML_TYPE_F32: return &launch<BN, GGML_TYPE_F32, GGML_TYPE_F32, false>;
+        case GGML_TYPE_F16: return &launch<BN, GGML_TYPE_F16, GGML_TYPE_F16, false>;
+        case GGML_TYPE_BF16: return &launch<BN, GGML_TYPE_BF16, GGML_TYPE_BF16, false>;
+        case GGML_TYPE_Q8_0: return &launch<BN, GGML_TYPE_Q8_0, GGML_TYPE_Q8_0, kStage>;
+        case GGML_TYPE_Q4_0: return &launch<BN, GGML_TYPE_Q4_0, GGML_TYPE_Q4_0, kStage>;
+        case GGML_TYPE_Q5_0: return &launch<BN, GGML_TYPE_Q5_0, GGML_TYPE_Q5_0, kStage>;
+        case GGML_TYPE_Q4_K: return &launch<BN, GGML_TYPE_Q4_K, GGML_TYPE_Q4_K, kStage>;
+        case GGML_TYPE_Q5_K: return &launch<BN, GGML_TYPE_Q5_K, GGML_TYPE_Q5_K, kStage>;
+        case GGML_TYPE_Q6_K: return &launch<BN, GGML_TYPE_Q6_K, GGML_TYPE_Q6_K, kStage>;
         default: return nullptr;
     }
 }
@@ -290,12 +391,13 @@ Launcher launcher(uint32_t t) {
 // Fused routed + shared launches for the usual mixes (quantized experts, Q8_0 shared expert) that
 // fit the register budget (Q5_K / Q6_K + Q8_0 spilled); other mixes run the shared expert as a
 // second launch.
+template <int BN, bool kStage>
 Launcher mixed_launcher(uint32_t routed, uint32_t shared) {
     if (shared != GGML_TYPE_Q8_0) return nullptr;
     switch (routed) {
-        case GGML_TYPE_Q4_0: return &launch<64, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0>;
-        case GGML_TYPE_Q5_0: return &launch<64, GGML_TYPE_Q5_0, GGML_TYPE_Q8_0>;
-        case GGML_TYPE_Q4_K: return &launch<64, GGML_TYPE_Q4_K, GGML_TYPE_Q8_0>;
+        case GGML_TYPE_Q4_0: return &launch<BN, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, kStage>;
+        case GGML_TYPE_Q5_0: return &launch<BN, GGML_TYPE_Q5_0, GGML_TYPE_Q8_0, kStage>;
+        case GGML_TYPE_Q4_K: return &launch<BN, GGML_TYPE_Q4_K, GGML_TYPE_Q8_0, kStage>;
         default: return nullptr;
     }
 }
@@ -350,9 +452,11 @@ void mm(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stri
     const unsigned row_tiles = static_cast<unsigned>((w.rows + kBM - 1) / kBM);
     // Few tokens: a 32-token tile halves the wasted MMA and activation work.
     if (n <= 32)
-        launcher<32>(w.type)(p, dim3(static_cast<unsigned>((n + 31) / 32), row_tiles), s);
+        launcher<32, true>(w.type)(p, dim3(static_cast<unsigned>((n + 31) / 32), row_tiles), s);
+    else if (n <= kMaxStagedTokens)
+        launcher<64, true>(w.type)(p, dim3(static_cast<unsigned>((n + 63) / 64), row_tiles), s);
     else
-        launcher<64>(w.type)(p, dim3(static_cast<unsigned>((n + 63) / 64), row_tiles), s);
+        launcher<64, false>(w.type)(p, dim3(static_cast<unsigned>((n + 63) / 64), row_tiles), s);
     check_launch("mm");
 }
 
@@ -390,19 +494,26 @@ void mm_experts(const ExpertSet& w, const float* x, const int32_t* offsets, cons
     p.n_routed = w.n_routed;
     p.accumulate = false;
     p.x_vec = x_vectorizable(x, w.routed.cols);
-    // One 64-token tile per expert in the common case (~32 tokens each at pp512): each expert's
-    // weights are dequantized once; the MMA of empty n8 tiles is skipped.
-    const unsigned token_tiles = static_cast<unsigned>((max_pairs_per_expert + 63) / 64);
+    // Decode-sized steps (at most 64 pairs an expert, a handful each but the shared expert's) take
+    // the 32-token tile: half the activation work and shared memory of the 64-token one, and two
+    // tiles only for the shared expert above 32 sequences. Prompts take one 64-token tile per
+    // expert in the common case (~32 tokens each at pp512): each expert's weights are read once.
+    const bool narrow = max_pairs_per_expert <= kMaxStagedTokens;
+    const int bn = narrow ? 32 : 64;
+    const unsigned token_tiles = static_cast<unsigned>((max_pairs_per_expert + bn - 1) / bn);
     const unsigned row_tiles = static_cast<unsigned>((w.routed.rows + kBM - 1) / kBM);
+    auto plain = [&](uint32_t t) { return narrow ? launcher<32, true>(t) : launcher<64, false>(t); };
     const bool same = !w.shared || w.shared.type == w.routed.type;
-    const Launcher fused = same ? launcher<64>(w.routed.type) : mixed_launcher(w.routed.type, w.shared.type);
+    const Launcher fused = same ? plain(w.routed.type)
+                                : narrow ? mixed_launcher<32, true>(w.routed.type, w.shared.type)
+                                         : mixed_launcher<64, false>(w.routed.type, w.shared.type);
     if (fused) {
         fused(p, dim3(token_tiles, row_tiles, static_cast<unsigned>(n_experts)), s);
     } else {
-        launcher<64>(w.routed.type)(p, dim3(token_tiles, row_tiles, static_cast<unsigned>(w.n_routed)), s);
+        plain(w.routed.type)(p, dim3(token_tiles, row_tiles, static_cast<unsigned>(w.n_routed)), s);
         check_launch("mm_experts (routed)");
         p.e0 = w.n_routed;
-        launcher<64>(w.shared.type)(p, dim3(token_tiles, row_tiles, 1), s);
+        plain(w.shared.type)(p, dim3(token_tiles, row_tiles, 1), s);
     }
     check_launch("mm_experts");
 }

@@ -36,7 +36,7 @@ def cuda_mm(qtype, raw, cols, x, acc=None):
     return _core.cuda_ops.mm(int(qtype), raw, cols, x, acc)
 
 
-SHAPES = [(9, 33), (17, 1), (100, 257), (513, 1000)]
+SHAPES = [(9, 33), (17, 1), (40, 129), (100, 257), (513, 1000)]  # up to 64 tokens: staged weights
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
@@ -99,8 +99,9 @@ def test_mm_catches_swapped_weights(rng, qtype):
 
 @pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q5_0, QT.Q4_K], ids=lambda t: t.name)
 def test_mm_batch_invariant(rng, qtype):
-    """A token's outputs are bitwise the same whatever else is in the call (32- and 64-token tiles
-    included): batching must not change a sequence's logits or routing."""
+    """A token's outputs are bitwise the same whatever else is in the call (32- and 64-token tiles,
+    weights staged in shared memory up to 64 tokens and loaded into registers above, included):
+    batching must not change a sequence's logits or routing."""
     cols = cols_for(qtype, True)
     raw, _ = weights(rng, qtype, 150, cols)
     x = rng.standard_normal((100, cols)).astype(np.float32)
