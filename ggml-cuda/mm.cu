@@ -70,8 +70,8 @@ __device__ __forceinline__ int swz(int r, int c) { return r * kChunks + (c ^ (r 
 // consecutive threads, a few steps ahead of its use; each 64-column step then decodes its groups
 // from shared memory. Loaded from global memory group by group (up to ten narrow loads a thread per
 // step, each touching 16 rows' cache lines), a tile with few tokens was bound by its L1 traffic at
-// a third of DRAM bandwidth (H100, bench_moe_gpu: the output head at 32 tokens 769 -> 540 us,
-// the attention output 328 -> 260). Prompt batches keep loading weights group by group into
+// a third of DRAM bandwidth (H100, bench_moe_gpu: the output head at 32 tokens 758 -> 540 us,
+// the attention output 316 -> 260). Prompt batches keep loading weights group by group into
 // registers, one step ahead (unmeasured with staging: left as it was); so do float weights. The
 // decoded values, hence the results, are the same bits either way.
 constexpr int kMaxStagedTokens = 64;
