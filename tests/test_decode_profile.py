@@ -1,0 +1,46 @@
+"""tools/decode_profile.py (a device tool, loaded from the checkout): ncu's CSV read in either time
+unit, the last step cut at the embedding gather, and kernels grouped by name and grid."""
+import importlib.util
+import pathlib
+
+import pytest
+
+_path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "decode_profile.py"
+_spec = importlib.util.spec_from_file_location("decode_profile", _path)
+decode_profile = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(decode_profile)
+
+HEADER = '"ID","Kernel Name","Grid Size","Metric Name","Metric Unit","Metric Value"'
+
+
+def row(i, name, grid, unit, value, metric="gpu__time_duration.sum"):
+    # ncu 2025 spells the anonymous namespace "unnamed>"; others "(anonymous namespace)".
+    prefix = "void unnamed>::" if i % 2 else "glmoe::cuda::(anonymous namespace)::"
+    return f'"{i}","{prefix}{name}(unnamed>::Args, const float *)","{grid}","{metric}","{unit}","{value}"'
+
+
+def test_last_step_grouped_by_kernel_and_grid(capsys):
+    lines = ["==PROF== Connected to process 1", HEADER,
+             row(0, "get_rows_kernel", "(1, 1, 1)", "us", "9.0"),
+             row(1, "mm_kernel<32, 8, 8>", "(1, 112, 1)", "us", "100.0"),
+             row(2, "get_rows_kernel", "(2, 1, 1)", "ns", "3,000"),
+             row(3, "mmvq_kernel<8, 4, 0>", "(256, 1, 1)", "ns", "50,000"),
+             row(3, "mmvq_kernel<8, 4, 0>", "(256, 1, 1)", "inst", "7", metric="smsp__inst_executed.sum"),
+             row(4, "mmvq_kernel<8, 4, 0>", "(256, 1, 1)", "us", "47.0"),
+             row(5, "mmvq_kernel<8, 4, 0>", "(512, 1, 1)", "ms", "0.001")]
+    rows = decode_profile.kernels(lines)
+    assert rows[1] == ("mm_kernel<32, 8, 8>", "(1, 112, 1)", 100.0)
+    step = decode_profile.last_step(rows)
+    assert [r[2] for r in step] == pytest.approx([3.0, 50.0, 47.0, 1.0])
+    decode_profile.report(step, verbose=False)
+    out = capsys.readouterr().out
+    assert out.startswith("4 kernels, 101.0 us")
+    assert "| mmvq_kernel<8, 4, 0> | (256, 1, 1) | 2 | 97.0 | 96.0% |" in out
+    assert "| mmvq_kernel<8, 4, 0> | (512, 1, 1) | 1 | 1.0 | 1.0% |" in out
+
+
+def test_unknown_unit_and_missing_step_are_errors():
+    with pytest.raises(ValueError, match="time unit"):
+        decode_profile.kernels([HEADER, row(0, "get_rows_kernel", "(1, 1, 1)", "cycle", "9")])
+    with pytest.raises(ValueError, match="no get_rows_kernel"):
+        decode_profile.last_step(decode_profile.kernels([HEADER, row(0, "x_kernel", "(1, 1, 1)", "us", "1")]))
