@@ -13,7 +13,7 @@ import glmoe
 from glmoe import _core
 
 from cuda_support import cuda_only
-from test_cuda_sample_rows import model, model_path  # noqa: F401 (fixtures: the same test model)
+from test_cuda_sample_rows import generate_one_copy_per_step, model, model_path  # noqa: F401 (fixtures)
 
 pytestmark = cuda_only
 
@@ -108,12 +108,7 @@ def test_llama_generate_overlaps_and_matches_stepping(model_path, model, params)
     """Llama.generate without penalties takes the overlapped path: the same tokens as stepping,
     one id copy per step, and after the caller stops only the tokens it was given before the
     last are in the cache (the step begun for the last one is dropped), as when stepping."""
-    llm = glmoe.Llama(model_path, n_gpu_layers=-1, n_ctx=128, verbose=False)
-    prompt = np.random.default_rng(3).integers(0, model.n_vocab, 9).tolist()
-    before = llm._ctx.gpu_counters()
-    got = list(itertools.islice(llm.generate(prompt, **params), 20))
-    after = llm._ctx.gpu_counters()
-    assert after["device_to_host_copies"] - before["device_to_host_copies"] == after["steps"] - before["steps"]
+    llm, prompt, got = generate_one_copy_per_step(model_path, model, params)
     keys = {k: v for k, v in params.items() if k not in ("temp", "seed")}
     sampler_params = dict(temperature=params["temp"], repeat_last_n=llm.last_n_tokens_size, **keys)
     assert llm._ctx.overlaps_with(_core.Sampler(model.n_vocab, **sampler_params))

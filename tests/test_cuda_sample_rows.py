@@ -319,16 +319,23 @@ def test_engine_gpu_path_matches_the_host_sampler(model):
 @pytest.mark.parametrize("params", [dict(temp=0.0), dict(temp=0.9, top_k=40, top_p=0.95, min_p=0.05,
                                                           repeat_penalty=1.3, presence_penalty=0.2,
                                                           frequency_penalty=0.1, seed=11)])
+def generate_one_copy_per_step(model_path, model, params, n=20):
+    """(llm, prompt, tokens): n tokens of Llama(n_gpu_layers=-1).generate from a fixed 9-token
+    prompt, asserting that each decode step copied one thing to the host (the id)."""
+    llm = glmoe.Llama(model_path, n_gpu_layers=-1, n_ctx=128, verbose=False)
+    prompt = np.random.default_rng(3).integers(0, model.n_vocab, 9).tolist()
+    before = llm._ctx.gpu_counters()
+    got = list(itertools.islice(llm.generate(prompt, **params), n))
+    after = llm._ctx.gpu_counters()
+    assert after["device_to_host_copies"] - before["device_to_host_copies"] == after["steps"] - before["steps"]
+    return llm, prompt, got
+
+
 def test_llama_generate_samples_in_the_step(model_path, model, params):
     """Llama(n_gpu_layers=-1).generate samples each token on the GPU inside its decode step: one
     device-to-host copy a step (the id), and the tokens of a host loop of Context.decode and the
     Sampler with the same parameters and seed."""
-    llm = glmoe.Llama(model_path, n_gpu_layers=-1, n_ctx=128, verbose=False)
-    prompt = np.random.default_rng(3).integers(0, model.n_vocab, 9).tolist()
-    before = llm._ctx.gpu_counters()
-    got = list(itertools.islice(llm.generate(prompt, **params), 20))
-    after = llm._ctx.gpu_counters()
-    assert after["device_to_host_copies"] - before["device_to_host_copies"] == after["steps"] - before["steps"]
+    llm, prompt, got = generate_one_copy_per_step(model_path, model, params)
 
     ctx = _core.Context(model, 128, 2, n_gpu_layers=-1)
     keys = {k: v for k, v in params.items() if k not in ("temp", "seed")}
