@@ -316,9 +316,6 @@ def test_engine_gpu_path_matches_the_host_sampler(model):
     assert len(tokens) == 24
 
 
-@pytest.mark.parametrize("params", [dict(temp=0.0), dict(temp=0.9, top_k=40, top_p=0.95, min_p=0.05,
-                                                          repeat_penalty=1.3, presence_penalty=0.2,
-                                                          frequency_penalty=0.1, seed=11)])
 def generate_one_copy_per_step(model_path, model, params, n=20):
     """(llm, prompt, tokens): n tokens of Llama(n_gpu_layers=-1).generate from a fixed 9-token
     prompt, asserting that each decode step copied one thing to the host (the id)."""
@@ -331,6 +328,9 @@ def generate_one_copy_per_step(model_path, model, params, n=20):
     return llm, prompt, got
 
 
+@pytest.mark.parametrize("params", [dict(temp=0.0), dict(temp=0.9, top_k=40, top_p=0.95, min_p=0.05,
+                                                          repeat_penalty=1.3, presence_penalty=0.2,
+                                                          frequency_penalty=0.1, seed=11)])
 def test_llama_generate_samples_in_the_step(model_path, model, params):
     """Llama(n_gpu_layers=-1).generate samples each token on the GPU inside its decode step: one
     device-to-host copy a step (the id), and the tokens of a host loop of Context.decode and the
