@@ -14,6 +14,11 @@ bool mmv_passes_win(const WeightView& w, int n) {
     return w.rows <= 4096 && w.cols >= 8192 && n <= 4 * kMaxMmvTokens;
 }
 
+// Up to this many tokens the f32 router runs as matrix-vector passes rather than mm_float: for
+// GLM's 128 x 4096 router (bench_moe_gpu, H100) passes take ~8 us per 8 tokens, mm_float ~64 us
+// at any count up to 512 (4 row blocks, each a column walk split over 8 warps).
+constexpr int kMaxRouterPassTokens = 64;
+
 }  // namespace
 
 const BlockQ8* CudaBackendImpl::h_q8(bool needed) {
@@ -181,7 +186,7 @@ void CudaBackendImpl::moe_route(int il) {
     if (skip()) return;
     const DevLayer& l = layers_[il];
     // The router stays in f32 at every batch size: a bf16 router could flip near-tied experts.
-    if (n_ <= kMaxMmvTokens) mmv(l.router, h_, nullptr, n_, router_, hp_.n_expert, false, stream_);
+    if (n_ <= kMaxRouterPassTokens) mmv_passes(l.router, h_, nullptr, n_, router_, hp_.n_expert, false);
     else mm_float(l.router, h_, n_, router_, hp_.n_expert, false, stream_);
     RouteArgs r;
     r.logits = router_;

@@ -1,6 +1,7 @@
 // Micro benchmark of the batched-decode GPU kernels, per number of tokens in the step: the routed
 // expert FFN by each path the CUDA backend can take (per-pair matrix-vector, tensor-core
-// mm_experts) and the dense projections and output head (mmv in chunks of kMaxMmvTokens, mm).
+// mm_experts), the f32 router (mmv chunks, mm_float) and the dense projections and output head
+// (mmv in chunks of kMaxMmvTokens, mm).
 // Prints time per call and the weight bytes the call must read (experts the step routes to, once)
 // per second, to choose the backend's crossover points by measurement. Development only.
 // usage: bench_moe_gpu [tokens, comma list] [expert type] [shared / dense type]
@@ -117,6 +118,7 @@ int main(int argc, char** argv) try {
     gate.n_routed = up.n_routed = down.n_routed = static_cast<int>(E);
     const WeightView qkv = weights(t_dense, QKV, H, 1), wo = weights(t_dense, H, NQ, 1);
     const WeightView output = weights(t_dense, V, H, 1);
+    const WeightView router = weights(GGML_TYPE_F32, E, H, 1);  // 0x11111111: a finite float
 
     float* x = device<float>(n_max * std::max(H, NQ));
     float* g = device<float>(pairs_max * F);
@@ -167,6 +169,13 @@ int main(int argc, char** argv) try {
                 swiglu(g, u, n_pairs * F, act, nullptr);
                 mm_experts(down, act, offsets, dst, dst, n, y, nullptr);
             }), bytes);
+        // The f32 router: matrix-vector passes (x in f32) against mm_float.
+        row(n <= kMaxMmvTokens ? "router mmv" : "router mmv chunks", n, time_us([&] {
+                for (int t0 = 0; t0 < n; t0 += kMaxMmvTokens)
+                    mmv(router, x + t0 * H, nullptr, std::min(kMaxMmvTokens, n - t0), y + t0 * E, E, false, nullptr);
+            }), static_cast<double>(router.matrix_bytes));
+        row("router mm_float", n, time_us([&] { mm_float(router, x, n, y, E, false, nullptr); }),
+            static_cast<double>(router.matrix_bytes));
         for (const auto& [name, w] : {std::pair<const char*, const WeightView*>{"qkv", &qkv}, {"wo", &wo},
                                       {"output", &output}}) {
             if (w == &output && n > kLogitRows) continue;
