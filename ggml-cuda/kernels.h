@@ -65,7 +65,8 @@ void mmv_swiglu(const ExpertSet& gate, const ExpertSet& up, const float* x_f32, 
 // y[t * y_stride + r] (+)= sum_c W[r][c] * x[t * cols + c], t < n.
 void mm(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
         cudaStream_t s);
-// The same in exact f32 for F32/F16/BF16 weights (the MoE router).
+// The same in exact f32 for F32/F16/BF16 weights (the MoE router): f32 FMA over column slices
+// set by cols alone, summed in a fixed order, so a token's result does not depend on n.
 void mm_float(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
               cudaStream_t s);
 // Tokens grouped by expert: expert e (e == n_routed: shared) handles pairs

@@ -67,7 +67,7 @@ EXACT_TOL = 2e-5
 
 
 @pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("n_tok,n_rows,cols", [(9, 33, 37), (100, 128, 4096), (513, 130, 1001)], ids=str)
+@pytest.mark.parametrize("n_tok,n_rows,cols", [(9, 33, 37), (100, 128, 4096), (513, 130, 1001), (2, 7, 5)], ids=str)
 @pytest.mark.parametrize("accumulate", [False, True], ids=["set", "accumulate"])
 def test_mm_float_is_exact_f32(rng, qtype, n_tok, n_rows, cols, accumulate):
     raw, w = weights(rng, qtype, n_rows, cols)
@@ -77,6 +77,17 @@ def test_mm_float_is_exact_f32(rng, qtype, n_tok, n_rows, cols, accumulate):
     y = _core.cuda_ops.mm(int(qtype), raw, cols, x, acc, exact=True)
     assert not np.isnan(y).any(), f"seed {SEED}: unwritten outputs"
     assert rel_err(y, prod if acc is None else prod + acc) < EXACT_TOL, f"seed {SEED}"
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
+def test_mm_float_batch_invariant(rng, qtype):
+    """The router's f32 scores of a token are bitwise the same whatever else is in the call."""
+    raw, _ = weights(rng, qtype, 130, 1001)
+    x = rng.standard_normal((100, 1001)).astype(np.float32)
+    full = _core.cuda_ops.mm(int(qtype), raw, 1001, x, exact=True).view(np.uint32)
+    for start, size in [(0, 1), (5, 9), (37, 33), (60, 40), (99, 1)]:
+        part = _core.cuda_ops.mm(int(qtype), raw, 1001, np.ascontiguousarray(x[start:start + size]), exact=True)
+        assert np.array_equal(part.view(np.uint32), full[start:start + size]), f"seed {SEED}: [{start}, {start + size})"
 
 
 def test_mm_float_refuses_quantized_weights(rng):
