@@ -117,20 +117,52 @@ __global__ void get_rows_kernel(const uint8_t* table, uint32_t type, int64_t n_r
 
 // out_q8 (optional): the normed row also quantized for the matrix-vector kernels, saving a launch;
 // then cols % 32 == 0 and blockDim % 32 == 0, so each warp's 32 consecutive columns are one block.
+// A thread owns columns threadIdx.x + k * blockDim.x. PER > 0: at most PER of them, held in
+// registers from one load (the weights are read before waiting on the previous kernel: a decode
+// step's norm is a chain of latencies, not bandwidth); PER == 0: any row length, read twice.
+// Both sum a thread's squares in column order, so both give the same bits.
+template <int PER>
 __global__ void rms_norm_kernel(const float* x, const float* w, int64_t cols, float eps, float* out, BlockQ8* out_q8) {
-    pdl_enter();
     __shared__ float scratch[32];
     const float* xr = x + blockIdx.x * cols;
     float* yr = out + blockIdx.x * cols;
     float ss = 0.0f;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
-    ss = block_sum(ss, scratch);
-    const float scale = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
-    // Every element is read and written by the same thread after the reduction: out may be x.
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float y = xr[c] * scale * w[c];
-        yr[c] = y;
-        if (out_q8) quantize_block_warp(y, threadIdx.x % 32, out_q8[(blockIdx.x * cols + c) / 32]);
+    if constexpr (PER > 0) {
+        float xv[PER], wv[PER];
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int64_t c = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+            wv[k] = c < cols ? w[c] : 0.0f;
+        }
+        pdl_enter();
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int64_t c = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+            xv[k] = c < cols ? xr[c] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < PER; ++k) ss += xv[k] * xv[k];
+        ss = block_sum(ss, scratch);
+        const float scale = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int64_t c = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+            if (c >= cols) break;  // warp-uniform when out_q8 (cols % 32 == 0)
+            const float y = xv[k] * scale * wv[k];
+            yr[c] = y;
+            if (out_q8) quantize_block_warp(y, threadIdx.x % 32, out_q8[(blockIdx.x * cols + c) / 32]);
+        }
+    } else {
+        pdl_enter();
+        for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
+        ss = block_sum(ss, scratch);
+        const float scale = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+        // Every element is read and written by the same thread after the reduction: out may be x.
+        for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float y = xr[c] * scale * w[c];
+            yr[c] = y;
+            if (out_q8) quantize_block_warp(y, threadIdx.x % 32, out_q8[(blockIdx.x * cols + c) / 32]);
+        }
     }
 }
 
@@ -478,7 +510,10 @@ void rms_norm_q8(const float* x, const float* w, int64_t n, int64_t cols, float 
     require(n <= 0x7FFFFFFF, "rms_norm", "too many rows");
     require(!out_q8 || cols % 32 == 0, "rms_norm", "quantized output needs cols % 32 == 0");
     const int threads = cols >= 4096 ? 1024 : cols >= 1024 ? 512 : cols >= 256 ? 256 : 64;
-    launch_kernel(rms_norm_kernel, dim3(static_cast<unsigned>(n)), dim3(threads), 0, s, x, w, cols, eps, out, out_q8);
+    const int64_t per = (cols + threads - 1) / threads;
+    auto kernel = per <= 1 ? rms_norm_kernel<1> : per <= 2 ? rms_norm_kernel<2> : per <= 4 ? rms_norm_kernel<4>
+                : per <= 8 ? rms_norm_kernel<8> : rms_norm_kernel<0>;
+    launch_kernel(kernel, dim3(static_cast<unsigned>(n)), dim3(threads), 0, s, x, w, cols, eps, out, out_q8);
     check_launch("rms_norm");
 }
 

@@ -155,7 +155,7 @@ def rms_ref(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w.astype(np.float64)
 
 
-@pytest.mark.parametrize("shape", [(1, 4096), (3, 5120), (7, 33), (2, 1), (5, 127)])
+@pytest.mark.parametrize("shape", [(1, 4096), (3, 5120), (7, 33), (2, 1), (5, 127), (2, 9001)])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_rms_norm(rng, shape, in_place):
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
@@ -166,7 +166,7 @@ def test_rms_norm(rng, shape, in_place):
         assert rel_err(out[r], ref[r]) < 2e-6
 
 
-@pytest.mark.parametrize("shape", [(1, 4096), (3, 256), (5, 1408), (2, 32)])
+@pytest.mark.parametrize("shape", [(1, 4096), (3, 256), (5, 1408), (2, 32), (2, 12288)])
 def test_rms_norm_q8_is_rms_norm_then_quantize(rng, shape):
     """The fused kernel writes exactly what rms_norm followed by quantize_q8 write."""
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
