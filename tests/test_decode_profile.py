@@ -44,3 +44,17 @@ def test_unknown_unit_and_missing_step_are_errors():
         decode_profile.kernels([HEADER, row(0, "get_rows_kernel", "(1, 1, 1)", "cycle", "9")])
     with pytest.raises(ValueError, match="no get_rows_kernel"):
         decode_profile.last_step(decode_profile.kernels([HEADER, row(0, "x_kernel", "(1, 1, 1)", "us", "1")]))
+
+
+def test_widest_step_within_the_batch():
+    """With a batch size, the step shown is the last of the widest ones that fit it: not a prompt
+    step (wider) nor a straggler's step (narrower) after it."""
+    launches = [("get_rows_kernel", "(1024, 1, 1)", 50.0), ("mm_kernel", "(8, 112, 1)", 500.0),
+                ("get_rows_kernel", "(64, 1, 1)", 3.0), ("mm_kernel", "(2, 112, 1)", 100.0),
+                ("get_rows_kernel", "(64, 1, 1)", 3.0), ("mm_kernel", "(2, 112, 1)", 99.0),
+                ("get_rows_kernel", "(2, 1, 1)", 2.0), ("mmvq_kernel", "(176, 18, 1)", 90.0)]
+    assert decode_profile.last_step(launches, 64) == launches[4:6]
+    assert decode_profile.last_step(launches, 2) == launches[6:]
+    assert decode_profile.last_step(launches) == launches[6:]
+    with pytest.raises(ValueError, match="at most 1 tokens"):
+        decode_profile.last_step(launches, 1)

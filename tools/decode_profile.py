@@ -1,8 +1,8 @@
 """One decode step of glmoe's engine, kernel by kernel, from Nsight Compute (ncu) on the device:
 runs tools/engine_bench.py for a few steps of N sequences under `ncu --metrics
-gpu__time_duration.sum --csv`, then prints the run's last decode step (from the last embedding
-gather, get_rows_kernel, to the end) kernel by kernel, grouped by kernel and grid, with each
-group's share. ncu runs kernels one at a time, so the sum is a little above the step's own time.
+gpu__time_duration.sum --csv`, then prints the last decode step of all N (a step runs from an
+embedding gather, get_rows_kernel, to the next) kernel by kernel, grouped by kernel and grid, with
+each group's share. ncu runs kernels one at a time, so the sum is a little above the step's own time.
 
     python tools/decode_profile.py build/air8.gguf -npl 32            # needs ncu on PATH
     python tools/decode_profile.py --csv saved.csv [-v]                # an earlier run's output
@@ -36,11 +36,22 @@ def kernels(lines: list[str]) -> list[tuple[str, str, float]]:
     return rows
 
 
-def last_step(rows: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+def last_step(rows: list[tuple[str, str, float]], max_tokens: int | None = None) -> list[tuple[str, str, float]]:
+    """The launches of the last step; with max_tokens, of the last of the widest steps of at most
+    that many tokens (the embedding gather's grid is the step's token count): a decode step of all
+    the sequences, not the prompts' steps before it nor the stragglers' after it."""
     starts = [i for i, r in enumerate(rows) if r[0] == STEP_START]
     if not starts:
         raise ValueError(f"no {STEP_START} launch: no step to show")
-    return rows[starts[-1]:]
+    ends = starts[1:] + [len(rows)]
+    if max_tokens is None:
+        return rows[starts[-1]:]
+    width = [int(rows[i][1].strip("()").split(",")[0]) for i in starts]
+    fits = [k for k, w in enumerate(width) if w <= max_tokens]
+    if not fits:
+        raise ValueError(f"no step of at most {max_tokens} tokens")
+    best = max(fits, key=lambda k: (width[k], k))
+    return rows[starts[best]:ends[best]]
 
 
 def report(step: list[tuple[str, str, float]], verbose: bool) -> None:
@@ -61,7 +72,8 @@ def report(step: list[tuple[str, str, float]], verbose: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?")
-    ap.add_argument("-npl", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("-npl", type=int, help="sequences decoded together (default 1); shows the last of the widest "
+                    "steps of at most this many tokens (with --csv and no -npl: the last step)")
     ap.add_argument("-ngl", type=int, default=99)
     ap.add_argument("--csv", help="parse this saved ncu --csv output instead of running ncu")
     ap.add_argument("-v", "--verbose", action="store_true", help="also every launch of the step, in order")
@@ -71,12 +83,12 @@ def main() -> None:
             lines = f.readlines()
     elif args.model:
         cmd = ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
-               sys.executable, "tools/engine_bench.py", args.model, "-ngl", str(args.ngl), "-npp", "16", "-ntg", "4",
-               "-npl", str(args.npl)]
+               sys.executable, "tools/engine_bench.py", args.model, "-ngl", str(args.ngl), "-npp", "16", "-ntg", "8",
+               "-npl", str(args.npl or 1)]
         lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
     else:
         ap.error("give a model to profile, or --csv")
-    report(last_step(kernels(lines)), args.verbose)
+    report(last_step(kernels(lines), args.npl), args.verbose)
 
 
 if __name__ == "__main__":
