@@ -26,8 +26,9 @@ using F32Out = nb::ndarray<nb::numpy, float>;
 
 // weight: [rows, row_bytes] raw GGUF rows; x: [n, cols]. Returns y [n, rows] = x @ W.T, plus
 // accumulate_into when given (the accumulate mode). exact: the f32 kernel for float weights (mm_float).
+// slices > 0: mm_split over that many column slices.
 F32Out mm_py(uint32_t type, const U8In& weight, int64_t cols, const F32In& x, std::optional<F32In> accumulate_into,
-             bool exact) {
+             bool exact, int slices) {
     if (weight.ndim() != 2) throw nb::value_error("weight must be [rows, row_bytes]");
     if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != cols) throw nb::value_error("x must be [n, cols]");
     const size_t rows = weight.shape(0), n = x.shape(0);
@@ -44,8 +45,17 @@ F32Out mm_py(uint32_t type, const U8In& weight, int64_t cols, const F32In& x, st
         dy.fill_bytes(0xFF);
     }
     const cuda::WeightView w = view(dw, type, rows, cols, weight.shape(1));
-    if (exact) cuda::mm_float(w, dx.get(), static_cast<int64_t>(n), dy.get(), static_cast<int64_t>(rows), acc, nullptr);
-    else cuda::mm(w, dx.get(), static_cast<int64_t>(n), dy.get(), static_cast<int64_t>(rows), acc, nullptr);
+    if (exact && slices > 0) throw nb::value_error("exact and slices do not combine");
+    if (exact) {
+        cuda::mm_float(w, dx.get(), static_cast<int64_t>(n), dy.get(), static_cast<int64_t>(rows), acc, nullptr);
+    } else if (slices > 0) {
+        DeviceArray<float> scratch(static_cast<size_t>(slices) * n * rows);
+        cuda::mm_split(w, dx.get(), static_cast<int64_t>(n), dy.get(), static_cast<int64_t>(rows), acc, slices,
+                       scratch.get(), nullptr);
+        check(cudaDeviceSynchronize(), "mm_split");  // before scratch is freed
+    } else {
+        cuda::mm(w, dx.get(), static_cast<int64_t>(n), dy.get(), static_cast<int64_t>(rows), acc, nullptr);
+    }
     return to_numpy(dy, {n, rows});
 }
 
@@ -99,8 +109,9 @@ F32Out mm_experts_py(uint32_t routed_type, const U8In& routed, uint32_t shared_t
 
 void bind_cuda_mm(nb::module_& m) {
     m.def("mm", &mm_py, nb::arg("type"), nb::arg("weight"), nb::arg("cols"), nb::arg("x"),
-          nb::arg("accumulate_into").none() = nb::none(), nb::arg("exact") = false,
-          "Prefill matmul y[n, rows] = x @ W.T (+ accumulate_into): tensor cores, or exact f32 (float weights).");
+          nb::arg("accumulate_into").none() = nb::none(), nb::arg("exact") = false, nb::arg("slices") = 0,
+          "Prefill matmul y[n, rows] = x @ W.T (+ accumulate_into): tensor cores (slices > 0: split over that "
+          "many column slices), or exact f32 (float weights).");
     m.def("mm_experts", &mm_experts_py, nb::arg("routed_type"), nb::arg("routed"), nb::arg("shared_type"),
           nb::arg("shared").none(), nb::arg("cols"), nb::arg("x"), nb::arg("offsets"), nb::arg("src_row"),
           nb::arg("dst_row"), nb::arg("n_dst_rows"), nb::arg("max_pairs_per_expert") = -1,

@@ -65,6 +65,12 @@ void mmv_swiglu(const ExpertSet& gate, const ExpertSet& up, const float* x_f32, 
 // y[t * y_stride + r] (+)= sum_c W[r][c] * x[t * cols + c], t < n.
 void mm(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
         cudaStream_t s);
+// mm with the columns split into up to `slices` slices (whole staged spans) run by blocks of their
+// own, for few tokens and long rows (mm alone gives such a matrix one block per 128 rows, each
+// walking every column). Slice partials go to scratch (>= slices * n * rows floats), then are
+// added in slice order into y. The slicing depends on cols and slices alone.
+void mm_split(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
+              int slices, float* scratch, cudaStream_t s);
 // The same in exact f32 for F32/F16/BF16 weights (the MoE router): f32 FMA over column slices
 // set by cols alone, summed in a fixed order, so a token's result does not depend on n.
 void mm_float(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,

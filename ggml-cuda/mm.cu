@@ -41,6 +41,8 @@ struct MmParams {
     const int32_t* dst_row;
     int n_routed;
     int e0;                   // expert of blockIdx.z == 0
+    int split_steps;          // dense, > 0: blockIdx.z takes K steps [z, z + 1) * split_steps and
+    int64_t split_stride;     // writes its partial sums at y + z * split_stride (no accumulate)
     bool accumulate;
     bool x_vec;               // x rows can be read as float4
 };
@@ -120,6 +122,9 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
     const int cols = static_cast<int>(p.cols);  // < 2^31: checked on the host
     const int n_groups = (cols + 31) / 32;
     const int n_steps = (n_groups + 1) / 2;
+    // This block's K steps: all, or its slice of a column split (starting on a span boundary).
+    const int s_lo = p.split_steps > 0 ? static_cast<int>(blockIdx.z) * p.split_steps : 0;
+    const int s_hi = p.split_steps > 0 ? min(n_steps, s_lo + p.split_steps) : n_steps;
 
     // Weight role: tile row lr, group lh of each step. Rows past the end re-read the last row
     // (valid memory); their results are never stored.
@@ -137,7 +142,7 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
     // ---- staged weights: span j of every tile row into stage j % NS ----
     constexpr int NG = staged(T) ? span_granules(T) : 1, NS = span_stages(T);
     constexpr int kSpanSteps = span_cols(T) / kBK, kSpanGroups = span_cols(T) / 32;
-    const int n_spans = (cols + span_cols(T) - 1) / span_cols(T);
+    const int n_spans = min((cols + span_cols(T) - 1) / span_cols(T), (s_hi + kSpanSteps - 1) / kSpanSteps);
     auto span_row = [&](int j, int r) {  // start of row r's bytes of span j in its stage
         return stage + (j % NS) * (kBM * NG * 16) + r * (NG * 16);
     };
@@ -264,16 +269,16 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
     Fetched f;
     if constexpr (kStaged) {
 #pragma unroll
-        for (int j = 0; j < NS; ++j) issue(j);
+        for (int j = 0; j < NS; ++j) issue(s_lo / kSpanSteps + j);
         cp_async_wait<NS - 1>();
-        __syncthreads();  // span 0 staged, by all threads
+        __syncthreads();  // the first span staged, by all threads
     }
-    load(f, 0);
-    store(f, 0, 0);
+    load(f, s_lo);
+    store(f, s_lo, s_lo & 1);
     __syncthreads();
 #pragma unroll 1
-    for (int s = 0; s < n_steps; ++s) {
-        const bool more = s + 1 < n_steps;
+    for (int s = s_lo; s < s_hi; ++s) {
+        const bool more = s + 1 < s_hi;
         if (more) load(f, s + 1);
         compute(s & 1);
         if (more) {
@@ -299,7 +304,7 @@ __device__ __forceinline__ void mm_tile(const MmParams& p, const uint8_t* w, siz
             const int t = WN * wn + 8 * ni + 2 * (lane & 3) + q;
             if (t >= count) continue;
             const int64_t dst = p.dst_row ? p.dst_row[p0 + t] : p0 + t;
-            float* yrow = p.y + dst * p.y_stride;
+            float* yrow = p.y + (p.split_steps > 0 ? blockIdx.z * p.split_stride : 0) + dst * p.y_stride;
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -432,12 +437,15 @@ bool x_vectorizable(const float* x, int64_t cols) {
 
 }  // namespace
 
-void mm(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
-        cudaStream_t s) {
-    check_weight(w, "mm");
-    if (n < 1) throw std::invalid_argument("mm: need at least one token");
-    if (!x || !y) throw std::invalid_argument("mm: null activations or output");
-    if (y_stride < w.rows) throw std::invalid_argument("mm: y_stride is smaller than the row count");
+namespace {
+
+// Parameters of a dense mm call, checked; launch_dense runs it over grid.z column slices.
+MmParams dense_params(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
+                      const char* what) {
+    check_weight(w, what);
+    if (n < 1) throw std::invalid_argument(std::string(what) + ": need at least one token");
+    if (!x || !y) throw std::invalid_argument(std::string(what) + ": null activations or output");
+    if (y_stride < w.rows) throw std::invalid_argument(std::string(what) + ": y_stride is smaller than the row count");
     MmParams p{};
     p.w = static_cast<const uint8_t*>(w.data);
     p.row_bytes = w.row_bytes;
@@ -449,15 +457,61 @@ void mm(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stri
     p.n = n;
     p.accumulate = accumulate;
     p.x_vec = x_vectorizable(x, w.cols);
-    const unsigned row_tiles = static_cast<unsigned>((w.rows + kBM - 1) / kBM);
+    return p;
+}
+
+void launch_dense(const MmParams& p, uint32_t type, unsigned slices, cudaStream_t s) {
+    const unsigned row_tiles = static_cast<unsigned>((p.rows + kBM - 1) / kBM);
+    const int64_t n = p.n;
     // Few tokens: a 32-token tile halves the wasted MMA and activation work.
     if (n <= 32)
-        launcher<32, true>(w.type)(p, dim3(static_cast<unsigned>((n + 31) / 32), row_tiles), s);
+        launcher<32, true>(type)(p, dim3(static_cast<unsigned>((n + 31) / 32), row_tiles, slices), s);
     else if (n <= kMaxStagedTokens)
-        launcher<64, true>(w.type)(p, dim3(static_cast<unsigned>((n + 63) / 64), row_tiles), s);
+        launcher<64, true>(type)(p, dim3(static_cast<unsigned>((n + 63) / 64), row_tiles, slices), s);
     else
-        launcher<64, false>(w.type)(p, dim3(static_cast<unsigned>((n + 63) / 64), row_tiles), s);
+        launcher<64, false>(type)(p, dim3(static_cast<unsigned>((n + 63) / 64), row_tiles, slices), s);
+}
+
+// y[t][r] (+)= sum over slices z, in order, of part[z][t][r].
+__global__ void split_sum_kernel(const float* part, int slices, int64_t n, int64_t rows, float* y, int64_t y_stride,
+                                 bool accumulate) {
+    pdl_enter();
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n * rows) return;
+    float v = 0.0f;
+    for (int z = 0; z < slices; ++z) v += part[z * n * rows + i];
+    float* dst = y + (i / rows) * y_stride + i % rows;
+    *dst = accumulate ? *dst + v : v;
+}
+
+}  // namespace
+
+void mm(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
+        cudaStream_t s) {
+    const MmParams p = dense_params(w, x, n, y, y_stride, accumulate, "mm");
+    launch_dense(p, w.type, 1, s);
     check_launch("mm");
+}
+
+void mm_split(const WeightView& w, const float* x, int64_t n, float* y, int64_t y_stride, bool accumulate,
+              int slices, float* scratch, cudaStream_t s) {
+    MmParams p = dense_params(w, x, n, y, y_stride, accumulate, "mm_split");
+    if (slices < 1 || slices > 64 || !scratch) throw std::invalid_argument("mm_split: need 1..64 slices and scratch");
+    // Slices start on a staged span (4 steps of 64 columns for K-quants, 2 otherwise).
+    const int n_steps = static_cast<int>((w.cols + kBK - 1) / kBK);
+    constexpr int kStepAlign = 4;
+    p.split_steps = ((n_steps + slices - 1) / slices + kStepAlign - 1) / kStepAlign * kStepAlign;
+    const unsigned used = static_cast<unsigned>((n_steps + p.split_steps - 1) / p.split_steps);
+    p.split_stride = n * w.rows;
+    p.y = scratch;
+    p.y_stride = w.rows;
+    p.accumulate = false;
+    launch_dense(p, w.type, used, s);
+    check_launch("mm_split");
+    const int64_t total = n * w.rows;
+    launch_kernel(split_sum_kernel, dim3(static_cast<unsigned>((total + 255) / 256)), dim3(256), 0, s,
+                  static_cast<const float*>(scratch), static_cast<int>(used), n, w.rows, y, y_stride, accumulate);
+    check_launch("mm_split (sum)");
 }
 
 void mm_experts(const ExpertSet& w, const float* x, const int32_t* offsets, const int32_t* src_row,

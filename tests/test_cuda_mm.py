@@ -122,6 +122,52 @@ def test_mm_batch_invariant(rng, qtype):
         assert np.array_equal(part, full[start:start + size]), f"seed {SEED}: tokens [{start}, {start + size})"
 
 
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tok,n_rows,slices", [(9, 33, 4), (40, 129, 8), (64, 200, 64)], ids=str)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["set", "accumulate"])
+def test_mm_split_matches_float64(rng, qtype, n_tok, n_rows, slices, accumulate):
+    """mm over column slices (several slices at these widths, more slices asked than K steps in
+    the last case) adds the slices' partial sums into y."""
+    cols = cols_for(qtype, True)
+    raw, w = weights(rng, qtype, n_rows, cols)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    prod = x.astype(np.float64) @ w.T
+    acc = (rng.standard_normal((n_tok, n_rows)) * prod.std()).astype(np.float32) if accumulate else None
+    y = _core.cuda_ops.mm(int(qtype), raw, cols, x, acc, slices=slices)
+    assert not np.isnan(y).any(), f"seed {SEED}: unwritten outputs"
+    assert rel_err(y, prod if acc is None else prod + acc) < TOL, f"seed {SEED}"
+    if acc is not None:
+        assert rel_err(y.astype(np.float64) - acc, prod) < TOL, f"seed {SEED}"
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q5_0, QT.Q4_K, QT.Q6_K, QT.BF16, QT.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tok", [9, 40, 64])
+def test_mm_split_is_mm_regrouped(rng, qtype, n_tok):
+    """mm_split multiplies the same bf16-rounded weights and activations as mm; only the f32 sums
+    are grouped by slice. So the two agree to f32 rounding (measured order 1e-7; bound 1e-5), far
+    tighter than either's distance from float64 (~1e-3, TOL): a slice that read a wrong step or
+    span would show here even where TOL cannot see it."""
+    cols = 256 * 48 if block_size(qtype) == 256 else 32 * 384  # 12288: GLM's attention output width
+    raw, _ = weights(rng, qtype, 64, cols)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    plain = cuda_mm(qtype, raw, cols, x)
+    for slices in (3, 8):
+        split = _core.cuda_ops.mm(int(qtype), raw, cols, x, slices=slices)
+        assert rel_err(split, plain) < 1e-5, f"seed {SEED}: {slices} slices"
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.BF16], ids=lambda t: t.name)
+def test_mm_split_batch_invariant(rng, qtype):
+    """A token's outputs from mm_split are bitwise the same whatever else is in the call."""
+    cols = cols_for(qtype, True)
+    raw, _ = weights(rng, qtype, 150, cols)
+    x = rng.standard_normal((64, cols)).astype(np.float32)
+    full = _core.cuda_ops.mm(int(qtype), raw, cols, x, slices=8).view(np.uint32)
+    for start, size in [(0, 1), (5, 9), (20, 33), (63, 1)]:
+        part = _core.cuda_ops.mm(int(qtype), raw, cols, np.ascontiguousarray(x[start:start + size]), slices=8)
+        assert np.array_equal(part.view(np.uint32), full[start:start + size]), f"seed {SEED}: [{start}, {start + size})"
+
+
 def test_mm_bad_arguments(rng):
     mm = _core.cuda_ops.mm
     raw = random_rows(rng, QT.Q4_K, 2, 256)
@@ -136,6 +182,8 @@ def test_mm_bad_arguments(rng):
         mm(int(QT.Q4_K), raw[:, :100].copy(), 256, x)  # row_bytes does not match
     with pytest.raises(ValueError):
         mm(int(QT.Q4_K), raw, 256, np.zeros((0, 256), np.float32))  # no tokens
+    with pytest.raises(ValueError, match="slices"):
+        mm(int(QT.Q4_K), raw, 256, x, slices=65)
 
 
 def route(rng, n_tok, n_routed, n_used, with_shared):

@@ -1,7 +1,7 @@
 // Micro benchmark of the batched-decode GPU kernels, per number of tokens in the step: the routed
 // expert FFN by each path the CUDA backend can take (per-pair matrix-vector, tensor-core
 // mm_experts), the f32 router (mmv chunks, mm_float) and the dense projections and output head
-// (mmv in chunks of kMaxMmvTokens, mm).
+// (mmv in chunks of kMaxMmvTokens, mm; the attention output also mm_split).
 // Prints time per call and the weight bytes the call must read (experts the step routes to, once)
 // per second, to choose the backend's crossover points by measurement. Development only.
 // usage: bench_moe_gpu [tokens, comma list] [expert type] [shared / dense type]
@@ -127,6 +127,7 @@ int main(int argc, char** argv) try {
     float* y = device<float>(std::max(pairs_max * std::max(H, QKV), kLogitRows * V));
     BlockQ8* xq = device<BlockQ8>(pairs_max * (std::max(H, NQ) / 32));
     BlockQ8* aq = device<BlockQ8>(pairs_max * (F / 32));
+    float* split = device<float>(16 * n_max * H);  // mm_split's partials, up to 16 slices
     int32_t* ids = device<int32_t>(pairs_max);
     int32_t* counts = device<int32_t>(E + 1);
     int32_t* offsets = device<int32_t>(E + 2);
@@ -190,6 +191,11 @@ int main(int argc, char** argv) try {
                     }
                 }), wb);
             row((std::string(name) + " mm").c_str(), n, time_us([&] { mm(*w, x, n, y, w->rows, false, nullptr); }), wb);
+            if (w != &wo) continue;
+            for (const int slices : {4, 8, 16}) {
+                const std::string what = "wo mm_split " + std::to_string(slices);
+                row(what.c_str(), n, time_us([&] { mm_split(*w, x, n, y, w->rows, false, slices, split, nullptr); }), wb);
+            }
         }
     }
     return 0;
