@@ -39,25 +39,27 @@ def cuda_mm(qtype, raw, cols, x, acc=None):
 SHAPES = [(9, 33), (17, 1), (40, 129), (100, 257), (513, 1000)]  # up to 64 tokens: staged weights
 
 
+def check_against_float64(rng, qtype, n_tok, n_rows, cols, accumulate, tol, **mm_args):
+    """_core.cuda_ops.mm(..., **mm_args) of random weights and activations (plus a random term in
+    the accumulate mode) against the float64 product, within tol relative."""
+    raw, w = weights(rng, qtype, n_rows, cols)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    prod = x.astype(np.float64) @ w.T
+    acc = (rng.standard_normal((n_tok, n_rows)) * prod.std()).astype(np.float32) if accumulate else None
+    y = _core.cuda_ops.mm(int(qtype), raw, cols, x, acc, **mm_args)
+    assert y.shape == (n_tok, n_rows) and y.dtype == np.float32
+    assert not np.isnan(y).any(), f"seed {SEED} cols {cols}: unwritten outputs"
+    assert rel_err(y, prod if acc is None else prod + acc) < tol, f"seed {SEED} cols {cols}"
+    if acc is not None:  # the product part on its own, not hidden by the added term
+        assert rel_err(y.astype(np.float64) - acc, prod) < tol, f"seed {SEED} cols {cols}"
+
+
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_tok,n_rows", SHAPES, ids=lambda s: str(s))
 @pytest.mark.parametrize("accumulate", [False, True], ids=["set", "accumulate"])
 def test_mm_matches_float64(rng, qtype, n_tok, n_rows, accumulate):
     for big in ([True] if n_tok * n_rows > 100000 else [False, True]):
-        cols = cols_for(qtype, big)
-        raw, w = weights(rng, qtype, n_rows, cols)
-        x = rng.standard_normal((n_tok, cols)).astype(np.float32)
-        prod = x.astype(np.float64) @ w.T
-        acc = None
-        if accumulate:
-            acc = (rng.standard_normal((n_tok, n_rows)) * prod.std()).astype(np.float32)
-        y = cuda_mm(qtype, raw, cols, x, acc)
-        assert y.shape == (n_tok, n_rows) and y.dtype == np.float32
-        assert not np.isnan(y).any(), f"seed {SEED} cols {cols}: unwritten outputs"
-        ref = prod if acc is None else prod + acc
-        assert rel_err(y, ref) < TOL, f"seed {SEED} cols {cols}"
-        if acc is not None:  # the product part on its own, not hidden by the added term
-            assert rel_err(y.astype(np.float64) - acc, prod) < TOL, f"seed {SEED} cols {cols}"
+        check_against_float64(rng, qtype, n_tok, n_rows, cols_for(qtype, big), accumulate, TOL)
 
 
 # mm_float (the MoE router at prefill) is plain f32 FMA: error ~ 2^-24 * sqrt(cols) relative to
@@ -70,13 +72,7 @@ EXACT_TOL = 2e-5
 @pytest.mark.parametrize("n_tok,n_rows,cols", [(9, 33, 37), (100, 128, 4096), (513, 130, 1001), (2, 7, 5)], ids=str)
 @pytest.mark.parametrize("accumulate", [False, True], ids=["set", "accumulate"])
 def test_mm_float_is_exact_f32(rng, qtype, n_tok, n_rows, cols, accumulate):
-    raw, w = weights(rng, qtype, n_rows, cols)
-    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
-    prod = x.astype(np.float64) @ w.T
-    acc = (rng.standard_normal((n_tok, n_rows)) * prod.std()).astype(np.float32) if accumulate else None
-    y = _core.cuda_ops.mm(int(qtype), raw, cols, x, acc, exact=True)
-    assert not np.isnan(y).any(), f"seed {SEED}: unwritten outputs"
-    assert rel_err(y, prod if acc is None else prod + acc) < EXACT_TOL, f"seed {SEED}"
+    check_against_float64(rng, qtype, n_tok, n_rows, cols, accumulate, EXACT_TOL, exact=True)
 
 
 @pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
@@ -128,16 +124,7 @@ def test_mm_batch_invariant(rng, qtype):
 def test_mm_split_matches_float64(rng, qtype, n_tok, n_rows, slices, accumulate):
     """mm over column slices (several slices at these widths, more slices asked than K steps in
     the last case) adds the slices' partial sums into y."""
-    cols = cols_for(qtype, True)
-    raw, w = weights(rng, qtype, n_rows, cols)
-    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
-    prod = x.astype(np.float64) @ w.T
-    acc = (rng.standard_normal((n_tok, n_rows)) * prod.std()).astype(np.float32) if accumulate else None
-    y = _core.cuda_ops.mm(int(qtype), raw, cols, x, acc, slices=slices)
-    assert not np.isnan(y).any(), f"seed {SEED}: unwritten outputs"
-    assert rel_err(y, prod if acc is None else prod + acc) < TOL, f"seed {SEED}"
-    if acc is not None:
-        assert rel_err(y.astype(np.float64) - acc, prod) < TOL, f"seed {SEED}"
+    check_against_float64(rng, qtype, n_tok, n_rows, cols_for(qtype, True), accumulate, TOL, slices=slices)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q5_0, QT.Q4_K, QT.Q6_K, QT.BF16, QT.F32], ids=lambda t: t.name)
