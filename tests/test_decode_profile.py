@@ -1,5 +1,5 @@
 """tools/decode_profile.py (a device tool, loaded from the checkout): ncu's CSV read in either time
-unit, the last step cut at the embedding gather, and kernels grouped by name and grid."""
+unit, the last step cut at the embedding gather, kernels grouped by name and grid, DRAM bytes."""
 import importlib.util
 import pathlib
 
@@ -29,7 +29,7 @@ def test_last_step_grouped_by_kernel_and_grid(capsys):
              row(4, "mmvq_kernel<8, 4, 0>", "(256, 1, 1)", "us", "47.0"),
              row(5, "mmvq_kernel<8, 4, 0>", "(512, 1, 1)", "ms", "0.001")]
     rows = decode_profile.kernels(lines)
-    assert rows[1] == ("mm_kernel<32, 8, 8>", "(1, 112, 1)", 100.0)
+    assert rows[1] == ("mm_kernel<32, 8, 8>", "(1, 112, 1)", 100.0, None)
     step = decode_profile.last_step(rows)
     assert [r[2] for r in step] == pytest.approx([3.0, 50.0, 47.0, 1.0])
     decode_profile.report(step, verbose=False)
@@ -58,3 +58,25 @@ def test_widest_step_within_the_batch():
     assert decode_profile.last_step(launches) == launches[6:]
     with pytest.raises(ValueError, match="at most 1 tokens"):
         decode_profile.last_step(launches, 1)
+
+
+def test_dram_bytes_give_bandwidth_per_group(capsys):
+    """With dram__bytes_read.sum beside the time (one row per launch and metric), each group shows
+    its megabytes and GB/s; any launch without the metric drops the columns."""
+    lines = [HEADER,
+             row(0, "get_rows_kernel", "(1, 1, 1)", "us", "10.0"),
+             row(0, "get_rows_kernel", "(1, 1, 1)", "Kbyte", "16", metric="dram__bytes_read.sum"),
+             row(1, "mmvq_kernel<1, 2, 0>", "(512, 1, 1)", "us", "20.0"),
+             row(1, "mmvq_kernel<1, 2, 0>", "(512, 1, 1)", "Mbyte", "50", metric="dram__bytes_read.sum"),
+             row(2, "mmvq_kernel<1, 2, 0>", "(512, 1, 1)", "us", "30.0"),
+             row(2, "mmvq_kernel<1, 2, 0>", "(512, 1, 1)", "Gbyte", "0.05", metric="dram__bytes_read.sum")]
+    rows = decode_profile.kernels(lines)
+    assert rows[1] == ("mmvq_kernel<1, 2, 0>", "(512, 1, 1)", 20.0, 50e6)
+    decode_profile.report(decode_profile.last_step(rows), verbose=False)
+    out = capsys.readouterr().out
+    assert out.startswith("3 kernels, 60.0 us, 100.0 MB read from DRAM (1667 GB/s)")
+    assert "| mmvq_kernel<1, 2, 0> | (512, 1, 1) | 2 | 50.0 | 83.3% | 100.0 | 2000 |" in out
+    decode_profile.report(decode_profile.last_step(rows[1:] + [("get_rows_kernel", "(1, 1, 1)", 1.0, None)]), False)
+    assert "MB read" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="byte unit"):
+        decode_profile.kernels([HEADER, row(0, "x_kernel", "(1, 1, 1)", "sector", "9", metric="dram__bytes_read.sum")])

@@ -1,8 +1,10 @@
 """One decode step of glmoe's engine, kernel by kernel, from Nsight Compute (ncu) on the device:
 runs tools/engine_bench.py for a few steps of N sequences under `ncu --metrics
-gpu__time_duration.sum --csv`, then prints the last decode step of all N (a step runs from an
-embedding gather, get_rows_kernel, to the next) kernel by kernel, grouped by kernel and grid, with
-each group's share. ncu runs kernels one at a time, so the sum is a little above the step's own time.
+gpu__time_duration.sum,dram__bytes_read.sum --csv`, then prints the last decode step of all N (a
+step runs from an embedding gather, get_rows_kernel, to the next) kernel by kernel, grouped by
+kernel and grid, with each group's share and the bytes it read from DRAM per microsecond (ncu
+replays each kernel with cold caches, so a weight is read once per launch). ncu runs kernels one
+at a time, so the sum is a little above the step's own time.
 
     python tools/decode_profile.py build/air8.gguf -npl 32            # needs ncu on PATH
     python tools/decode_profile.py --csv saved.csv [-v]                # an earlier run's output
@@ -19,24 +21,32 @@ import sys
 STEP_START = "get_rows_kernel"
 
 
-def kernels(lines: list[str]) -> list[tuple[str, str, float]]:
-    """(kernel, grid, microseconds) of every profiled launch, in launch order."""
-    rows = []
+TIME = "gpu__time_duration.sum"
+DRAM_READ = "dram__bytes_read.sum"
+_TIME_SCALE = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}  # -> us
+_BYTE_SCALE = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+def kernels(lines: list[str]) -> list[tuple[str, str, float, float | None]]:
+    """(kernel, grid, microseconds, bytes read from DRAM or None) of every profiled launch, in
+    launch order (ncu writes a row per launch and metric)."""
+    launches: dict[str, list] = {}
     for r in csv.DictReader(line for line in lines if line.startswith('"')):
-        if r.get("Metric Name") != "gpu__time_duration.sum":
+        metric, unit = r.get("Metric Name"), r.get("Metric Unit")
+        if metric not in (TIME, DRAM_READ):
             continue
+        scale = (_TIME_SCALE if metric == TIME else _BYTE_SCALE).get(unit)
+        if scale is None:
+            raise ValueError(f"unexpected {'time' if metric == TIME else 'byte'} unit {unit!r}")
         # "void unnamed>::mm_kernel<32, 8, 8>(unnamed>::MmParams)" -> "mm_kernel<32, 8, 8>"
         name = re.sub(r"^void |glmoe::cuda::|\(anonymous namespace\)::|<?unnamed>::", "", r["Kernel Name"])
         name = re.sub(r"\(.*", "", name)
-        value = float(r["Metric Value"].replace(",", ""))
-        scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}.get(r["Metric Unit"])
-        if scale is None:
-            raise ValueError(f"unexpected time unit {r['Metric Unit']!r}")
-        rows.append((name, r["Grid Size"], value * scale))
-    return rows
+        entry = launches.setdefault(r["ID"], [name, r["Grid Size"], None, None])
+        entry[2 if metric == TIME else 3] = float(r["Metric Value"].replace(",", "")) * scale
+    return [(name, grid, us, read) for name, grid, us, read in launches.values() if us is not None]
 
 
-def last_step(rows: list[tuple[str, str, float]], max_tokens: int | None = None) -> list[tuple[str, str, float]]:
+def last_step(rows: list[tuple], max_tokens: int | None = None) -> list[tuple]:
     """The launches of the last step; with max_tokens, of the last of the widest steps of at most
     that many tokens (the embedding gather's grid is the step's token count): a decode step of all
     the sequences, not the prompts' steps before it nor the stragglers' after it."""
@@ -54,18 +64,27 @@ def last_step(rows: list[tuple[str, str, float]], max_tokens: int | None = None)
     return rows[starts[best]:ends[best]]
 
 
-def report(step: list[tuple[str, str, float]], verbose: bool) -> None:
-    total = sum(us for _, _, us in step)
-    groups: dict = collections.defaultdict(lambda: [0, 0.0])
-    for name, grid, us in step:
-        groups[(name, grid)][0] += 1
-        groups[(name, grid)][1] += us
-    print(f"{len(step)} kernels, {total:.1f} us")
-    print("| kernel | grid | launches | us | share |\n|---|---|---:|---:|---:|")
-    for (name, grid), (n, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
-        print(f"| {name} | {grid} | {n} | {us:.1f} | {100 * us / total:.1f}% |")
+def report(step: list[tuple[str, str, float, float | None]], verbose: bool) -> None:
+    total = sum(r[2] for r in step)
+    has_bytes = all(r[3] is not None for r in step)
+    groups: dict = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for name, grid, us, read in step:
+        g = groups[(name, grid)]
+        g[0] += 1
+        g[1] += us
+        g[2] += read or 0.0
+    if has_bytes:
+        read = sum(r[3] for r in step)
+        print(f"{len(step)} kernels, {total:.1f} us, {read / 1e6:.1f} MB read from DRAM ({read / total / 1e3:.0f} GB/s)")
+        print("| kernel | grid | launches | us | share | MB read | GB/s |\n|---|---|---:|---:|---:|---:|---:|")
+    else:
+        print(f"{len(step)} kernels, {total:.1f} us")
+        print("| kernel | grid | launches | us | share |\n|---|---|---:|---:|---:|")
+    for (name, grid), (n, us, read) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        row = f"| {name} | {grid} | {n} | {us:.1f} | {100 * us / total:.1f}% |"
+        print(row + (f" {read / 1e6:.1f} | {read / us / 1e3:.0f} |" if has_bytes else ""))
     if verbose:
-        for name, grid, us in step:
+        for name, grid, us, _ in step:
             print(f"{us:9.1f}  {grid:>16s}  {name}")
 
 
@@ -82,7 +101,7 @@ def main() -> None:
         with open(args.csv) as f:
             lines = f.readlines()
     elif args.model:
-        cmd = ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
+        cmd = ["ncu", "--clock-control", "none", "--metrics", f"{TIME},{DRAM_READ}", "--csv",
                sys.executable, "tools/engine_bench.py", args.model, "-ngl", str(args.ngl), "-npp", "16", "-ntg", "8",
                "-npl", str(args.npl or 1)]
         lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
