@@ -497,9 +497,9 @@ void mm_split(const WeightView& w, const float* x, int64_t n, float* y, int64_t 
               int slices, float* scratch, cudaStream_t s) {
     MmParams p = dense_params(w, x, n, y, y_stride, accumulate, "mm_split");
     if (slices < 1 || slices > 64 || !scratch) throw std::invalid_argument("mm_split: need 1..64 slices and scratch");
-    // Slices start on a staged span (4 steps of 64 columns for K-quants, 2 otherwise).
+    // Slices start on a staged span of any type (the K-quants' are the longest).
     const int n_steps = static_cast<int>((w.cols + kBK - 1) / kBK);
-    constexpr int kStepAlign = 4;
+    constexpr int kStepAlign = span_cols(GGML_TYPE_Q4_K) / kBK;
     p.split_steps = ((n_steps + slices - 1) / slices + kStepAlign - 1) / kStepAlign * kStepAlign;
     const unsigned used = static_cast<unsigned>((n_steps + p.split_steps - 1) / p.split_steps);
     p.split_stride = n * w.rows;

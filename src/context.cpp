@@ -329,10 +329,7 @@ void Context::decode_sample_rows(const Batch& batch, const std::vector<RowSampli
     const size_t n_host = check_row_sampling(batch, rows), n_rows = rows.size();
     last_sampled_rows_ = 0;
     run_allocated(batch, [&](const std::vector<int32_t>& cells) {
-        out.ids.assign(n_rows, -1);
-        out.logprobs.assign(n_rows, 0.0f);
-        out.top.assign(n_rows * kMaxSampledTop, SampledTop{-1, 0.0f});
-        out.host_logits.resize(n_host * model_.hparams().n_vocab);
+        out.reset(n_rows, n_host * model_.hparams().n_vocab);
         StepOutput proto;
         proto.kind = StepOutput::Kind::sampled;
         proto.ids = out.ids.data();
@@ -385,10 +382,7 @@ void Context::end_sampled(SampledRows& out) {
     if (pending_rows_.empty()) throw std::logic_error("end_sampled without a step begun");
     const size_t n_rows = pending_rows_.front();
     pending_rows_.pop_front();
-    out.ids.assign(n_rows, -1);
-    out.logprobs.assign(n_rows, 0.0f);
-    out.top.assign(n_rows * kMaxSampledTop, SampledTop{-1, 0.0f});
-    out.host_logits.clear();
+    out.reset(n_rows, 0);
     gpu_->finish_sampled(out.ids.data(), out.logprobs.data(), out.top.data());
 }
 

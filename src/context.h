@@ -81,6 +81,14 @@ public:
         std::vector<float> logprobs;
         std::vector<SampledTop> top;    // rows x kMaxSampledTop
         std::vector<float> host_logits; // rows without params x n_vocab
+        // n_rows rows not sampled yet, with room for host_logit_floats of host logits (sized
+        // only: the step writes them all).
+        void reset(size_t n_rows, size_t host_logit_floats) {
+            ids.assign(n_rows, -1);
+            logprobs.assign(n_rows, 0.0f);
+            top.assign(n_rows * kMaxSampledTop, SampledTop{-1, 0.0f});
+            host_logits.resize(host_logit_floats);
+        }
     };
     void decode_sample_rows(const Batch& batch, const std::vector<RowSampling>& rows, SampledRows& out);
     // Overlapped decoding, when the whole model is on the GPU (overlaps()): begin_sampled enqueues

@@ -54,6 +54,20 @@ def check_against_float64(rng, qtype, n_tok, n_rows, cols, accumulate, tol, **mm
         assert rel_err(y.astype(np.float64) - acc, prod) < tol, f"seed {SEED} cols {cols}"
 
 
+def check_batch_invariant(rng, qtype, rows, cols, n_tok, parts, **mm_args):
+    """Each token range of `parts`, multiplied on its own by _core.cuda_ops.mm(..., **mm_args),
+    gives bitwise the rows of one call over all n_tok tokens."""
+    raw, _ = weights(rng, qtype, rows, cols)
+    x = rng.standard_normal((n_tok, cols)).astype(np.float32)
+    full = _core.cuda_ops.mm(int(qtype), raw, cols, x, **mm_args).view(np.uint32)
+    for start, size in parts:
+        part = _core.cuda_ops.mm(int(qtype), raw, cols, np.ascontiguousarray(x[start:start + size]), **mm_args)
+        assert np.array_equal(part.view(np.uint32), full[start:start + size]), f"seed {SEED}: [{start}, {start + size})"
+
+
+BATCH_PARTS = [(0, 1), (5, 9), (37, 33), (60, 40), (99, 1)]  # of 100 tokens
+
+
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_tok,n_rows", SHAPES, ids=lambda s: str(s))
 @pytest.mark.parametrize("accumulate", [False, True], ids=["set", "accumulate"])
@@ -78,12 +92,7 @@ def test_mm_float_is_exact_f32(rng, qtype, n_tok, n_rows, cols, accumulate):
 @pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
 def test_mm_float_batch_invariant(rng, qtype):
     """The router's f32 scores of a token are bitwise the same whatever else is in the call."""
-    raw, _ = weights(rng, qtype, 130, 1001)
-    x = rng.standard_normal((100, 1001)).astype(np.float32)
-    full = _core.cuda_ops.mm(int(qtype), raw, 1001, x, exact=True).view(np.uint32)
-    for start, size in [(0, 1), (5, 9), (37, 33), (60, 40), (99, 1)]:
-        part = _core.cuda_ops.mm(int(qtype), raw, 1001, np.ascontiguousarray(x[start:start + size]), exact=True)
-        assert np.array_equal(part.view(np.uint32), full[start:start + size]), f"seed {SEED}: [{start}, {start + size})"
+    check_batch_invariant(rng, qtype, 130, 1001, 100, BATCH_PARTS, exact=True)
 
 
 def test_mm_float_refuses_quantized_weights(rng):
@@ -109,13 +118,7 @@ def test_mm_batch_invariant(rng, qtype):
     """A token's outputs are bitwise the same whatever else is in the call (32- and 64-token tiles,
     weights staged in shared memory up to 64 tokens and loaded into registers above, included):
     batching must not change a sequence's logits or routing."""
-    cols = cols_for(qtype, True)
-    raw, _ = weights(rng, qtype, 150, cols)
-    x = rng.standard_normal((100, cols)).astype(np.float32)
-    full = cuda_mm(qtype, raw, cols, x).view(np.uint32)
-    for start, size in [(0, 1), (5, 9), (37, 33), (60, 40), (99, 1)]:
-        part = cuda_mm(qtype, raw, cols, np.ascontiguousarray(x[start:start + size])).view(np.uint32)
-        assert np.array_equal(part, full[start:start + size]), f"seed {SEED}: tokens [{start}, {start + size})"
+    check_batch_invariant(rng, qtype, 150, cols_for(qtype, True), 100, BATCH_PARTS)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
@@ -146,13 +149,7 @@ def test_mm_split_is_mm_regrouped(rng, qtype, n_tok):
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.BF16], ids=lambda t: t.name)
 def test_mm_split_batch_invariant(rng, qtype):
     """A token's outputs from mm_split are bitwise the same whatever else is in the call."""
-    cols = cols_for(qtype, True)
-    raw, _ = weights(rng, qtype, 150, cols)
-    x = rng.standard_normal((64, cols)).astype(np.float32)
-    full = _core.cuda_ops.mm(int(qtype), raw, cols, x, slices=8).view(np.uint32)
-    for start, size in [(0, 1), (5, 9), (20, 33), (63, 1)]:
-        part = _core.cuda_ops.mm(int(qtype), raw, cols, np.ascontiguousarray(x[start:start + size]), slices=8)
-        assert np.array_equal(part.view(np.uint32), full[start:start + size]), f"seed {SEED}: [{start}, {start + size})"
+    check_batch_invariant(rng, qtype, 150, cols_for(qtype, True), 64, [(0, 1), (5, 9), (20, 33), (63, 1)], slices=8)
 
 
 def test_mm_bad_arguments(rng):

@@ -129,11 +129,11 @@ int main(int argc, char** argv) try {
                     }
                 }), wb);
             row((std::string(name) + " mm").c_str(), n, time_us([&] { mm(*w, x, n, y, w->rows, false, nullptr); }), wb);
-            if (w != &wo) continue;
-            for (const int slices : {4, 8, 16}) {
-                const std::string what = "wo mm_split " + std::to_string(slices);
-                row(what.c_str(), n, time_us([&] { mm_split(*w, x, n, y, w->rows, false, slices, split, nullptr); }), wb);
-            }
+        }
+        for (const int slices : {4, 8, 16}) {
+            const std::string what = "wo mm_split " + std::to_string(slices);
+            row(what.c_str(), n, time_us([&] { mm_split(wo, x, n, y, wo.rows, false, slices, split, nullptr); }),
+                static_cast<double>(wo.matrix_bytes));
         }
     }
     return 0;

@@ -24,7 +24,7 @@ STEP_START = "get_rows_kernel"
 TIME = "gpu__time_duration.sum"
 DRAM_READ = "dram__bytes_read.sum"
 _TIME_SCALE = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}  # -> us
-_BYTE_SCALE = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+_BYTE_SCALE = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
 
 
 def kernels(lines: list[str]) -> list[tuple[str, str, float, float | None]]:

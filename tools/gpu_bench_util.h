@@ -20,7 +20,7 @@ inline void ck(cudaError_t e, const char* what) {
     if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
-// n zero-filled (or `byte`-filled) elements in device memory; never freed (the process is short).
+// n zero-filled (or `byte`-filled) elements in device memory; freed by the caller or at exit.
 template <typename T>
 T* device(size_t n, int byte = 0) {
     T* p = nullptr;
