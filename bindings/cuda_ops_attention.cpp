@@ -1,6 +1,6 @@
 // glmoe._core.cuda_ops.attention_decode / attention_prefill: the CUDA attention kernels on numpy
 // arrays, for tests. K/V caches are raw rows [n_cells, row bytes] of type_k / type_v: float16 bits
-// (arr.view(np.uint16)) for F16, the block bytes (uint8) for Q8_0 / Q4_0.
+// (arr.view(np.uint16)) for F16, the raw bytes (uint8) for BF16, Q8_0 / Q4_0.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda_test_util.h"
+#include "ggml_types.h"
 #include "kernels.h"
 
 namespace nb = nanobind;
@@ -22,7 +23,7 @@ using KVIn = nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
 // Values per row of a raw cache of `type` (a KV type of the kernels).
 int64_t row_values(const KVIn& cache, uint32_t type) {
-    if (!cuda::kv_type_supported(type)) throw nb::value_error("KV types must be F16 (1), Q8_0 (8) or Q4_0 (2)");
+    if (!cuda::kv_type_supported(type)) throw nb::value_error("KV types must be F16 (1), BF16 (30), Q8_0 (8) or Q4_0 (2)");
     const int64_t bytes = static_cast<int64_t>(cache.nbytes() / std::max<size_t>(cache.shape(0), 1));
     const int64_t per32 = cuda::kv_row_bytes(type, 32);
     if (bytes % per32 != 0) throw nb::value_error("cache row bytes are not whole blocks of the type");
@@ -37,7 +38,7 @@ using I32In = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::
 nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const KVIn& k_cache, const KVIn& v_cache,
                                             const I32In& cells, const I32In& cell_start, const I32In& n_visible,
                                             int n_head, int n_head_kv, float scale, int max_visible,
-                                            int64_t q_stride, uint32_t type_k, uint32_t type_v) {
+                                            int64_t q_stride, uint32_t type_k, uint32_t type_v, bool f16_rows = false) {
     const int64_t n_tok = q.shape(0), n_cells = k_cache.shape(0);
     const int64_t kv_width = row_values(k_cache, type_k);
     if (n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || kv_width % n_head_kv != 0)
@@ -96,6 +97,23 @@ nb::ndarray<nb::numpy, float> run_attention(bool decode, const F32In& q, const K
         cuda::attention_decode(a, bytes ? scratch.get() : nullptr, nullptr);
         return cuda_test::to_numpy(out, {static_cast<size_t>(n_tok), q_width});  // syncs before scratch dies
     }
+    if (!f16_rows) {
+        cuda::attention_prefill(a, nullptr);
+        return cuda_test::to_numpy(out, {static_cast<size_t>(n_tok), q_width});
+    }
+    // As the model runs a prompt chunk over a non-f16 cache: the visible rows converted once, then
+    // the f16 kernel over them in order. Rows past the visible ones stay poisoned (never read).
+    DeviceArray<uint16_t> fk(static_cast<size_t>(max_visible) * kv_width), fv(static_cast<size_t>(max_visible) * kv_width);
+    fk.fill_bytes(0xFF);
+    fv.fill_bytes(0xFF);
+    cuda::kv_rows_to_f16(dk.get(), type_k, kv_width, a.cells, a.cell_start, a.n_visible, a.n_tok, max_visible, fk.get(),
+                         nullptr);
+    cuda::kv_rows_to_f16(dv.get(), type_v, kv_width, a.cells, a.cell_start, a.n_visible, a.n_tok, max_visible, fv.get(),
+                         nullptr);
+    a.k_cache = fk.get();
+    a.v_cache = fv.get();
+    a.type_k = a.type_v = glmoe::GGML_TYPE_F16;
+    a.cells = nullptr;
     cuda::attention_prefill(a, nullptr);
     return cuda_test::to_numpy(out, {static_cast<size_t>(n_tok), q_width});
 }
@@ -123,12 +141,39 @@ void bind_cuda_attention(nb::module_& m) {
         "attention_prefill",
         [](const F32In& q, const KVIn& k, const KVIn& v, const I32In& cells, const I32In& cell_start,
            const I32In& n_visible, int n_head, int n_head_kv, float scale, int64_t q_stride, uint32_t type_k,
-           uint32_t type_v) {
+           uint32_t type_v, bool f16_rows) {
             return run_attention(false, q, k, v, cells, cell_start, n_visible, n_head, n_head_kv, scale, 0, q_stride,
-                                 type_k, type_v);
+                                 type_k, type_v, f16_rows);
         },
         nb::arg("q"), nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("cells"), nb::arg("cell_start"),
         nb::arg("n_visible"), nb::arg("n_head"), nb::arg("n_head_kv"), nb::arg("scale"), nb::arg("q_stride") = 0,
-        nb::arg("type_k") = 1, nb::arg("type_v") = 1,
-        "Tensor-core prompt attention: as attention_decode, all tokens sharing cell_start[0].");
+        nb::arg("type_k") = 1, nb::arg("type_v") = 1, nb::arg("f16_rows") = false,
+        "Tensor-core prompt attention: as attention_decode, all tokens sharing cell_start[0]. f16_rows: first "
+        "convert the visible rows to f16 (kv_rows_to_f16), then read those, as the model does for a prompt chunk.");
+    m.def(
+        "kv_rows_to_f16",
+        [](const KVIn& cache, uint32_t type, const I32In& cells, const I32In& cell_start, const I32In& n_visible) {
+            const int64_t width = row_values(cache, type);
+            int most = 0;
+            for (size_t t = 0; t < n_visible.shape(0); ++t) most = std::max(most, n_visible.data()[t]);
+            if (cell_start.shape(0) < 1 || n_visible.shape(0) < 1 || cell_start.data()[0] < 0 ||
+                cell_start.data()[0] + static_cast<int64_t>(most) > static_cast<int64_t>(cells.shape(0)))
+                throw nb::value_error("cell_start[0] + max(n_visible) must lie within cells");
+            for (size_t i = 0; i < cells.shape(0); ++i)
+                if (cells.data()[i] < 0 || cells.data()[i] >= static_cast<int64_t>(cache.shape(0)))
+                    throw nb::value_error("cell index out of range");
+            DeviceArray<uint8_t> d(static_cast<const uint8_t*>(cache.data()), cache.nbytes());
+            auto dcells = upload<int32_t>(cells);
+            auto dstart = upload<int32_t>(cell_start);
+            auto dvis = upload<int32_t>(n_visible);
+            const int rows = most + 5;  // 5 rows more than visible: they must stay as they were
+            DeviceArray<uint16_t> out(static_cast<size_t>(rows) * width);
+            out.fill_bytes(0xFF);
+            cuda::kv_rows_to_f16(d.get(), type, width, dcells.get(), dstart.get(), dvis.get(),
+                                 static_cast<int>(n_visible.shape(0)), rows, out.get(), nullptr);
+            return cuda_test::to_numpy(out, {static_cast<size_t>(rows), static_cast<size_t>(width)});
+        },
+        nb::arg("cache"), nb::arg("type"), nb::arg("cells"), nb::arg("cell_start"), nb::arg("n_visible"),
+        "Rows cells[cell_start[0] + i] of a raw cache of `type`, i < max(n_visible), as float16 bits (uint16) "
+        "[max(n_visible) + 5, width]; the 5 rows past them are returned untouched (0xFFFF).");
 }

@@ -117,7 +117,7 @@ nb::object qkv_prepare_py(const F32In& qkv, std::optional<F32In> bias, std::opti
                           int n_head_kv, int head_dim, int n_rot, float eps, float freq_base, uint32_t type_k,
                           uint32_t type_v) {
     need(glmoe::cuda::kv_type_supported(type_k) && glmoe::cuda::kv_type_supported(type_v),
-         "KV types must be F16 (1), Q8_0 (8) or Q4_0 (2)");
+         "KV types must be F16 (1), BF16 (30), Q8_0 (8) or Q4_0 (2)");
     need(qkv.ndim() == 2, "qkv must be 2-d");
     const size_t n = qkv.shape(0), width = qkv.shape(1);
     need(width == static_cast<size_t>(n_head + 2 * n_head_kv) * head_dim, "qkv width does not match the heads");

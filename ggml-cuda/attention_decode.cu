@@ -526,7 +526,8 @@ void launch_decode(const DecodeParams& p, cudaStream_t s) {
         launch_kernel(attention_decode_kernel<D, true>, grid, dim3(kThreads), Cfg<D>::kSmem, s, p);
     } else {
         static std::atomic<uint64_t> done{0};
-        allow_smem(attention_decode_kernel<D, false>, kv_smem_max(quant_smem<D>), done, "attention_decode");
+        const size_t most = kv_smem_max(quant_smem<D>, {GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0});
+        allow_smem(attention_decode_kernel<D, false>, most, done, "attention_decode");
         launch_kernel(attention_decode_kernel<D, false>, grid, dim3(kThreads), quant_smem<D>(p.a.type_k, p.a.type_v),
                       s, p);
     }
@@ -581,7 +582,7 @@ void attention_decode(const AttentionArgs& a, float* scratch, cudaStream_t s) {
     p.part_ml = scratch ? scratch + static_cast<size_t>(a.n_tok) * a.n_head * p.n_split * a.head_dim : nullptr;
     if (p.n_split > 1 && scratch == nullptr) throw std::invalid_argument("attention_decode: scratch missing");
     if (!kv_type_supported(a.type_k) || !kv_type_supported(a.type_v))
-        throw std::invalid_argument("attention_decode: KV types must be F16, Q8_0 or Q4_0");
+        throw std::invalid_argument("attention_decode: KV types must be F16, BF16, Q8_0 or Q4_0");
     switch (a.head_dim) {
         case 64: launch_decode<64>(p, s); break;
         case 128: launch_decode<128>(p, s); break;

@@ -14,6 +14,9 @@
 //
 // Quantized K or V (kv_tile.cuh) is staged as raw row slices through the same pipeline, then the
 // block dequantizes the tile into f16 rows (one barrier more per tile) that the same mma code reads.
+// Every block of a kv head does that again for every tile, so the model converts the visible rows
+// to f16 once instead (kv_rows_to_f16, below) for a prompt chunk and runs the f16 kernel; a BF16
+// cache is read only that way.
 //
 // Precision: q * scale and p are rounded to f16 (K and V are f16 already), so a score carries a
 // relative error of ~2^-11 of |q||k| and each weight ~2^-11: outputs agree with f32 math to ~1e-3
@@ -103,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
     const int n_tiles = (n_cells + kBN - 1) / kBN;
 
     const int64_t kv_width = static_cast<int64_t>(a.n_head_kv) * D;
-    const int32_t* cells = a.cells + a.cell_start[0];
+    const int32_t* cells = a.cells ? a.cells + a.cell_start[0] : nullptr;  // null: cell i is row i
     const half* k_base = static_cast<const half*>(a.k_cache) + static_cast<int64_t>(kvh) * D;
     const half* v_base = static_cast<const half*>(a.v_cache) + static_cast<int64_t>(kvh) * D;
 
@@ -117,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
             const int r = j / kChunks, c = j % kChunks;
             const int cell_idx = i * kBN + r;
             const bool ok = cell_idx < n_cells;
-            const int64_t cell = ok ? cells[cell_idx] : 0;
+            const int64_t cell = ok ? (cells ? cells[cell_idx] : cell_idx) : 0;
             if constexpr (kF16) {
                 cp_async16(ks + r * S + c * 8, k_base + cell * kv_width + c * 8, ok);
                 cp_async16(vs + r * S + c * 8, v_base + cell * kv_width + c * 8, ok);
@@ -309,14 +312,53 @@ void launch_prefill(const AttentionArgs& a, cudaStream_t s) {
         launch_kernel(attention_prefill_kernel<D, true>, grid, dim3(kThreads), Cfg<D>::kSmem, s, a);
     } else {
         static std::atomic<uint64_t> done{0};
-        allow_smem(attention_prefill_kernel<D, false>, kv_smem_max(quant_smem<D>), done, "attention_prefill");
+        const size_t most = kv_smem_max(quant_smem<D>, {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0});
+        allow_smem(attention_prefill_kernel<D, false>, most, done, "attention_prefill");
         launch_kernel(attention_prefill_kernel<D, false>, grid, dim3(kThreads), quant_smem<D>(a.type_k, a.type_v), s,
                       a);
     }
     check_launch("attention_prefill");
 }
 
+// Rows per block of kv_rows_to_f16: each block first reduces n_visible over the tokens.
+constexpr int kConvertRows = 32;
+
+__global__ void kv_rows_to_f16_kernel(const uint8_t* cache, uint32_t type, int64_t width, const int32_t* cells,
+                                      const int32_t* cell_start, const int32_t* n_visible, int n_tok, half* out) {
+    pdl_enter();
+    __shared__ int most;
+    if (threadIdx.x == 0) most = 0;
+    __syncthreads();
+    int m = 0;
+    for (int t = threadIdx.x; t < n_tok; t += blockDim.x) m = max(m, n_visible[t]);
+    m = __reduce_max_sync(0xffffffffu, m);
+    if ((threadIdx.x & 31) == 0) atomicMax(&most, m);
+    __syncthreads();
+    const int r0 = blockIdx.x * kConvertRows;
+    const int rows = min(kConvertRows, most - r0);
+    if (rows <= 0) return;
+    const int64_t row_bytes = kv_row_bytes_of(type, width);
+    const int units = static_cast<int>(width / 8);
+    const int32_t* list = cells + cell_start[0] + r0;
+    for (int i = threadIdx.x; i < rows * units; i += blockDim.x) {
+        const int r = i / units, u = i % units;
+        const uint8_t* row = cache + static_cast<int64_t>(list[r]) * row_bytes;
+        *reinterpret_cast<uint4*>(out + (r0 + r) * width + u * 8) = kv_dequant8(type, row, u);
+    }
+}
+
 }  // namespace
+
+void kv_rows_to_f16(const void* cache, uint32_t type, int64_t width, const int32_t* cells, const int32_t* cell_start,
+                    const int32_t* n_visible, int n_tok, int max_visible, void* out, cudaStream_t s) {
+    if (n_tok <= 0 || max_visible <= 0) return;
+    if (!kv_type_supported(type) || width <= 0 || width % 32 != 0)
+        throw std::invalid_argument("kv_rows_to_f16: need a KV type and a width that is a multiple of 32");
+    launch_kernel(kv_rows_to_f16_kernel, dim3(static_cast<unsigned>((max_visible + kConvertRows - 1) / kConvertRows)),
+                  dim3(256), 0, s, static_cast<const uint8_t*>(cache), type, width, cells, cell_start, n_visible,
+                  n_tok, static_cast<half*>(out));
+    check_launch("kv_rows_to_f16");
+}
 
 void attention_prefill(const AttentionArgs& a, cudaStream_t s) {
     if (a.n_tok <= 0) return;
@@ -324,8 +366,11 @@ void attention_prefill(const AttentionArgs& a, cudaStream_t s) {
         throw std::invalid_argument("attention_prefill: n_head must be a multiple of n_head_kv");
     if (a.q_stride != 0 && (a.q_stride < static_cast<int64_t>(a.n_head) * a.head_dim || a.q_stride % 4 != 0))
         throw std::invalid_argument("attention_prefill: q_stride must be >= n_head * head_dim and a multiple of 4");
-    if (!kv_type_supported(a.type_k) || !kv_type_supported(a.type_v))
-        throw std::invalid_argument("attention_prefill: KV types must be F16, Q8_0 or Q4_0");
+    // BF16 rows staged raw need more shared memory than D = 256 leaves: convert them first.
+    auto tiles_read = [](uint32_t t) { return t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0; };
+    if (!tiles_read(a.type_k) || !tiles_read(a.type_v))
+        throw std::invalid_argument("attention_prefill: KV types must be F16, Q8_0 or Q4_0 (BF16 rows: convert them "
+                                    "with kv_rows_to_f16 first)");
     switch (a.head_dim) {
         case 64: launch_prefill<64>(a, s); break;
         case 128: launch_prefill<128>(a, s); break;

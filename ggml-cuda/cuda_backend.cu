@@ -133,6 +133,7 @@ void CudaBackendImpl::lay_out(Arena& a) {
     moe_y_ = a.array<float>(pairs * H);
     moe_out_ = a.array<float>(n * H);
     ones_ = a.array<float>(n);
+    split_ = a.array<float>(kSplitSlices * std::min<size_t>(n, kMaxSplitTokens) * H);
     q8_ = a.array<BlockQ8>(pairs * (k_max_ / 32 + 1));
     q8b_ = a.array<BlockQ8>(pairs * (k_max_ / 32 + 1));
     moe_ids_ = a.array<int32_t>(pairs);
@@ -150,6 +151,15 @@ void CudaBackendImpl::lay_out(Arena& a) {
             scratch_bytes = std::max(scratch_bytes, attention_decode_scratch_bytes(kDecodeGroup, hp_.layers[il].n_head,
                                                                                    hp_.layers[il].n_head_kv, hp_.head_dim_k, p_.n_ctx));
     attn_scratch_ = static_cast<float*>(a.reserve(scratch_bytes));
+    // A prompt chunk reads a BF16 or quantized cache as f16 rows converted once (kv_rows_to_f16):
+    // K and V of the widest layer for n_ctx cells (llama.cpp's flash attention converts such a
+    // cache to f16 likewise).
+    if (p_.type_k != GGML_TYPE_F16 || p_.type_v != GGML_TYPE_F16) {
+        int64_t widest = 0;
+        for (int il = 0; il < hp_.n_layer; ++il)
+            if (layers_[il].attn) widest = std::max<int64_t>(widest, layers_[il].n_head_kv * D);
+        for (uint16_t*& rows : kv_f16_) rows = a.array<uint16_t>(static_cast<size_t>(p_.n_ctx) * widest);
+    }
     d_in_ = a.array<int32_t>(static_cast<size_t>(kInputs) * n);
     for (uint8_t*& slot : borrow_slots_) slot = borrow_bytes ? static_cast<uint8_t*>(a.reserve(borrow_bytes)) : nullptr;
     const std::vector<ExpertStreamer::Layer> streamed = streamable_layers();
@@ -187,7 +197,7 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
     if (!why_not.empty()) throw GpuError("the GPU backend does not support " + why_not);
     if (params.n_ctx <= 0 || params.n_ubatch <= 0) throw GpuError("n_ctx and n_ubatch must be positive");
     if (!kv_type_supported(params.type_k) || !kv_type_supported(params.type_v))
-        throw std::invalid_argument("the GPU's KV cache stores f16, q8_0 or q4_0, not " + type_name(params.type_k) +
+        throw std::invalid_argument("the GPU's KV cache stores f16, bf16, q8_0 or q4_0, not " + type_name(params.type_k) +
                                     "/" + type_name(params.type_v));
     U_ = std::max(params.n_ubatch, kMaxMmvTokens);
     // From this many tokens a step copies a layer's routed experts from RAM instead of sending its

@@ -33,6 +33,14 @@ static_assert(CudaBackend::kInvariantBatch == kMaxMmvTokens, "the batch-invarian
 constexpr int kDecodeGroup = 64;  // most tokens one attention_decode launch takes
 constexpr int kPrefillRun = 9;    // a sequence run this long uses the prefill attention kernel
 constexpr int kLogitRows = 32;    // output-head rows per pass (bounds the logits buffer)
+// Few, long rows (GLM's attention output 12288 -> 4096 and dense down 10944 -> 4096) past the
+// matrix-vector passes (cuda_backend_ops.cu: up to 32 tokens) and up to kMaxSplitTokens tokens run
+// as mm over kSplitSlices column slices (mm_split): plain mm gives them 32 blocks, a quarter of an
+// H100. bench_moe_gpu (H100, attention output, us): 64 tokens mm 337, split-8 74; 4 and 16 slices
+// slower than 8.
+constexpr int kMaxSplitTokens = 64;
+constexpr int kSplitSlices = 8;
+constexpr int64_t kSplitMinCols = 8192;
 
 // Device memory is laid out twice: a dry pass that only counts bytes (to refuse a model that
 // does not fit before touching the device), then the real pass that places and uploads.
@@ -251,7 +259,9 @@ private:
     int64_t qkv_width_ = 0, nq_max_ = 0, ff_max_ = 0, slots_max_ = 1, k_max_ = 0;
     float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr, *attn_ = nullptr, *g_ = nullptr, *u_ = nullptr,
           *act_ = nullptr, *router_ = nullptr, *moe_w_ = nullptr, *moe_y_ = nullptr, *moe_out_ = nullptr,
-          *ones_ = nullptr, *logits_ = nullptr, *attn_scratch_ = nullptr;
+          *ones_ = nullptr, *logits_ = nullptr, *attn_scratch_ = nullptr,
+          *split_ = nullptr;  // mm_split's slice partials: kSplitSlices x kMaxSplitTokens x n_embd
+    uint16_t* kv_f16_[2] = {};  // K, V rows as f16 for prompt chunks over a non-f16 cache (else null)
     BlockQ8 *q8_ = nullptr, *q8b_ = nullptr;
     int32_t *moe_ids_ = nullptr, *moe_counts_ = nullptr, *moe_offsets_ = nullptr, *moe_src_ = nullptr,
             *moe_dst_ = nullptr, *seq_cells_ = nullptr, *ids_ = nullptr;

@@ -9,9 +9,20 @@ namespace {
 // attention output, 12288 -> 4096, and dense down projection, 10944 -> 4096) `mm` has 32 blocks
 // of 128 rows, a quarter of an H100's SMs, each walking the whole K range. Measured with
 // bench_moe_gpu (H100, attention output): 16 tokens 98 vs 231 us, 32 191 vs 260, 64 373 vs 316.
+// mm_split (below) is faster still from 9 tokens (53 us at 16, 60 at 32), but taking it below 33
+// tokens (bf16 tiles where the passes read 8-bit activations, as a decode step does) moved greedy
+// tokens of batched decoding against a teacher-forced re-run past test_cuda_model's near-tie bound
+// in 2 runs of 3 on an H100 (2026-12-07): the passes stay there until that is understood.
 // Shape and token count alone decide, as at kMaxMmvTokens.
 bool mmv_passes_win(const WeightView& w, int n) {
-    return w.rows <= 4096 && w.cols >= 8192 && n <= 4 * kMaxMmvTokens;
+    return w.rows <= 4096 && w.cols >= kSplitMinCols && n <= 4 * kMaxMmvTokens;
+}
+
+// Whether mm over column slices beats plain mm for n tokens (kMaxSplitTokens: cuda_backend_impl.cuh);
+// both read the same bf16 tiles. Shape and token count alone decide; rows <= n_embd bounds the
+// slices' scratch (split_).
+bool split_wins(const WeightView& w, int n, int64_t n_embd) {
+    return n > kMaxMmvTokens && n <= kMaxSplitTokens && w.rows <= n_embd && w.cols >= kSplitMinCols;
 }
 
 // Up to this many tokens the f32 router runs as matrix-vector passes rather than mm_float: for
@@ -37,6 +48,8 @@ void CudaBackendImpl::linear(const WeightView& w, const float* xin, const BlockQ
         mm_float(dequantized(w, 1, 0), xin, n, y, y_stride, acc, stream_);
     } else if (n <= kMaxMmvTokens || mmv_passes_win(w, n)) {
         mmv_passes(w, xin, xq, n, y, y_stride, acc);
+    } else if (split_wins(w, n, hp_.n_embd)) {
+        mm_split(w, xin, n, y, y_stride, acc, kSplitSlices, split_, stream_);
     } else {
         mm(w, xin, n, y, y_stride, acc, stream_);
     }
@@ -151,6 +164,18 @@ void CudaBackendImpl::attention(int il) {
         a.head_dim = static_cast<int>(D);
         a.max_visible = bucket_;
         a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+        if (len < 0 && kv_f16_[0]) {
+            // One conversion of the visible rows, not one per block and tile (attention_prefill.cu).
+            const int64_t kv_width = l.n_head_kv * D;
+            kv_rows_to_f16(l.k_cache, p_.type_k, kv_width, seq_cells_, a.cell_start, a.n_visible, a.n_tok, bucket_,
+                           kv_f16_[0], stream_);
+            kv_rows_to_f16(l.v_cache, p_.type_v, kv_width, seq_cells_, a.cell_start, a.n_visible, a.n_tok, bucket_,
+                           kv_f16_[1], stream_);
+            a.k_cache = kv_f16_[0];
+            a.v_cache = kv_f16_[1];
+            a.type_k = a.type_v = GGML_TYPE_F16;
+            a.cells = nullptr;
+        }
         if (len < 0)
             attention_prefill(a, stream_);  // negative length marks one sequence's long run
         else

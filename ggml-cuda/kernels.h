@@ -84,7 +84,7 @@ void mm_experts(const ExpertSet& w, const float* x, const int32_t* offsets, cons
 
 // ---- attention ---------------------------------------------------------------------------------
 // KV cache of one layer: k_cache/v_cache [n_cells] rows of kv_width = n_head_kv * head_dim values
-// of type_k / type_v: F16, or Q8_0 / Q4_0 (llama.cpp's 32-value blocks along the whole row, as the
+// of type_k / type_v: F16, BF16, or Q8_0 / Q4_0 (llama.cpp's 32-value blocks along the whole row, as the
 // CPU stores them: kv_row_bytes). Quantized rows are dequantized to f16 in shared memory as a tile
 // arrives (a value q * d rounded to f16 once), so they cost what f16 rows cost past the load.
 // Query token t attends to cells[cell_start[t] .. cell_start[t] + n_visible[t]) (the host lists a
@@ -111,14 +111,22 @@ struct AttentionArgs {
 // Few query tokens, each possibly of another sequence (decode, drafts). Uses `scratch` (device,
 // attention_decode_scratch_bytes) for partial results of the split over the KV length. A token's
 // output does not depend on the other tokens of a launch of up to 8 (batch invariance).
-// Whether the attention kernels and qkv_prepare store / read KV rows of this type (F16, Q8_0, Q4_0).
+// Whether the attention kernels and qkv_prepare store / read KV rows of this type (F16, BF16, Q8_0,
+// Q4_0).
 bool kv_type_supported(uint32_t type);
 // Bytes of one KV row of `width` values of `type` (a supported type; width a multiple of 32).
 int64_t kv_row_bytes(uint32_t type, int64_t width);
 size_t attention_decode_scratch_bytes(int n_tok, int n_head, int n_head_kv, int head_dim, int max_visible);
 void attention_decode(const AttentionArgs& a, float* scratch, cudaStream_t s);
 // Many query tokens of one sequence (prompt chunk): all share cell_start[0]; n_visible may differ.
+// cells may be null: the rows are then the cache's first rows in order (kv_rows_to_f16's output).
 void attention_prefill(const AttentionArgs& a, cudaStream_t s);
+// out (f16, [max_visible][width]) row i = cache row cells[cell_start[0] + i] of `type` converted to
+// f16 (each value q * d rounded once, as the kernels' tiles hold it), for i < max(n_visible[0..n_tok));
+// rows past that are left as they are. One pass over a prompt chunk's visible rows, which the f16
+// prefill kernel then reads (cells null) instead of every block converting every tile again.
+void kv_rows_to_f16(const void* cache, uint32_t type, int64_t width, const int32_t* cells, const int32_t* cell_start,
+                    const int32_t* n_visible, int n_tok, int max_visible, void* out, cudaStream_t s);
 
 // ---- element-wise and small ops (ops.cu) ---------------------------------------------------------
 // out[i][:] = dequantized row ids[i] of the embedding table.

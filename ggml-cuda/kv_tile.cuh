@@ -1,12 +1,16 @@
-// KV rows in a quantized type (Q8_0, Q4_0: llama.cpp's 32-value blocks, 2-byte scale first) as the
-// attention kernels stage them: one kv head's slice of a row is copied raw into shared memory
+// KV rows in a quantized type (Q8_0, Q4_0: llama.cpp's 32-value blocks, 2-byte scale first) or BF16
+// (read as 32-value blocks of 64 bytes, no scale) as the attention kernels stage them: one kv
+// head's slice of a row is copied raw into shared memory
 // with 4-byte cp.async (blocks of 34 or 18 bytes are only 2-byte aligned one by one, but a head's
 // slice of D >= 64 values is a whole number of block pairs: 4-byte aligned), then dequantized to
-// f16 rows laid out as the f16 kernels' tiles, which the tensor cores read unchanged.
+// f16 rows laid out as the f16 kernels' tiles, which the tensor cores read unchanged. BF16 values
+// become f16 exactly (8 mantissa bits fit in 10) within f16's range, the range of the default f16
+// cache; llama.cpp's CUDA flash attention converts a BF16 cache to f16 the same way.
 #pragma once
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "cuda_common.cuh"
 #include "ggml_types.h"
@@ -15,7 +19,12 @@
 namespace glmoe::cuda {
 
 __host__ __device__ constexpr int kv_block_bytes(uint32_t type) {
-    return type == GGML_TYPE_Q8_0 ? 34 : type == GGML_TYPE_Q4_0 ? 18 : 64;  // F16: 32 halves
+    return type == GGML_TYPE_Q8_0 ? 34 : type == GGML_TYPE_Q4_0 ? 18 : 64;  // F16, BF16: 32 halves
+}
+
+// Bytes of a whole row of `width` values (F16: any width; the block types: a multiple of 32).
+__host__ __device__ constexpr int64_t kv_row_bytes_of(uint32_t type, int64_t width) {
+    return type == GGML_TYPE_F16 ? width * 2 : width / 32 * kv_block_bytes(type);
 }
 
 // Bytes of one kv head's slice (D values) of a row.
@@ -37,12 +46,12 @@ __host__ __device__ constexpr int kv_stage_bytes(uint32_t type_k, uint32_t type_
 __host__ __device__ constexpr int kv_quantized_sides(uint32_t type_k, uint32_t type_v) {
     return (type_k != GGML_TYPE_F16) + (type_v != GGML_TYPE_F16);
 }
-// the most smem(type_k, type_v) over every pair of KV types (a kernel opts in once for it).
+// the most smem(type_k, type_v) over every pair of the kernel's KV types (it opts in once for it).
 template <class Smem>
-size_t kv_smem_max(Smem smem) {
+size_t kv_smem_max(Smem smem, std::initializer_list<uint32_t> types) {
     size_t most = 0;
-    for (uint32_t k : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0})
-        for (uint32_t v : {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0}) most = most > smem(k, v) ? most : smem(k, v);
+    for (uint32_t k : types)
+        for (uint32_t v : types) most = most > smem(k, v) ? most : smem(k, v);
     return most;
 }
 
@@ -94,10 +103,21 @@ __device__ __forceinline__ uint32_t pack_half2(float a, float b) {
     return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// Values 8u .. 8u + 7 of a staged raw slice, as 8 halves (each q * d rounded to f16 once).
+// Values 8u .. 8u + 7 of a raw row or slice, as 8 halves (each q * d rounded to f16 once; F16
+// copied, BF16 converted).
 __device__ __forceinline__ uint4 kv_dequant8(uint32_t type, const uint8_t* raw, int u) {
     const int b = u >> 2, sub = u & 3;
     const uint8_t* blk = raw + b * kv_block_bytes(type);
+    if (type == GGML_TYPE_F16 || type == GGML_TYPE_BF16) {
+        // 4-byte loads: staged slices are 16-byte aligned, F16/BF16 cache rows 64-byte multiples.
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(blk + sub * 16);
+        const uint32_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+        if (type == GGML_TYPE_F16) return make_uint4(w0, w1, w2, w3);
+        auto lo = [](uint32_t x) { return __uint_as_float(x << 16); };
+        auto hi = [](uint32_t x) { return __uint_as_float(x & 0xFFFF0000u); };
+        return make_uint4(pack_half2(lo(w0), hi(w0)), pack_half2(lo(w1), hi(w1)), pack_half2(lo(w2), hi(w2)),
+                          pack_half2(lo(w3), hi(w3)));
+    }
     const float d = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
     float v[8];
     if (type == GGML_TYPE_Q8_0) {

@@ -54,8 +54,10 @@ void allow_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done_mask, c
     const uint64_t bit = uint64_t{1} << (dev & 63);
     if (done_mask.load(std::memory_order_relaxed) & bit) return;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
-        cudaSuccess)
+        cudaSuccess) {
+        cudaGetLastError();  // consumed here, so that the next launch's check does not report it again
         throw std::runtime_error(std::string(what) + ": cannot set shared memory size");
+    }
     done_mask.fetch_or(bit);
 }
 

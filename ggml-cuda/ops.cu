@@ -207,14 +207,23 @@ __device__ __forceinline__ void store_q4_0_block(float x, int lane, uint8_t* blk
     if (lane < 16) blk[2 + lane] = static_cast<uint8_t>(nib | (high << 4));
 }
 
+// f32 -> bf16 bits as the CPU's f32_to_bf16 (src/quantize_row.cpp): nearest, ties to even; a NaN
+// stays a quiet NaN with its sign and top payload bits.
+__device__ __forceinline__ uint16_t bf16_bits_rn(float x) {
+    const uint32_t b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((b >> 16) | 64);
+    return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
+}
+
 // vals[0..D) (shared memory, written before a __syncthreads) into one kv head's slice of a
-// quantized cache row; every thread of the block calls it.
+// Q8_0 / Q4_0 / BF16 cache row; every thread of the block calls it.
 __device__ void store_kv_head_quantized(uint32_t type, const float* vals, uint8_t* dst, int D) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     for (int b = warp; b < D / 32; b += n_warps) {
         const float x = vals[b * 32 + lane];
         if (type == GGML_TYPE_Q8_0) store_q8_0_block(x, lane, dst + b * 34);
-        else store_q4_0_block(x, lane, dst + b * 18);
+        else if (type == GGML_TYPE_Q4_0) store_q4_0_block(x, lane, dst + b * 18);
+        else reinterpret_cast<uint16_t*>(dst + b * 64)[lane] = bf16_bits_rn(x);
     }
 }
 
@@ -522,11 +531,11 @@ void rms_norm(const float* x, const float* w, int64_t n, int64_t cols, float eps
 }
 
 bool kv_type_supported(uint32_t type) {
-    return type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
+    return type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
 }
 
 int64_t kv_row_bytes(uint32_t type, int64_t width) {
-    return type == GGML_TYPE_F16 ? width * 2 : width / 32 * kv_block_bytes(type);
+    return kv_row_bytes_of(type, width);
 }
 
 void qkv_prepare(const QKVArgs& a, cudaStream_t s) {
@@ -539,9 +548,9 @@ void qkv_prepare(const QKVArgs& a, cudaStream_t s) {
     require(a.n_head + 2 * a.n_head_kv <= 65535, "qkv_prepare", "too many heads");
     require(std::isfinite(a.freq_base) && a.freq_base > 0.0f, "qkv_prepare", "freq_base must be positive");
     require(kv_type_supported(a.type_k) && kv_type_supported(a.type_v), "qkv_prepare",
-            "KV types must be F16, Q8_0 or Q4_0");
+            "KV types must be F16, BF16, Q8_0 or Q4_0");
     require(a.head_dim % 32 == 0 || (a.type_k == GGML_TYPE_F16 && a.type_v == GGML_TYPE_F16), "qkv_prepare",
-            "quantized KV rows need head_dim % 32 == 0");
+            "BF16 and quantized KV rows need head_dim % 32 == 0");
     // inv_freq exactly as the CPU forms it (double pow), passed by value: no device buffer needed.
     RopeFreqs freqs{};
     for (int i = 0; i < a.n_rot / 2; ++i)

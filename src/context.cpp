@@ -56,7 +56,7 @@ KVTypes kv_types_on(Device d, const Placement& placement, const ContextParams& p
             throw std::invalid_argument(std::string(flag) + " " + kv_type_name(type) + " (" + name + "=" +
                                         std::to_string(type) + ") is not implemented for layers on the GPU yet (" +
                                         std::to_string(n_gpu) + (n_gpu == 1 ? " layer's" : " layers'") +
-                                        " attention is there, and the GPU's KV cache stores f16, q8_0 or q4_0): "
+                                        " attention is there, and the GPU's KV cache stores f16, bf16, q8_0 or q4_0): "
                                         "give " + flag + " one of those, or keep attention on the CPU");
     const uint32_t fallback = d == Device::gpu && !p.cpu_as_gpu ? GGML_TYPE_F16 : GGML_TYPE_F32;
     KVTypes t;

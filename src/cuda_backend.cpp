@@ -24,7 +24,7 @@ std::string CudaBackend::unsupported(const Model& model) {
 }
 
 bool CudaBackend::kv_type_supported(uint32_t type) {
-    return type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
+    return type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
 }
 
 #ifndef GLMOE_CUDA

@@ -36,7 +36,7 @@ struct GpuParams {
     // Experts [0, n) of each such layer run here in smaller steps (placement.h's
     // gpu_streamed_experts); 0: none. The backend may stream fewer (streamed_experts()).
     int streamed_experts = 0;
-    // What the KV rows store (GGML ids): F16, Q8_0 or Q4_0 (kv_types_supported).
+    // What the KV rows store (GGML ids): F16, BF16, Q8_0 or Q4_0 (kv_type_supported).
     uint32_t type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
 };
 

@@ -1,8 +1,8 @@
-"""Quantized KV cache on the GPU (issue 17): qkv_prepare stores q8_0 / q4_0 rows bit for bit as
-gguf-py (llama.cpp's reference) quantizes them; the decode and prefill attention kernels read them
-against a float64 reference over the same blocks dequantized; the whole model with -ctk/-ctv
-q8_0 / q4_0 on the GPU against the CPU engine with the same types; and states saved on one device
-load on the other, in the same bytes."""
+"""Quantized and bf16 KV cache on the GPU (issue 17): qkv_prepare stores q8_0 / q4_0 / bf16 rows
+bit for bit as gguf-py (llama.cpp's reference) converts them; the decode and prefill attention
+kernels read them against a float64 reference over the same values; the whole model with
+-ctk/-ctv q8_0 / q4_0 / bf16 on the GPU against the CPU engine with the same types; and states
+saved on one device load on the other, in the same bytes."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +19,8 @@ from test_engine import relative_errors
 
 pytestmark = cuda_only
 
-PAIRS = [(QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q4_0), (QT.Q8_0, QT.F16), (QT.F16, QT.Q4_0)]
+PAIRS = [(QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q4_0), (QT.Q8_0, QT.F16), (QT.F16, QT.Q4_0), (QT.BF16, QT.BF16),
+         (QT.BF16, QT.Q8_0)]
 # Against float64 attention over the very values the blocks hold, the kernels' only departures are
 # those of the f16 kernels (q * scale and p rounded to f16: ~1e-3, test_cuda_attention) plus one
 # f16 rounding of each dequantized value q * d (relative 2^-12, as f16 storage itself): the f16
@@ -85,8 +86,20 @@ def test_decode_is_the_same_alone_and_in_a_batch(rng, type_k, type_v, head_dim, 
 @pytest.mark.parametrize("type_k,type_v", PAIRS, ids=lambda t: t.name)
 @pytest.mark.parametrize("head_dim,n_head,n_head_kv", [(128, 12, 1), (64, 6, 2), (256, 4, 2)])
 @pytest.mark.parametrize("n_tok,depth", [(17, 0), (100, 333), (9, 1000)])
-def test_prefill_reads_quantized_rows(rng, type_k, type_v, head_dim, n_head, n_head_kv, n_tok, depth):
-    """A prompt chunk of n_tok tokens after `depth` cached cells: token t sees depth + t + 1 cells."""
+@pytest.mark.parametrize("f16_rows", [False, True], ids=["tiles", "rows_first"])
+def test_prefill_reads_quantized_rows(rng, type_k, type_v, head_dim, n_head, n_head_kv, n_tok, depth, f16_rows):
+    """A prompt chunk of n_tok tokens after `depth` cached cells: token t sees depth + t + 1 cells.
+    tiles: each block converts the tiles it reads; rows_first: the visible rows converted to f16 once
+    (kv_rows_to_f16), then the f16 kernel, as the model runs a prompt chunk (and the only way a bf16
+    cache is read in a prompt chunk: the tiles path refuses it)."""
+    if not f16_rows and QT.BF16 in (type_k, type_v):
+        row = np.zeros((1, n_head_kv * head_dim), np.float32)
+        one = np.zeros(1, np.int32)
+        with pytest.raises(ValueError, match="convert them with kv_rows_to_f16 first"):
+            _core.cuda_ops.attention_prefill(np.zeros((1, n_head * head_dim), np.float32), stored(row, type_k)[0],
+                                             stored(row, type_v)[0], one, one, one + 1, n_head, n_head_kv, 1.0,
+                                             type_k=int(type_k), type_v=int(type_v))
+        return
     n_vis = depth + n_tok
     k_raw, k_val, v_raw, v_val, cells = make_case(rng, n_head, n_head_kv, head_dim, [n_vis], type_k, type_v)
     q = make_q(rng, n_tok, n_head, head_dim)
@@ -94,18 +107,36 @@ def test_prefill_reads_quantized_rows(rng, type_k, type_v, head_dim, n_head, n_h
     nvis = (depth + 1 + np.arange(n_tok)).astype(np.int32)
     scale = 1.0 / np.sqrt(head_dim)
     out = _core.cuda_ops.attention_prefill(q, k_raw, v_raw, cells, start, nvis, n_head, n_head_kv, scale,
-                                           type_k=int(type_k), type_v=int(type_v))
+                                           type_k=int(type_k), type_v=int(type_v), f16_rows=f16_rows)
     ref = reference(q, k_val, v_val, cells, start, nvis, n_head, n_head_kv, scale)
     errs = [rel_err(out[t], ref[t]) for t in range(n_tok)]
     assert max(errs) < TOL, errs
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.BF16, QT.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("width", [32, 96, 1024])
+def test_kv_rows_to_f16_is_the_dequantized_rows(rng, qtype, width):
+    """Row i of the output is cache row cells[start + i] dequantized by gguf-py and rounded to f16,
+    bit for bit, for i < max(n_visible); the rows after those are not written."""
+    n_cells, start = 300, 7
+    values = (rng.standard_normal((n_cells, width)) * rng.uniform(1e-2, 1e2, (n_cells, 1))).astype(np.float32)
+    raw, _ = stored(values, qtype)
+    cells = rng.permutation(n_cells).astype(np.int32)
+    nvis = np.asarray([50, 213, 3, 180], np.int32)  # the largest need not be the last
+    out = _core.cuda_ops.kv_rows_to_f16(raw, int(qtype), cells, np.full(4, start, np.int32), nvis)
+    most = int(nvis.max())
+    rows = raw[cells[start:start + most]]
+    want = rows.view(np.float16) if qtype == QT.F16 else dequantize(rows, qtype).astype(np.float16)
+    assert np.array_equal(out[:most], want.reshape(most, width).view(np.uint16))
+    assert (out[most:] == 0xFFFF).all()
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.BF16], ids=lambda t: t.name)
 @pytest.mark.parametrize("head_dim,n_head_kv", [(64, 2), (128, 1), (256, 2)])
 def test_qkv_prepare_stores_gguf_blocks(qtype, head_dim, n_head_kv):
     """Without bias, norm or rope the K/V rows stored are the qkv values themselves: their blocks
     must be gguf-py's quantization bit for bit (zero blocks, sign of q4_0's largest value, a tie of
-    magnitudes)."""
+    magnitudes; bf16: rounding to nearest even)."""
     n_head, n, n_cells = 2 * n_head_kv, 6, 9
     rng = np.random.default_rng(int(qtype) * 1000 + head_dim)
     width = (n_head + 2 * n_head_kv) * head_dim
@@ -156,7 +187,8 @@ def kv(type_k, type_v):
     return dict(type_k=int(type_k), type_v=int(type_v))
 
 
-@pytest.mark.parametrize("type_k,type_v", [(QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q8_0)], ids=lambda t: t.name)
+@pytest.mark.parametrize("type_k,type_v", [(QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q8_0), (QT.BF16, QT.BF16)],
+                         ids=lambda t: t.name)
 def test_gpu_logits_match_cpu_with_the_same_kv_types(model_case, type_k, type_v):
     """Prompt batches, single graph-replayed steps and a chunk at depth, against the CPU engine's
     accurate mode storing the same KV types: the bounds of test_cuda_model (its f16 cache rounds
@@ -177,16 +209,17 @@ def test_gpu_kv_bytes_are_the_stored_types(model_case):
     f16 = _core.Context(model, 256, 2, n_gpu_layers=-1, **kv(QT.F16, QT.F16)).kv_bytes
     q8 = _core.Context(model, 256, 2, n_gpu_layers=-1, **kv(QT.Q8_0, QT.Q8_0)).kv_bytes
     q4 = _core.Context(model, 256, 2, n_gpu_layers=-1, **kv(QT.Q4_0, QT.Q4_0)).kv_bytes
-    # Per 32 values: 64 bytes (f16), 34 (q8_0), 18 (q4_0); arena padding is at most 255 bytes a row set.
-    assert abs(q8 - f16 * 34 / 64) < 4096 and abs(q4 - f16 * 18 / 64) < 4096
+    bf16 = _core.Context(model, 256, 2, n_gpu_layers=-1, **kv(QT.BF16, QT.BF16)).kv_bytes
+    # Per 32 values: 64 bytes (f16, bf16), 34 (q8_0), 18 (q4_0); arena padding is at most 255 bytes a row set.
+    assert abs(q8 - f16 * 34 / 64) < 4096 and abs(q4 - f16 * 18 / 64) < 4096 and bf16 == f16
     summary = _core.Context(model, 256, 2, n_gpu_layers=-1, **kv(QT.Q8_0, QT.Q4_0)).placement_summary()
     assert "K (q8_0)" in summary and "V (q4_0)" in summary
 
 
-def test_bf16_stays_refused_on_the_gpu(model_case):
+def test_f32_stays_refused_on_the_gpu(model_case):
     _, model = model_case
-    with pytest.raises(ValueError, match=r"-ctk bf16 \(type_k=30\) is not implemented for layers on the GPU yet"):
-        _core.Context(model, 256, 2, n_gpu_layers=-1, **kv(QT.BF16, QT.F16))
+    with pytest.raises(ValueError, match=r"-ctv f32 \(type_v=0\) is not implemented for layers on the GPU yet"):
+        _core.Context(model, 256, 2, n_gpu_layers=-1, **kv(QT.BF16, QT.F32))
 
 
 def greedy(ctx, first, start, n):

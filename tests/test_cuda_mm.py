@@ -134,16 +134,18 @@ def test_mm_split_matches_float64(rng, qtype, n_tok, n_rows, slices, accumulate)
 @pytest.mark.parametrize("n_tok", [9, 40, 64])
 def test_mm_split_is_mm_regrouped(rng, qtype, n_tok):
     """mm_split multiplies the same bf16-rounded weights and activations as mm; only the f32 sums
-    are grouped by slice. So the two agree to f32 rounding (measured order 1e-7; bound 1e-5), far
-    tighter than either's distance from float64 (~1e-3, TOL): a slice that read a wrong step or
-    span would show here even where TOL cannot see it."""
+    are grouped by slice. So the two agree to the rounding of the tensor cores' f32 accumulation
+    (up to 1.2e-5 relative measured on an H100 at these 12288 columns; bound 1e-4), far tighter
+    than either's distance from float64 (~1e-3, TOL): a slice that skipped or repeated one step of
+    64 columns would move the result by ~sqrt(64 / 12288) = 7% and shows here even where TOL
+    cannot see it."""
     cols = 256 * 48 if block_size(qtype) == 256 else 32 * 384  # 12288: GLM's attention output width
     raw, _ = weights(rng, qtype, 64, cols)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
     plain = cuda_mm(qtype, raw, cols, x)
     for slices in (3, 8):
         split = _core.cuda_ops.mm(int(qtype), raw, cols, x, slices=slices)
-        assert rel_err(split, plain) < 1e-5, f"seed {SEED}: {slices} slices"
+        assert rel_err(split, plain) < 1e-4, f"seed {SEED}: {slices} slices"
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.BF16], ids=lambda t: t.name)

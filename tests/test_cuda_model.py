@@ -115,11 +115,11 @@ def test_layer_split_matches_cpu(model_case, n_gpu_layers):
 def test_micro_batches_match_one_batch(model_case):
     _, model = model_case
     rng = np.random.default_rng()
-    tokens = rng.integers(0, model.n_vocab, 70).tolist()
-    whole = run_positions(_core.Context(model, 128, 2, n_gpu_layers=-1, n_ubatch=128), tokens, [70])
-    split = run_positions(_core.Context(model, 128, 2, n_gpu_layers=-1, n_ubatch=35), tokens, [70])
-    # Same kernels on the same rows (chunks of 35: above the 32 tokens up to which long-row matrices
-    # take matrix-vector passes); only which tokens share a tile changes.
+    tokens = rng.integers(0, model.n_vocab, 130).tolist()
+    whole = run_positions(_core.Context(model, 256, 2, n_gpu_layers=-1, n_ubatch=256), tokens, [130])
+    split = run_positions(_core.Context(model, 256, 2, n_gpu_layers=-1, n_ubatch=65), tokens, [130])
+    # Same kernels on the same rows (chunks of 65: above the 64 tokens up to which long-row matrices
+    # run over column slices, mm_split); only which tokens share a tile changes.
     assert np.median(relative_errors(split, whole)) < 1e-3
 
 

@@ -207,17 +207,16 @@ def test_block_that_does_not_divide_the_row_is_refused(tmp_path):
 
 
 def test_gpu_layers_take_what_the_gpu_stores(float_model):
-    """Layers with attention on the GPU store f16, q8_0 or q4_0; anything else is an error naming the
+    """Layers with attention on the GPU store f16, bf16, q8_0 or q4_0; f32 is an error naming the
     flag (cpu_as_gpu stands in for the GPU, with the same rule)."""
     on_gpu = dict(n_gpu_layers=2, cpu_as_gpu=True)
-    for t, flag in ((QT.BF16, "-ctk bf16 (type_k=30)"), (QT.F32, "-ctk f32 (type_k=0)")):
-        message = (f"{flag} is not implemented for layers on the GPU yet (1 layer's attention is there, and the "
-                   "GPU's KV cache stores f16, q8_0 or q4_0): give -ctk one of those")
-        with pytest.raises(ValueError, match=re.escape(message)):
-            context(float_model, t, QT.F16, **on_gpu)
-    with pytest.raises(ValueError, match=r"-ctv bf16 \(type_v=30\) is not implemented for layers on the GPU yet"):
-        context(float_model, QT.F16, QT.BF16, **on_gpu)
-    for k, v in ((QT.F16, QT.F16), (QT.Q8_0, QT.Q4_0)):
+    message = ("-ctk f32 (type_k=0) is not implemented for layers on the GPU yet (1 layer's attention is there, and "
+               "the GPU's KV cache stores f16, bf16, q8_0 or q4_0): give -ctk one of those")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        context(float_model, QT.F32, QT.F16, **on_gpu)
+    with pytest.raises(ValueError, match=r"-ctv f32 \(type_v=0\) is not implemented for layers on the GPU yet"):
+        context(float_model, QT.F16, QT.F32, **on_gpu)
+    for k, v in ((QT.F16, QT.F16), (QT.Q8_0, QT.Q4_0), (QT.BF16, QT.BF16)):
         ctx = context(float_model, k, v, **on_gpu)
         assert (ctx.kv_type_k, ctx.kv_type_v) == (k.name.lower(), v.name.lower())
     # Given nothing, each device keeps its own type (the stand-in keeps the CPU's f32).

@@ -309,3 +309,7 @@ def test_decode_bytes_counts_chosen_experts_and_kv(tmp_path):
     assert per[0] == pytest.approx(expect)
     # K and V, f16, of every layer for each cached position.
     assert per[100] - per[0] == pytest.approx(100 * spec.n_layers * 2 * spec.n_head_kv * spec.head_dim * 2)
+    # q8_0 K (34 bytes per 32 values) and q4_0 V (18): the weights unchanged.
+    quant = decode_bytes(path, [0, 100], "q8_0", "q4_0")
+    assert quant[0] == per[0]
+    assert quant[100] - quant[0] == pytest.approx(100 * spec.n_layers * spec.n_head_kv * spec.head_dim * (34 + 18) / 32)

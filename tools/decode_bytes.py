@@ -3,9 +3,10 @@ and the bandwidth that a measured generation speed implies.
 
 A decode step reads every non-expert weight once (attention, norms, router, shared expert, dense
 layers, the output head), n_used of the n_expert routed experts of each MoE layer, one embedding
-row, and the K and V of every cached position (f16) in every layer.
+row, and the K and V of every cached position in every layer (f16 unless --ctk/--ctv say
+otherwise: bytes per 32 values f16/bf16 64, q8_0 34, q4_0 18).
 
-    python tools/decode_bytes.py MODEL.gguf --depth 0 4096 16384 65536 [--tg 620 580 540 380]
+    python tools/decode_bytes.py MODEL.gguf --depth 0 4096 16384 65536 [--tg 620 580 540 380] [--ctk q8_0 --ctv q8_0]
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ def _field(reader: GGUFReader, key: str):
     return v.tolist()[0] if len(v) == 1 else v.tolist()
 
 
-def decode_bytes(path: str, depths: list[int]) -> dict[int, float]:
+# Bytes per 32 values of each KV cache type (llama.cpp's block layouts).
+KV_BYTES_PER_32 = {"f32": 128, "f16": 64, "bf16": 64, "q8_0": 34, "q4_0": 18}
+
+
+def decode_bytes(path: str, depths: list[int], ctk: str = "f16", ctv: str = "f16") -> dict[int, float]:
     r = GGUFReader(path)
     n_layer = int(_field(r, "glm4moe.block_count")) - int(_field(r, "glm4moe.nextn_predict_layers") or 0)
     n_expert = int(_field(r, "glm4moe.expert_count") or 0)
@@ -47,7 +52,8 @@ def decode_bytes(path: str, depths: list[int]) -> dict[int, float]:
                 weights += t.n_bytes  # tied output head
             continue
         weights += t.n_bytes
-    kv_per_pos = sum(2 * int(k) * head_dim * 2 for k in n_kv)  # K and V, f16
+    per_value = (KV_BYTES_PER_32[ctk] + KV_BYTES_PER_32[ctv]) / 32  # K and V
+    kv_per_pos = sum(int(k) * head_dim * per_value for k in n_kv)
     return {d: weights + d * kv_per_pos for d in depths}
 
 
@@ -57,10 +63,12 @@ def main() -> None:
     ap.add_argument("--depth", type=int, nargs="+", default=[0])
     ap.add_argument("--tg", type=float, nargs="*", help="measured tokens/s at each depth")
     ap.add_argument("--copy-gbs", type=float, help="measured device copy bandwidth, GB/s (read + write)")
+    ap.add_argument("--ctk", "--cache-type-k", choices=sorted(KV_BYTES_PER_32), default="f16", help="K cache type")
+    ap.add_argument("--ctv", "--cache-type-v", choices=sorted(KV_BYTES_PER_32), default="f16", help="V cache type")
     args = ap.parse_args()
     if args.tg and len(args.tg) != len(args.depth):
         ap.error("give one --tg value per --depth")
-    per = decode_bytes(args.model, args.depth)
+    per = decode_bytes(args.model, args.depth, args.ctk, args.ctv)
     for i, d in enumerate(args.depth):
         line = f"depth {d:6d}: {per[d] / 1e9:.3f} GB per token"
         if args.tg:

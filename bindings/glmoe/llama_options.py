@@ -66,7 +66,7 @@ def cache_type_arg(text: str) -> int:
 
 
 CACHE_TYPE_HELP = ("KV cache type of {}: f32, f16, bf16, q8_0, q4_0 (default: f32 on the CPU, f16 on the GPU, whose "
-                   "layers take f16, q8_0 or q4_0)")
+                   "layers take f16, bf16, q8_0 or q4_0)")
 
 
 def _same(a: Any, b: Any) -> bool:
