@@ -323,8 +323,9 @@ void launch_prefill(const AttentionArgs& a, cudaStream_t s) {
 // Rows per block of kv_rows_to_f16: each block first reduces n_visible over the tokens.
 constexpr int kConvertRows = 32;
 
-__global__ void kv_rows_to_f16_kernel(const uint8_t* cache, uint32_t type, int64_t width, const int32_t* cells,
-                                      const int32_t* cell_start, const int32_t* n_visible, int n_tok, half* out) {
+__global__ void kv_rows_to_f16_kernel(const uint8_t* cache, uint32_t type, int64_t width, int64_t row_bytes,
+                                      const int32_t* cells, const int32_t* cell_start, const int32_t* n_visible,
+                                      int n_tok, half* out) {
     pdl_enter();
     __shared__ int most;
     if (threadIdx.x == 0) most = 0;
@@ -337,7 +338,6 @@ __global__ void kv_rows_to_f16_kernel(const uint8_t* cache, uint32_t type, int64
     const int r0 = blockIdx.x * kConvertRows;
     const int rows = min(kConvertRows, most - r0);
     if (rows <= 0) return;
-    const int64_t row_bytes = kv_row_bytes_of(type, width);
     const int units = static_cast<int>(width / 8);
     const int32_t* list = cells + cell_start[0] + r0;
     for (int i = threadIdx.x; i < rows * units; i += blockDim.x) {
@@ -355,8 +355,8 @@ void kv_rows_to_f16(const void* cache, uint32_t type, int64_t width, const int32
     if (!kv_type_supported(type) || width <= 0 || width % 32 != 0)
         throw std::invalid_argument("kv_rows_to_f16: need a KV type and a width that is a multiple of 32");
     launch_kernel(kv_rows_to_f16_kernel, dim3(static_cast<unsigned>((max_visible + kConvertRows - 1) / kConvertRows)),
-                  dim3(256), 0, s, static_cast<const uint8_t*>(cache), type, width, cells, cell_start, n_visible,
-                  n_tok, static_cast<half*>(out));
+                  dim3(256), 0, s, static_cast<const uint8_t*>(cache), type, width, kv_row_bytes(type, width), cells,
+                  cell_start, n_visible, n_tok, static_cast<half*>(out));
     check_launch("kv_rows_to_f16");
 }
 

@@ -22,11 +22,6 @@ __host__ __device__ constexpr int kv_block_bytes(uint32_t type) {
     return type == GGML_TYPE_Q8_0 ? 34 : type == GGML_TYPE_Q4_0 ? 18 : 64;  // F16, BF16: 32 halves
 }
 
-// Bytes of a whole row of `width` values (F16: any width; the block types: a multiple of 32).
-__host__ __device__ constexpr int64_t kv_row_bytes_of(uint32_t type, int64_t width) {
-    return type == GGML_TYPE_F16 ? width * 2 : width / 32 * kv_block_bytes(type);
-}
-
 // Bytes of one kv head's slice (D values) of a row.
 __host__ __device__ constexpr int kv_head_bytes(uint32_t type, int D) { return D / 32 * kv_block_bytes(type); }
 

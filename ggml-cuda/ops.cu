@@ -535,7 +535,7 @@ bool kv_type_supported(uint32_t type) {
 }
 
 int64_t kv_row_bytes(uint32_t type, int64_t width) {
-    return kv_row_bytes_of(type, width);
+    return type == GGML_TYPE_F16 ? width * 2 : width / 32 * kv_block_bytes(type);
 }
 
 void qkv_prepare(const QKVArgs& a, cudaStream_t s) {

@@ -83,23 +83,19 @@ def test_decode_is_the_same_alone_and_in_a_batch(rng, type_k, type_v, head_dim, 
         assert np.array_equal(alone[0], batch[t])
 
 
-@pytest.mark.parametrize("type_k,type_v", PAIRS, ids=lambda t: t.name)
+# Prompt-chunk paths: "tiles" (each block converts the tiles it reads; not for bf16, below) and
+# "rows_first" (the visible rows converted to f16 once by kv_rows_to_f16, then the f16 kernel, as
+# the model runs a prompt chunk).
+PREFILL_CASES = [(False, p) for p in PAIRS if QT.BF16 not in p] + [(True, p) for p in PAIRS]
+
+
+@pytest.mark.parametrize("f16_rows,types", PREFILL_CASES,
+                         ids=[f"{'rows_first' if f else 'tiles'}-{k.name}-{v.name}" for f, (k, v) in PREFILL_CASES])
 @pytest.mark.parametrize("head_dim,n_head,n_head_kv", [(128, 12, 1), (64, 6, 2), (256, 4, 2)])
 @pytest.mark.parametrize("n_tok,depth", [(17, 0), (100, 333), (9, 1000)])
-@pytest.mark.parametrize("f16_rows", [False, True], ids=["tiles", "rows_first"])
-def test_prefill_reads_quantized_rows(rng, type_k, type_v, head_dim, n_head, n_head_kv, n_tok, depth, f16_rows):
-    """A prompt chunk of n_tok tokens after `depth` cached cells: token t sees depth + t + 1 cells.
-    tiles: each block converts the tiles it reads; rows_first: the visible rows converted to f16 once
-    (kv_rows_to_f16), then the f16 kernel, as the model runs a prompt chunk (and the only way a bf16
-    cache is read in a prompt chunk: the tiles path refuses it)."""
-    if not f16_rows and QT.BF16 in (type_k, type_v):
-        row = np.zeros((1, n_head_kv * head_dim), np.float32)
-        one = np.zeros(1, np.int32)
-        with pytest.raises(ValueError, match="convert them with kv_rows_to_f16 first"):
-            _core.cuda_ops.attention_prefill(np.zeros((1, n_head * head_dim), np.float32), stored(row, type_k)[0],
-                                             stored(row, type_v)[0], one, one, one + 1, n_head, n_head_kv, 1.0,
-                                             type_k=int(type_k), type_v=int(type_v))
-        return
+def test_prefill_reads_quantized_rows(rng, f16_rows, types, head_dim, n_head, n_head_kv, n_tok, depth):
+    """A prompt chunk of n_tok tokens after `depth` cached cells: token t sees depth + t + 1 cells."""
+    type_k, type_v = types
     n_vis = depth + n_tok
     k_raw, k_val, v_raw, v_val, cells = make_case(rng, n_head, n_head_kv, head_dim, [n_vis], type_k, type_v)
     q = make_q(rng, n_tok, n_head, head_dim)
@@ -111,6 +107,19 @@ def test_prefill_reads_quantized_rows(rng, type_k, type_v, head_dim, n_head, n_h
     ref = reference(q, k_val, v_val, cells, start, nvis, n_head, n_head_kv, scale)
     errs = [rel_err(out[t], ref[t]) for t in range(n_tok)]
     assert max(errs) < TOL, errs
+
+
+@pytest.mark.parametrize("type_k,type_v", [(QT.BF16, QT.BF16), (QT.F16, QT.BF16)], ids=lambda t: t.name)
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_prefill_tiles_refuse_bf16(type_k, type_v, head_dim):
+    """The tiles path has no room for raw bf16 rows at head_dim 256: it refuses a bf16 cache,
+    naming the conversion that reads one (the model always converts first)."""
+    row = np.zeros((1, 2 * head_dim), np.float32)
+    one = np.zeros(1, np.int32)
+    with pytest.raises(ValueError, match="convert them with kv_rows_to_f16 first"):
+        _core.cuda_ops.attention_prefill(np.zeros((1, 4 * head_dim), np.float32), stored(row, type_k)[0],
+                                         stored(row, type_v)[0], one, one, one + 1, 4, 2, 1.0,
+                                         type_k=int(type_k), type_v=int(type_v))
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.BF16, QT.F16], ids=lambda t: t.name)
