@@ -113,27 +113,37 @@ __device__ __forceinline__ uint4 kv_dequant8(uint32_t type, const uint8_t* raw, 
         return make_uint4(pack_half2(lo(w0), hi(w0)), pack_half2(lo(w1), hi(w1)), pack_half2(lo(w2), hi(w2)),
                           pack_half2(lo(w3), hi(w3)));
     }
-    const float d = __half2float(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
-    float v[8];
+    // Integers become f16 exactly through the exponent of 1024 (bits 0x64XX = 1024 + XX), and the
+    // f16 product with d is rounded once: the bits of f32 d * q rounded to f16 (that product is
+    // exact in f32). Per 8 values: 4 byte permutes, 4 subtractions and 4 multiplications of half
+    // pairs, where the f32 route took 8 conversions, 8 multiplications and 4 packs.
+    const __half2 d2 = __half2half2(__ushort_as_half(*reinterpret_cast<const uint16_t*>(blk)));
+    uint32_t w[2];
+    __half2 bias;
     if (type == GGML_TYPE_Q8_0) {
-        const uint16_t* q = reinterpret_cast<const uint16_t*>(blk + 2 + sub * 8);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const uint16_t pair = q[j];
-            v[2 * j] = d * static_cast<float>(static_cast<int8_t>(pair & 0xFF));
-            v[2 * j + 1] = d * static_cast<float>(static_cast<int8_t>(pair >> 8));
-        }
+        const uint16_t* q = reinterpret_cast<const uint16_t*>(blk + 2 + sub * 8);  // 2-byte aligned
+        w[0] = (static_cast<uint32_t>(q[0]) | (static_cast<uint32_t>(q[1]) << 16)) ^ 0x80808080u;  // q + 128
+        w[1] = (static_cast<uint32_t>(q[2]) | (static_cast<uint32_t>(q[3]) << 16)) ^ 0x80808080u;
+        bias = __half2half2(__ushort_as_half(0x6480));  // 1024 + 128
     } else {  // Q4_0: values 0-15 in the low nibbles of qs[0..15], 16-31 in the high ones
         const uint16_t* q = reinterpret_cast<const uint16_t*>(blk + 2 + (sub & 1) * 8);
         const int shift = sub >= 2 ? 4 : 0;
+        w[0] = ((static_cast<uint32_t>(q[0]) | (static_cast<uint32_t>(q[1]) << 16)) >> shift) & 0x0F0F0F0Fu;
+        w[1] = ((static_cast<uint32_t>(q[2]) | (static_cast<uint32_t>(q[3]) << 16)) >> shift) & 0x0F0F0F0Fu;
+        bias = __half2half2(__ushort_as_half(0x6408));  // 1024 + 8
+    }
+    uint32_t out[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const uint32_t pair = q[j];
-            v[2 * j] = d * static_cast<float>(static_cast<int>((pair >> shift) & 0xF) - 8);
-            v[2 * j + 1] = d * static_cast<float>(static_cast<int>((pair >> (8 + shift)) & 0xF) - 8);
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            // bytes 2h and 2h + 1 of w[j] under an exponent byte 0x64 each
+            const uint32_t bits = __byte_perm(w[j], 0x64646464u, h == 0 ? 0x4140u : 0x4342u);
+            const __half2 v = __hmul2(__hsub2(*reinterpret_cast<const __half2*>(&bits), bias), d2);
+            out[2 * j + h] = *reinterpret_cast<const uint32_t*>(&v);
         }
     }
-    return make_uint4(pack_half2(v[0], v[1]), pack_half2(v[2], v[3]), pack_half2(v[4], v[5]), pack_half2(v[6], v[7]));
+    return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 // Rows [r0, r0 + n_rows) of a staged raw tile (pitch bytes apart) as f16 rows of `stride` halves,

@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("-npl", type=int, help="sequences decoded together (default 1); shows the last of the widest "
                     "steps of at most this many tokens (with --csv and no -npl: the last step)")
     ap.add_argument("-ngl", type=int, default=99)
+    ap.add_argument("-npp", type=int, default=16, help="prompt tokens per sequence: the depth decoded at")
+    ap.add_argument("-ctk", default="f16", help="K cache type (engine_bench's -ctk)")
+    ap.add_argument("-ctv", default="f16", help="V cache type (engine_bench's -ctv)")
     ap.add_argument("--csv", help="parse this saved ncu --csv output instead of running ncu")
     ap.add_argument("-v", "--verbose", action="store_true", help="also every launch of the step, in order")
     args = ap.parse_args()
@@ -102,8 +105,8 @@ def main() -> None:
             lines = f.readlines()
     elif args.model:
         cmd = ["ncu", "--clock-control", "none", "--metrics", f"{TIME},{DRAM_READ}", "--csv",
-               sys.executable, "tools/engine_bench.py", args.model, "-ngl", str(args.ngl), "-npp", "16", "-ntg", "8",
-               "-npl", str(args.npl or 1)]
+               sys.executable, "tools/engine_bench.py", args.model, "-ngl", str(args.ngl), "-npp", str(args.npp),
+               "-ntg", "8", "-npl", str(args.npl or 1), "-ctk", args.ctk, "-ctv", args.ctv]
         lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
     else:
         ap.error("give a model to profile, or --csv")

@@ -18,6 +18,7 @@ import numpy as np
 
 import glmoe
 from glmoe import _core
+from glmoe.llama_options import CACHE_TYPE_HELP, cache_type_arg
 
 
 def wait_all(engine, ids: list, n_gen: int) -> dict:
@@ -38,10 +39,10 @@ def wait_all(engine, ids: list, n_gen: int) -> dict:
 
 
 def engine_row(model, n_parallel: int, n_prompt: int, n_gen: int, n_gpu_layers: int, n_threads: int,
-               seed: int, overlap: bool) -> dict:
+               seed: int, overlap: bool, type_k: int = -1, type_v: int = -1) -> dict:
     n_ctx = n_parallel * (n_prompt + n_gen + 8)
     engine = _core.BatchEngine(model, n_ctx=n_ctx, n_parallel=n_parallel, n_threads=n_threads,
-                               n_gpu_layers=n_gpu_layers, overlap=overlap)
+                               n_gpu_layers=n_gpu_layers, overlap=overlap, type_k=type_k, type_v=type_v)
     rng = np.random.default_rng(seed)
     n_vocab = model.n_vocab
     prompts = [rng.integers(1000, min(n_vocab, 30000), n_prompt, dtype=np.int32) for _ in range(n_parallel)]
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--llama", action="store_true", help="also Llama's streaming TPOT (one sequence)")
     ap.add_argument("--no-overlap", action="store_true", help="every step waits for the previous one's tokens")
+    ap.add_argument("-ctk", "--cache-type-k", type=cache_type_arg, default=-1, help=CACHE_TYPE_HELP.format("K"))
+    ap.add_argument("-ctv", "--cache-type-v", type=cache_type_arg, default=-1, help=CACHE_TYPE_HELP.format("V"))
     args = ap.parse_args()
     model = _core.Model(args.model)
     overlap = not args.no_overlap
@@ -111,7 +114,8 @@ def main() -> None:
           "| host syncs/step |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in (int(x) for x in args.npl.split(",")):
-        r = engine_row(model, b, args.npp, args.ntg, args.n_gpu_layers, args.threads, args.seed, overlap)
+        r = engine_row(model, b, args.npp, args.ntg, args.n_gpu_layers, args.threads, args.seed, overlap,
+                       args.cache_type_k, args.cache_type_v)
         print(f"| {r['B']} | {r['prompt_s']:.3f} | {r['decode_tps']:.1f} | {r['total_tps']:.1f} | {r['step_ms']:.2f} "
               f"| {r['steps']} | {r['overlapped']} | {r['d2h_per_step']:.2f} | {r['syncs_per_step']:.2f} |", flush=True)
     if args.llama:
