@@ -64,7 +64,11 @@ uint8_t* anonymous(size_t bytes, bool huge) {
         std::perror("mmap");
         std::exit(1);
     }
+#ifdef MADV_HUGEPAGE  // Linux
     madvise(p, bytes, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+#else
+    (void)huge;
+#endif
     std::memset(p, 1, bytes);  // fault every page in before timing
     return static_cast<uint8_t*>(p);
 }
