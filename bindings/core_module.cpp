@@ -66,8 +66,8 @@ nb::dict metadata_strings(const GGUFFile& f) {
 }
 
 // Summary of a GGUF file for tests and tools: version, alignment, metadata, tensor infos.
-nb::dict gguf_summary(const std::string& path) {
-    auto f = GGUFFile::open(path);
+nb::dict gguf_summary(const std::string& path, bool use_mmap) {
+    auto f = GGUFFile::open(path, use_mmap);
     nb::dict meta;
     for (const auto& [key, value] : f->metadata()) meta[key.c_str()] = gguf_value_to_python(value);
     nb::list tensors;
@@ -232,8 +232,9 @@ void bind_cuda_ops(nb::module_& m);
 NB_MODULE(_core, m) {
     m.doc() = "glmoe C++ engine";
     nb::exception<GGUFError>(m, "GGUFError", PyExc_ValueError);
-    m.def("gguf_summary", &gguf_summary, nb::arg("path"),
-          "Parse and validate a GGUF file; returns version, alignment, metadata and tensor infos.");
+    m.def("gguf_summary", &gguf_summary, nb::arg("path"), nb::arg("use_mmap") = true,
+          "Parse and validate a GGUF file (mapped, or read into memory); returns version, alignment, metadata and "
+          "tensor infos.");
     m.def("dequantize", &dequantize_py, nb::arg("type"), nb::arg("data"), nb::arg("n_per_row"));
     m.def("quantize", &quantize_py, nb::arg("type"), nb::arg("x"),
           "Rows of a float32 matrix in `type` (a KV cache type), as bytes: what the KV cache stores.");
@@ -264,14 +265,15 @@ NB_MODULE(_core, m) {
     nb::exception<GpuError>(m, "GpuError", PyExc_RuntimeError);
 
     nb::class_<Model>(m, "Model")
-        .def("__init__", [](Model* self, const std::string& path) {
+        .def("__init__", [](Model* self, const std::string& path, bool use_mmap) {
             std::unique_ptr<Model> loaded;
             {
                 nb::gil_scoped_release release;
-                loaded = Model::load(path);
+                loaded = Model::load(path, use_mmap);
             }
             new (self) Model(std::move(*loaded));
-        }, nb::arg("path"))
+        }, nb::arg("path"), nb::arg("use_mmap") = true,
+        "use_mmap False: the file is read whole into the process's memory instead of mapped (--no-mmap)")
         .def_prop_ro("n_vocab", [](const Model& m) { return m.hparams().n_vocab; })
         .def_prop_ro("n_embd", [](const Model& m) { return m.hparams().n_embd; })
         .def_prop_ro("n_layer", [](const Model& m) { return m.hparams().n_layer; })

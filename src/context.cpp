@@ -150,7 +150,8 @@ std::string Context::placement_summary() const {
     for (const auto& [name, dev] : placement_.tensors)
         if (dev == Device::cpu)
             if (const GGUFTensorInfo* t = model_.file().find_tensor(name)) cpu_weights += t->n_bytes;
-    s += "CPU_Mapped model buffer size = " + mib(cpu_weights) + "\n";
+    // llama.cpp's buffer names: weights in the mapped file, or read into memory (--no-mmap).
+    s += std::string(model_.file().mapped() ? "CPU_Mapped" : "CPU") + " model buffer size = " + mib(cpu_weights) + "\n";
     s += "CPU KV buffer size = " + mib(cpu_->kv_bytes()) + "\n";
     // As llama.cpp's llama_kv_cache line: the whole cache, K and V apart.
     size_t k_bytes = cpu_->kv_k_bytes(), v_bytes = cpu_->kv_v_bytes();

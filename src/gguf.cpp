@@ -327,7 +327,33 @@ bool GGUFValue::is_integer() const {
     }
 }
 
-std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path) {
+namespace {
+
+// The whole of fd (size bytes) in anonymous memory, read-only once filled.
+const uint8_t* read_whole(int fd, uint64_t size, const std::string& path) {
+    void* mem = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED)
+        throw std::system_error(errno, std::generic_category(),
+                                "cannot allocate " + std::to_string(size) + " bytes to read " + path + " into");
+    uint8_t* dst = static_cast<uint8_t*>(mem);
+    for (uint64_t done = 0; done < size;) {
+        const ssize_t n = ::pread(fd, dst + done, std::min<uint64_t>(size - done, uint64_t{1} << 30),
+                                  static_cast<off_t>(done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            const int err = n < 0 ? errno : EIO;  // 0: the file shrank while being read
+            ::munmap(mem, size);
+            throw std::system_error(err, std::generic_category(), "cannot read " + path);
+        }
+        done += static_cast<uint64_t>(n);
+    }
+    ::mprotect(mem, size, PROT_READ);
+    return dst;
+}
+
+}  // namespace
+
+std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path, bool mapped) {
     std::unique_ptr<GGUFFile> f(new GGUFFile());
     f->path_ = path;
 
@@ -350,12 +376,23 @@ std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path) {
         ::close(fd);
         throw GGUFError(path + ": file is too small to be GGUF (0 bytes)");
     }
-    void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int map_err = errno;
-    ::close(fd);  // the mapping keeps the file alive
-    if (map == MAP_FAILED) throw std::system_error(map_err, std::generic_category(), "cannot mmap " + path);
-    f->map_ = static_cast<const uint8_t*>(map);
+    if (!mapped) {
+        try {
+            f->map_ = read_whole(fd, size, path);
+        } catch (...) {
+            ::close(fd);
+            throw;
+        }
+        ::close(fd);
+    } else {
+        void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+        int map_err = errno;
+        ::close(fd);  // the mapping keeps the file alive
+        if (map == MAP_FAILED) throw std::system_error(map_err, std::generic_category(), "cannot mmap " + path);
+        f->map_ = static_cast<const uint8_t*>(map);
+    }
     f->size_ = size;
+    f->mapped_ = mapped;
 
     try {
         f->parse();

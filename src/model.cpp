@@ -288,9 +288,9 @@ private:
     }
 };
 
-std::unique_ptr<Model> Model::load(const std::string& path) {
+std::unique_ptr<Model> Model::load(const std::string& path, bool mapped) {
     std::unique_ptr<Model> m(new Model());
-    m->file_ = GGUFFile::open(path);
+    m->file_ = GGUFFile::open(path, mapped);
     ModelLoader(*m, *m->file_).load();
     return m;
 }

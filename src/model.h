@@ -76,7 +76,8 @@ class Model {
 public:
     // Throws GGUFError for a malformed file and ModelError for a valid GGUF that is not a
     // loadable glm4moe model.
-    static std::unique_ptr<Model> load(const std::string& path);
+    // mapped: as GGUFFile::open.
+    static std::unique_ptr<Model> load(const std::string& path, bool mapped = true);
 
     const HParams& hparams() const { return hp_; }
     const GGUFFile& file() const { return *file_; }

@@ -123,10 +123,11 @@ def test_hostile_file(tmp_path, case):
     data, message = HOSTILE[case]
     path = tmp_path / "hostile.gguf"
     path.write_bytes(data)
-    with pytest.raises(GGUFError) as e:
-        _core.gguf_summary(str(path))
-    assert message in str(e.value), str(e.value)
-    assert str(path) in str(e.value)
+    for use_mmap in (True, False):  # mapped, and read into memory (--no-mmap)
+        with pytest.raises(GGUFError) as e:
+            _core.gguf_summary(str(path), use_mmap)
+        assert message in str(e.value), str(e.value)
+        assert str(path) in str(e.value)
 
 
 @pytest.mark.parametrize("ok", ["header only", "alignment 1", "alignment u8", "zero tensors, no padding"])

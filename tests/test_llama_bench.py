@@ -82,6 +82,7 @@ def test_reported_settings(model):
     ["-ot", "exps=GPU"], ["-ot", "ffn_(up=CPU"], ["-ot", "=CPU"], ["-ot", "exps=CPU;x"], ["-ncmoe", "-1"],
     ["-ncmoe", "x"], ["-cmoe"],  # llama-bench has no -cmoe
     ["--gpu-expert-share", "1.5"], ["--gpu-expert-share", "x"], ["--gpu-expert-share", "0.2,"],
+    ["-lm", "mapped"], ["-lm", "none,"],
 ])
 def test_bad_arguments_are_usage_errors(model, args):
     p = run(BENCH, "-m", model, *args, check=False)
@@ -290,3 +291,15 @@ def test_gpu_expert_share_sweeps_and_shows_in_markdown(model):
     assert len(rows) == 2 and "gpu_expert_share" in p.stdout.splitlines()[0]
     assert "0.00" in rows[0] and "0.50" in rows[1]
     assert all("gpu_expert_share" not in r for r in bench_jsonl(model, "-p", "0", "-n", "2", "--gpu-expert-share", "0.5"))
+
+
+def test_load_mode_reads_or_maps_the_file_with_the_same_results(model):
+    # llama.cpp's -lm: none (like mlock and dio) reads the file into memory, auto/mmap map it; the
+    # mode is a field of every format and a markdown column when set.
+    rows = bench_jsonl(model, "-p", "0", "-n", "2", "-lm", "auto,none", "-t", "1")
+    assert [r["load_mode"] for r in rows] == ["auto", "none"]
+    assert all(r["load_mode"] == "auto" for r in bench_jsonl(model, "-p", "0", "-n", "2"))
+    p = run(BENCH, "-m", model, "-r", 1, "--no-warmup", "-p", "0", "-n", "2", "-lm", "dio")
+    assert "load_mode" in p.stdout.splitlines()[0] and "dio" in p.stdout.splitlines()[2]
+    # ik_llama.cpp's spelling in the sweep.
+    assert run(SWEEP, "-m", model, "-c", 64, "-ub", 32, "-n", 2, "--no-mmap").returncode == 0

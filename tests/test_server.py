@@ -349,7 +349,8 @@ def test_cli_llama_cpp_python_spellings_are_aliases():
     assert s.sampling_defaults == dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_last_n=16, seed=3)
     args = parser().parse_args(["--use_mmap", "False", "--use_mlock", "true", "--flash_attn", "1",
                                 "--n_threads_batch", "4", "--cache", "no"])
-    assert unused_flags(args) == "-tb 4, --use_mmap False, --use_mlock True, --flash_attn True, --cache False"
+    assert unused_flags(args) == "-tb 4, --use_mlock True, --flash_attn True, --cache False"
+    assert args.use_mmap is False and _parse("--use_mmap", "1").use_mmap is True
 
 
 def test_cli_speed_only_flags_are_accepted_and_reported():
@@ -357,7 +358,8 @@ def test_cli_speed_only_flags_are_accepted_and_reported():
 
     args = parser().parse_args(["-cb", "--cont-batching", "--no-warmup", "--no-mmap", "--mlock", "-tb", "4",
                                 "--timeout", "30", "-fa", "-ub", "256", "-v", "--metrics"])
-    assert unused_flags(args) == "-ub 256, -fa on, -tb 4, --no-mmap, --mlock"  # --timeout is used
+    assert unused_flags(args) == "-ub 256, -fa on, -tb 4, --mlock"  # --timeout and --no-mmap are used
+    assert args.use_mmap is False and parser().parse_args([]).use_mmap is True
     assert args.timeout == 30 and parser().parse_args([]).timeout == 600  # llama.cpp's default
     assert args.verbose and unused_flags(parser().parse_args([])) == ""
 

@@ -85,6 +85,12 @@ def test_env_variables_stand_for_their_flags():
         assert parse_env(argv, env).n_ctx == 2048
     assert parse_env(["-ot", "blk=CPU"], env).tensor_overrides == ["blk=CPU"]
     assert not parse_env([], {"LLAMA_ARG_CPU_MOE": "0"}).cpu_moe
+    assert not parse_env([], {"LLAMA_ARG_MMAP": "0"}).use_mmap and not parse_env([], {"LLAMA_ARG_NO_MMAP": "1"}).use_mmap
+    assert parse_env([], {}).use_mmap and parse_env(["--mmap"], {"LLAMA_ARG_NO_MMAP": "1"}).use_mmap
+    assert not parse_env([], {"LLAMA_ARG_LOAD_MODE": "none"}).use_mmap
+    assert [parse_env(["-lm", m], {}).use_mmap for m in ("auto", "mmap", "mmap+mlock", "none", "mlock", "dio")] == \
+        [True, True, True, False, False, False]
+    assert parse_env(["-lm", "mmap", "--no-mmap"], {}).use_mmap  # an explicit mode wins
     assert parse_env([], {"LLAMA_ARG_CHAT_TEMPLATE": "-{{ x }}"}).chat_template == "-{{ x }}"  # a value like a flag
 
 

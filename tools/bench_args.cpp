@@ -32,6 +32,8 @@ const char* const kBenchUsage =
     "                                       the CPU, f16 on the GPU, whose layers take f16, bf16, q8_0,\n"
     "                                       q4_0)\n"
     "  -ctv, --cache-type-v T[,T..]         KV cache type of V, as -ctk\n"
+    "  -lm, --load-mode M[,M..]             auto, mmap, mmap+mlock: map the file; none, mlock, dio: read it\n"
+    "                                       whole into memory (mlock itself is not done; default: auto)\n"
     "  --gpu-expert-share F[,F..]           glmoe: of each layer's routed experts in RAM, the fraction the GPU\n"
     "                                       runs in small steps, copied from pinned memory (default: 0.4)\n"
     "  -r, --repetitions N                  timed runs per test (default: 5)\n"
@@ -68,6 +70,7 @@ const char* const kSweepUsage =
     "                                       q4_0)\n"
     "  -ctv, --cache-type-v T               KV cache type of V, as -ctk\n"
     "  --no-warmup                          skip the untimed warm-up token\n"
+    "  --no-mmap                            read the model file into memory instead of mapping it\n"
     "  -o, --output-format md|table|jsonl   stdout format (default: md)\n"
     "  -v, --verbose                        model and context details on stderr\n";
 
@@ -295,6 +298,12 @@ BenchParams parse_bench_args(int argc, char** argv) {
         else if (a.is("-ctk", "--cache-type-k")) lists.add(p.type_k, a.kv_types());
         else if (a.is("--gpu-expert-share")) lists.add(p.gpu_expert_share, a.fractions());
         else if (a.is("-ctv", "--cache-type-v")) lists.add(p.type_v, a.kv_types());
+        else if (a.is("-lm", "--load-mode"))
+            lists.add(p.load_mode, a.parsed([](const std::string& v) {
+                const std::vector<std::string> modes = split(v, ',');
+                for (const std::string& m : modes) load_mode_maps(m);
+                return modes;
+            }));
         else if (a.is("-r", "--repetitions")) p.reps = a.one_int(1);
         else if (a.is("--delay")) p.delay_s = a.one_int(0);
         else if (a.is("-o", "--output")) p.output = a.parsed([](const std::string& v) { return output_from_str(v, false); });
@@ -346,6 +355,7 @@ SweepParams parse_sweep_args(int argc, char** argv) {
             (a.is("-ctk", "--cache-type-k") ? p.type_k : p.type_v) = t[0];
         }
         else if (a.is("--no-warmup")) p.warmup = false;
+        else if (a.is("--no-mmap")) p.use_mmap = false;
         else if (a.is("-o", "--output-format")) p.output = a.parsed([](const std::string& v) { return output_from_str(v, true); });
         else if (a.is("-v", "--verbose")) p.verbose = true;
         else a.unknown();
@@ -375,9 +385,16 @@ bool overrides_ask_for_gpu(const std::vector<std::string>& values) {
     return false;
 }
 
+bool load_mode_maps(const std::string& mode) {
+    if (mode == "auto" || mode == "mmap" || mode == "mmap+mlock") return true;
+    if (mode == "none" || mode == "mlock" || mode == "dio") return false;
+    throw UsageError("unknown load mode '" + mode + "' (auto, none, mmap, mlock, mmap+mlock, dio)");
+}
+
 std::vector<TestInstance> expand_tests(const BenchParams& p) {
     std::vector<TestInstance> out;
     for (const std::string& model : p.models)
+    for (const std::string& lm : p.load_mode)
     for (int ngl : p.n_gpu_layers)
     for (int ncmoe : p.n_cpu_moe)
     for (const std::string& ot : p.tensor_overrides)
@@ -389,7 +406,7 @@ std::vector<TestInstance> expand_tests(const BenchParams& p) {
     for (int fa : p.flash_attn)
     for (int nt : p.n_threads)
     for (int nd : p.n_depth) {
-        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot, ncmoe, tk, tv, share};
+        const TestInstance base{model, 0, 0, nd, nb, nub, nt, ngl, fa, ot, ncmoe, tk, tv, share, lm};
         auto add = [&](int n_prompt, int n_gen) {
             if (n_prompt == 0 && n_gen == 0) return;
             TestInstance t = base;

@@ -44,6 +44,9 @@ struct BenchParams {
     // -ot groups, kept as written: "PAT=BUF;PAT=BUF" (';' joins the overrides of one test, ','
     // separates tests, as llama.cpp's llama-bench), or kNoOverrides.
     std::vector<std::string> tensor_overrides{kNoOverrides};
+    // -lm: llama.cpp's load modes (auto, mmap, mmap+mlock map the file; none, mlock, dio read it
+    // into memory; mlock itself is not done).
+    std::vector<std::string> load_mode{"auto"};
     int reps = 5;
     int delay_s = 0;
     bool verbose = false;
@@ -63,7 +66,11 @@ struct TestInstance {
     int n_cpu_moe = 0;
     int type_k = kKVTypeDefault, type_v = kKVTypeDefault;
     double gpu_expert_share = -1.0;
+    std::string load_mode = "auto";
 };
+
+// Whether a -lm value maps the model file (false: read into memory); throws UsageError.
+bool load_mode_maps(const std::string& mode);
 
 struct SweepParams {
     std::string model;
@@ -79,6 +86,7 @@ struct SweepParams {
     bool cpu_moe = false;
     int n_cpu_moe = 0;
     int type_k = kKVTypeDefault, type_v = kKVTypeDefault;  // -ctk/-ctv
+    bool use_mmap = true;  // --no-mmap: the file read into memory
     int reps = 1;
     bool warmup = true;
     bool verbose = false;

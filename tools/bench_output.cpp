@@ -86,7 +86,7 @@ std::vector<Field> fields_of(const TestResult& r) {
         {"devices", Kind::String, "auto"},
         {"tensor_split", Kind::String, "0.00"},
         {"tensor_buft_overrides", Kind::String, t.tensor_overrides},
-        {"load_mode", Kind::String, "auto"},
+        {"load_mode", Kind::String, t.load_mode},
         {"lazy_mode", Kind::String, "auto"},
         {"embeddings", Kind::Bool, b(false)},
         {"no_op_offload", Kind::Int, "0"},
@@ -190,6 +190,7 @@ public:
         if (p.type_v != d.type_v) columns_.push_back("type_v");
         if (p.flash_attn != d.flash_attn) columns_.push_back("flash_attn");
         if (p.tensor_overrides != d.tensor_overrides) columns_.push_back("tensor_buft_overrides");
+        if (p.load_mode != d.load_mode) columns_.push_back("load_mode");
         columns_.push_back("test");
         columns_.push_back("t/s");
     }

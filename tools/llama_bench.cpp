@@ -113,13 +113,17 @@ int main(int argc, char** argv) {
 
     Progress progress(params.progress, tests.size());
     std::unique_ptr<Model> model;
+    bool model_maps = true;
     ModelInfo info;
     try {
         for (size_t i = 0; i < tests.size(); ++i) {
             const TestInstance& t = tests[i];
-            if (!model || info.filename != t.model) {  // tests of one model are adjacent
+            // Tests of one model are adjacent, and of one load mode within it.
+            const bool maps = load_mode_maps(t.load_mode);
+            if (!model || info.filename != t.model || maps != model_maps) {
                 model.reset();
-                model = Model::load(t.model);
+                model = Model::load(t.model, maps);
+                model_maps = maps;
                 info = model_info(*model, t.model);
                 if (params.verbose) std::fprintf(stderr, "llama-bench: %s\n", model->description().c_str());
             }

@@ -30,7 +30,7 @@ int main(int argc, char** argv) {
     }
     note_cpu_only(p.n_gpu_layers, overrides_ask_for_gpu(p.tensor_overrides));
     try {
-        const std::unique_ptr<Model> model = Model::load(p.model);
+        const std::unique_ptr<Model> model = Model::load(p.model, p.use_mmap);
         if (p.verbose) std::fprintf(stderr, "llama-sweep-bench: %s\n", model->description().c_str());
         ContextParams cp;
         cp.n_ctx = p.n_ctx;

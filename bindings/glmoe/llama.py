@@ -114,6 +114,7 @@ class Llama:
         gpu_expert_share: Optional[float] = None,
         type_k: Optional[int] = None,
         type_v: Optional[int] = None,
+        use_mmap: bool = True,
         last_n_tokens_size: int = 64,
         chat_format: Optional[str] = None,
         verbose: bool = True,
@@ -161,7 +162,9 @@ class Llama:
         t0 = time.perf_counter()
         if verbose:
             _warm_page_cache(model_path)
-        self._model = _core.Model(model_path)
+        if not isinstance(use_mmap, bool):
+            raise ValueError(f"use_mmap must be True or False; got {use_mmap!r}")
+        self._model = _core.Model(model_path, use_mmap=use_mmap)
         if n_ctx == 0:  # as llama-cpp-python: the model's context_length, and batches no bigger than it
             n_ctx = self._model.n_ctx_train
             self.n_batch = n_batch = min(n_ctx, n_batch)
@@ -201,7 +204,8 @@ class Llama:
             model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
             logits_all=logits_all, embedding=embedding, draft_model=draft_model, n_ubatch=n_ubatch,
             tensor_overrides=list(self.tensor_overrides), n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
-            gpu_expert_share=gpu_expert_share, type_k=type_k, type_v=type_v, last_n_tokens_size=last_n_tokens_size,
+            gpu_expert_share=gpu_expert_share, type_k=type_k, type_v=type_v, use_mmap=use_mmap,
+            last_n_tokens_size=last_n_tokens_size,
             chat_format=chat_format, verbose=verbose, **kwargs)
         if verbose:
             print(f"glmoe: loaded {model_path}: {self._model.description}", file=sys.stderr)

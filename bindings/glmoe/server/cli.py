@@ -98,9 +98,9 @@ REFUSED_FLAGS = [
 # Flags that only tune speed or robustness in llama.cpp: accepted, reported once as unused.
 UNUSED_REASONS = {
     "ubatch_size": "-ub", "flash_attn": "-fa", "threads_batch": "-tb",
-    "no_mmap": "--no-mmap", "mlock": "--mlock",
+    "mlock": "--mlock",
     # llama-cpp-python's `python -m llama_cpp.server` spellings (boolean values)
-    "use_mmap": "--use_mmap", "use_mlock": "--use_mlock", "flash_attn_bool": "--flash_attn", "cache": "--cache",
+    "use_mlock": "--use_mlock", "flash_attn_bool": "--flash_attn", "cache": "--cache",
 }
 
 
@@ -122,6 +122,14 @@ def _bool_word(text: str) -> str:
     if low in ("false", "0", "no", "off"):
         return "False"
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+# llama.cpp's -lm/--load-mode values: whether each maps the file (auto: as --mmap/--no-mmap say).
+LOAD_MODE_MAPPED = {"auto": None, "mmap": True, "mmap+mlock": True, "none": False, "mlock": False, "dio": False}
+
+
+def _bool_value(text: str) -> bool:
+    return _bool_word(text) == "True"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -211,6 +219,16 @@ def parser() -> argparse.ArgumentParser:
     gpu.add_argument("-cmoe", "--cpu-moe", action="store_true", help="keep every MoE expert tensor on the CPU")
     gpu.add_argument("-ncmoe", "--n-cpu-moe", type=int, default=0, metavar="N",
                      help="keep the MoE experts of the first N layers on the CPU")
+    gpu.add_argument("--mmap", dest="use_mmap", action="store_true", default=True,
+                     help="map the model file (the default)")
+    gpu.add_argument("--no-mmap", dest="use_mmap", action="store_false",
+                     help="read the model file whole into memory instead of mapping it: the file's size in RAM, "
+                          "faster reads for the weights the CPU computes with")
+    gpu.add_argument("--use_mmap", dest="use_mmap", type=_bool_value, metavar="BOOL",
+                     help="llama-cpp-python's spelling of --mmap / --no-mmap")
+    gpu.add_argument("-lm", "--load-mode", dest="load_mode", choices=sorted(LOAD_MODE_MAPPED), default="auto",
+                     help="llama.cpp's: auto, mmap and mmap+mlock map the file (auto: unless --no-mmap); none, mlock "
+                          "and dio read it into memory (--no-mmap); the mlock part is unused")
     gpu.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", type=cache_type_arg, default=-1, metavar="TYPE",
                      help=CACHE_TYPE_HELP.format("K"))
     gpu.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", type=cache_type_arg, default=-1, metavar="TYPE",
@@ -223,11 +241,9 @@ def parser() -> argparse.ArgumentParser:
     unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
     unused.add_argument("-tb", "--threads-batch", "--n_threads_batch", dest="threads_batch", type=int, metavar="N",
                         help="(-t sets all of glmoe's threads)")
-    unused.add_argument("--no-mmap", action="store_true", default=None)
     unused.add_argument("--mlock", action="store_true", default=None)
     lcp = ap.add_argument_group("llama-cpp-python server spellings (speed only: accepted, unused)")
-    for flag, dest in [("--use_mmap", "use_mmap"), ("--use_mlock", "use_mlock"), ("--flash_attn", "flash_attn_bool"),
-                       ("--cache", "cache")]:
+    for flag, dest in [("--use_mlock", "use_mlock"), ("--flash_attn", "flash_attn_bool"), ("--cache", "cache")]:
         lcp.add_argument(flag, dest=dest, type=_bool_word, metavar="BOOL")
     unused.add_argument("--metrics", action="store_true", help="(/metrics is always on)")
     unused.add_argument("--slots", action="store_true", help="(/slots is always on)")
@@ -297,7 +313,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.seed is not None:
         sampling["seed"] = args.seed
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
-                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers,
+                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, use_mmap=args.use_mmap if LOAD_MODE_MAPPED[args.load_mode] is None else LOAD_MODE_MAPPED[args.load_mode],
                     tensor_overrides=list(args.override_tensor), cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
                     type_k=args.cache_type_k, type_v=args.cache_type_v, slot_save_path=args.slot_save_path,
                     alias=args.alias,

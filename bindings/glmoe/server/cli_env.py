@@ -25,7 +25,7 @@ VALUE_FLAGS = {
     "LLAMA_ARG_POOLING": "--pooling", "LLAMA_ARG_N_GPU_LAYERS": "--gpu-layers",
     "LLAMA_ARG_OVERRIDE_TENSOR": "--override-tensor", "LLAMA_ARG_N_CPU_MOE": "--n-cpu-moe",
     "LLAMA_ARG_CACHE_TYPE_K": "--cache-type-k", "LLAMA_ARG_CACHE_TYPE_V": "--cache-type-v",
-    "LLAMA_ARG_SLOT_SAVE_PATH": "--slot-save-path",
+    "LLAMA_ARG_SLOT_SAVE_PATH": "--slot-save-path", "LLAMA_ARG_LOAD_MODE": "--load-mode",
     "LLAMA_ARG_FLASH_ATTN": "--flash-attn", "LLAMA_ARG_CACHE_REUSE": "--cache-reuse",
     "LLAMA_ARG_ROPE_SCALING_TYPE": "--rope-scaling", "LLAMA_ARG_ROPE_SCALE": "--rope-scale",
     "LLAMA_ARG_ROPE_FREQ_BASE": "--rope-freq-base", "LLAMA_ARG_ROPE_FREQ_SCALE": "--rope-freq-scale",
@@ -37,6 +37,7 @@ SWITCHES = {
     "LLAMA_ARG_ENDPOINT_METRICS": ("--metrics", None), "LLAMA_ARG_ENDPOINT_PROPS": ("--props", None),
     "LLAMA_ARG_RERANKING": ("--reranking", None),
     "LLAMA_ARG_CONT_BATCHING": ("--cont-batching", "--no-cont-batching"),
+    "LLAMA_ARG_MMAP": ("--mmap", "--no-mmap"),
     "LLAMA_ARG_CONTEXT_SHIFT": ("--context-shift", "--no-context-shift"),
     "LLAMA_ARG_JINJA": ("--jinja", "--no-jinja"), "LLAMA_ARG_ENDPOINT_SLOTS": ("--slots", "--no-slots"),
 }

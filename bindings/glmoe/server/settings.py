@@ -16,6 +16,7 @@ class Settings:
     n_threads: int = 0  # 0: the engine's choice
     n_batch: int = 512
     n_gpu_layers: int = 0  # as llama.cpp's -ngl
+    use_mmap: bool = True  # False: llama.cpp's --no-mmap (the file read into memory, not mapped)
     # llama.cpp's -ot values ("PATTERN=BUFFER[,PATTERN=BUFFER...]", one per flag), --cpu-moe, --n-cpu-moe.
     tensor_overrides: List[str] = dataclasses.field(default_factory=list)
     cpu_moe: bool = False
