@@ -312,8 +312,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                      if getattr(args, field) is not None})
     if args.seed is not None:
         sampling["seed"] = args.seed
+    mapped = LOAD_MODE_MAPPED[args.load_mode]  # an explicit -lm mode wins over --mmap/--no-mmap
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
-                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, use_mmap=args.use_mmap if LOAD_MODE_MAPPED[args.load_mode] is None else LOAD_MODE_MAPPED[args.load_mode],
+                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, use_mmap=args.use_mmap if mapped is None else mapped,
                     tensor_overrides=list(args.override_tensor), cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
                     type_k=args.cache_type_k, type_v=args.cache_type_v, slot_save_path=args.slot_save_path,
                     alias=args.alias,
