@@ -232,6 +232,9 @@ void bind_cuda_ops(nb::module_& m);
 NB_MODULE(_core, m) {
     m.doc() = "glmoe C++ engine";
     nb::exception<GGUFError>(m, "GGUFError", PyExc_ValueError);
+    m.def("load_mode_maps", &load_mode_maps, nb::arg("mode"),
+          "Whether llama.cpp's load mode `mode` maps the file (auto, mmap, mmap+mlock) or reads it into memory "
+          "(none, mlock, dio); ValueError for another word.");
     m.def("gguf_summary", &gguf_summary, nb::arg("path"), nb::arg("use_mmap") = true,
           "Parse and validate a GGUF file (mapped, or read into memory); returns version, alignment, metadata and "
           "tensor infos.");

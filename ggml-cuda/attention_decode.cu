@@ -526,7 +526,7 @@ void launch_decode(const DecodeParams& p, cudaStream_t s) {
         launch_kernel(attention_decode_kernel<D, true>, grid, dim3(kThreads), Cfg<D>::kSmem, s, p);
     } else {
         static std::atomic<uint64_t> done{0};
-        const size_t most = kv_smem_max(quant_smem<D>, {GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0});
+        const size_t most = kv_smem_max(quant_smem<D>, kv_type_supported);
         allow_smem(attention_decode_kernel<D, false>, most, done, "attention_decode");
         launch_kernel(attention_decode_kernel<D, false>, grid, dim3(kThreads), quant_smem<D>(p.a.type_k, p.a.type_v),
                       s, p);

@@ -302,6 +302,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_prefill_kernel(const At
     }
 }
 
+// The KV types the kernel's tiles read: BF16 rows staged raw need more shared memory than D = 256
+// leaves, so they are converted first (kv_rows_to_f16).
+bool tiles_read(uint32_t type) { return type == GGML_TYPE_F16 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0; }
+
 template <int D>
 void launch_prefill(const AttentionArgs& a, cudaStream_t s) {
     const int64_t rows = static_cast<int64_t>(a.n_tok) * (a.n_head / a.n_head_kv);
@@ -312,7 +316,7 @@ void launch_prefill(const AttentionArgs& a, cudaStream_t s) {
         launch_kernel(attention_prefill_kernel<D, true>, grid, dim3(kThreads), Cfg<D>::kSmem, s, a);
     } else {
         static std::atomic<uint64_t> done{0};
-        const size_t most = kv_smem_max(quant_smem<D>, {GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0});
+        const size_t most = kv_smem_max(quant_smem<D>, tiles_read);
         allow_smem(attention_prefill_kernel<D, false>, most, done, "attention_prefill");
         launch_kernel(attention_prefill_kernel<D, false>, grid, dim3(kThreads), quant_smem<D>(a.type_k, a.type_v), s,
                       a);
@@ -366,8 +370,6 @@ void attention_prefill(const AttentionArgs& a, cudaStream_t s) {
         throw std::invalid_argument("attention_prefill: n_head must be a multiple of n_head_kv");
     if (a.q_stride != 0 && (a.q_stride < static_cast<int64_t>(a.n_head) * a.head_dim || a.q_stride % 4 != 0))
         throw std::invalid_argument("attention_prefill: q_stride must be >= n_head * head_dim and a multiple of 4");
-    // BF16 rows staged raw need more shared memory than D = 256 leaves: convert them first.
-    auto tiles_read = [](uint32_t t) { return t == GGML_TYPE_F16 || t == GGML_TYPE_Q8_0 || t == GGML_TYPE_Q4_0; };
     if (!tiles_read(a.type_k) || !tiles_read(a.type_v))
         throw std::invalid_argument("attention_prefill: KV types must be F16, Q8_0 or Q4_0 (BF16 rows: convert them "
                                     "with kv_rows_to_f16 first)");

@@ -10,13 +10,15 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <initializer_list>
 
 #include "cuda_common.cuh"
 #include "ggml_types.h"
 #include "mma_primitives.cuh"
 
 namespace glmoe::cuda {
+
+// The types the GPU's KV cache stores (kv_type_supported).
+constexpr uint32_t kKVTypes[] = {GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0};
 
 __host__ __device__ constexpr int kv_block_bytes(uint32_t type) {
     return type == GGML_TYPE_Q8_0 ? 34 : type == GGML_TYPE_Q4_0 ? 18 : 64;  // F16, BF16: 32 halves
@@ -41,12 +43,14 @@ __host__ __device__ constexpr int kv_stage_bytes(uint32_t type_k, uint32_t type_
 __host__ __device__ constexpr int kv_quantized_sides(uint32_t type_k, uint32_t type_v) {
     return (type_k != GGML_TYPE_F16) + (type_v != GGML_TYPE_F16);
 }
-// the most smem(type_k, type_v) over every pair of the kernel's KV types (it opts in once for it).
-template <class Smem>
-size_t kv_smem_max(Smem smem, std::initializer_list<uint32_t> types) {
+// the most smem(type_k, type_v) over every pair of the KV types that `reads` accepts (a kernel
+// opts in once for it).
+template <class Smem, class Reads>
+size_t kv_smem_max(Smem smem, Reads reads) {
     size_t most = 0;
-    for (uint32_t k : types)
-        for (uint32_t v : types) most = most > smem(k, v) ? most : smem(k, v);
+    for (uint32_t k : kKVTypes)
+        for (uint32_t v : kKVTypes)
+            if (reads(k) && reads(v)) most = most > smem(k, v) ? most : smem(k, v);
     return most;
 }
 

@@ -531,7 +531,9 @@ void rms_norm(const float* x, const float* w, int64_t n, int64_t cols, float eps
 }
 
 bool kv_type_supported(uint32_t type) {
-    return type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;
+    for (uint32_t t : kKVTypes)
+        if (t == type) return true;
+    return false;
 }
 
 int64_t kv_row_bytes(uint32_t type, int64_t width) {

@@ -327,6 +327,12 @@ bool GGUFValue::is_integer() const {
     }
 }
 
+bool load_mode_maps(const std::string& mode) {
+    if (mode == "auto" || mode == "mmap" || mode == "mmap+mlock") return true;
+    if (mode == "none" || mode == "mlock" || mode == "dio") return false;
+    throw std::invalid_argument("unknown load mode '" + mode + "' (auto, none, mmap, mlock, mmap+mlock, dio)");
+}
+
 namespace {
 
 // The whole of fd (size bytes) in anonymous memory, read-only once filled.

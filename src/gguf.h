@@ -45,6 +45,10 @@ struct GGUFTensorInfo {
     uint64_t n_bytes = 0;
 };
 
+// llama.cpp's load modes (-lm): whether `mode` maps the file (auto, mmap, mmap+mlock) or reads it
+// into memory (none, mlock, dio; glmoe does no mlock). std::invalid_argument for another word.
+bool load_mode_maps(const std::string& mode);
+
 class GGUFFile {
 public:
     // Throws GGUFError (bad file) or std::system_error (cannot open/map/read). mapped: the file is

@@ -380,7 +380,7 @@ def test_cli_speed_only_flags_are_accepted_and_reported():
     (["-n", "0"], "--n-predict must be"), (["-n", "-2"], "--n-predict must be"),
     (["--temp", "nan"], "--temp"), (["--top-p", "1.5"], "--top-p"), (["--seed", "-5"], "--seed"),
     (["--ssl-key-file", "key.pem"], "go together"), (["--chat_format", "chatml"], "jinja template"),
-    (["--use_mmap", "maybe"], "not a boolean"),
+    (["--use_mmap", "maybe"], "not a boolean"), (["-lm", "mapped"], "unknown load mode 'mapped'"),
     (["--api-key-file", "/no/such/keys"], "no such file"),
 ])
 def test_cli_refused_llama_flags_are_usage_errors(model_path, args, message, capsys):

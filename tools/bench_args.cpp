@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cctype>
 #include <set>
+#include <stdexcept>
+
+#include "gguf.h"
 
 namespace glmoe::bench {
 
@@ -301,7 +304,13 @@ BenchParams parse_bench_args(int argc, char** argv) {
         else if (a.is("-lm", "--load-mode"))
             lists.add(p.load_mode, a.parsed([](const std::string& v) {
                 const std::vector<std::string> modes = split(v, ',');
-                for (const std::string& m : modes) load_mode_maps(m);
+                for (const std::string& m : modes) {
+                    try {
+                        load_mode_maps(m);
+                    } catch (const std::invalid_argument& e) {
+                        throw UsageError(e.what());
+                    }
+                }
                 return modes;
             }));
         else if (a.is("-r", "--repetitions")) p.reps = a.one_int(1);
@@ -383,12 +392,6 @@ bool overrides_ask_for_gpu(const std::vector<std::string>& values) {
                 if (ov.buffer != "CPU") return true;
     }
     return false;
-}
-
-bool load_mode_maps(const std::string& mode) {
-    if (mode == "auto" || mode == "mmap" || mode == "mmap+mlock") return true;
-    if (mode == "none" || mode == "mlock" || mode == "dio") return false;
-    throw UsageError("unknown load mode '" + mode + "' (auto, none, mmap, mlock, mmap+mlock, dio)");
 }
 
 std::vector<TestInstance> expand_tests(const BenchParams& p) {

@@ -69,9 +69,6 @@ struct TestInstance {
     std::string load_mode = "auto";
 };
 
-// Whether a -lm value maps the model file (false: read into memory); throws UsageError.
-bool load_mode_maps(const std::string& mode);
-
 struct SweepParams {
     std::string model;
     int n_ctx = 4096;

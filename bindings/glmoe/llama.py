@@ -160,10 +160,10 @@ class Llama:
                           "they change speed or memory use, not results", stacklevel=2)
 
         t0 = time.perf_counter()
-        if verbose:
-            _warm_page_cache(model_path)
         if not isinstance(use_mmap, bool):
             raise ValueError(f"use_mmap must be True or False; got {use_mmap!r}")
+        if verbose and use_mmap:  # read into memory, the file is read once anyway
+            _warm_page_cache(model_path)
         self._model = _core.Model(model_path, use_mmap=use_mmap)
         if n_ctx == 0:  # as llama-cpp-python: the model's context_length, and batches no bigger than it
             n_ctx = self._model.n_ctx_train

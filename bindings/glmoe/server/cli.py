@@ -124,8 +124,15 @@ def _bool_word(text: str) -> str:
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
 
 
-# llama.cpp's -lm/--load-mode values: whether each maps the file (auto: as --mmap/--no-mmap say).
-LOAD_MODE_MAPPED = {"auto": None, "mmap": True, "mmap+mlock": True, "none": False, "mlock": False, "dio": False}
+def _load_mode(text: str) -> str:
+    """llama.cpp's -lm/--load-mode value, checked by the loader's own reading of it."""
+    from .. import _core
+
+    try:
+        _core.load_mode_maps(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
 
 
 def _bool_value(text: str) -> bool:
@@ -226,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
                           "faster reads for the weights the CPU computes with")
     gpu.add_argument("--use_mmap", dest="use_mmap", type=_bool_value, metavar="BOOL",
                      help="llama-cpp-python's spelling of --mmap / --no-mmap")
-    gpu.add_argument("-lm", "--load-mode", dest="load_mode", choices=sorted(LOAD_MODE_MAPPED), default="auto",
+    gpu.add_argument("-lm", "--load-mode", dest="load_mode", type=_load_mode, default="auto", metavar="MODE",
                      help="llama.cpp's: auto, mmap and mmap+mlock map the file (auto: unless --no-mmap); none, mlock "
                           "and dio read it into memory (--no-mmap); the mlock part is unused")
     gpu.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", type=cache_type_arg, default=-1, metavar="TYPE",
@@ -312,9 +319,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                      if getattr(args, field) is not None})
     if args.seed is not None:
         sampling["seed"] = args.seed
-    mapped = LOAD_MODE_MAPPED[args.load_mode]  # an explicit -lm mode wins over --mmap/--no-mmap
+    from .. import _core
+
+    # An explicit -lm mode wins over --mmap/--no-mmap, which decide `auto`.
+    use_mmap = args.use_mmap if args.load_mode == "auto" else _core.load_mode_maps(args.load_mode)
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
-                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, use_mmap=args.use_mmap if mapped is None else mapped,
+                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, use_mmap=use_mmap,
                     tensor_overrides=list(args.override_tensor), cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
                     type_k=args.cache_type_k, type_v=args.cache_type_v, slot_save_path=args.slot_save_path,
                     alias=args.alias,
