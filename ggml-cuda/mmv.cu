@@ -15,7 +15,7 @@
 //
 // Routed experts: grid.y is the (token, slot) pair, the expert comes from ids (block-uniform), so
 // every pair is a one-token product; the routed and the shared expert may differ in type because
-// the block decoder switches on the type at run time (the switch is uniform, hence cheap). A float
+// each CTA picks the main loop compiled for its matrix's type (a block-uniform switch). A float
 // shared expert beside quantized routed ones (or the reverse) takes a second launch: each kernel
 // skips the pairs of the other family.
 #include <cuda_runtime.h>
@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "ggml_types.h"
@@ -178,137 +179,175 @@ __global__ void __launch_bounds__(kThreads, 3) mmvq_kernel(const Args a) {
     if (skip_pair(a, ok, type[0], false)) return;  // block-uniform, before any barrier
     const bool bad = !ok;
     if (bad) base[0] = base[1] = nullptr;
-    const uint32_t ty = type[0];  // gate and up share the type (checked on the host)
-    const TypeGeom geom = type_geom(ty);
-    const int chunk_bytes = geom.block_bytes * (kChunkCols / geom.block_elems);
-    const BlockQ8* x = static_cast<const BlockQ8*>(a.x) +
-                       (a.ids ? (a.x_per_slot ? pair : pair / a.n_slots) * a.x_stride : 0);
+    // The main loop is compiled once per weight type (the block-uniform switch below): with the
+    // type a constant, each item's decoding is straight-line code, which the compiler interleaves
+    // over the row streams; a run-time switch per stream and item serialised them.
+    auto run = [&](auto type_c) {
+        const uint32_t ty = static_cast<uint32_t>(type_c);
+        const TypeGeom geom = type_geom(ty);
+        const int chunk_bytes = geom.block_bytes * (kChunkCols / geom.block_elems);
+        const BlockQ8* x = static_cast<const BlockQ8*>(a.x) +
+                           (a.ids ? (a.x_per_slot ? pair : pair / a.n_slots) * a.x_stride : 0);
 
-    const int rows_per_group = kWarps * RW;
-    const int64_t n_groups_total = (a.rows + rows_per_group - 1) / rows_per_group;
-    const int64_t g_first = static_cast<int64_t>(blockIdx.x) * a.groups;
-    const int n_groups = static_cast<int>(std::min<int64_t>(a.groups, n_groups_total - g_first));
-    const int nchunks = static_cast<int>((a.cols + kChunkCols - 1) / kChunkCols);
-    const int nslabs = (nchunks + a.slab_chunks - 1) / a.slab_chunks;
-    const int nsteps = n_groups * nchunks;
-    const int64_t nb_total = a.cols / 32;
+        const int rows_per_group = kWarps * RW;
+        const int64_t n_groups_total = (a.rows + rows_per_group - 1) / rows_per_group;
+        const int64_t g_first = static_cast<int64_t>(blockIdx.x) * a.groups;
+        const int n_groups = static_cast<int>(std::min<int64_t>(a.groups, n_groups_total - g_first));
+        const int nchunks = static_cast<int>((a.cols + kChunkCols - 1) / kChunkCols);
+        const int nslabs = (nchunks + a.slab_chunks - 1) / a.slab_chunks;
+        const int nsteps = n_groups * nchunks;
+        const int64_t nb_total = a.cols / 32;
+        const int row_bytes = static_cast<int>(rbytes[0]);  // gate and up rows have the same bytes
 
-    // Row bytes of stream s at step q (row clamped: the last group may be partial).
-    auto stream_ptr = [&](int s, int q) -> const uint8_t* {
-        const int g = q / nchunks, c = q % nchunks;
-        const int m = (SW && s >= RW) ? 1 : 0;
-        int64_t row = (g_first + g) * rows_per_group + warp * RW + (s % RW);
-        row = std::min<int64_t>(row, a.rows - 1);
-        return base[m] + row * rbytes[m] + static_cast<int64_t>(c) * chunk_bytes;
-    };
-    auto chunk_len = [&](int s, int q) -> int {
-        const int m = (SW && s >= RW) ? 1 : 0;
-        const int64_t left = static_cast<int64_t>(rbytes[m]) - static_cast<int64_t>(q % nchunks) * chunk_bytes;
-        return static_cast<int>(std::min<int64_t>(chunk_bytes, left));
-    };
-    // Stage step q into ring slot q % STAGES: the 16-byte granules covering each row chunk.
-    auto issue = [&](int q) {
-        if (q < nsteps && !bad) {
-            uint8_t* slot = wbuf + (q % STAGES) * (S * kRowBuf);
+        // Steps go in order (group g, chunk c), so the copies and the compute each keep counters
+        // and the rows' addresses of their group: no divisions or 64-bit products per step.
+        // Rows are clamped: the last group may be partial.
+        auto group_rows = [&](int g, const uint8_t* (&rp)[S]) {
 #pragma unroll
             for (int s = 0; s < S; ++s) {
-                const uint8_t* p = stream_ptr(s, q);
-                const uintptr_t a0 = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(15);
-                const uintptr_t a1 = (reinterpret_cast<uintptr_t>(p) + chunk_len(s, q) + 15) & ~uintptr_t(15);
-                const int n16 = static_cast<int>((a1 - a0) / 16);
-                for (int j = lane; j < n16; j += 32)
-                    cp_async16(slot + s * kRowBuf + 16 * j, reinterpret_cast<const void*>(a0 + 16 * j));
+                const int m = (SW && s >= RW) ? 1 : 0;
+                const int64_t row = std::min<int64_t>((g_first + g) * rows_per_group + warp * RW + s % RW, a.rows - 1);
+                rp[s] = base[m] + row * rbytes[m];
             }
-        }
-        cp_async_commit();  // always, so that the group count per step stays fixed
-    };
-    // Activations of slab `slab` into shared memory, repacked: q as [NT][cols] bytes (16-byte
-    // aligned per item half), (d, s) pairs as [NT][blocks].
-    auto load_act = [&](int slab) {
-        const int64_t b0 = static_cast<int64_t>(slab) * slab_blocks;
-        const int nb = static_cast<int>(std::min<int64_t>(slab_blocks, nb_total - b0));
-        for (int j = threadIdx.x; j < NT * nb; j += kThreads) {
-            const int t = j / nb, b = j % nb;
-            const uint2* src = reinterpret_cast<const uint2*>(x + t * a.x_stride + b0 + b);
-            const uint2 v0 = src[0], v1 = src[1], v2 = src[2], v3 = src[3], v4 = src[4];
-            act_ds[t * slab_blocks + b] = make_float2(__uint_as_float(v0.x), __uint_as_float(v0.y));
-            uint4* q = reinterpret_cast<uint4*>(act_q + (static_cast<int64_t>(t) * slab_blocks + b) * 32);
-            q[0] = make_uint4(v1.x, v1.y, v2.x, v2.y);
-            q[1] = make_uint4(v3.x, v3.y, v4.x, v4.y);
-        }
-    };
-
-    float acc[S][NT];
-#pragma unroll
-    for (int s = 0; s < S; ++s)
-#pragma unroll
-        for (int t = 0; t < NT; ++t) acc[s][t] = 0.0f;
-
-#pragma unroll
-    for (int q = 0; q < STAGES - 1; ++q) issue(q);
-    if (dense) pdl_wait();
-    pdl_trigger();
-
-    for (int q = 0; q < nsteps; ++q) {
-        const int c = q % nchunks;
-        issue(q + STAGES - 1);
-        if (c % a.slab_chunks == 0 && (q == 0 || nslabs > 1)) {
-            if (q > 0) __syncthreads();  // every warp is done with the previous slab
-            load_act(c / a.slab_chunks);
-            __syncthreads();
-        }
-        cp_async_wait<STAGES - 1>();
-        __syncwarp();
-
-        const int64_t col0 = static_cast<int64_t>(c) * kChunkCols + 32 * lane;
-        if (col0 < a.cols && !bad) {
-            const uint8_t* slot = wbuf + (q % STAGES) * (S * kRowBuf);
-            ItemW w[S];
-#pragma unroll
-            for (int s = 0; s < S; ++s) {
-                const int off = static_cast<int>(reinterpret_cast<uintptr_t>(stream_ptr(s, q)) & 15);
-                w[s] = item_weights(ty, slot + s * kRowBuf, off, lane);
-            }
-            const ItemA ia = item_act(ty, lane);
-            const int sb0 = (c % a.slab_chunks) * 32;  // chunk's first block within the slab
-#pragma unroll
-            for (int t = 0; t < NT; ++t) {
-                const int8_t* qt = act_q + static_cast<int64_t>(t) * slab_blocks * 32;
-                const int4 x0 = *reinterpret_cast<const int4*>(qt + (sb0 + ia.b0) * 32 + 16 * ia.h0);
-                const int4 x1 = *reinterpret_cast<const int4*>(qt + (sb0 + ia.b1) * 32 + 16 * ia.h1);
-                const float2 ds0 = act_ds[t * slab_blocks + sb0 + ia.b0];
-                const float2 ds1 = act_ds[t * slab_blocks + sb0 + ia.b1];
+        };
+        const uint8_t* issue_rows[S];
+        group_rows(0, issue_rows);
+        int issue_q = 0, issue_g = 0, issue_c = 0;
+        // Stages the next step into ring slot issue_q % STAGES: the 16-byte granules covering
+        // each row's chunk.
+        auto issue_next = [&]() {
+            if (issue_q < nsteps && !bad) {
+                uint8_t* slot = wbuf + (issue_q % STAGES) * (S * kRowBuf);
+                const int first = issue_c * chunk_bytes, len = min(chunk_bytes, row_bytes - first);
 #pragma unroll
                 for (int s = 0; s < S; ++s) {
-                    int i0 = __dp4a(w[s].w[0], x0.x, 0);
-                    i0 = __dp4a(w[s].w[1], x0.y, i0);
-                    i0 = __dp4a(w[s].w[2], x0.z, i0);
-                    i0 = __dp4a(w[s].w[3], x0.w, i0);
-                    int i1 = __dp4a(w[s].w[4], x1.x, 0);
-                    i1 = __dp4a(w[s].w[5], x1.y, i1);
-                    i1 = __dp4a(w[s].w[6], x1.z, i1);
-                    i1 = __dp4a(w[s].w[7], x1.w, i1);
-                    float v = acc[s][t];
-                    v = fmaf(w[s].f0 * ds0.x, static_cast<float>(i0), v);
-                    v = fmaf(w[s].f1 * ds1.x, static_cast<float>(i1), v);
-                    v = fmaf(w[s].g0, ds0.y, v);
-                    v = fmaf(w[s].g1, ds1.y, v);
-                    acc[s][t] = v;
+                    const uint8_t* p = issue_rows[s] + first;
+                    const uintptr_t a0 = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(15);
+                    const int n16 = static_cast<int>(((reinterpret_cast<uintptr_t>(p) + len + 15) & ~uintptr_t(15)) - a0) / 16;
+                    for (int j = lane; j < n16; j += 32)
+                        cp_async16(slot + s * kRowBuf + 16 * j, reinterpret_cast<const void*>(a0 + 16 * j));
+                }
+            }
+            cp_async_commit();  // always, so that the group count per step stays fixed
+            ++issue_q;
+            if (++issue_c == nchunks) {
+                issue_c = 0;
+                if (++issue_g < n_groups) group_rows(issue_g, issue_rows);
+            }
+        };
+        // Activations of slab `slab` into shared memory, repacked: q as [NT][cols] bytes (16-byte
+        // aligned per item half), (d, s) pairs as [NT][blocks].
+        auto load_act = [&](int slab) {
+            const int64_t b0 = static_cast<int64_t>(slab) * slab_blocks;
+            const int nb = static_cast<int>(std::min<int64_t>(slab_blocks, nb_total - b0));
+            for (int j = threadIdx.x; j < NT * nb; j += kThreads) {
+                const int t = j / nb, b = j % nb;
+                const uint2* src = reinterpret_cast<const uint2*>(x + t * a.x_stride + b0 + b);
+                const uint2 v0 = src[0], v1 = src[1], v2 = src[2], v3 = src[3], v4 = src[4];
+                act_ds[t * slab_blocks + b] = make_float2(__uint_as_float(v0.x), __uint_as_float(v0.y));
+                uint4* q = reinterpret_cast<uint4*>(act_q + (static_cast<int64_t>(t) * slab_blocks + b) * 32);
+                q[0] = make_uint4(v1.x, v1.y, v2.x, v2.y);
+                q[1] = make_uint4(v3.x, v3.y, v4.x, v4.y);
+            }
+        };
+
+        float acc[S][NT];
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+#pragma unroll
+            for (int t = 0; t < NT; ++t) acc[s][t] = 0.0f;
+
+#pragma unroll
+        for (int q = 0; q < STAGES - 1; ++q) issue_next();
+        if (dense) pdl_wait();
+        pdl_trigger();
+
+        // The compute side's group g, chunk c, and the chunk's place in its activation slab.
+        int g = 0, c = 0, slab = 0, slab_pos = 0;
+        int row_off[S];  // each row's address mod 16 (its first granule's skipped bytes)
+        {
+            const uint8_t* rp[S];
+            group_rows(0, rp);
+#pragma unroll
+            for (int s = 0; s < S; ++s) row_off[s] = static_cast<int>(reinterpret_cast<uintptr_t>(rp[s]) & 15);
+        }
+        for (int q = 0; q < nsteps; ++q) {
+            issue_next();
+            if (slab_pos == 0 && (q == 0 || nslabs > 1)) {
+                if (q > 0) __syncthreads();  // every warp is done with the previous slab
+                load_act(slab);
+                __syncthreads();
+            }
+            cp_async_wait<STAGES - 1>();
+            __syncwarp();
+
+            if (c * kChunkCols + 32 * lane < a.cols && !bad) {
+                const uint8_t* slot = wbuf + (q % STAGES) * (S * kRowBuf);
+                ItemW w[S];
+#pragma unroll
+                for (int s = 0; s < S; ++s) w[s] = item_weights(ty, slot + s * kRowBuf, (row_off[s] + c * chunk_bytes) & 15, lane);
+                const ItemA ia = item_act(ty, lane);
+                const int sb0 = slab_pos * 32;  // chunk's first block within the slab
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    const int8_t* qt = act_q + t * slab_blocks * 32;
+                    const int4 x0 = *reinterpret_cast<const int4*>(qt + (sb0 + ia.b0) * 32 + 16 * ia.h0);
+                    const int4 x1 = *reinterpret_cast<const int4*>(qt + (sb0 + ia.b1) * 32 + 16 * ia.h1);
+                    const float2 ds0 = act_ds[t * slab_blocks + sb0 + ia.b0];
+                    const float2 ds1 = act_ds[t * slab_blocks + sb0 + ia.b1];
+#pragma unroll
+                    for (int s = 0; s < S; ++s) {
+                        int i0 = __dp4a(w[s].w[0], x0.x, 0);
+                        i0 = __dp4a(w[s].w[1], x0.y, i0);
+                        i0 = __dp4a(w[s].w[2], x0.z, i0);
+                        i0 = __dp4a(w[s].w[3], x0.w, i0);
+                        int i1 = __dp4a(w[s].w[4], x1.x, 0);
+                        i1 = __dp4a(w[s].w[5], x1.y, i1);
+                        i1 = __dp4a(w[s].w[6], x1.z, i1);
+                        i1 = __dp4a(w[s].w[7], x1.w, i1);
+                        float v = acc[s][t];
+                        v = fmaf(w[s].f0 * ds0.x, static_cast<float>(i0), v);
+                        v = fmaf(w[s].f1 * ds1.x, static_cast<float>(i1), v);
+                        v = fmaf(w[s].g0, ds0.y, v);
+                        v = fmaf(w[s].g1, ds1.y, v);
+                        acc[s][t] = v;
+                    }
+                }
+            }
+            __syncwarp();  // the slot is refilled by the next iteration's issue
+
+            if (++slab_pos == a.slab_chunks) {
+                slab_pos = 0;
+                ++slab;
+            }
+            if (++c == nchunks) {
+                write_outputs<NT, RW, SW, S>(a, acc, (g_first + g) * rows_per_group + warp * RW, pair, bad, lane);
+#pragma unroll
+                for (int s = 0; s < S; ++s)
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) acc[s][t] = 0.0f;
+                c = slab = slab_pos = 0;
+                if (++g < n_groups) {
+                    const uint8_t* rp[S];
+                    group_rows(g, rp);
+#pragma unroll
+                    for (int s = 0; s < S; ++s) row_off[s] = static_cast<int>(reinterpret_cast<uintptr_t>(rp[s]) & 15);
                 }
             }
         }
-        __syncwarp();  // the slot is refilled by the next iteration's issue
-
-        if (c == nchunks - 1) {
-            const int64_t row0 = (g_first + q / nchunks) * rows_per_group + warp * RW;
-            write_outputs<NT, RW, SW, S>(a, acc, row0, pair, bad, lane);
-#pragma unroll
-            for (int s = 0; s < S; ++s)
-#pragma unroll
-                for (int t = 0; t < NT; ++t) acc[s][t] = 0.0f;
-        }
+        cp_async_wait<0>();
+    };
+    // gate and up share the type (checked on the host)
+    switch (type[0]) {
+        case GGML_TYPE_Q8_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q8_0>{}); break;
+        case GGML_TYPE_Q4_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q4_0>{}); break;
+        case GGML_TYPE_Q5_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q5_0>{}); break;
+        case GGML_TYPE_Q4_K: run(std::integral_constant<uint32_t, GGML_TYPE_Q4_K>{}); break;
+        case GGML_TYPE_Q5_K: run(std::integral_constant<uint32_t, GGML_TYPE_Q5_K>{}); break;
+        case GGML_TYPE_Q6_K: run(std::integral_constant<uint32_t, GGML_TYPE_Q6_K>{}); break;
+        // Only a pair with an invalid expert id gets here (nothing is read; its outputs are NaN).
+        default: run(std::integral_constant<uint32_t, GGML_TYPE_Q8_0>{}); break;
     }
-    cp_async_wait<0>();
 }
 
 // ---- float weights ------------------------------------------------------------------------------
