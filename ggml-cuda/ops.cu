@@ -410,22 +410,22 @@ __global__ void moe_route_kernel(RouteArgs a) {
             }
         }
         if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-        sum += bp;  // same order as the CPU: selection order
+        sum += bp;  // same order as the CPU: selection order (every lane holds the same sum)
         if (lane == 0) {
             ids[k] = bi;
             weights[k] = bp;
         }
     }
-    if (lane == 0) {
-        for (int k = 0; k < a.n_used; ++k) {
-            float w = weights[k];
-            if (a.norm) w /= sum;
-            weights[k] = w * a.scale;
-        }
-        if (a.fuse_shared) {
-            ids[a.n_used] = E;
-            weights[a.n_used] = 1.0f;
-        }
+    // Normalised by the lanes together: one round trip to memory, not one per route in turn.
+    __syncwarp();  // lane 0's writes above are visible to the warp
+    for (int k = lane; k < a.n_used; k += 32) {
+        float w = weights[k];
+        if (a.norm) w /= sum;
+        weights[k] = w * a.scale;
+    }
+    if (lane == 0 && a.fuse_shared) {
+        ids[a.n_used] = E;
+        weights[a.n_used] = 1.0f;
     }
 }
 
