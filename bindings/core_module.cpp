@@ -318,8 +318,8 @@ NB_MODULE(_core, m) {
            nb::arg("type_v") = kKVTypeDefault, nb::keep_alive<1, 2>(),
            "tensor_overrides: llama.cpp -ot values (\"PATTERN=BUFFER[,...]\"); n_cpu_moe / cpu_moe: as "
            "--n-cpu-moe / --cpu-moe (placement.h); cpu_as_gpu: tests only, the GPU's share on a second CPU backend; expert_borrow_min_tokens: steps this big copy "
-           "RAM-placed experts to the GPU (0: the default); gpu_expert_share: the fraction of each such layer's experts the GPU "
-           "runs in smaller steps, copied from pinned memory (< 0: the default, 0: none); type_k / type_v: KV cache types as "
+           "RAM-placed experts to the GPU (0: the default); gpu_expert_share: the fraction of each smaller step's routed experts "
+           "in RAM the GPU runs, copied from pinned memory (< 0: the default, 0: none); type_k / type_v: KV cache types as "
            "GGML ids, as llama.cpp's -ctk/-ctv (-1: f32 on the CPU, f16 on the GPU; the GPU takes only f16).")
         .def("decode", &context_decode, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"), nb::arg("want_logits"))
         .def("decode_sample", &context_decode_sample, nb::arg("tokens"), nb::arg("pos"), nb::arg("seq"),

@@ -4,9 +4,11 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "expert_split.h"
 #include "model.h"
 #include "placement.h"
 
@@ -24,6 +26,15 @@ void bind_placement(nb::module_& m) {
         },
         nb::arg("value"),
         "One -ot value (\"PATTERN=BUFFER[,PATTERN=BUFFER...]\") as [(pattern, buffer)]; raises PlacementError.");
+    m.def(
+        "gpu_step_experts",
+        [](const std::vector<int32_t>& ids, int k, int n_expert, int fetchable, double share) {
+            if (k <= 0 || ids.size() % k != 0) throw std::invalid_argument("ids must hold whole rows of k routes");
+            return gpu_step_experts(ids.data(), static_cast<int64_t>(ids.size() / k), k, n_expert, fetchable, share);
+        },
+        nb::arg("ids"), nb::arg("k"), nb::arg("n_expert"), nb::arg("fetchable"), nb::arg("share"),
+        "The experts the GPU runs in a small step of a layer whose routed experts are in RAM (expert_split.h): "
+        "ids are the step's n_tokens x k routes, flattened.");
     m.def(
         "decide_placement",
         [](const Model& model, int n_gpu_layers, const std::vector<std::string>& tensor_overrides, int n_cpu_moe,

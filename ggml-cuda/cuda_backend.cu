@@ -253,32 +253,41 @@ CudaBackendImpl::CudaBackendImpl(const Model& model, const Placement& placement,
 
 void CudaBackendImpl::start_streaming() {
     const std::vector<ExpertStreamer::Layer> layers = streamable_layers();
-    size_t pinned = 0, mapped = 0;
+    size_t copied = 0, all = 0;
     for (const ExpertStreamer::Layer& l : layers)
         for (size_t mb : l.matrix_bytes) {
-            pinned += mb * n_streamed_;
-            mapped += mb * hp_.n_expert;
+            copied += mb * n_streamed_;
+            all += mb * hp_.n_expert;
         }
-    // Pinned pages cannot be swapped or reclaimed, and the CPU reads the rest of the experts from
-    // the mapped file, whose pages must stay in RAM too (or every step would wait on the disk):
-    // both, and room for the rest of the host.
+    // The copy engine reads pinned memory. Memory the file was read into (-lm none) is pinned
+    // where it is: any expert can cross, and RAM holds no second copy (on the device, 1 GiB of it
+    // in 0.06 s). A mapped file's pages are not: mapping the file and pinning 1 GiB of it had not
+    // finished after ~120 s there (docs/PERFORMANCE.md, "Hybrid expert offload"). Experts
+    // [0, n_streamed) are copied into pinned memory instead, which cannot be swapped or reclaimed,
+    // so the copy must fit beside the mapped experts the CPU reads (or every step would wait on
+    // the disk), with room for the rest of the host.
+    const bool mapped = model_.file().mapped();
     const uint64_t reserve = uint64_t{4} << 30;
     const uint64_t available = host_memory_available();
     std::string why_not;
-    if (available != UINT64_MAX && pinned + mapped + reserve > available) {
-        why_not = "pinning " + mib(pinned) + " beside the " + mib(mapped) + " of mapped experts would leave less than " +
-                  mib(reserve) + " of " + mib(available) + " free";
-    } else {
+    for (bool in_place : {true, false}) {
+        if (in_place && mapped) continue;
+        if (!in_place && available != UINT64_MAX && copied + (mapped ? all : 0) + reserve > available) {
+            why_not = "pinning " + mib(copied) + (mapped ? " beside the mapped experts" : "") +
+                      " would leave less than " + mib(reserve) + " of " + mib(available) + " free";
+            break;
+        }
         try {
-            streamer_ = std::make_unique<ExpertStreamer>(layers, n_streamed_, stream_slot_, pool_);
-            memory_.pinned_experts = streamer_->pinned_bytes();
+            streamer_ = std::make_unique<ExpertStreamer>(layers, n_streamed_, hp_.n_expert, in_place, stream_slot_, pool_);
+            memory_.pinned_experts = streamer_->pinned_copy_bytes();
+            memory_.pinned_in_place = streamer_->pinned_in_place_bytes();
+            return;
         } catch (const GpuError& e) {
             cudaGetLastError();
             why_not = e.what();
         }
     }
-    if (!why_not.empty())
-        std::fprintf(stderr, "glmoe: the CPU runs all the routed experts in RAM in small steps (%s)\n", why_not.c_str());
+    std::fprintf(stderr, "glmoe: the CPU runs all the routed experts in RAM in small steps (%s)\n", why_not.c_str());
 }
 
 CudaBackendImpl::~CudaBackendImpl() {

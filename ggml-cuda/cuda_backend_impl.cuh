@@ -168,7 +168,7 @@ public:
     void output(const StepOutput& out) override;
     const GpuCounters& counters() const override { return counters_; }
     GpuMemory memory() const override { return memory_; }
-    int streamed_experts(int il) const override { return streamer_ && layers_[il].borrows ? streamer_->n_streamed() : 0; }
+    int streamed_experts(int il) const override { return streamer_ && layers_[il].borrows ? streamer_->fetchable() : 0; }
     void finish_sampled(int32_t* ids, float* logprobs, SampledTop* top) override;
     // KVRows: the layers whose attention runs here, copied through the host a layer at a time.
     int n_layers() const override { return static_cast<int>(layers_.size()); }

@@ -1,6 +1,7 @@
 // The CUDA backend's layer ops (src/backend.h): each only enqueues work on the backend's stream,
 // unless a replayed graph already holds it (skip()).
 #include "cuda_backend_impl.cuh"
+#include "expert_split.h"
 
 namespace glmoe {
 namespace {
@@ -322,23 +323,22 @@ void CudaBackendImpl::moe_experts(int il, bool into_x) {
 
 bool CudaBackendImpl::streamed_experts_of(int il, float* out, bool acc) {
     const DevLayer& l = layers_[il];
-    const int k = l.n_used, n_streamed = streamer_->n_streamed();
-    // The routing the forward just downloaded for the CPU's share: each token's routes to
-    // experts [0, n_streamed), padded to the longest with weight-0 routes to an expert copied here.
+    const int k = l.n_used;
+    // The routing the forward just downloaded for the CPU's share gives this side's experts
+    // (expert_split.h); each token's routes to them, as places in the slot, padded to the longest
+    // with weight-0 routes to place 0.
     const int32_t* ids = down_.route_ids;
     const float* weights = down_.route_w;
+    const std::vector<int> copied =
+        gpu_step_experts(ids, n_, k, hp_.n_expert, streamer_->fetchable(), placement_.gpu_expert_share);
+    std::vector<int> place(hp_.n_expert, -1);
+    for (size_t j = 0; j < copied.size(); ++j) place[copied[j]] = static_cast<int>(j);
+    auto here = [&](int e) { return e >= 0 && e < hp_.n_expert && place[e] >= 0; };
     int routes = 0;
-    std::vector<int> copied;
-    std::vector<uint8_t> seen(n_streamed, 0);
     for (int t = 0; t < n_; ++t) {
-        int here = 0;
-        for (int j = 0; j < k; ++j)
-            if (const int e = ids[t * k + j]; e < n_streamed) {
-                ++here;
-                if (!seen[e]) copied.push_back(e);
-                seen[e] = 1;
-            }
-        routes = std::max(routes, here);
+        int n_here = 0;
+        for (int j = 0; j < k; ++j) n_here += here(ids[t * k + j]);
+        routes = std::max(routes, n_here);
     }
     // Eager from here, whatever the graphs: the copies and the shapes change every step.
     end_stretch();
@@ -346,13 +346,13 @@ bool CudaBackendImpl::streamed_experts_of(int il, float* out, bool acc) {
     for (int t = 0; t < n_; ++t) {
         int r = 0;
         for (int j = 0; j < k; ++j)
-            if (const int e = ids[t * k + j]; e < n_streamed) {
-                up_.route_ids[t * routes + r] = e;
+            if (const int e = ids[t * k + j]; here(e)) {
+                up_.route_ids[t * routes + r] = place[e];
                 up_.route_w[t * routes + r] = weights[t * k + j];
                 ++r;
             }
         for (; r < routes; ++r) {
-            up_.route_ids[t * routes + r] = copied[0];
+            up_.route_ids[t * routes + r] = 0;
             up_.route_w[t * routes + r] = 0.0f;
         }
     }
@@ -368,7 +368,7 @@ bool CudaBackendImpl::streamed_experts_of(int il, float* out, bool acc) {
     gate.routed = view_of(w.gate_exps, stacks[0], w.gate_exps.ne[1]);
     up.routed = view_of(w.up_exps, stacks[1], w.up_exps.ne[1]);
     down.routed = view_of(w.down_exps, stacks[2], w.down_exps.ne[1]);
-    gate.n_routed = up.n_routed = down.n_routed = n_streamed;
+    gate.n_routed = up.n_routed = down.n_routed = static_cast<int>(copied.size());
     routed_experts(l, gate, up, down, routes, out, acc);
     streamer_->release(stream_);
     graphs_on_ = graphs;

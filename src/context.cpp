@@ -66,14 +66,14 @@ KVTypes kv_types_on(Device d, const Placement& placement, const ContextParams& p
 }
 
 
-// ContextParams::gpu_expert_share as a count of experts. The default share was measured on the
-// device (docs/PERFORMANCE.md, "Hybrid expert offload"): it balances the copy engine's bandwidth
-// from RAM with the CPU threads' (H100 over PCIe 5, 16 Xeon threads).
-int streamed_experts(const Model& model, double share) {
+// ContextParams::gpu_expert_share resolved. The default was measured on the device
+// (docs/PERFORMANCE.md, "Hybrid expert offload"): it balances the copy engine's bandwidth from RAM
+// with the CPU threads' (H100 over PCIe 5, 16 Xeon threads).
+double expert_share(double share) {
     constexpr double kDefaultShare = 0.4;
     if (share < 0) share = kDefaultShare;
     if (!(share <= 1)) throw std::invalid_argument("gpu_expert_share " + std::to_string(share) + " is not in [0, 1]");
-    return static_cast<int>(std::lround(share * model.hparams().n_expert));
+    return share;
 }
 
 }  // namespace
@@ -88,7 +88,8 @@ Context::Context(const Model& model, const ContextParams& params)
       cpu_(std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
                                         params.f32_activations, Device::cpu,
                                         kv_types_on(Device::cpu, placement_, params))) {
-    const int n_streamed = streamed_experts(model, params.gpu_expert_share);
+    placement_.gpu_expert_share = expert_share(params.gpu_expert_share);
+    const int n_streamed = static_cast<int>(std::lround(placement_.gpu_expert_share * model.hparams().n_expert));
     if (params.cpu_as_gpu) {
         cpu_as_gpu_ = std::make_unique<CpuBackend>(model, placement_, pool_, params.n_ctx, params.embeddings,
                                                    params.f32_activations, Device::gpu,
@@ -144,8 +145,11 @@ std::string Context::placement_summary() const {
             streamed = lp.gpu_streamed_experts;
         }
     if (streamed_layers > 0)
-        s += "in small steps the GPU runs experts 0-" + std::to_string(streamed - 1) + " of those " +
-             std::to_string(streamed_layers) + " layers, copied from pinned memory (gpu_expert_share)\n";
+        s += "in small steps the GPU runs " + std::to_string(std::lround(100 * placement_.gpu_expert_share)) +
+             "% of the routed experts of those " + std::to_string(streamed_layers) + " layers, among experts 0-" +
+             std::to_string(streamed - 1) +
+             (gpu_ && gpu_->memory().pinned_in_place ? ", read from the model's own pages, pinned in place"
+                                                      : ", copied from pinned memory") + " (gpu_expert_share)\n";
     size_t cpu_weights = 0;
     for (const auto& [name, dev] : placement_.tensors)
         if (dev == Device::cpu)
@@ -166,6 +170,7 @@ std::string Context::placement_summary() const {
         s += "CUDA0 KV buffer size = " + mib(m.kv) + "\n";
         s += "CUDA0 compute buffer size = " + mib(m.compute) + "\n";
         if (m.pinned_experts) s += "CUDA_Host model buffer size = " + mib(m.pinned_experts) + "\n";
+        if (m.pinned_in_place) s += "model pages pinned in place for the GPU's expert copies = " + mib(m.pinned_in_place) + "\n";
     }
     return s;
 }

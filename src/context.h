@@ -34,9 +34,10 @@ struct ContextParams {
     std::vector<TensorOverride> tensor_overrides;
     // GpuParams::expert_borrow_min_tokens (0: the default).
     int expert_borrow_min_tokens = 0;
-    // Of each layer whose routed experts are in RAM (router on the GPU), the fraction the GPU runs
-    // in smaller steps, copying the routed ones over PCIe from pinned memory while the CPU runs the
-    // rest (placement.h, gpu_streamed_experts). < 0: the default; 0: the CPU runs them all.
+    // Of each smaller step's routed experts in RAM (router on the GPU), the fraction the GPU runs,
+    // copying them over PCIe from pinned memory while the CPU runs the rest (expert_split.h). Also
+    // the fraction of each layer's experts copied into pinned memory where the model's own pages
+    // cannot be pinned. < 0: the default; 0: the CPU runs them all.
     double gpu_expert_share = -1;
     // Tests without a GPU: the GPU's share of the placement runs on a second CPU backend, so that
     // every crossing between devices is exercised (with the CPU's kernels on both sides).

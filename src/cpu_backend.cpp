@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "devices.h"
+#include "expert_split.h"
 #include "quantize_row.h"
 #include "quants.h"
 #include "vec.h"
@@ -269,11 +270,16 @@ void CpuBackend::moe_experts_alongside(int il, bool into_x, const std::function<
     const int k = hp_.layers[il].n_expert_used;
     // Tokens grouped by expert, in token order; each expert's rows of h gathered in ffn_in_.
     std::vector<std::vector<std::pair<int64_t, float>>> assigned(E);
-    // Experts in RAM below gpu_streamed_experts are the GPU's in the steps that reach this backend
-    // (the bigger ones borrow them all); a stand-in for the GPU (serves_ == gpu) runs them.
-    const int streamed = lp.experts == Device::cpu ? lp.gpu_streamed_experts : 0;
-    auto runs_here = [&](int32_t e) { return serves_ == Device::cpu ? lp.experts == serves_ && e >= streamed
-                                                                    : lp.experts == serves_ || e < streamed; };
+    // Of experts in RAM, the GPU runs its share of the step's (expert_split.h) in the steps that
+    // reach this backend (the bigger ones borrow them all); a stand-in for the GPU (serves_ == gpu)
+    // runs them.
+    std::vector<uint8_t> gpu_runs(E, 0);
+    if (lp.experts == Device::cpu && lp.gpu_streamed_experts > 0)
+        for (int e : gpu_step_experts(route_ids_.data(), n_, k, static_cast<int>(E), lp.gpu_streamed_experts,
+                                      placement_.gpu_expert_share))
+            gpu_runs[e] = 1;
+    auto runs_here = [&](int32_t e) { return serves_ == Device::cpu ? lp.experts == serves_ && !gpu_runs[e]
+                                                                    : lp.experts == serves_ || gpu_runs[e]; };
     for (int64_t t = 0; t < n_; ++t)
         for (int j = 0; j < k; ++j)
             if (runs_here(route_ids_[t * k + j])) assigned[route_ids_[t * k + j]].push_back({t, route_weights_[t * k + j]});

@@ -33,8 +33,10 @@ struct GpuParams {
     // layer's routed experts to the GPU instead of running them on the CPU (0: the backend's
     // default; at least kInvariantBatch + 1).
     int expert_borrow_min_tokens = 0;
-    // Experts [0, n) of each such layer run here in smaller steps (placement.h's
-    // gpu_streamed_experts); 0: none. The backend may stream fewer (streamed_experts()).
+    // Smaller steps run up to n of each such layer's experts here (placement.h's
+    // gpu_streamed_experts, expert_split.h), copied from pinned host memory: the model's own pages
+    // pinned in place where the host allows it (any expert), else a pinned copy of experts [0, n).
+    // 0: none.
     int streamed_experts = 0;
     // What the KV rows store (GGML ids): F16, BF16, Q8_0 or Q4_0 (kv_type_supported).
     uint32_t type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
@@ -52,7 +54,8 @@ struct GpuCounters {
 struct GpuMemory {
     size_t weights = 0, kv = 0, compute = 0;
     size_t kv_k = 0;  // the K rows' share of kv
-    size_t pinned_experts = 0;  // host memory: the pinned copy of streamed experts
+    size_t pinned_experts = 0;   // host memory: the pinned copy of streamed experts
+    size_t pinned_in_place = 0;  // or: the model's own pages holding them, pinned where they are
 };
 
 // The backend's KV rows (KVRows) are in device memory: k()/v() are not available; read_rows and
@@ -78,9 +81,9 @@ public:
     Device device() const override { return Device::gpu; }
     virtual const GpuCounters& counters() const = 0;
     virtual GpuMemory memory() const = 0;
-    // How many of layer il's routed experts (the first ones) this backend runs in smaller steps
-    // (GpuParams::streamed_experts; 0 when the layer's experts are not in RAM, or pinned memory
-    // could not be had).
+    // Layer il's routed experts this backend can fetch in smaller steps: experts [0, n) (all of
+    // them when the model's pages are pinned in place, GpuParams::streamed_experts with a pinned
+    // copy; 0 when the layer's experts are not in RAM, or pinned memory could not be had).
     virtual int streamed_experts(int il) const = 0;
     // The rows of the oldest deferred sampled step (StepOutput::deferred), in row order, once it
     // has run: waits for it, then fills n_rows ids, logprobs and n_rows x kMaxSampledTop top

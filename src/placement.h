@@ -59,8 +59,9 @@ struct LayerPlacement {
     Device experts = Device::cpu;  // ffn_{gate,up,down}_exps
     Device shared = Device::cpu;   // ffn_{gate,up,down}_shexp
     // Routed experts in RAM with the router on the GPU: in steps too small to copy the layer's
-    // experts (expert_borrow_min_tokens), the GPU runs experts [0, gpu_streamed_experts) from a
-    // pinned copy and the CPU the rest (ContextParams::gpu_expert_share; set by Context).
+    // experts (expert_borrow_min_tokens), the GPU runs Placement::gpu_expert_share of the step's
+    // experts among [0, gpu_streamed_experts), the ones it can fetch from pinned host memory, and
+    // the CPU the rest (expert_split.h; 0: the CPU runs them all; set by Context).
     int gpu_streamed_experts = 0;
 };
 
@@ -73,6 +74,7 @@ struct Placement {
     // llama.cpp duplicates the tied tensor into the output layer's buffer).
     Device output = Device::cpu;
     std::vector<LayerPlacement> layers;  // the trunk layers [0, n_layer); MTP blocks are in `tensors` only
+    double gpu_expert_share = 0;  // ContextParams::gpu_expert_share, resolved (set by Context)
     // Every tensor the model uses (token_embd, output_norm, output, blk.N.* of the trunk and of the
     // MTP blocks) with its device, in file order (for logs and tests).
     std::vector<std::pair<std::string, Device>> tensors;

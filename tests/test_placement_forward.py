@@ -91,8 +91,9 @@ def test_a_placement_that_moves_nothing_is_refused_when_it_splits_a_part(model):
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
 def test_experts_in_ram_split_between_the_devices_give_the_cpu_logits(model, share):
-    # In small steps the GPU runs the first share of each RAM layer's experts and the CPU the rest;
-    # share 0 is the old path (the CPU runs them all), bitwise the same as the CPU's order of sums.
+    # In small steps the GPU runs a share of each step's experts (among those it holds pinned: here
+    # experts [0, share x n_expert)) and the CPU the rest; share 0 is the old path (the CPU runs
+    # them all), bitwise the same as the CPU's order of sums.
     rng = np.random.default_rng()
     tokens = [rng.integers(0, model.n_vocab, 64).tolist() for _ in range(2)]
     want = run(_core.Context(model, 128, 2, f32_activations=True), tokens)
@@ -102,7 +103,38 @@ def test_experts_in_ram_split_between_the_devices_give_the_cpu_logits(model, sha
     err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
     assert err.max() < ROUNDING_F32, (share, err.max())
     streamed = int(share * model.n_expert + 0.5)
-    assert ("in small steps the GPU runs experts 0-%d" % (streamed - 1) in ctx.placement_summary()) == (streamed > 0)
+    summary = ctx.placement_summary()
+    assert ("%d%% of the routed experts" % round(100 * share) in summary) == (streamed > 0), summary
+    assert ("among experts 0-%d, copied from pinned memory" % (streamed - 1) in summary) == (streamed > 0), summary
+
+
+def gpu_step_experts_by_definition(ids, n_expert, fetchable, share):
+    """expert_split.h's rule written out: round(share x distinct) of the fetchable routed experts,
+    most tokens first, then the lowest id."""
+    counts = np.bincount(ids[(ids >= 0) & (ids < n_expert)], minlength=n_expert)
+    candidates = [e for e in range(min(fetchable, n_expert)) if counts[e] > 0]
+    quota = min(len(candidates), int(np.floor(share * np.count_nonzero(counts) + 0.5)))
+    return sorted(candidates, key=lambda e: (-counts[e], e))[:quota]
+
+
+@pytest.mark.parametrize("n_tokens,k,n_expert", [(1, 8, 128), (3, 8, 128), (17, 8, 128), (63, 8, 128), (5, 4, 16),
+                                                 (1, 1, 2)])
+def test_the_gpu_takes_a_fixed_share_of_each_step_s_experts(n_tokens, k, n_expert):
+    rng = np.random.default_rng()
+    for _ in range(50):
+        ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(n_tokens)]).astype(np.int32)
+        share = float(rng.choice([0.0, 0.25, 0.4, 0.5, 1.0, rng.random()]))
+        fetchable = int(rng.choice([n_expert, rng.integers(0, n_expert + 1)]))
+        got = _core.gpu_step_experts(ids.ravel().tolist(), k, n_expert, fetchable, share)
+        assert got == gpu_step_experts_by_definition(ids.ravel(), n_expert, fetchable, share), (ids, fetchable, share)
+        if fetchable == n_expert:  # every routed expert can be had: the count is the share's
+            assert len(got) == int(np.floor(share * len(np.unique(ids)) + 0.5))
+
+
+def test_gpu_step_experts_skips_bad_ids_and_refuses_partial_rows():
+    assert _core.gpu_step_experts([3, -1, 200, 3, 5, 7], 3, 8, 8, 1.0) == [3, 5, 7]
+    with pytest.raises(ValueError, match="whole rows"):
+        _core.gpu_step_experts([1, 2, 3], 2, 8, 8, 0.5)
 
 
 @pytest.mark.parametrize("share", [1.5, float("nan")])

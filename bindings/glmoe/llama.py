@@ -177,7 +177,7 @@ class Llama:
             raise ValueError("n_cpu_moe must be at least 0")
         self.n_cpu_moe = n_cpu_moe
         self.cpu_moe = cpu_moe
-        # glmoe's own: of each layer's routed experts in RAM, the share the GPU runs in small steps
+        # glmoe's own: of each small step's routed experts in RAM, the share the GPU runs
         # (None: the default; 0: the CPU runs them all).
         self.gpu_expert_share = gpu_expert_share
         # llama-cpp-python's KV cache types, GGML ids (llama.cpp's -ctk/-ctv); None: f32 on the CPU, f16 on the GPU.
