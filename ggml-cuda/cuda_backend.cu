@@ -270,23 +270,24 @@ void CudaBackendImpl::start_streaming() {
     const uint64_t reserve = uint64_t{4} << 30;
     const uint64_t available = host_memory_available();
     std::string why_not;
-    for (bool in_place : {true, false}) {
-        if (in_place && mapped) continue;
-        if (!in_place && available != UINT64_MAX && copied + (mapped ? all : 0) + reserve > available) {
-            why_not = "pinning " + mib(copied) + (mapped ? " beside the mapped experts" : "") +
-                      " would leave less than " + mib(reserve) + " of " + mib(available) + " free";
-            break;
-        }
+    auto start = [&](bool in_place) {
         try {
             streamer_ = std::make_unique<ExpertStreamer>(layers, n_streamed_, hp_.n_expert, in_place, stream_slot_, pool_);
             memory_.pinned_experts = streamer_->pinned_copy_bytes();
             memory_.pinned_in_place = streamer_->pinned_in_place_bytes();
-            return;
+            return true;
         } catch (const GpuError& e) {
             cudaGetLastError();
             why_not = e.what();
+            return false;
         }
-    }
+    };
+    if (!mapped && start(/*in_place=*/true)) return;
+    if (available != UINT64_MAX && copied + (mapped ? all : 0) + reserve > available)
+        why_not = "pinning " + mib(copied) + (mapped ? " beside the mapped experts" : "") + " would leave less than " +
+                  mib(reserve) + " of " + mib(available) + " free";
+    else if (start(/*in_place=*/false))
+        return;
     std::fprintf(stderr, "glmoe: the CPU runs all the routed experts in RAM in small steps (%s)\n", why_not.c_str());
 }
 

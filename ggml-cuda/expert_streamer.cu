@@ -42,8 +42,7 @@ ExpertStreamer::ExpertStreamer(const std::vector<Layer>& layers, int n_slot, int
 }
 
 void ExpertStreamer::acquire(const std::vector<Layer>& layers, int n_expert, bool in_place, ThreadPool& pool) {
-    const int n_slot = n_slot_;
-    slot_layout(layers, n_slot, slot_offset_);
+    slot_layout(layers, n_slot_, slot_offset_);
     for (const Layer& l : layers) {
         if (l.il >= static_cast<int>(layer_index_.size())) layer_index_.resize(l.il + 1, -1);
         layer_index_[l.il] = static_cast<int>(pinned_.size());
@@ -72,7 +71,7 @@ void ExpertStreamer::acquire(const std::vector<Layer>& layers, int n_expert, boo
         pinned_bytes_ = hi - lo;
     } else {
         for (const Pinned& p : pinned_)
-            for (int m = 0; m < kMatrices; ++m) pinned_bytes_ += p.matrix_bytes[m] * n_slot;
+            for (int m = 0; m < kMatrices; ++m) pinned_bytes_ += p.matrix_bytes[m] * n_slot_;
         check(cudaHostAlloc(&copy_, pinned_bytes_, cudaHostAllocDefault), "allocating pinned memory for streamed experts");
         // Experts [0, n_slot) are the first n_slot matrices of each stack: one contiguous copy.
         struct Piece {
@@ -84,7 +83,7 @@ void ExpertStreamer::acquire(const std::vector<Layer>& layers, int n_expert, boo
         uint8_t* dst = copy_;
         for (Pinned& p : pinned_)
             for (int m = 0; m < kMatrices; ++m) {
-                const size_t bytes = p.matrix_bytes[m] * n_slot;
+                const size_t bytes = p.matrix_bytes[m] * n_slot_;
                 constexpr size_t kPiece = size_t{4} << 20;
                 for (size_t done = 0; done < bytes; done += kPiece)
                     pieces.push_back({p.stack[m] + done, dst + done, std::min(kPiece, bytes - done)});

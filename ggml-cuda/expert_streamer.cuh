@@ -37,7 +37,6 @@ public:
     ExpertStreamer(const ExpertStreamer&) = delete;
     ExpertStreamer& operator=(const ExpertStreamer&) = delete;
 
-    int n_slot() const { return n_slot_; }
     int fetchable() const { return fetchable_; }  // experts [0, fetchable) can be staged
     size_t pinned_copy_bytes() const { return copy_ ? pinned_bytes_ : 0; }
     size_t pinned_in_place_bytes() const { return registered_ ? pinned_bytes_ : 0; }

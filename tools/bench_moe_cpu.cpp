@@ -7,7 +7,6 @@
 // usage: bench_moe_cpu MODEL.gguf [threads] [mmap|none] [experts per layer] [steps]
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
@@ -18,6 +17,7 @@
 #include "model.h"
 #include "quants.h"
 #include "thread_pool.h"
+#include "vec.h"
 
 using namespace glmoe;
 
@@ -56,10 +56,10 @@ int main(int argc, char** argv) {
         const double step_bytes = static_cast<double>(moe_layers.size()) * n_used *
                                   (l0.gate_exps.matrix_bytes + l0.up_exps.matrix_bytes + l0.down_exps.matrix_bytes);
         // Every expert read once first, so that the mapped file is in the page cache.
-        double sink = 0;
+        volatile double sink = 0;  // keeps the reads and the results live
         for (int li : moe_layers)
             for (const Weight* w : {&model->layer(li).gate_exps, &model->layer(li).up_exps, &model->layer(li).down_exps})
-                for (size_t i = 0; i < w->matrix_bytes * hp.n_expert; i += 4096) sink += w->data[i];
+                for (size_t i = 0; i < w->matrix_bytes * hp.n_expert; i += 4096) sink = sink + w->data[i];
         std::vector<double> ms;
         std::vector<MatmulCall> calls;
         for (int s = 0; s < steps + 3; ++s) {
@@ -73,12 +73,12 @@ int main(int argc, char** argv) {
                     calls.push_back({l.up_exps.type, l.up_exps.matrix(experts[i]), F, H, h.data(), H, 1, up.data() + i * F, F});
                 }
                 matmul_many(pool, calls);
-                for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+                for (size_t i = 0; i < gate.size(); ++i) gate[i] = silu(gate[i]) * up[i];
                 calls.clear();
                 for (int i = 0; i < n_used; ++i)
                     calls.push_back({l.down_exps.type, l.down_exps.matrix(experts[i]), H, F, gate.data() + i * F, F, 1, down.data() + i * H, H});
                 matmul_many(pool, calls);
-                sink += down[0];
+                sink = sink + down[0];
             }
             const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
             if (s >= 3) ms.push_back(t);  // the first steps warm the pool and the caches
@@ -88,8 +88,8 @@ int main(int argc, char** argv) {
         std::printf("%s, load %s, %d threads, %zu MoE layers x %d experts (%s/%s): %.1f MB a step\n", argv[1],
                     mode.c_str(), n_threads, moe_layers.size(), n_used, type_name(l0.gate_exps.type).c_str(),
                     type_name(l0.down_exps.type).c_str(), step_bytes / 1e6);
-        std::printf("median %.3f ms a step (min %.3f): %.1f GB/s (best %.1f)%s\n", median, ms.front(),
-                    step_bytes / median / 1e6, step_bytes / ms.front() / 1e6, sink == 12345.678 ? " " : "");
+        std::printf("median %.3f ms a step (min %.3f): %.1f GB/s (best %.1f)\n", median, ms.front(),
+                    step_bytes / median / 1e6, step_bytes / ms.front() / 1e6);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "bench_moe_cpu: %s\n", e.what());
         return 1;
