@@ -235,6 +235,9 @@ NB_MODULE(_core, m) {
     m.def("load_mode_maps", &load_mode_maps, nb::arg("mode"),
           "Whether llama.cpp's load mode `mode` maps the file (auto, mmap, mmap+mlock) or reads it into memory "
           "(none, mlock, dio); ValueError for another word.");
+    m.def("load_mode_locks", &load_mode_locks, nb::arg("mode"),
+          "Whether llama.cpp's load mode `mode` locks the file's bytes in RAM (mlock, mmap+mlock); ValueError for "
+          "an unknown word.");
     m.def("gguf_summary", &gguf_summary, nb::arg("path"), nb::arg("use_mmap") = true,
           "Parse and validate a GGUF file (mapped, or read into memory); returns version, alignment, metadata and "
           "tensor infos.");
@@ -268,15 +271,18 @@ NB_MODULE(_core, m) {
     nb::exception<GpuError>(m, "GpuError", PyExc_RuntimeError);
 
     nb::class_<Model>(m, "Model")
-        .def("__init__", [](Model* self, const std::string& path, bool use_mmap) {
+        .def("__init__", [](Model* self, const std::string& path, bool use_mmap, bool use_mlock) {
             std::unique_ptr<Model> loaded;
             {
                 nb::gil_scoped_release release;
-                loaded = Model::load(path, use_mmap);
+                loaded = Model::load(path, use_mmap, use_mlock);
             }
             new (self) Model(std::move(*loaded));
-        }, nb::arg("path"), nb::arg("use_mmap") = true,
-        "use_mmap False: the file is read whole into the process's memory instead of mapped (--no-mmap)")
+        }, nb::arg("path"), nb::arg("use_mmap") = true, nb::arg("use_mlock") = false,
+        "use_mmap False: the file is read whole into the process's memory instead of mapped (--no-mmap); "
+        "use_mlock True: the file's bytes, mapped or read, are locked in RAM (--mlock; a warning on stderr where "
+        "mlock fails, and the model loads unlocked)")
+        .def_prop_ro("mlocked", [](const Model& m) { return m.file().locked(); })
         .def_prop_ro("n_vocab", [](const Model& m) { return m.hparams().n_vocab; })
         .def_prop_ro("n_embd", [](const Model& m) { return m.hparams().n_embd; })
         .def_prop_ro("n_layer", [](const Model& m) { return m.hparams().n_layer; })

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <system_error>
@@ -333,6 +334,11 @@ bool load_mode_maps(const std::string& mode) {
     throw std::invalid_argument("unknown load mode '" + mode + "' (auto, none, mmap, mlock, mmap+mlock, dio)");
 }
 
+bool load_mode_locks(const std::string& mode) {
+    load_mode_maps(mode);  // the same error for an unknown word
+    return mode == "mlock" || mode == "mmap+mlock";
+}
+
 namespace {
 
 // The whole of fd (size bytes) in anonymous memory, read-only once filled.
@@ -359,7 +365,7 @@ const uint8_t* read_whole(int fd, uint64_t size, const std::string& path) {
 
 }  // namespace
 
-std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path, bool mapped) {
+std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path, bool mapped, bool locked) {
     std::unique_ptr<GGUFFile> f(new GGUFFile());
     f->path_ = path;
 
@@ -405,7 +411,21 @@ std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path, bool mapped) {
     } catch (const GGUFError& e) {
         throw GGUFError(path + ": " + e.what());
     }
+    if (locked) f->lock();  // once the file is known good: mlock reads a mapped file whole
     return f;
+}
+
+void GGUFFile::lock() {
+    void* addr = const_cast<uint8_t*>(map_);
+    if (::mlock(addr, size_) == 0) {
+        locked_ = true;
+        return;
+    }
+    const int err = errno;
+    ::munlock(addr, size_);  // a failure part way through can leave some pages locked
+    std::fprintf(stderr,
+                 "warning: failed to mlock %llu-byte buffer: %s; try increasing RLIMIT_MEMLOCK ('ulimit -l' as root)\n",
+                 static_cast<unsigned long long>(size_), std::strerror(err));
 }
 
 void GGUFFile::parse() {
@@ -521,7 +541,7 @@ void GGUFFile::parse() {
 }
 
 GGUFFile::~GGUFFile() {
-    if (map_) ::munmap(const_cast<uint8_t*>(map_), size_);
+    if (map_) ::munmap(const_cast<uint8_t*>(map_), size_);  // also releases an mlock
 }
 
 const GGUFValue* GGUFFile::find(const std::string& key) const {

@@ -46,8 +46,10 @@ struct GGUFTensorInfo {
 };
 
 // llama.cpp's load modes (-lm): whether `mode` maps the file (auto, mmap, mmap+mlock) or reads it
-// into memory (none, mlock, dio; glmoe does no mlock). std::invalid_argument for another word.
+// into memory (none, mlock, dio), and whether it locks those bytes in RAM (mlock, mmap+mlock).
+// std::invalid_argument for another word.
 bool load_mode_maps(const std::string& mode);
+bool load_mode_locks(const std::string& mode);
 
 class GGUFFile {
 public:
@@ -55,7 +57,10 @@ public:
     // mapped (pages read on first use, shared with the page cache); otherwise it is read whole into
     // memory of the process's own (llama.cpp's --no-mmap), which its threads read faster (tools/
     // bench_ram: 104 against 92 GB/s on the device host) at the cost of the file's size in RAM.
-    static std::unique_ptr<GGUFFile> open(const std::string& path, bool mapped = true);
+    // locked (llama.cpp's --mlock): the whole file is then mlock'ed, so the kernel neither pages it
+    // out nor drops it from the page cache; where mlock fails (RLIMIT_MEMLOCK) a warning is printed
+    // on stderr and the file stays unlocked, as in llama.cpp.
+    static std::unique_ptr<GGUFFile> open(const std::string& path, bool mapped = true, bool locked = false);
     ~GGUFFile();
     GGUFFile(const GGUFFile&) = delete;
     GGUFFile& operator=(const GGUFFile&) = delete;
@@ -73,10 +78,12 @@ public:
     const uint8_t* tensor_data(const GGUFTensorInfo& t) const { return data_ + t.offset; }
     uint64_t file_size() const { return size_; }
     bool mapped() const { return mapped_; }  // false: read into memory (open's `mapped`)
+    bool locked() const { return locked_; }  // open's `locked`, and mlock succeeded
 
 private:
     GGUFFile() = default;
     void parse();  // fills everything below from map_/size_
+    void lock();   // mlock map_/size_, or warn
     std::string path_;
     uint32_t version_ = 0;
     uint64_t alignment_ = 32;
@@ -85,6 +92,7 @@ private:
     std::vector<GGUFTensorInfo> tensors_;
     std::unordered_map<std::string, size_t> tensor_index_;
     bool mapped_ = true;
+    bool locked_ = false;
     const uint8_t* map_ = nullptr;   // whole file
     uint64_t size_ = 0;
     const uint8_t* data_ = nullptr;  // start of the tensor data section

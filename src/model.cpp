@@ -288,9 +288,9 @@ private:
     }
 };
 
-std::unique_ptr<Model> Model::load(const std::string& path, bool mapped) {
+std::unique_ptr<Model> Model::load(const std::string& path, bool mapped, bool locked) {
     std::unique_ptr<Model> m(new Model());
-    m->file_ = GGUFFile::open(path, mapped);
+    m->file_ = GGUFFile::open(path, mapped, locked);
     ModelLoader(*m, *m->file_).load();
     return m;
 }

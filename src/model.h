@@ -76,8 +76,8 @@ class Model {
 public:
     // Throws GGUFError for a malformed file and ModelError for a valid GGUF that is not a
     // loadable glm4moe model.
-    // mapped: as GGUFFile::open.
-    static std::unique_ptr<Model> load(const std::string& path, bool mapped = true);
+    // mapped, locked: as GGUFFile::open (file().locked() says whether the lock was taken).
+    static std::unique_ptr<Model> load(const std::string& path, bool mapped = true, bool locked = false);
 
     const HParams& hparams() const { return hp_; }
     const GGUFFile& file() const { return *file_; }

@@ -1,11 +1,21 @@
 """The llama-cpp-python-shaped Python front: completion and chat responses, streaming, stop
-strings, logprobs, seeds, prefix reuse, state, context overflow and embeddings."""
+strings, logprobs, seeds, prefix reuse, state, context overflow, embeddings, and loading the file
+(use_mmap, use_mlock)."""
 from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import glmoe
+import server_harness as harness
+from glmoe import _core
 from glmoe.tools.make_model import PRESETS, ModelSpec, write_model
 from glmoe.completion import logits_to_logprobs
 
@@ -157,6 +167,63 @@ def test_model_read_into_memory_gives_the_mapped_models_logits(model_path):
     assert np.array_equal(logits[0], logits[1])
     with pytest.raises(ValueError, match="use_mmap must be True or False"):
         glmoe.Llama(model_path, n_ctx=32, use_mmap="no", verbose=False)
+
+
+def test_use_mlock_locks_the_models_bytes(model_path, capfd):
+    """use_mlock (llama.cpp's --mlock) mlocks the file, mapped or read, while the model lives; where
+    Linux refuses (RLIMIT_MEMLOCK without CAP_IPC_LOCK) a warning and the model loads unlocked."""
+    size = os.path.getsize(model_path)
+    gc.collect()  # no other model's lock is released while this test measures
+    before = harness.locked_bytes()
+    allowed = harness.may_mlock(os.getpid(), size, before)
+    capfd.readouterr()
+    for use_mmap in (True, False):
+        model = _core.Model(model_path, use_mmap=use_mmap, use_mlock=True)
+        grew = harness.locked_bytes() - before
+        err = capfd.readouterr().err
+        assert model.mlocked == allowed
+        if allowed:
+            assert grew >= size and "mlock" not in err
+        else:
+            assert grew == 0 and "warning: failed to mlock" in err and "RLIMIT_MEMLOCK" in err
+        del model
+        assert harness.locked_bytes() == before  # unmapping the file released the lock
+    llm = glmoe.Llama(model_path, n_ctx=32, use_mlock=True, verbose=False)
+    assert llm._model.mlocked == allowed and llm._init_args["use_mlock"] is True
+    assert not glmoe.Llama(model_path, n_ctx=32, verbose=False)._model.mlocked
+    with pytest.raises(ValueError, match="use_mlock must be True or False"):
+        glmoe.Llama(model_path, n_ctx=32, use_mlock=1, verbose=False)
+
+
+_MLOCK_CHILD = """
+import json, resource, sys
+from glmoe import _core
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+cap = [int(l.split()[1], 16) >> 14 & 1 for l in open("/proc/self/status") if l.startswith("CapEff:")][0]
+models = [_core.Model(sys.argv[1], use_mmap=m, use_mlock=True) for m in (True, False)]
+print(json.dumps({"cap_ipc_lock": bool(cap), "mlocked": [m.mlocked for m in models]}))
+"""
+
+
+def test_use_mlock_beyond_rlimit_memlock_warns_and_loads(model_path):
+    """With RLIMIT_MEMLOCK 0, mlock fails but for a process with CAP_IPC_LOCK (root's), which Linux
+    lets lock past the limit. The child is started without that capability where this process may
+    drop it from the child's bounding set (root), so that the refusal is tested there too."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def drop_cap_ipc_lock():
+        prctl(24, 14, 0, 0, 0)  # PR_CAPBSET_DROP, CAP_IPC_LOCK: lost at exec; fails harmlessly unprivileged
+
+    p = subprocess.run([sys.executable, "-c", _MLOCK_CHILD, model_path], capture_output=True, text=True,
+                       timeout=60, preexec_fn=drop_cap_ipc_lock)
+    assert p.returncode == 0, p.stderr
+    child = json.loads(p.stdout)
+    if child["cap_ipc_lock"]:
+        assert child["mlocked"] == [True, True] and "mlock" not in p.stderr
+    else:
+        assert child["mlocked"] == [False, False]
+        warning = f"warning: failed to mlock {os.path.getsize(model_path)}-byte buffer: "
+        assert p.stderr.count(warning) == 2 and "try increasing RLIMIT_MEMLOCK" in p.stderr
 
 
 def test_chat_completion_uses_the_template(llm):

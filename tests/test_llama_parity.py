@@ -320,7 +320,7 @@ def test_options_at_values_that_mean_glmoe_behaviour_are_accepted(model_path):
                    rope_freq_scale=1.0, yarn_ext_factor=-1.0, yarn_attn_factor=1.0, yarn_beta_fast=32.0,
                    yarn_beta_slow=1.0, yarn_orig_ctx=0, type_k=None, type_v=None, chat_handler=None, tokenizer=None,
                    kv_overrides=None, vocab_only=False, main_gpu=0, pooling_type=0, attention_type=-1,
-                   chat_format="chat_template.default", use_mmap=True, flash_attn=False)
+                   chat_format="chat_template.default", use_mmap=True, use_mlock=False, flash_attn=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about either
         llm = glmoe.Llama(model_path, n_ctx=64, verbose=False, **neutral)
@@ -333,10 +333,10 @@ def test_options_at_values_that_mean_glmoe_behaviour_are_accepted(model_path):
 def test_speed_only_options_are_accepted_with_one_warning(model_path):
     with pytest.warns(UserWarning) as record:
         glmoe.Llama(model_path, n_ctx=64, verbose=False, flash_attn=True, n_threads_batch=4, numa=True,
-                    use_mlock=True, offload_kqv=False, tensor_split=[0.5, 0.5], use_mmap=False)
-    messages = [str(w.message) for w in record]
-    assert messages == ["glmoe accepts but does not use flash_attn, n_threads_batch, numa, offload_kqv, tensor_split, "
-                        "use_mlock: they change speed or memory use, not results"]
+                    offload_kqv=False, tensor_split=[0.5, 0.5], use_mmap=False, use_mlock=True)
+    messages = [str(w.message) for w in record]  # use_mmap and use_mlock are glmoe's too: not named
+    assert messages == ["glmoe accepts but does not use flash_attn, n_threads_batch, numa, offload_kqv, tensor_split: "
+                        "they change speed or memory use, not results"]
     with pytest.raises(TypeError, match="unexpected keyword argument 'flash_attention'"):
         glmoe.Llama(model_path, flash_attention=True, verbose=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import threading
 import time
 
@@ -349,8 +350,9 @@ def test_cli_llama_cpp_python_spellings_are_aliases():
     assert s.sampling_defaults == dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_last_n=16, seed=3)
     args = parser().parse_args(["--use_mmap", "False", "--use_mlock", "true", "--flash_attn", "1",
                                 "--n_threads_batch", "4", "--cache", "no"])
-    assert unused_flags(args) == "-tb 4, --use_mlock True, --flash_attn True, --cache False"
+    assert unused_flags(args) == "-tb 4, --flash_attn True, --cache False"  # --use_mlock is used
     assert args.use_mmap is False and _parse("--use_mmap", "1").use_mmap is True
+    assert args.use_mlock is True and _parse("--use_mlock", "0").use_mlock is False
 
 
 def test_cli_speed_only_flags_are_accepted_and_reported():
@@ -358,8 +360,9 @@ def test_cli_speed_only_flags_are_accepted_and_reported():
 
     args = parser().parse_args(["-cb", "--cont-batching", "--no-warmup", "--no-mmap", "--mlock", "-tb", "4",
                                 "--timeout", "30", "-fa", "-ub", "256", "-v", "--metrics"])
-    assert unused_flags(args) == "-ub 256, -fa on, -tb 4, --mlock"  # --timeout and --no-mmap are used
+    assert unused_flags(args) == "-ub 256, -fa on, -tb 4"  # --timeout, --no-mmap and --mlock are used
     assert args.use_mmap is False and parser().parse_args([]).use_mmap is True
+    assert _parse("--mlock").use_mlock is True and _parse().use_mlock is False
     assert args.timeout == 30 and parser().parse_args([]).timeout == 600  # llama.cpp's default
     assert args.verbose and unused_flags(parser().parse_args([])) == ""
 
@@ -430,6 +433,14 @@ def _post(srv, path, body, key=harness.API_KEY):
     r = httpx.post(srv.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def test_mlock_locks_the_model_read_into_memory(flags_server, model_path):
+    # --no-mmap --mlock: the server holds the file's bytes locked (VmLck), where Linux lets it.
+    size = os.path.getsize(model_path)
+    pid = flags_server.proc.pid
+    locked = harness.locked_bytes(pid)
+    assert locked >= size if harness.may_mlock(pid, size) else locked == 0
 
 
 def test_n_predict_is_the_default_and_the_cap(flags_server):

@@ -88,9 +88,14 @@ def test_env_variables_stand_for_their_flags():
     assert not parse_env([], {"LLAMA_ARG_MMAP": "0"}).use_mmap and not parse_env([], {"LLAMA_ARG_NO_MMAP": "1"}).use_mmap
     assert parse_env([], {}).use_mmap and parse_env(["--mmap"], {"LLAMA_ARG_NO_MMAP": "1"}).use_mmap
     assert not parse_env([], {"LLAMA_ARG_LOAD_MODE": "none"}).use_mmap
-    assert [parse_env(["-lm", m], {}).use_mmap for m in ("auto", "mmap", "mmap+mlock", "none", "mlock", "dio")] == \
-        [True, True, True, False, False, False]
+    modes = [parse_env(["-lm", m], {}) for m in ("auto", "mmap", "mmap+mlock", "none", "mlock", "dio")]
+    assert [s.use_mmap for s in modes] == [True, True, True, False, False, False]
+    assert [s.use_mlock for s in modes] == [False, False, True, False, True, False]
     assert parse_env(["-lm", "mmap", "--no-mmap"], {}).use_mmap  # an explicit mode wins
+    s = parse_env(["-lm", "none", "--mlock"], {})  # --mlock locks whatever the mode loads
+    assert (s.use_mmap, s.use_mlock) == (False, True)
+    assert parse_env([], {"LLAMA_ARG_MLOCK": "1"}).use_mlock and not parse_env([], {"LLAMA_ARG_MLOCK": "off"}).use_mlock
+    assert parse_env([], {"LLAMA_ARG_LOAD_MODE": "mmap+mlock"}).use_mlock and not parse_env([], {}).use_mlock
     assert parse_env([], {"LLAMA_ARG_CHAT_TEMPLATE": "-{{ x }}"}).chat_template == "-{{ x }}"  # a value like a flag
 
 

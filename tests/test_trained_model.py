@@ -119,9 +119,10 @@ def test_greedy_generation_reads_as_english():
     assert len(words) >= 15 and {"the", "and", "of"} & {w.strip(",.;:").lower() for w in words}, text
 
 
-def test_cli_no_mmap_generates_the_same_text():
-    """`python -m glmoe --no-mmap` (the file read into memory) writes what the mapped model writes."""
+def test_cli_no_mmap_and_mlock_generate_the_same_text():
+    """`python -m glmoe --no-mmap` (the file read into memory) and `--mlock` (the mapped file locked in
+    RAM, or a warning) write what the mapped model writes."""
     out = [subprocess.run([sys.executable, "-m", "glmoe", "-n", "8", "--temp", "0", "-t", "1", *flag],
-                          capture_output=True, text=True, timeout=120) for flag in ([], ["--no-mmap"])]
-    assert [p.returncode for p in out] == [0, 0], [p.stderr for p in out]
-    assert out[0].stdout == out[1].stdout and len(out[0].stdout.split()) >= 4
+                          capture_output=True, text=True, timeout=120) for flag in ([], ["--no-mmap"], ["--mlock"])]
+    assert [p.returncode for p in out] == [0, 0, 0], [p.stderr for p in out]
+    assert out[0].stdout == out[1].stdout == out[2].stdout and len(out[0].stdout.split()) >= 4

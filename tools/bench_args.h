@@ -45,7 +45,7 @@ struct BenchParams {
     // separates tests, as llama.cpp's llama-bench), or kNoOverrides.
     std::vector<std::string> tensor_overrides{kNoOverrides};
     // -lm: llama.cpp's load modes (auto, mmap, mmap+mlock map the file; none, mlock, dio read it
-    // into memory; mlock itself is not done).
+    // into memory; mlock, mmap+mlock also lock its bytes in RAM).
     std::vector<std::string> load_mode{"auto"};
     int reps = 5;
     int delay_s = 0;

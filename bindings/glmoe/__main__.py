@@ -42,13 +42,16 @@ def main(argv=None) -> int:
                     help=CACHE_TYPE_HELP.format("V"))
     ap.add_argument("--no-mmap", dest="use_mmap", action="store_false",
                     help="read the model file whole into memory instead of mapping it")
+    ap.add_argument("--mlock", dest="use_mlock", action="store_true",
+                    help="lock the model file's bytes in RAM so that the kernel does not page them out (a warning "
+                         "where mlock fails)")
     args = ap.parse_args(argv)
 
     try:
         llm = Llama(args.model or default_model_path(), n_ctx=args.ctx_size, n_threads=args.threads,
                     n_gpu_layers=args.n_gpu_layers, tensor_overrides=args.override_tensor, cpu_moe=args.cpu_moe,
                     n_cpu_moe=args.n_cpu_moe, type_k=args.cache_type_k, type_v=args.cache_type_v,
-                    use_mmap=args.use_mmap, verbose=True)
+                    use_mmap=args.use_mmap, use_mlock=args.use_mlock, verbose=True)
     except ValueError as e:  # a bad -ot value or placement, a KV type the layers cannot store
         ap.error(str(e))
     llm.verbose = False  # the load summary is printed; the timing line below follows the text

@@ -115,6 +115,7 @@ class Llama:
         type_k: Optional[int] = None,
         type_v: Optional[int] = None,
         use_mmap: bool = True,
+        use_mlock: bool = False,
         last_n_tokens_size: int = 64,
         chat_format: Optional[str] = None,
         verbose: bool = True,
@@ -160,11 +161,13 @@ class Llama:
                           "they change speed or memory use, not results", stacklevel=2)
 
         t0 = time.perf_counter()
-        if not isinstance(use_mmap, bool):
-            raise ValueError(f"use_mmap must be True or False; got {use_mmap!r}")
+        for name, value in (("use_mmap", use_mmap), ("use_mlock", use_mlock)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False; got {value!r}")
         if verbose and use_mmap:  # read into memory, the file is read once anyway
             _warm_page_cache(model_path)
-        self._model = _core.Model(model_path, use_mmap=use_mmap)
+        # use_mlock: the file's bytes are locked in RAM (a warning on stderr where mlock fails, as llama.cpp's).
+        self._model = _core.Model(model_path, use_mmap=use_mmap, use_mlock=use_mlock)
         if n_ctx == 0:  # as llama-cpp-python: the model's context_length, and batches no bigger than it
             n_ctx = self._model.n_ctx_train
             self.n_batch = n_batch = min(n_ctx, n_batch)
@@ -205,7 +208,7 @@ class Llama:
             logits_all=logits_all, embedding=embedding, draft_model=draft_model, n_ubatch=n_ubatch,
             tensor_overrides=list(self.tensor_overrides), n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
             gpu_expert_share=gpu_expert_share, type_k=type_k, type_v=type_v, use_mmap=use_mmap,
-            last_n_tokens_size=last_n_tokens_size,
+            use_mlock=use_mlock, last_n_tokens_size=last_n_tokens_size,
             chat_format=chat_format, verbose=verbose, **kwargs)
         if verbose:
             print(f"glmoe: loaded {model_path}: {self._model.description}", file=sys.stderr)

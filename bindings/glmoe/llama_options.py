@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Tuple
 
 # Speed, memory or loading only; llama-cpp-python 0.3's defaults.
 SPEED_ONLY_DEFAULTS: Dict[str, Any] = {
-    "split_mode": 1, "tensor_split": None, "use_mlock": False, "n_threads_batch": None,
+    "split_mode": 1, "tensor_split": None, "n_threads_batch": None,
     "offload_kqv": True, "flash_attn": False, "op_offload": None, "swa_full": None, "no_perf": False,
     "numa": False,
     "spm_infill": False,  # orders fill-in-the-middle prompts, and glmoe refuses suffix= anyway

@@ -60,7 +60,7 @@ def _load(state: ServerState, settings: Settings) -> None:
     try:
         if settings.before_load:
             settings.before_load()
-        model = _core.Model(settings.model_path, use_mmap=settings.use_mmap)
+        model = _core.Model(settings.model_path, use_mmap=settings.use_mmap, use_mlock=settings.use_mlock)
         tokenizer = GGUFTokenizer.from_gguf(settings.model_path)
         engine = _core.BatchEngine(model, settings.n_ctx or model.n_ctx_train, n_parallel=settings.n_parallel,
                                    n_threads=settings.n_threads, n_batch=settings.n_batch,

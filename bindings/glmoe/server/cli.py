@@ -1,6 +1,6 @@
 """`llama-server`: llama.cpp's server flags (where they overlap) into Settings, then uvicorn.
 Placement flags (-ngl, -ot, -cmoe, -ncmoe) mean what they mean in llama.cpp (common/arg.cpp);
-flags that only tune speed there (-fa, -ub, -tb, --no-mmap, --mlock, ...) are accepted so
+flags that only tune speed there (-fa, -ub, -tb, ...) are accepted so
 llama.cpp command lines run unchanged, and reported once as unused; llama.cpp flags that would
 change results and that glmoe does not implement are usage errors that say so. llama.cpp's
 LLAMA_ARG_* environment variables stand for their flags (cli_env.py). docs/SERVER_API.md lists
@@ -98,9 +98,8 @@ REFUSED_FLAGS = [
 # Flags that only tune speed or robustness in llama.cpp: accepted, reported once as unused.
 UNUSED_REASONS = {
     "ubatch_size": "-ub", "flash_attn": "-fa", "threads_batch": "-tb",
-    "mlock": "--mlock",
     # llama-cpp-python's `python -m llama_cpp.server` spellings (boolean values)
-    "use_mlock": "--use_mlock", "flash_attn_bool": "--flash_attn", "cache": "--cache",
+    "flash_attn_bool": "--flash_attn", "cache": "--cache",
 }
 
 
@@ -233,9 +232,16 @@ def parser() -> argparse.ArgumentParser:
                           "faster reads for the weights the CPU computes with")
     gpu.add_argument("--use_mmap", dest="use_mmap", type=_bool_value, metavar="BOOL",
                      help="llama-cpp-python's spelling of --mmap / --no-mmap")
+    gpu.add_argument("--mlock", dest="use_mlock", action="store_true", default=False,
+                     help="lock the model file's bytes (mapped or read) in RAM, so that the kernel does not page "
+                          "them out; where mlock fails (RLIMIT_MEMLOCK) a warning is printed and the model loads "
+                          "unlocked")
+    gpu.add_argument("--use_mlock", dest="use_mlock", type=_bool_value, metavar="BOOL",
+                     help="llama-cpp-python's spelling of --mlock")
     gpu.add_argument("-lm", "--load-mode", dest="load_mode", type=_load_mode, default="auto", metavar="MODE",
                      help="llama.cpp's: auto, mmap and mmap+mlock map the file (auto: unless --no-mmap); none, mlock "
-                          "and dio read it into memory (--no-mmap); the mlock part is unused")
+                          "and dio read it into memory (--no-mmap); mlock and mmap+mlock also lock it in RAM "
+                          "(--mlock)")
     gpu.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", type=cache_type_arg, default=-1, metavar="TYPE",
                      help=CACHE_TYPE_HELP.format("K"))
     gpu.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", type=cache_type_arg, default=-1, metavar="TYPE",
@@ -248,9 +254,8 @@ def parser() -> argparse.ArgumentParser:
     unused.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=["on", "off", "auto"])
     unused.add_argument("-tb", "--threads-batch", "--n_threads_batch", dest="threads_batch", type=int, metavar="N",
                         help="(-t sets all of glmoe's threads)")
-    unused.add_argument("--mlock", action="store_true", default=None)
     lcp = ap.add_argument_group("llama-cpp-python server spellings (speed only: accepted, unused)")
-    for flag, dest in [("--use_mlock", "use_mlock"), ("--flash_attn", "flash_attn_bool"), ("--cache", "cache")]:
+    for flag, dest in [("--flash_attn", "flash_attn_bool"), ("--cache", "cache")]:
         lcp.add_argument(flag, dest=dest, type=_bool_word, metavar="BOOL")
     unused.add_argument("--metrics", action="store_true", help="(/metrics is always on)")
     unused.add_argument("--slots", action="store_true", help="(/slots is always on)")
@@ -321,10 +326,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sampling["seed"] = args.seed
     from .. import _core
 
-    # An explicit -lm mode wins over --mmap/--no-mmap, which decide `auto`.
+    # An explicit -lm mode wins over --mmap/--no-mmap, which decide `auto`; mlock in the mode, or --mlock, locks.
     use_mmap = args.use_mmap if args.load_mode == "auto" else _core.load_mode_maps(args.load_mode)
+    use_mlock = args.use_mlock or _core.load_mode_locks(args.load_mode)
     return Settings(model_path=model, n_ctx=args.ctx_size, n_parallel=args.parallel, n_threads=args.threads,
-                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, use_mmap=use_mmap,
+                    n_batch=args.batch_size, n_gpu_layers=args.gpu_layers, use_mmap=use_mmap, use_mlock=use_mlock,
                     tensor_overrides=list(args.override_tensor), cpu_moe=args.cpu_moe, n_cpu_moe=args.n_cpu_moe,
                     type_k=args.cache_type_k, type_v=args.cache_type_v, slot_save_path=args.slot_save_path,
                     alias=args.alias,

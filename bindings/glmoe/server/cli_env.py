@@ -35,7 +35,7 @@ VALUE_FLAGS = {
 SWITCHES = {
     "LLAMA_ARG_CPU_MOE": ("--cpu-moe", None), "LLAMA_ARG_EMBEDDINGS": ("--embedding", None),
     "LLAMA_ARG_ENDPOINT_METRICS": ("--metrics", None), "LLAMA_ARG_ENDPOINT_PROPS": ("--props", None),
-    "LLAMA_ARG_RERANKING": ("--reranking", None),
+    "LLAMA_ARG_RERANKING": ("--reranking", None), "LLAMA_ARG_MLOCK": ("--mlock", None),
     "LLAMA_ARG_CONT_BATCHING": ("--cont-batching", "--no-cont-batching"),
     "LLAMA_ARG_MMAP": ("--mmap", "--no-mmap"),
     "LLAMA_ARG_CONTEXT_SHIFT": ("--context-shift", "--no-context-shift"),

@@ -17,6 +17,7 @@ class Settings:
     n_batch: int = 512
     n_gpu_layers: int = 0  # as llama.cpp's -ngl
     use_mmap: bool = True  # False: llama.cpp's --no-mmap (the file read into memory, not mapped)
+    use_mlock: bool = False  # llama.cpp's --mlock: the file's bytes, mapped or read, locked in RAM
     # llama.cpp's -ot values ("PATTERN=BUFFER[,PATTERN=BUFFER...]", one per flag), --cpu-moe, --n-cpu-moe.
     tensor_overrides: List[str] = dataclasses.field(default_factory=list)
     cpu_moe: bool = False
