@@ -1,9 +1,7 @@
-"""Starts `llama-server` on a tiny random model in a subprocess on 127.0.0.1 for the server tests;
-also reads what a process has mlock'ed (VmLck) and whether Linux lets it lock more (the mlock tests)."""
+"""Starts `llama-server` on a tiny random model in a subprocess on 127.0.0.1 for the server tests."""
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -27,31 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _status(pid, field: str) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return line.split(":", 1)[1].strip()
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
-
-
-def locked_bytes(pid="self") -> int:
-    """VmLck: the bytes process pid has mlock'ed."""
-    return int(_status(pid, "VmLck").split()[0]) * 1024
-
-
-def may_mlock(pid: int, nbytes: int, locked_already: int = 0) -> bool:
-    """Whether process pid may mlock nbytes more (whole pages) next to locked_already: it has
-    CAP_IPC_LOCK (root's usually), or its RLIMIT_MEMLOCK leaves room for them, as Linux decides."""
-    CAP_IPC_LOCK = 14
-    if int(_status(pid, "CapEff"), 16) >> CAP_IPC_LOCK & 1:
-        return True
-    limit = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)[0]
-    page = os.sysconf("SC_PAGE_SIZE")
-    pages = lambda n: -(-n // page)
-    return limit == resource.RLIM_INFINITY or pages(locked_already) + pages(nbytes) <= limit // page
 
 
 class ServerProcess:

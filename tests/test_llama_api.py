@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import glmoe
-import server_harness as harness
+import mlock_support
 from glmoe import _core
 from glmoe.tools.make_model import PRESETS, ModelSpec, write_model
 from glmoe.completion import logits_to_logprobs
@@ -174,12 +174,12 @@ def test_use_mlock_locks_the_models_bytes(model_path, capfd):
     Linux refuses (RLIMIT_MEMLOCK without CAP_IPC_LOCK) a warning and the model loads unlocked."""
     size = os.path.getsize(model_path)
     gc.collect()  # no other model's lock is released while this test measures
-    before = harness.locked_bytes()
-    allowed = harness.may_mlock(os.getpid(), size, before)
+    before = mlock_support.locked_bytes()
+    allowed = mlock_support.may_mlock(os.getpid(), size, before)
     capfd.readouterr()
     for use_mmap in (True, False):
         model = _core.Model(model_path, use_mmap=use_mmap, use_mlock=True)
-        grew = harness.locked_bytes() - before
+        grew = mlock_support.locked_bytes() - before
         err = capfd.readouterr().err
         assert model.mlocked == allowed
         if allowed:
@@ -187,7 +187,7 @@ def test_use_mlock_locks_the_models_bytes(model_path, capfd):
         else:
             assert grew == 0 and "warning: failed to mlock" in err and "RLIMIT_MEMLOCK" in err
         del model
-        assert harness.locked_bytes() == before  # unmapping the file released the lock
+        assert mlock_support.locked_bytes() == before  # unmapping the file released the lock
     llm = glmoe.Llama(model_path, n_ctx=32, use_mlock=True, verbose=False)
     assert llm._model.mlocked == allowed and llm._init_args["use_mlock"] is True
     assert not glmoe.Llama(model_path, n_ctx=32, verbose=False)._model.mlocked
@@ -197,11 +197,12 @@ def test_use_mlock_locks_the_models_bytes(model_path, capfd):
 
 _MLOCK_CHILD = """
 import json, resource, sys
+sys.path.insert(0, sys.argv[2])
 from glmoe import _core
+from mlock_support import has_cap_ipc_lock
 resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
-cap = [int(l.split()[1], 16) >> 14 & 1 for l in open("/proc/self/status") if l.startswith("CapEff:")][0]
 models = [_core.Model(sys.argv[1], use_mmap=m, use_mlock=True) for m in (True, False)]
-print(json.dumps({"cap_ipc_lock": bool(cap), "mlocked": [m.mlocked for m in models]}))
+print(json.dumps({"cap_ipc_lock": has_cap_ipc_lock(), "mlocked": [m.mlocked for m in models]}))
 """
 
 
@@ -214,7 +215,7 @@ def test_use_mlock_beyond_rlimit_memlock_warns_and_loads(model_path):
     def drop_cap_ipc_lock():
         prctl(24, 14, 0, 0, 0)  # PR_CAPBSET_DROP, CAP_IPC_LOCK: lost at exec; fails harmlessly unprivileged
 
-    p = subprocess.run([sys.executable, "-c", _MLOCK_CHILD, model_path], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-c", _MLOCK_CHILD, model_path, os.path.dirname(__file__)], capture_output=True, text=True,
                        timeout=60, preexec_fn=drop_cap_ipc_lock)
     assert p.returncode == 0, p.stderr
     child = json.loads(p.stdout)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import glmoe
-import server_harness as harness
+import mlock_support
 from cuda_support import HAVE_GPU
 from glmoe.tools.make_model import PRESETS, ModelSpec, write_model
 
@@ -307,7 +307,7 @@ def test_load_mode_reads_or_maps_the_file_with_the_same_results(model):
     p = run(BENCH, "-m", model, "-r", 1, "--no-warmup", "-o", "jsonl", "-p", "0", "-n", "2",
             "-lm", "none,mlock,mmap+mlock")
     assert [json.loads(line)["load_mode"] for line in p.stdout.splitlines()] == ["none", "mlock", "mmap+mlock"]
-    allowed = harness.may_mlock(os.getpid(), os.path.getsize(model))
+    allowed = mlock_support.may_mlock(os.getpid(), os.path.getsize(model))
     assert p.stderr.count("warning: failed to mlock") == (0 if allowed else 2)
     # ik_llama.cpp's spelling in the sweep.
     assert run(SWEEP, "-m", model, "-c", 64, "-ub", 32, "-n", 2, "--no-mmap").returncode == 0

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+import mlock_support
 import server_harness as harness
 from glmoe.server.tool_parsing import StreamParser, parse
 
@@ -439,8 +440,8 @@ def test_mlock_locks_the_model_read_into_memory(flags_server, model_path):
     # --no-mmap --mlock: the server holds the file's bytes locked (VmLck), where Linux lets it.
     size = os.path.getsize(model_path)
     pid = flags_server.proc.pid
-    locked = harness.locked_bytes(pid)
-    assert locked >= size if harness.may_mlock(pid, size) else locked == 0
+    locked = mlock_support.locked_bytes(pid)
+    assert locked >= size if mlock_support.may_mlock(pid, size) else locked == 0
 
 
 def test_n_predict_is_the_default_and_the_cap(flags_server):
