@@ -152,8 +152,13 @@ struct QCfg {
     static constexpr int kWeightBytes = kWarps * STAGES * S * kRowBuf;
 };
 
+// CTAs per SM the register budget must allow: 4 for the decode kernels (NT <= 2: with the aligned
+// K-quant decoding they would take 137 registers and 3 CTAs; bounded, 118 without spilling), 3 for
+// the wider ones (4 would spill their NT x S accumulators).
+template <int NT>
+constexpr int kMinCtas = NT <= 2 ? 4 : 3;
 template <int NT, int RW, bool SW>
-__global__ void __launch_bounds__(kThreads, 3) mmvq_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads, kMinCtas<NT>) mmvq_kernel(const Args a) {
     using C = QCfg<NT, RW, SW>;
     constexpr int S = C::S, STAGES = C::STAGES;
     extern __shared__ uint4 smem_u4[];
@@ -182,8 +187,11 @@ __global__ void __launch_bounds__(kThreads, 3) mmvq_kernel(const Args a) {
     // The main loop is compiled once per weight type (the block-uniform switch below): with the
     // type a constant, each item's decoding is straight-line code, which the compiler interleaves
     // over the row streams; a run-time switch per stream and item serialised them.
-    auto run = [&](auto type_c) {
+    // aligned_c: every staged row chunk starts 16-byte aligned (rows16 below), which the Q4_K and
+    // Q5_K decoding can use for whole 16-byte reads (item_weights_kquant_aligned).
+    auto run = [&](auto type_c, auto aligned_c) {
         const uint32_t ty = static_cast<uint32_t>(type_c);
+        constexpr bool kAligned = decltype(aligned_c)::value;
         const TypeGeom geom = type_geom(ty);
         const int chunk_bytes = geom.block_bytes * (kChunkCols / geom.block_elems);
         const BlockQ8* x = static_cast<const BlockQ8*>(a.x) +
@@ -285,7 +293,9 @@ __global__ void __launch_bounds__(kThreads, 3) mmvq_kernel(const Args a) {
                 const uint8_t* slot = wbuf + (q % STAGES) * (S * kRowBuf);
                 ItemW w[S];
 #pragma unroll
-                for (int s = 0; s < S; ++s) w[s] = item_weights(ty, slot + s * kRowBuf, (row_off[s] + c * chunk_bytes) & 15, lane);
+                for (int s = 0; s < S; ++s)
+                    w[s] = kAligned ? item_weights_kquant_aligned<decltype(type_c)::value == GGML_TYPE_Q5_K>(slot + s * kRowBuf, lane)
+                                    : item_weights(ty, slot + s * kRowBuf, (row_off[s] + c * chunk_bytes) & 15, lane);
                 const ItemA ia = item_act(ty, lane);
                 const int sb0 = slab_pos * 32;  // chunk's first block within the slab
 #pragma unroll
@@ -337,16 +347,26 @@ __global__ void __launch_bounds__(kThreads, 3) mmvq_kernel(const Args a) {
         }
         cp_async_wait<0>();
     };
-    // gate and up share the type (checked on the host)
+    // gate and up share the type (checked on the host). Q4_K / Q5_K rows (144- / 176-byte blocks)
+    // are 16-byte aligned wherever the matrix base is, as in a GGUF: then every staged chunk is too.
+    const bool rows16 =
+        ((reinterpret_cast<uintptr_t>(base[0]) | reinterpret_cast<uintptr_t>(base[1]) | rbytes[0] | rbytes[1]) & 15) == 0;
+    using Unaligned = std::false_type;
     switch (type[0]) {
-        case GGML_TYPE_Q8_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q8_0>{}); break;
-        case GGML_TYPE_Q4_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q4_0>{}); break;
-        case GGML_TYPE_Q5_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q5_0>{}); break;
-        case GGML_TYPE_Q4_K: run(std::integral_constant<uint32_t, GGML_TYPE_Q4_K>{}); break;
-        case GGML_TYPE_Q5_K: run(std::integral_constant<uint32_t, GGML_TYPE_Q5_K>{}); break;
-        case GGML_TYPE_Q6_K: run(std::integral_constant<uint32_t, GGML_TYPE_Q6_K>{}); break;
+        case GGML_TYPE_Q8_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q8_0>{}, Unaligned{}); break;
+        case GGML_TYPE_Q4_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q4_0>{}, Unaligned{}); break;
+        case GGML_TYPE_Q5_0: run(std::integral_constant<uint32_t, GGML_TYPE_Q5_0>{}, Unaligned{}); break;
+        case GGML_TYPE_Q4_K:
+            if (rows16) run(std::integral_constant<uint32_t, GGML_TYPE_Q4_K>{}, std::true_type{});
+            else run(std::integral_constant<uint32_t, GGML_TYPE_Q4_K>{}, Unaligned{});
+            break;
+        case GGML_TYPE_Q5_K:
+            if (rows16) run(std::integral_constant<uint32_t, GGML_TYPE_Q5_K>{}, std::true_type{});
+            else run(std::integral_constant<uint32_t, GGML_TYPE_Q5_K>{}, Unaligned{});
+            break;
+        case GGML_TYPE_Q6_K: run(std::integral_constant<uint32_t, GGML_TYPE_Q6_K>{}, Unaligned{}); break;
         // Only a pair with an invalid expert id gets here (nothing is read; its outputs are NaN).
-        default: run(std::integral_constant<uint32_t, GGML_TYPE_Q8_0>{}); break;
+        default: run(std::integral_constant<uint32_t, GGML_TYPE_Q8_0>{}, Unaligned{}); break;
     }
 }
 

@@ -214,4 +214,46 @@ __device__ __forceinline__ ItemW item_weights(uint32_t type, const uint8_t* row,
     return r;
 }
 
+// item_weights for Q4_K / Q5_K where the chunk starts 16-byte aligned in shared memory (their
+// 144- and 176-byte blocks then all are): a super-block's d, dmin and 12 scale bytes are one
+// 16-byte read, the item's 32 nibbles another (and Q5_K's high bits a third), and the two
+// sub-blocks' 6-bit scales and mins are taken as byte pairs (sub-blocks 2c, 2c+1 side by side in
+// 16-bit halves of the scale words), with no funnel shifts and no per-lane branch.
+template <bool kFive>
+__device__ __forceinline__ ItemW item_weights_kquant_aligned(const uint8_t* row, int i) {
+    const int sb = i >> 3, k = i & 7, c = k >> 1, h = k & 1;
+    const uint8_t* blk = row + (kFive ? 176 : 144) * sb;
+    const uint4 head = *reinterpret_cast<const uint4*>(blk);  // d, dmin | scales 0-3 | 4-7 | 8-11
+    const uint4 qv = *reinterpret_cast<const uint4*>(blk + (kFive ? 48 : 16) + 16 * k);
+    // Scale bytes 2n, 2n+1 are the 16-bit half n; pair c needs halves c, c+2 (c < 2) or
+    // c-2, c, c+2 (c >= 2), i.e. the same half (c & 1) of the three words.
+    const uint32_t sh = 16u * (c & 1);
+    const uint32_t A = head.y >> sh, B = head.z >> sh, C = head.w >> sh;
+    const bool high = c >= 2;
+    const uint32_t sc = high ? (C & 0x0F0Fu) | ((A & 0xC0C0u) >> 2) : A & 0x3F3Fu;
+    const uint32_t mn = high ? ((C >> 4) & 0x0F0Fu) | ((B & 0xC0C0u) >> 2) : B & 0x3F3Fu;
+    const float d = f16_bits(head.x), dmin = f16_bits(head.x >> 16);
+    ItemW r;
+    const uint32_t q[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        r.w[j] = static_cast<int>(q[j] & 0x0F0F0F0Fu);
+        r.w[4 + j] = static_cast<int>((q[j] >> 4) & 0x0F0F0F0Fu);
+    }
+    if (kFive) {  // bit s of byte e: bit 4 of element e of sub-block s
+        const uint4 hv = *reinterpret_cast<const uint4*>(blk + 16 + 16 * h);
+        const uint32_t qh[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            r.w[j] |= static_cast<int>(((qh[j] >> (2 * c)) & 0x01010101u) << 4);
+            r.w[4 + j] |= static_cast<int>(((qh[j] >> (2 * c + 1)) & 0x01010101u) << 4);
+        }
+    }
+    r.f0 = d * static_cast<float>(sc & 0xFF);
+    r.f1 = d * static_cast<float>(sc >> 8 & 0xFF);
+    // The minimum applies to all 32 values of a sub-block: the h == 0 item takes it whole.
+    r.g0 = h == 0 ? -dmin * static_cast<float>(mn & 0xFF) : 0.0f;
+    r.g1 = h == 0 ? -dmin * static_cast<float>(mn >> 8 & 0xFF) : 0.0f;
+    return r;
+}
 }  // namespace glmoe::cuda::mmv_detail

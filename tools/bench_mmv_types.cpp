@@ -6,11 +6,15 @@
 // (mmv_experts; K-quant down matrices take llama.cpp's fallback type, as 1408 holds no whole
 // super-block). Weights rotate over copies (dense) or fresh expert choices (experts) so that no
 // launch finds its weights in L2. GB/s: weight bytes a launch reads / its time; copy: bytes read
-// and written by a 1 GiB device-to-device copy / its time. Development only.
+// and written by a 1 GiB device-to-device copy / its time. Before timing a type, the dense kernel's
+// output on random weights is checked against the CPU's dequantization (max error relative to the
+// largest output, two shapes with a partial row group and chunk). Development only.
 // usage: bench_mmv_types [types, comma list]   (default Q4_0,Q5_0,Q8_0,Q4_K,Q5_K,Q6_K,F16,BF16)
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <random>
 #include <sstream>
@@ -18,6 +22,8 @@
 #include <vector>
 
 #include "gpu_bench_util.h"
+#include "quantize_row.h"
+#include "quants.h"
 
 using namespace glmoe;
 using namespace glmoe::cuda;
@@ -75,6 +81,73 @@ void free_set(const ExpertSet& s) {
     ck(cudaFree(const_cast<void*>(s.shared.data)), "free");
 }
 
+// Bytes of each block's f16 scale fields (the rest of a random block is any bits).
+std::vector<int> half_fields(uint32_t type, int& block_bytes) {
+    switch (type) {
+        case GGML_TYPE_Q8_0: block_bytes = 34; return {0};
+        case GGML_TYPE_Q4_0: block_bytes = 18; return {0};
+        case GGML_TYPE_Q5_0: block_bytes = 22; return {0};
+        case GGML_TYPE_Q4_K: block_bytes = 144; return {0, 2};
+        case GGML_TYPE_Q5_K: block_bytes = 176; return {0, 2};
+        case GGML_TYPE_Q6_K: block_bytes = 210; return {208};
+        default: block_bytes = 0; return {};
+    }
+}
+
+// The dense kernel (one token) against float64 dots of the CPU's dequantized rows: max |error| /
+// max |reference|. x goes through the kernel's q8 rounding, so agreement is ~1e-3, a decoding
+// mistake ~1. Random weight bytes with small positive f16 scales (f16 / bf16: random values).
+double check_dense(uint32_t type, int64_t rows, int64_t cols) {
+    int block_bytes = 0;
+    const std::vector<int> halves = half_fields(type, block_bytes);
+    const size_t rb = row_bytes(type, cols), bytes = rb * rows;
+    std::mt19937 gen(static_cast<uint32_t>(type * 7919 + rows + cols));
+    std::vector<uint8_t> w(bytes);
+    for (auto& b : w) b = static_cast<uint8_t>(gen());
+    std::uniform_real_distribution<float> scale(0.001f, 0.01f), unit(-1.0f, 1.0f);
+    if (type == GGML_TYPE_F16 || type == GGML_TYPE_BF16)
+        for (size_t o = 0; o + 2 <= bytes; o += 2) {
+            const uint16_t h = type == GGML_TYPE_F16 ? f32_to_half(unit(gen)) : f32_to_bf16(unit(gen));
+            std::memcpy(&w[o], &h, 2);
+        }
+    if (block_bytes > 0)
+        for (size_t o = 0; o + block_bytes <= bytes; o += block_bytes)
+            for (const int f : halves) {
+                const uint16_t h = f32_to_half(scale(gen));
+                std::memcpy(&w[o + f], &h, 2);
+            }
+    std::vector<float> x(cols), y(rows), row(cols);
+    for (auto& v : x) v = unit(gen);
+    WeightView wv;
+    wv.type = type;
+    wv.rows = rows;
+    wv.cols = cols;
+    wv.row_bytes = rb;
+    wv.matrix_bytes = bytes;
+    uint8_t* dw = device<uint8_t>(bytes + 16);
+    float* dx = device<float>(cols);
+    float* dy = device<float>(rows);
+    BlockQ8* dq = device<BlockQ8>(cols / 32);
+    ck(cudaMemcpy(dw, w.data(), bytes, cudaMemcpyHostToDevice), "w");
+    ck(cudaMemcpy(dx, x.data(), cols * sizeof(float), cudaMemcpyHostToDevice), "x");
+    wv.data = dw;
+    const bool quant = mmv_wants_q8(type);
+    if (quant) quantize_q8(dx, 1, cols, cols, dq, nullptr);
+    mmv(wv, dx, quant ? dq : nullptr, 1, dy, rows, false, nullptr);
+    ck(cudaMemcpy(y.data(), dy, rows * sizeof(float), cudaMemcpyDeviceToHost), "y");
+    double err = 0.0, top = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(type, w.data() + r * rb, row.data(), cols);
+        double ref = 0.0;
+        for (int64_t c = 0; c < cols; ++c) ref += static_cast<double>(row[c]) * x[c];
+        err = std::max(err, std::abs(ref - y[r]));
+        top = std::max(top, std::abs(ref));
+    }
+    for (void* p : {static_cast<void*>(dw), static_cast<void*>(dx), static_cast<void*>(dy), static_cast<void*>(dq)})
+        ck(cudaFree(p), "free");
+    return std::isfinite(err) && top > 0.0 ? err / top : 1.0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -109,6 +182,11 @@ int main(int argc, char** argv) try {
     auto cell = [&](double v) { return std::to_string(static_cast<int>(v)) + " (" +
                                        std::to_string(static_cast<int>(100.0 * v / copy + 0.5)) + "%)"; };
     for (const uint32_t t : types) {
+        for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{333, 4096}, {333, 2816}}) {
+            const double e = check_dense(t, rows, cols);
+            std::printf("check %s %lld x %lld: max error / max output %.2e%s\n", type_name(t).c_str(),
+                        static_cast<long long>(rows), static_cast<long long>(cols), e, e < 1e-2 ? "" : "  WRONG");
+        }
         const bool quant = mmv_wants_q8(t);
         const double qkv = dense_gbs(t, kQkv, kH, x, quant ? xq : nullptr, y);
         const double wo = dense_gbs(t, kH, kNq, x, quant ? xq : nullptr, y);
