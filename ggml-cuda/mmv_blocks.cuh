@@ -10,7 +10,8 @@
 //
 // The bytes are read from shared memory, where the kernels stage rows with 16-byte copies: blocks
 // are only 2-byte aligned there (as in the file), so multi-byte fields are read as aligned 32-bit
-// words and funnel-shifted into place.
+// words and funnel-shifted into place; Q4_K and Q5_K chunks that start 16-byte aligned (a GGUF's
+// always do) take item_weights_kquant_aligned instead, whole 16-byte reads.
 #pragma once
 #include <cuda_fp16.h>
 
