@@ -267,9 +267,10 @@ def test_engine_runs_on_the_gpu(model_case):
         for i, tok in enumerate(out):
             row = logits[len(prompt) - 1 + i]
             # Decode steps round activations to 8 bits, the batched re-run to bf16: a few percent,
-            # and a routing flip moves a row further (seen on the H100: 0.22 std, 1 run in 6). A
-            # wrong token sits near the mean, 2-3 std below the max.
-            assert row[tok] >= row.max() - 0.3 * row.std(), (i, tok, int(np.argmax(row)))
+            # and a routing flip moves a row further (seen on the H100: 0.22 std, 1 run in 6; 0.86
+            # std once, k-quant model, 2026-12-07). A wrong token sits near the mean, 2-3 std below
+            # the max, so a broken decode path still fails at nearly every one of the 18 positions.
+            assert row[tok] >= row.max() - 1.0 * row.std(), (i, tok, int(np.argmax(row)))
 
 
 @pytest.fixture(scope="module")
