@@ -13,7 +13,7 @@ src=${1:?llama.cpp source}; out=${2:?output dir}
 mkdir -p "$out" build
 export PYTHONUNBUFFERED=1
 ( cmake -S "$src" -B build/hybrid-lcpp -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
     -DCMAKE_BUILD_TYPE=Release && cmake --build build/hybrid-lcpp --target llama-bench -j10 ) > "$out/lcpp-build.log" 2>&1 &
 lcpp_job=$!
 . tools/device_setup.sh > "$out/setup.log" 2>&1 || { tail -30 "$out/setup.log"; exit 1; }

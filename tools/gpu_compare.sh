@@ -10,7 +10,7 @@ src=${1:?llama.cpp source dir}; out=${2:?output dir}
 mkdir -p "$out"
 work=$(mktemp -d)
 ( cmake -S "$src" -B "$work/lcpp" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release \
   && cmake --build "$work/lcpp" --target llama-bench -j"$(nproc)" ) > "$out/llama.cpp-build.log" 2>&1 &
 lcpp_build=$!
 cmake -S . -B "$work/glmoe" -G Ninja -DGLMOE_CUDA=ON -DCMAKE_BUILD_TYPE=Release > "$out/glmoe-build.log" 2>&1 \

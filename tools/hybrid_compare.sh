@@ -79,7 +79,7 @@ else
         rm -rf "$lcpp"
     fi
     ( timeout "$(upto 120)" cmake -S "$src" -B "$lcpp" "${gen[@]}" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_APP=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release "${lcpp_args[@]}" \
     && timeout "$(upto 120)" cmake --build "$lcpp" --target llama-bench -j"$jobs" ) > "$out/llama.cpp-build.log" 2>&1 &
 fi

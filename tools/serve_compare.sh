@@ -22,7 +22,7 @@ lcpp=build/serve-lcpp
 export PYTHONUNBUFFERED=1
 
 ( cmake -S "$src" -B "$lcpp" -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
-      -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+      -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
       -DCMAKE_BUILD_TYPE=Release \
   && cmake --build "$lcpp" --target llama-server -j"$(nproc)" ) > "$out/llama.cpp-build.log" 2>&1 &
 build_job=$!
