@@ -118,19 +118,13 @@ double check_dense(uint32_t type, int64_t rows, int64_t cols) {
             }
     std::vector<float> x(cols), y(rows), row(cols);
     for (auto& v : x) v = unit(gen);
-    WeightView wv;
-    wv.type = type;
-    wv.rows = rows;
-    wv.cols = cols;
-    wv.row_bytes = rb;
-    wv.matrix_bytes = bytes;
-    uint8_t* dw = device<uint8_t>(bytes + 16);
+    const WeightView wv = weights(type, rows, cols, 1);
+    void* dw = const_cast<void*>(wv.data);
     float* dx = device<float>(cols);
     float* dy = device<float>(rows);
     BlockQ8* dq = device<BlockQ8>(cols / 32);
     ck(cudaMemcpy(dw, w.data(), bytes, cudaMemcpyHostToDevice), "w");
     ck(cudaMemcpy(dx, x.data(), cols * sizeof(float), cudaMemcpyHostToDevice), "x");
-    wv.data = dw;
     const bool quant = mmv_wants_q8(type);
     if (quant) quantize_q8(dx, 1, cols, cols, dq, nullptr);
     mmv(wv, dx, quant ? dq : nullptr, 1, dy, rows, false, nullptr);
@@ -143,7 +137,7 @@ double check_dense(uint32_t type, int64_t rows, int64_t cols) {
         err = std::max(err, std::abs(ref - y[r]));
         top = std::max(top, std::abs(ref));
     }
-    for (void* p : {static_cast<void*>(dw), static_cast<void*>(dx), static_cast<void*>(dy), static_cast<void*>(dq)})
+    for (void* p : {dw, static_cast<void*>(dx), static_cast<void*>(dy), static_cast<void*>(dq)})
         ck(cudaFree(p), "free");
     return std::isfinite(err) && top > 0.0 ? err / top : 1.0;
 }
