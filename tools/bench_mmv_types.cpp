@@ -81,16 +81,16 @@ void free_set(const ExpertSet& s) {
     ck(cudaFree(const_cast<void*>(s.shared.data)), "free");
 }
 
-// Bytes of each block's f16 scale fields (the rest of a random block is any bits).
-std::vector<int> half_fields(uint32_t type, int& block_bytes) {
+// Offsets of each block's f16 scale fields (the rest of a random block is any bits).
+std::vector<int> half_fields(uint32_t type) {
     switch (type) {
-        case GGML_TYPE_Q8_0: block_bytes = 34; return {0};
-        case GGML_TYPE_Q4_0: block_bytes = 18; return {0};
-        case GGML_TYPE_Q5_0: block_bytes = 22; return {0};
-        case GGML_TYPE_Q4_K: block_bytes = 144; return {0, 2};
-        case GGML_TYPE_Q5_K: block_bytes = 176; return {0, 2};
-        case GGML_TYPE_Q6_K: block_bytes = 210; return {208};
-        default: block_bytes = 0; return {};
+        case GGML_TYPE_Q8_0:
+        case GGML_TYPE_Q4_0:
+        case GGML_TYPE_Q5_0: return {0};
+        case GGML_TYPE_Q4_K:
+        case GGML_TYPE_Q5_K: return {0, 2};
+        case GGML_TYPE_Q6_K: return {208};
+        default: return {};
     }
 }
 
@@ -98,8 +98,8 @@ std::vector<int> half_fields(uint32_t type, int& block_bytes) {
 // max |reference|. x goes through the kernel's q8 rounding, so agreement is ~1e-3, a decoding
 // mistake ~1. Random weight bytes with small positive f16 scales (f16 / bf16: random values).
 double check_dense(uint32_t type, int64_t rows, int64_t cols) {
-    int block_bytes = 0;
-    const std::vector<int> halves = half_fields(type, block_bytes);
+    const std::vector<int> halves = half_fields(type);
+    const size_t block_bytes = type_traits(type).type_size;
     const size_t rb = row_bytes(type, cols), bytes = rb * rows;
     std::mt19937 gen(static_cast<uint32_t>(type * 7919 + rows + cols));
     std::vector<uint8_t> w(bytes);
@@ -110,7 +110,7 @@ double check_dense(uint32_t type, int64_t rows, int64_t cols) {
             const uint16_t h = type == GGML_TYPE_F16 ? f32_to_half(unit(gen)) : f32_to_bf16(unit(gen));
             std::memcpy(&w[o], &h, 2);
         }
-    if (block_bytes > 0)
+    if (!halves.empty())
         for (size_t o = 0; o + block_bytes <= bytes; o += block_bytes)
             for (const int f : halves) {
                 const uint16_t h = f32_to_half(scale(gen));

@@ -113,17 +113,16 @@ int main(int argc, char** argv) {
 
     Progress progress(params.progress, tests.size());
     std::unique_ptr<Model> model;
-    bool model_maps = true, model_locks = false;
+    bool model_locks = false;  // the mode's ask (file().locked() is false where mlock failed)
     ModelInfo info;
     try {
         for (size_t i = 0; i < tests.size(); ++i) {
             const TestInstance& t = tests[i];
             // Tests of one model are adjacent, and of one load mode within it.
             const bool maps = load_mode_maps(t.load_mode), locks = load_mode_locks(t.load_mode);
-            if (!model || info.filename != t.model || maps != model_maps || locks != model_locks) {
+            if (!model || info.filename != t.model || maps != model->file().mapped() || locks != model_locks) {
                 model.reset();
                 model = Model::load(t.model, maps, locks);
-                model_maps = maps;
                 model_locks = locks;
                 info = model_info(*model, t.model);
                 if (params.verbose) std::fprintf(stderr, "llama-bench: %s\n", model->description().c_str());
