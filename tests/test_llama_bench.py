@@ -309,5 +309,10 @@ def test_load_mode_reads_or_maps_the_file_with_the_same_results(model):
     assert [json.loads(line)["load_mode"] for line in p.stdout.splitlines()] == ["none", "mlock", "mmap+mlock"]
     allowed = mlock_support.may_mlock(os.getpid(), os.path.getsize(model))
     assert p.stderr.count("warning: failed to mlock") == (0 if allowed else 2)
-    # ik_llama.cpp's spelling in the sweep.
+    # ik_llama.cpp's spellings in the sweep: --no-mmap, --mlock (mapped or read).
     assert run(SWEEP, "-m", model, "-c", 64, "-ub", 32, "-n", 2, "--no-mmap").returncode == 0
+    for load, how in (([], "mapped"), (["--no-mmap"], "read into memory")):
+        p = run(SWEEP, "-m", model, "-c", 64, "-ub", 32, "-n", 2, "-v", "--mlock", *load)
+        assert ("(%s, locked in RAM)" % how in p.stderr) == allowed, p.stderr
+        assert p.stderr.count("warning: failed to mlock") == (0 if allowed else 1), p.stderr
+        assert "(%s)" % how in run(SWEEP, "-m", model, "-c", 64, "-ub", 32, "-n", 2, "-v", *load).stderr

@@ -75,6 +75,7 @@ const char* const kSweepUsage =
     "  -ctv, --cache-type-v T               KV cache type of V, as -ctk\n"
     "  --no-warmup                          skip the untimed warm-up token\n"
     "  --no-mmap                            read the model file into memory instead of mapping it\n"
+    "  --mlock                              lock the model file's bytes in RAM (a warning where mlock fails)\n"
     "  -o, --output-format md|table|jsonl   stdout format (default: md)\n"
     "  -v, --verbose                        model and context details on stderr\n";
 
@@ -366,6 +367,7 @@ SweepParams parse_sweep_args(int argc, char** argv) {
         }
         else if (a.is("--no-warmup")) p.warmup = false;
         else if (a.is("--no-mmap")) p.use_mmap = false;
+        else if (a.is("--mlock")) p.use_mlock = true;
         else if (a.is("-o", "--output-format")) p.output = a.parsed([](const std::string& v) { return output_from_str(v, true); });
         else if (a.is("-v", "--verbose")) p.verbose = true;
         else a.unknown();

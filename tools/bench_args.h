@@ -83,7 +83,8 @@ struct SweepParams {
     bool cpu_moe = false;
     int n_cpu_moe = 0;
     int type_k = kKVTypeDefault, type_v = kKVTypeDefault;  // -ctk/-ctv
-    bool use_mmap = true;  // --no-mmap: the file read into memory
+    bool use_mmap = true;    // --no-mmap: the file read into memory
+    bool use_mlock = false;  // --mlock: the file's bytes (mapped or read) locked in RAM
     int reps = 1;
     bool warmup = true;
     bool verbose = false;

@@ -30,8 +30,11 @@ int main(int argc, char** argv) {
     }
     note_cpu_only(p.n_gpu_layers, overrides_ask_for_gpu(p.tensor_overrides));
     try {
-        const std::unique_ptr<Model> model = Model::load(p.model, p.use_mmap);
-        if (p.verbose) std::fprintf(stderr, "llama-sweep-bench: %s\n", model->description().c_str());
+        const std::unique_ptr<Model> model = Model::load(p.model, p.use_mmap, p.use_mlock);
+        if (p.verbose)
+            std::fprintf(stderr, "llama-sweep-bench: %s (%s%s)\n", model->description().c_str(),
+                         model->file().mapped() ? "mapped" : "read into memory",
+                         model->file().locked() ? ", locked in RAM" : "");
         ContextParams cp;
         cp.n_ctx = p.n_ctx;
         cp.n_threads = p.n_threads;
