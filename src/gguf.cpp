@@ -365,7 +365,7 @@ const uint8_t* read_whole(int fd, uint64_t size, const std::string& path) {
 
 }  // namespace
 
-std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path, bool mapped, bool locked) {
+std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path, bool mapped) {
     std::unique_ptr<GGUFFile> f(new GGUFFile());
     f->path_ = path;
 
@@ -411,7 +411,6 @@ std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path, bool mapped, b
     } catch (const GGUFError& e) {
         throw GGUFError(path + ": " + e.what());
     }
-    if (locked) f->lock();  // once the file is known good: mlock reads a mapped file whole
     return f;
 }
 

@@ -57,10 +57,11 @@ public:
     // mapped (pages read on first use, shared with the page cache); otherwise it is read whole into
     // memory of the process's own (llama.cpp's --no-mmap), which its threads read faster (tools/
     // bench_ram: 104 against 92 GB/s on the device host) at the cost of the file's size in RAM.
-    // locked (llama.cpp's --mlock): the whole file is then mlock'ed, so the kernel neither pages it
-    // out nor drops it from the page cache; where mlock fails (RLIMIT_MEMLOCK) a warning is printed
-    // on stderr and the file stays unlocked, as in llama.cpp.
-    static std::unique_ptr<GGUFFile> open(const std::string& path, bool mapped = true, bool locked = false);
+    static std::unique_ptr<GGUFFile> open(const std::string& path, bool mapped = true);
+    // llama.cpp's --mlock: mlocks the whole file, so the kernel neither pages it out nor drops it
+    // from the page cache (a mapped file is read whole here). Where mlock fails (RLIMIT_MEMLOCK) a
+    // warning is printed on stderr and the file stays unlocked, as in llama.cpp.
+    void lock();
     ~GGUFFile();
     GGUFFile(const GGUFFile&) = delete;
     GGUFFile& operator=(const GGUFFile&) = delete;
@@ -78,12 +79,11 @@ public:
     const uint8_t* tensor_data(const GGUFTensorInfo& t) const { return data_ + t.offset; }
     uint64_t file_size() const { return size_; }
     bool mapped() const { return mapped_; }  // false: read into memory (open's `mapped`)
-    bool locked() const { return locked_; }  // open's `locked`, and mlock succeeded
+    bool locked() const { return locked_; }  // lock() was called and mlock succeeded
 
 private:
     GGUFFile() = default;
     void parse();  // fills everything below from map_/size_
-    void lock();   // mlock map_/size_, or warn
     std::string path_;
     uint32_t version_ = 0;
     uint64_t alignment_ = 32;

@@ -290,8 +290,9 @@ private:
 
 std::unique_ptr<Model> Model::load(const std::string& path, bool mapped, bool locked) {
     std::unique_ptr<Model> m(new Model());
-    m->file_ = GGUFFile::open(path, mapped, locked);
+    m->file_ = GGUFFile::open(path, mapped);
     ModelLoader(*m, *m->file_).load();
+    if (locked) m->file_->lock();  // once the model is known good: mlock reads a mapped file whole
     return m;
 }
 

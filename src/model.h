@@ -76,7 +76,8 @@ class Model {
 public:
     // Throws GGUFError for a malformed file and ModelError for a valid GGUF that is not a
     // loadable glm4moe model.
-    // mapped, locked: as GGUFFile::open (file().locked() says whether the lock was taken).
+    // mapped: as GGUFFile::open. locked: GGUFFile::lock once the model's checks pass, so that a
+    // refused file is not read whole first (file().locked() says whether the lock was taken).
     static std::unique_ptr<Model> load(const std::string& path, bool mapped = true, bool locked = false);
 
     const HParams& hparams() const { return hp_; }

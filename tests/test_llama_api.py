@@ -16,6 +16,7 @@ import pytest
 import glmoe
 import mlock_support
 from glmoe import _core
+from gguf_edit import copy_gguf
 from glmoe.tools.make_model import PRESETS, ModelSpec, write_model
 from glmoe.completion import logits_to_logprobs
 
@@ -195,6 +196,15 @@ def test_use_mlock_locks_the_models_bytes(model_path, capfd):
         glmoe.Llama(model_path, n_ctx=32, use_mlock=1, verbose=False)
 
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
+
+
+def _drop_cap_ipc_lock():
+    """A subprocess's preexec_fn: CAP_IPC_LOCK leaves the bounding set, so the child runs without it
+    (PR_CAPBSET_DROP; fails harmlessly unprivileged)."""
+    _PRCTL(24, 14, 0, 0, 0)
+
+
 _MLOCK_CHILD = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[2])
@@ -210,13 +220,8 @@ def test_use_mlock_beyond_rlimit_memlock_warns_and_loads(model_path):
     """With RLIMIT_MEMLOCK 0, mlock fails but for a process with CAP_IPC_LOCK (root's), which Linux
     lets lock past the limit. The child is started without that capability where this process may
     drop it from the child's bounding set (root), so that the refusal is tested there too."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-
-    def drop_cap_ipc_lock():
-        prctl(24, 14, 0, 0, 0)  # PR_CAPBSET_DROP, CAP_IPC_LOCK: lost at exec; fails harmlessly unprivileged
-
     p = subprocess.run([sys.executable, "-c", _MLOCK_CHILD, model_path, os.path.dirname(__file__)], capture_output=True, text=True,
-                       timeout=60, preexec_fn=drop_cap_ipc_lock)
+                       timeout=60, preexec_fn=_drop_cap_ipc_lock)
     assert p.returncode == 0, p.stderr
     child = json.loads(p.stdout)
     if child["cap_ipc_lock"]:
@@ -225,6 +230,38 @@ def test_use_mlock_beyond_rlimit_memlock_warns_and_loads(model_path):
         assert child["mlocked"] == [False, False]
         warning = f"warning: failed to mlock {os.path.getsize(model_path)}-byte buffer: "
         assert p.stderr.count(warning) == 2 and "try increasing RLIMIT_MEMLOCK" in p.stderr
+
+
+_MLOCK_REFUSED_CHILD = """
+import resource, sys
+sys.path.insert(0, sys.argv[2])
+from glmoe import _core
+from mlock_support import has_cap_ipc_lock
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+print(has_cap_ipc_lock())
+try:
+    _core.Model(sys.argv[1], use_mlock=True)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_a_model_that_fails_its_checks_is_not_locked_first(model_path, tmp_path):
+    """The lock comes after the model's checks: mlock reads a mapped file whole, which for a big
+    file refused for a tensor's shape would be minutes before the error. Observed where mlock is
+    refused (the child as above): no mlock warning, only the error."""
+    bad = str(tmp_path / "bad.gguf")
+    copy_gguf(model_path, bad, replace_tensors={"blk.0.attn_norm.weight": np.ones(95)})
+    p = subprocess.run([sys.executable, "-c", _MLOCK_REFUSED_CHILD, bad, os.path.dirname(__file__)], capture_output=True,
+                       text=True, timeout=60, preexec_fn=_drop_cap_ipc_lock)
+    assert p.returncode == 0, p.stderr
+    cap_ipc_lock, error = p.stdout.splitlines()
+    assert "'blk.0.attn_norm.weight' has shape [95]" in error
+    assert "mlock" not in p.stderr, (cap_ipc_lock, p.stderr)
+    # The same child with a good file warns: where mlock is refused the check above can fail.
+    p = subprocess.run([sys.executable, "-c", _MLOCK_REFUSED_CHILD, model_path, os.path.dirname(__file__)],
+                       capture_output=True, text=True, timeout=60, preexec_fn=_drop_cap_ipc_lock)
+    assert ("warning: failed to mlock" in p.stderr) == (p.stdout.splitlines()[0] == "False"), p.stderr
 
 
 def test_chat_completion_uses_the_template(llm):
