@@ -207,61 +207,54 @@ def _drop_cap_ipc_lock():
 
 _MLOCK_CHILD = """
 import json, resource, sys
-sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[1])
 from glmoe import _core
 from mlock_support import has_cap_ipc_lock
 resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
-models = [_core.Model(sys.argv[1], use_mmap=m, use_mlock=True) for m in (True, False)]
-print(json.dumps({"cap_ipc_lock": has_cap_ipc_lock(), "mlocked": [m.mlocked for m in models]}))
+results = []
+for path in sys.argv[2:]:
+    for use_mmap in (True, False):
+        try:
+            results.append(_core.Model(path, use_mmap=use_mmap, use_mlock=True).mlocked)
+        except Exception as e:
+            results.append(str(e))
+print(json.dumps({"cap_ipc_lock": has_cap_ipc_lock(), "results": results}))
 """
+
+
+def run_mlock_child(*paths):
+    """Loads each file mapped and read with use_mlock=True in a child with RLIMIT_MEMLOCK 0, started
+    without CAP_IPC_LOCK where this process may drop it from the child's bounding set (root).
+    Returns the child's stderr, whether it kept CAP_IPC_LOCK, and per load mlocked or the error."""
+    p = subprocess.run([sys.executable, "-c", _MLOCK_CHILD, os.path.dirname(__file__), *paths], capture_output=True,
+                       text=True, timeout=60, preexec_fn=_drop_cap_ipc_lock)
+    assert p.returncode == 0, p.stderr
+    child = json.loads(p.stdout)
+    return p.stderr, child["cap_ipc_lock"], child["results"]
 
 
 def test_use_mlock_beyond_rlimit_memlock_warns_and_loads(model_path):
     """With RLIMIT_MEMLOCK 0, mlock fails but for a process with CAP_IPC_LOCK (root's), which Linux
-    lets lock past the limit. The child is started without that capability where this process may
-    drop it from the child's bounding set (root), so that the refusal is tested there too."""
-    p = subprocess.run([sys.executable, "-c", _MLOCK_CHILD, model_path, os.path.dirname(__file__)], capture_output=True, text=True,
-                       timeout=60, preexec_fn=_drop_cap_ipc_lock)
-    assert p.returncode == 0, p.stderr
-    child = json.loads(p.stdout)
-    if child["cap_ipc_lock"]:
-        assert child["mlocked"] == [True, True] and "mlock" not in p.stderr
+    lets lock past the limit; without it (run_mlock_child) the refusal is tested too."""
+    stderr, cap_ipc_lock, mlocked = run_mlock_child(model_path)
+    if cap_ipc_lock:
+        assert mlocked == [True, True] and "mlock" not in stderr
     else:
-        assert child["mlocked"] == [False, False]
+        assert mlocked == [False, False]
         warning = f"warning: failed to mlock {os.path.getsize(model_path)}-byte buffer: "
-        assert p.stderr.count(warning) == 2 and "try increasing RLIMIT_MEMLOCK" in p.stderr
-
-
-_MLOCK_REFUSED_CHILD = """
-import resource, sys
-sys.path.insert(0, sys.argv[2])
-from glmoe import _core
-from mlock_support import has_cap_ipc_lock
-resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
-print(has_cap_ipc_lock())
-try:
-    _core.Model(sys.argv[1], use_mlock=True)
-except Exception as e:
-    print(type(e).__name__, e)
-"""
+        assert stderr.count(warning) == 2 and "try increasing RLIMIT_MEMLOCK" in stderr
 
 
 def test_a_model_that_fails_its_checks_is_not_locked_first(model_path, tmp_path):
     """The lock comes after the model's checks: mlock reads a mapped file whole, which for a big
     file refused for a tensor's shape would be minutes before the error. Observed where mlock is
-    refused (the child as above): no mlock warning, only the error."""
+    refused: only the good file's two loads warn."""
     bad = str(tmp_path / "bad.gguf")
     copy_gguf(model_path, bad, replace_tensors={"blk.0.attn_norm.weight": np.ones(95)})
-    p = subprocess.run([sys.executable, "-c", _MLOCK_REFUSED_CHILD, bad, os.path.dirname(__file__)], capture_output=True,
-                       text=True, timeout=60, preexec_fn=_drop_cap_ipc_lock)
-    assert p.returncode == 0, p.stderr
-    cap_ipc_lock, error = p.stdout.splitlines()
-    assert "'blk.0.attn_norm.weight' has shape [95]" in error
-    assert "mlock" not in p.stderr, (cap_ipc_lock, p.stderr)
-    # The same child with a good file warns: where mlock is refused the check above can fail.
-    p = subprocess.run([sys.executable, "-c", _MLOCK_REFUSED_CHILD, model_path, os.path.dirname(__file__)],
-                       capture_output=True, text=True, timeout=60, preexec_fn=_drop_cap_ipc_lock)
-    assert ("warning: failed to mlock" in p.stderr) == (p.stdout.splitlines()[0] == "False"), p.stderr
+    stderr, cap_ipc_lock, results = run_mlock_child(bad, model_path)
+    assert all("'blk.0.attn_norm.weight' has shape [95]" in r for r in results[:2]), results
+    assert results[2:] == [cap_ipc_lock] * 2
+    assert stderr.count("warning: failed to mlock") == (0 if cap_ipc_lock else 2), stderr
 
 
 def test_chat_completion_uses_the_template(llm):
