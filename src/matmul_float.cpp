@@ -122,10 +122,10 @@ struct DotFloat {
     // (and small) tiles stay on one row, which keeps decode on one weight stream for the prefetchers.
     static constexpr int rows_for(int T) { return T >= 8 ? kRows8 : 1; }
     static constexpr int kRows8 = 4;  // measured: 4 beats 2 and 3 at k 4096 (F32 ~70 -> ~110 GFLOP/s a core)
-    static constexpr int64_t kShortK = 512;
 #else
     static constexpr int rows_for(int) { return 1; }
 #endif
+    static constexpr int64_t kShortK = 512;
 
     template <int R, int T>
     static void tile_rows(const char* row, size_t row_stride, const float* const* x, int64_t k, float* out) {
