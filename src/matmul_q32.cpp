@@ -92,16 +92,11 @@ struct WeightQ5_0 {
 #endif
 };
 
-// Weight pair p of a row (an odd last block paired with a zero block), and [d0 x4, d1 x4].
-template <class W>
-inline void load_pair(const typename W::Block* w, int64_t nb, int64_t p, __m256i& lo, __m256i& hi, __m256& d) {
-    static const typename W::Block zero_block{};
-    const auto& b0 = w[2 * p];
-    const auto& b1 = 2 * p + 1 < nb ? w[2 * p + 1] : zero_block;
-    W::pair(b0, b1, lo, hi);
-    // Both f16 scales converted at once.
+// Both f16 scales of a block pair at once: [d0 x4, d1 x4].
+template <class Block>
+inline __m256 pair_scales(const Block& b0, const Block& b1) {
     const __m128 d01 = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(b0.d | static_cast<uint32_t>(b1.d) << 16)));
-    d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d01), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d01), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -111,20 +106,15 @@ template <class W>
 struct HasPair512<W, std::void_t<decltype(W::pair512(std::declval<const typename W::Block&>(),
                                                      std::declval<const typename W::Block&>()))>> : std::true_type {};
 
-// load_pair with [lo, hi] in one register.
+// A block pair's signed bytes [lo, hi] in one register.
 template <class W>
-inline void load_pair512(const typename W::Block* w, int64_t nb, int64_t p, __m512i& v, __m256& d) {
+inline __m512i pair512(const typename W::Block& b0, const typename W::Block& b1) {
     if constexpr (HasPair512<W>::value) {
-        static const typename W::Block zero_block{};
-        const auto& b0 = w[2 * p];
-        const auto& b1 = 2 * p + 1 < nb ? w[2 * p + 1] : zero_block;
-        v = W::pair512(b0, b1);
-        const __m128 d01 = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(b0.d | static_cast<uint32_t>(b1.d) << 16)));
-        d = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d01), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+        return W::pair512(b0, b1);
     } else {
         __m256i lo, hi;
-        load_pair<W>(w, nb, p, lo, hi, d);
-        v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        W::pair(b0, b1, lo, hi);
+        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     }
 }
 #endif
@@ -141,8 +131,9 @@ inline __m256 act_scales(const ActQ8x2& a) {
 template <class W>
 struct DotQ32 {
     using Act = ActQ8x2;
+    using Block = typename W::Block;
     static constexpr int64_t kUnit = 2 * QK32;
-    static constexpr size_t kWeightBytes = 2 * sizeof(typename W::Block), kActBytes = sizeof(ActQ8x2);
+    static constexpr size_t kWeightBytes = 2 * sizeof(Block), kActBytes = sizeof(ActQ8x2);
     // R * T accumulators plus R rows' weights, corrections and scales in registers. 2 x 8 measured
     // best for prefill (228 GFLOP/s on one core, against 198 for 4 x 4 and 152 before row
     // blocking). Fewer tokens stream their rows from memory (decode), where R interleaved row
@@ -150,87 +141,108 @@ struct DotQ32 {
     // one row at a time.
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
     static constexpr int rows_for(int T) { return T >= 8 ? 2 : 1; }
+    using Acc = __m512;
 #else
     static constexpr int rows_for(int) { return 1; }  // 16 registers: no room for more rows
+    using Acc = __m256;
 #endif
 
+    // Not inlined into the caller's loops over rows and k slices: with their values live, GCC kept
+    // this loop's pointers in xmm registers or on the stack (one token 1.3-1.6x slower, Zen 5).
     template <int R, int T>
-    static void tile_rows(const char* row, size_t row_stride, const ActQ8x2* const* act, int64_t k, float* out) {
-        const typename W::Block* w[R];
-        for (int r = 0; r < R; ++r) w[r] = reinterpret_cast<const typename W::Block*>(row + r * row_stride);
-        const int64_t nb = k / QK32, n_pairs = (nb + 1) / 2;
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-        __m512 acc[R][T];
+    static __attribute__((noinline)) void tile_rows(const char* row, size_t row_stride, const ActQ8x2* const* act, int64_t k, float* out) {
+        static const Block zero_block{};
+        const Block* w[R];
+        for (int r = 0; r < R; ++r) w[r] = reinterpret_cast<const Block*>(row + r * row_stride);
+        const int64_t nb = k / QK32, n_full_pairs = nb / 2;
+        Acc acc[R][T];
         for (int r = 0; r < R; ++r)
-            for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-        const __m512i pair_scale_index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-        const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-        for (int64_t p = 0; p < n_pairs; ++p) {
-            __m512i v[R], base[R];
-            __m512 dw[R];
-#if !defined(__AVX512VNNI__)
-            __mmask64 negative[R];
-#endif
+            for (int t = 0; t < T; ++t) acc[r][t] = Acc{};
+        // The full pairs, then an odd last block with a zero block: the same steps in the same
+        // order as one loop over all pairs, without a test per pair.
+        const Block* first[R];
+        const Block* second[R];
+        for (int64_t p = 0; p < n_full_pairs; ++p) {
             for (int r = 0; r < R; ++r) {
-                __m256 d;
-                load_pair512<W>(w[r], nb, p, v[r], d);
-                dw[r] = _mm512_insertf32x8(_mm512_castps256_ps512(d), d, 1);
-#if defined(__AVX512VNNI__)
-                // The activations are stored as x + 128: start each lane at -128 * (its 4 weights).
-                base[r] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, v[r]));
-#else
-                negative[r] = _mm512_movepi8_mask(v[r]);
-                base[r] = _mm512_abs_epi8(v[r]);
-#endif
+                first[r] = w[r] + 2 * p;
+                second[r] = first[r] + 1;
             }
-            for (int t = 0; t < T; ++t) {
-                const ActQ8x2& a = act[t][p];
-                const __m512i av = _mm512_loadu_si512(a.q);
-                // [d0 x4, d1 x4] twice; the 64-byte load stays inside the ActQ8x2.
-                const __m512 da = _mm512_permutexvar_ps(pair_scale_index, _mm512_loadu_ps(a.d));
-#if !defined(__AVX512VNNI__)
-                const __m512i as = _mm512_xor_si512(av, bias);
-#endif
-                for (int r = 0; r < R; ++r) {
-#if defined(__AVX512VNNI__)
-                    const __m512i dot = _mm512_dpbusd_epi32(base[r], av, v[r]);
-#else
-                    const __m512i signed_a = _mm512_mask_sub_epi8(as, negative[r], _mm512_setzero_si512(), as);
-                    const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(base[r], signed_a), _mm512_set1_epi16(1));
-#endif
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], da), acc[r][t]);
-                }
-            }
+            add_pair<R, T>(first, second, act, p, acc);
         }
-        for (int r = 0; r < R; ++r)
-            for (int t = 0; t < T; ++t) out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]);
-#else
-        __m256 acc[R][T];
-        for (int r = 0; r < R; ++r)
-            for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-        const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
-        for (int64_t p = 0; p < n_pairs; ++p) {
-            __m256i lo[R], hi[R], lo_abs[R], hi_abs[R];
-            __m256 dw[R];
+        if (nb % 2) {
             for (int r = 0; r < R; ++r) {
-                load_pair<W>(w[r], nb, p, lo[r], hi[r], dw[r]);
-                lo_abs[r] = _mm256_abs_epi8(lo[r]);
-                hi_abs[r] = _mm256_abs_epi8(hi[r]);
+                first[r] = w[r] + nb - 1;
+                second[r] = &zero_block;
             }
-            for (int t = 0; t < T; ++t) {
-                const ActQ8x2& a = act[t][p];
-                // Back to signed bytes; the weight's sign moves onto the activation.
-                const __m256i a_lo = _mm256_xor_si256(load256(a.q), bias), a_hi = _mm256_xor_si256(load256(a.q + 32), bias);
-                const __m256 da = act_scales(a);
-                for (int r = 0; r < R; ++r) {
-                    __m256i dot = dot_u8s8(_mm256_setzero_si256(), lo_abs[r], _mm256_sign_epi8(a_lo, lo[r]));
-                    dot = dot_u8s8(dot, hi_abs[r], _mm256_sign_epi8(a_hi, hi[r]));
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[r], da), acc[r][t]);
-                }
-            }
+            add_pair<R, T>(first, second, act, n_full_pairs, acc);
         }
         for (int r = 0; r < R; ++r)
             for (int t = 0; t < T; ++t) out[r * T + t] = hsum(acc[r][t]);
+    }
+
+    // acc[r][t] += (blocks first[r], second[r]) . (activation pair p of token t).
+    template <int R, int T>
+    static inline __attribute__((always_inline)) void add_pair(const Block* const* first, const Block* const* second,
+                                                               const ActQ8x2* const* act, int64_t p, Acc (&acc)[R][T]) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        const __m512i pair_scale_index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+        const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+        __m512i v[R], base[R];
+        __m512 dw[R];
+#if !defined(__AVX512VNNI__)
+        __mmask64 negative[R];
+#endif
+        for (int r = 0; r < R; ++r) {
+            v[r] = pair512<W>(*first[r], *second[r]);
+            const __m256 d = pair_scales(*first[r], *second[r]);
+            dw[r] = _mm512_insertf32x8(_mm512_castps256_ps512(d), d, 1);
+#if defined(__AVX512VNNI__)
+            // The activations are stored as x + 128: start each lane at -128 * (its 4 weights).
+            base[r] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, v[r]));
+#else
+            negative[r] = _mm512_movepi8_mask(v[r]);
+            base[r] = _mm512_abs_epi8(v[r]);
+#endif
+        }
+        for (int t = 0; t < T; ++t) {
+            const ActQ8x2& a = act[t][p];
+            const __m512i av = _mm512_loadu_si512(a.q);
+            // [d0 x4, d1 x4] twice; the 64-byte load stays inside the ActQ8x2.
+            const __m512 da = _mm512_permutexvar_ps(pair_scale_index, _mm512_loadu_ps(a.d));
+#if !defined(__AVX512VNNI__)
+            const __m512i as = _mm512_xor_si512(av, bias);
+#endif
+            for (int r = 0; r < R; ++r) {
+#if defined(__AVX512VNNI__)
+                const __m512i dot = _mm512_dpbusd_epi32(base[r], av, v[r]);
+#else
+                const __m512i signed_a = _mm512_mask_sub_epi8(as, negative[r], _mm512_setzero_si512(), as);
+                const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(base[r], signed_a), _mm512_set1_epi16(1));
+#endif
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], da), acc[r][t]);
+            }
+        }
+#else
+        const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+        __m256i lo[R], hi[R], lo_abs[R], hi_abs[R];
+        __m256 dw[R];
+        for (int r = 0; r < R; ++r) {
+            W::pair(*first[r], *second[r], lo[r], hi[r]);
+            dw[r] = pair_scales(*first[r], *second[r]);
+            lo_abs[r] = _mm256_abs_epi8(lo[r]);
+            hi_abs[r] = _mm256_abs_epi8(hi[r]);
+        }
+        for (int t = 0; t < T; ++t) {
+            const ActQ8x2& a = act[t][p];
+            // Back to signed bytes; the weight's sign moves onto the activation.
+            const __m256i a_lo = _mm256_xor_si256(load256(a.q), bias), a_hi = _mm256_xor_si256(load256(a.q + 32), bias);
+            const __m256 da = act_scales(a);
+            for (int r = 0; r < R; ++r) {
+                __m256i dot = dot_u8s8(_mm256_setzero_si256(), lo_abs[r], _mm256_sign_epi8(a_lo, lo[r]));
+                dot = dot_u8s8(dot, hi_abs[r], _mm256_sign_epi8(a_hi, hi[r]));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[r], da), acc[r][t]);
+            }
+        }
 #endif
     }
 };

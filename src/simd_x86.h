@@ -18,6 +18,9 @@ inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+#if defined(__AVX512F__)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#endif
 
 // acc + (per 32-bit lane) the sum of four u8 x s8 products. Without VNNI the u8 x s8 pairs go
 // through int16 and saturate above 32767: callers keep |u*s| pairs below that.
